@@ -1,0 +1,507 @@
+//! Capture: turn a list of changed paths into one committed batch.
+//!
+//! Files are read in parallel, cut into content-defined chunks (FastCDC),
+//! hashed, de-duplicated against the store, and new chunks are encoded as a
+//! base or as a delta against the chunk the previous version had at that
+//! position ([`codec`]). Workers stream chunks to a single writer that owns
+//! the redb write transaction, so memory stays bounded by a few chunks per
+//! worker whatever the file sizes, and the batch commits whole or not at all.
+
+pub mod codec;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use fastcdc::v2020::StreamCDC;
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::progress::Progress;
+use crate::roots::{join, StateDir};
+use crate::scan::{diff_root, Change};
+use crate::store::schema::{
+    BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
+    CHUNK_MIN,
+};
+use crate::store::{now_ms, sha256, Reader, Store};
+
+/// How often a file that changes while it is read is read again before its
+/// latest read is kept anyway.
+const READ_ATTEMPTS: usize = 3;
+
+/// What one `snapshot` did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct BatchSummary {
+    /// The committed batch, or `None` when nothing changed.
+    pub batch: Option<u64>,
+    pub scanned: usize,
+    pub new: usize,
+    pub changed: usize,
+    pub deleted: usize,
+    /// Files whose mtime or size moved but whose content and mode did not.
+    pub unchanged_content: usize,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    /// Paths that could not be read, with the reason; the rest was captured.
+    pub failures: Vec<(PathBuf, String)>,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for BatchSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.batch {
+            Some(b) => write!(f, "batch {b}: ")?,
+            None => write!(f, "no changes: ")?,
+        }
+        write!(
+            f,
+            "{} new, {} changed, {} deleted of {} scanned; {} logical, {} stored in {:.2?}",
+            self.new,
+            self.changed,
+            self.deleted,
+            self.scanned,
+            crate::report::bytes(self.logical_bytes),
+            crate::report::bytes(self.stored_bytes),
+            self.elapsed
+        )?;
+        if !self.failures.is_empty() {
+            write!(f, "; {} unreadable", self.failures.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Scans every root and records all changes since the last batch as one
+/// batch.
+pub fn snapshot(store: &Store, roots: &[StateDir]) -> Result<BatchSummary> {
+    let started = Instant::now();
+    let reader = store.reader()?;
+    // The store may live inside a state directory; it is never captured.
+    let exclude = std::fs::canonicalize(store.path()).ok();
+    let mut all = Vec::new();
+    let mut scanned = 0;
+    for root in roots {
+        let canonical_root = std::fs::canonicalize(&root.path).ok();
+        let exclude_here = exclude
+            .as_deref()
+            .zip(canonical_root.as_deref())
+            .and_then(|(store_path, canon)| store_path.strip_prefix(canon).ok())
+            .map(|rel| root.path.join(rel));
+        let changes = diff_root(root, &reader, exclude_here.as_deref())?;
+        scanned += changes.scanned;
+        all.push(changes);
+    }
+    let mut summary = capture(store, &reader, &all)?;
+    summary.scanned = scanned;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+enum Message {
+    Chunk {
+        id: u64,
+        record: ChunkRecord,
+        payload: Vec<u8>,
+    },
+    Version {
+        root: String,
+        path: Vec<u8>,
+        record: VersionRecord,
+    },
+}
+
+enum Outcome {
+    Recorded { new: bool, logical: u64, stored: u64 },
+    UnchangedContent,
+    Vanished,
+    Failed(PathBuf, String),
+}
+
+struct Workers<'a> {
+    reader: &'a Reader,
+    next_chunk: AtomicU64,
+    /// Chunks first stored in this batch, by hash, so two files with the
+    /// same new chunk store it once.
+    fresh: Mutex<HashMap<[u8; 32], u64>>,
+    tx: SyncSender<Message>,
+}
+
+/// Records `roots`' changes as one batch. Returns an empty summary (and
+/// writes nothing) when there is nothing to record.
+fn capture(store: &Store, reader: &Reader, roots: &[crate::scan::RootChanges]) -> Result<BatchSummary> {
+    let mut summary = BatchSummary::default();
+    let total: usize = roots.iter().map(|r| r.changes.len()).sum();
+    if total == 0 {
+        return Ok(summary);
+    }
+    let mut writer = store.begin_batch()?;
+    let first_chunk = writer.allocate_chunk();
+    let (tx, rx) = sync_channel::<Message>(64);
+    let workers = Workers {
+        reader,
+        next_chunk: AtomicU64::new(first_chunk),
+        fresh: Mutex::new(HashMap::new()),
+        tx,
+    };
+    let progress = Progress::new(total as u64, "capturing");
+    let jobs: Vec<(&StateDir, &Change)> = roots
+        .iter()
+        .flat_map(|r| r.changes.iter().map(move |c| (&r.root, c)))
+        .collect();
+
+    let (outcomes, write_result) = std::thread::scope(|scope| {
+        let progress = &progress;
+        let jobs = &jobs;
+        // The workers own the only sender: when they are done the channel
+        // closes and the writer loop below ends.
+        let handle = scope.spawn(move || {
+            jobs.par_iter()
+                .map(|(root, change)| {
+                    let outcome = workers.capture_change(root, change);
+                    progress.inc();
+                    outcome
+                })
+                .collect::<Vec<Outcome>>()
+        });
+        // The writer: the only thread touching the write transaction.
+        let mut write_result = Ok(());
+        for message in rx.iter() {
+            if write_result.is_err() {
+                continue; // drain so workers never block
+            }
+            write_result = match message {
+                Message::Chunk { id, record, payload } => writer.put_chunk(id, &record, &payload),
+                Message::Version { root, path, record } => writer.put_version(&root, &path, &record),
+            };
+        }
+        (handle.join(), write_result)
+    });
+    progress.finish();
+    let outcomes = outcomes.map_err(|_| anyhow::anyhow!("a capture worker panicked"))?;
+    write_result?;
+
+    for ((_, change), outcome) in jobs.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Recorded { new, logical, stored } => {
+                if matches!(change, Change::Delete { .. }) {
+                    summary.deleted += 1;
+                } else if new {
+                    summary.new += 1;
+                } else {
+                    summary.changed += 1;
+                }
+                summary.logical_bytes += logical;
+                summary.stored_bytes += stored;
+            }
+            Outcome::UnchangedContent => summary.unchanged_content += 1,
+            Outcome::Vanished => {}
+            Outcome::Failed(path, why) => summary.failures.push((path, why)),
+        }
+    }
+    let files_changed = (summary.new + summary.changed + summary.deleted) as u64;
+    if files_changed == 0 {
+        // Nothing to record: the transaction is dropped, which aborts it.
+        return Ok(summary);
+    }
+    let record = BatchRecord {
+        time_ms: now_ms(),
+        roots: roots
+            .iter()
+            .filter(|r| !r.changes.is_empty())
+            .map(|r| r.root.name.clone())
+            .collect(),
+        files_changed,
+        logical_bytes: summary.logical_bytes,
+        stored_bytes: summary.stored_bytes,
+    };
+    summary.batch = Some(writer.commit(&record)?);
+    Ok(summary)
+}
+
+impl Workers<'_> {
+    fn send(&self, message: Message) -> Result<()> {
+        self.tx
+            .send(message)
+            .map_err(|_| anyhow::anyhow!("the store writer stopped"))
+    }
+
+    fn capture_change(&self, root: &StateDir, change: &Change) -> Outcome {
+        let full = match change {
+            Change::Write { path, .. } | Change::Delete { path } => join(&root.path, path),
+        };
+        match self.record_change(root, change, &full) {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(full, format!("{e:#}")),
+        }
+    }
+
+    fn record_change(&self, root: &StateDir, change: &Change, full: &Path) -> Result<Outcome> {
+        let (path, record) = match change {
+            Change::Delete { path } => (path, tombstone()),
+            Change::Write {
+                path,
+                entry,
+                previous,
+                content,
+            } => {
+                let record = match entry.kind {
+                    EntryKind::File if *content => {
+                        match self.capture_file(full, previous.as_ref())? {
+                            FileCapture::Vanished => return Ok(Outcome::Vanished),
+                            FileCapture::Unchanged => return Ok(Outcome::UnchangedContent),
+                            FileCapture::Version(record) => record,
+                        }
+                    }
+                    EntryKind::File => {
+                        // Metadata only: reuse the stored content.
+                        let previous = previous
+                            .as_ref()
+                            .context("metadata-only change without a previous version")?;
+                        VersionRecord {
+                            kind: EntryKind::File,
+                            mode: entry.mode,
+                            mtime_ns: entry.mtime_ns,
+                            size: previous.size,
+                            hash: previous.hash,
+                            chunks: previous.chunks.clone(),
+                            target: Vec::new(),
+                            stored_bytes: 0,
+                        }
+                    }
+                    EntryKind::Dir | EntryKind::Symlink | EntryKind::Tombstone => VersionRecord {
+                        kind: entry.kind,
+                        mode: entry.mode,
+                        mtime_ns: entry.mtime_ns,
+                        size: entry.size,
+                        hash: if entry.kind == EntryKind::Symlink {
+                            sha256(&entry.target)
+                        } else {
+                            [0; 32]
+                        },
+                        chunks: Vec::new(),
+                        target: entry.target.clone(),
+                        stored_bytes: 0,
+                    },
+                };
+                (path, record)
+            }
+        };
+        let new = matches!(change, Change::Write { previous: None, .. });
+        let logical = if record.kind == EntryKind::File { record.size } else { 0 };
+        let stored = record.stored_bytes;
+        self.send(Message::Version {
+            root: root.name.clone(),
+            path: path.clone(),
+            record,
+        })?;
+        Ok(Outcome::Recorded {
+            new,
+            logical,
+            stored,
+        })
+    }
+
+    fn capture_file(
+        &self,
+        full: &Path,
+        previous: Option<&VersionRecord>,
+    ) -> Result<FileCapture> {
+        let mut references = References::new(previous.filter(|p| p.kind == EntryKind::File));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let file = match File::options()
+                .read(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(full)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileCapture::Vanished),
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", full.display())),
+            };
+            let before = file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", full.display()))?;
+            let mut hasher = Sha256::new();
+            let mut chunks = Vec::new();
+            let mut size = 0u64;
+            let mut stored = 0u64;
+            for chunk in StreamCDC::new(&file, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+                let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
+                hasher.update(&chunk.data);
+                let (id, added) = self.store_chunk(&chunk.data, chunk.offset, &mut references)?;
+                chunks.push(id);
+                stored += added;
+                size += chunk.data.len() as u64;
+            }
+            let after = file
+                .metadata()
+                .with_context(|| format!("cannot stat {}", full.display()))?;
+            let steady = before.len() == after.len()
+                && before.mtime() == after.mtime()
+                && before.mtime_nsec() == after.mtime_nsec()
+                && size == after.len();
+            if !steady && attempt < READ_ATTEMPTS {
+                tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
+                continue;
+            }
+            if !steady {
+                tracing::warn!(path = %full.display(), "file kept changing while read; keeping the last read");
+            }
+            let hash: [u8; 32] = hasher.finalize().into();
+            let mode = before.mode() & 0o7777;
+            if previous.is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode) {
+                return Ok(FileCapture::Unchanged);
+            }
+            return Ok(FileCapture::Version(VersionRecord {
+                kind: EntryKind::File,
+                mode,
+                mtime_ns: before.mtime() * 1_000_000_000 + before.mtime_nsec(),
+                size,
+                hash,
+                chunks,
+                target: Vec::new(),
+                stored_bytes: stored,
+            }));
+        }
+    }
+
+    /// Stores one chunk unless its content is already stored. Returns its id
+    /// and the payload bytes added.
+    fn store_chunk(&self, data: &[u8], offset: u64, refs: &mut References) -> Result<(u64, u64)> {
+        let hash = sha256(data);
+        if let Some(id) = self.reader.find_chunk(&hash)? {
+            refs.matched(id, offset);
+            return Ok((id, 0));
+        }
+        let id = {
+            let mut fresh = self
+                .fresh
+                .lock()
+                .map_err(|_| anyhow::anyhow!("chunk table lock poisoned"))?;
+            if let Some(&id) = fresh.get(&hash) {
+                return Ok((id, 0));
+            }
+            let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+            fresh.insert(hash, id);
+            id
+        };
+        let (encoding, payload) = self.encode(data, offset, refs)?;
+        let stored = payload.len() as u64;
+        self.send(Message::Chunk {
+            id,
+            record: ChunkRecord {
+                hash,
+                len: data.len() as u32,
+                encoding,
+                stored_len: payload.len() as u32,
+            },
+            payload,
+        })?;
+        Ok((id, stored))
+    }
+
+    fn encode(&self, data: &[u8], offset: u64, refs: &mut References) -> Result<(ChunkEncoding, Vec<u8>)> {
+        if let Some((base, base_record)) = refs.reference_for(self.reader, offset)? {
+            match self.reader.decode_chunk(base, &base_record) {
+                Ok(reference) => {
+                    let delta = codec::encode_delta(&reference, data)?;
+                    if delta.len() * 2 <= base_record.stored_len as usize && delta.len() < data.len() {
+                        return Ok((ChunkEncoding::ZstdDelta { base }, delta));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("chunk {base} cannot serve as a delta reference, storing a new base: {e:#}");
+                }
+            }
+        }
+        let (lz4, payload) = codec::encode_base(data);
+        Ok((if lz4 { ChunkEncoding::Lz4 } else { ChunkEncoding::Raw }, payload))
+    }
+}
+
+enum FileCapture {
+    Version(VersionRecord),
+    Unchanged,
+    Vanished,
+}
+
+fn tombstone() -> VersionRecord {
+    VersionRecord {
+        kind: EntryKind::Tombstone,
+        mode: 0,
+        mtime_ns: 0,
+        size: 0,
+        hash: [0; 32],
+        chunks: Vec::new(),
+        target: Vec::new(),
+        stored_bytes: 0,
+    }
+}
+
+/// Finds, for a new chunk, the chunk the previous version had at the same
+/// place, to delta against. Positions follow the shift of the last chunk
+/// that matched, so an insertion early in a file does not misalign the rest.
+struct References {
+    previous: Vec<u64>,
+    /// Old chunk starts and ids, built on first need.
+    layout: Option<Vec<(u64, u64, u64)>>,
+    old_start: HashMap<u64, u64>,
+    shift: i64,
+}
+
+impl References {
+    fn new(previous: Option<&VersionRecord>) -> References {
+        References {
+            previous: previous.map(|p| p.chunks.clone()).unwrap_or_default(),
+            layout: None,
+            old_start: HashMap::new(),
+            shift: 0,
+        }
+    }
+
+    fn matched(&mut self, id: u64, new_offset: u64) {
+        if let Some(&old) = self.old_start.get(&id) {
+            self.shift = new_offset as i64 - old as i64;
+        }
+    }
+
+    fn reference_for(&mut self, reader: &Reader, new_offset: u64) -> Result<Option<(u64, ChunkRecord)>> {
+        if self.previous.is_empty() {
+            return Ok(None);
+        }
+        if self.layout.is_none() {
+            let mut layout = Vec::with_capacity(self.previous.len());
+            let mut start = 0u64;
+            for &id in &self.previous {
+                let record = reader.chunk_record(id)?;
+                layout.push((start, u64::from(record.len), id));
+                self.old_start.entry(id).or_insert(start);
+                start += u64::from(record.len);
+            }
+            self.layout = Some(layout);
+        }
+        let Some(layout) = self.layout.as_deref() else {
+            return Ok(None);
+        };
+        let Some(last) = layout.last() else {
+            return Ok(None);
+        };
+        let target = (new_offset as i64 - self.shift).clamp(0, (last.0 + last.1).saturating_sub(1) as i64) as u64;
+        let index = layout.partition_point(|&(start, _, _)| start <= target).saturating_sub(1);
+        let id = layout[index].2;
+        let record = reader.chunk_record(id)?;
+        Ok(Some(match record.encoding {
+            ChunkEncoding::ZstdDelta { base } => (base, reader.chunk_record(base)?),
+            _ => (id, record),
+        }))
+    }
+}

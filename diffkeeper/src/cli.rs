@@ -1,0 +1,274 @@
+//! The `diffkeeper` command line: argument parsing and output, over the
+//! library's stages.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::roots::{parse_state_dirs, StateDir};
+use crate::store::Store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "diffkeeper",
+    version,
+    about = "Keeps the file state of a containerized app as a compact history of binary deltas, and rebuilds it on restart.",
+    long_about = "Keeps the file state of a containerized app as a compact history of binary deltas \
+in one small store file, and rebuilds that state when the container restarts.\n\n\
+A state directory is given as --state-dir DIR (kept under the name of its last component) or \
+--state-dir NAME=DIR; the name is what ties a directory to its history, so a fresh directory \
+replays the history of the same NAME.\n\n\
+Exit status: 0 on success, 1 on any error (the message names the cause and the path), \
+2 on bad usage.\n\nLogging goes to stderr; set RUST_LOG (e.g. RUST_LOG=diffkeeper=debug) or use -v."
+)]
+pub struct Cli {
+    /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// The store file (created by the first snapshot).
+    #[arg(long, value_name = "FILE")]
+    pub store: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RootsArgs {
+    /// A state directory, as DIR or NAME=DIR. Repeat for several.
+    #[arg(long = "state-dir", value_name = "[NAME=]DIR", required = true)]
+    pub state_dirs: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Scan the state directories and record every change since the last
+    /// capture as one batch (new, changed, deleted files, dirs, symlinks,
+    /// mode changes). Files with unchanged size and mtime are not read.
+    Snapshot {
+        #[command(flatten)]
+        roots: RootsArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the state directories to the latest captured state. Content is
+    /// rebuilt and verified before anything is changed; files are renamed
+    /// into place; paths the store never tracked are left alone. With no
+    /// store yet (first start) this says so and exits 0.
+    Replay {
+        #[command(flatten)]
+        roots: RootsArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show each file's versions: time, batch, kind (base, delta, chunks,
+    /// same, dir, symlink, deleted), logical size and stored bytes.
+    Log {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Only this path or the paths under it (PATH or ROOT:PATH).
+        path: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Totals: files, versions, batches, logical bytes, stored bytes, ratio,
+    /// and the store file's size on disk.
+    Stats {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild every version of every file and check every hash. Exits 1
+    /// naming each damaged version or chunk.
+    Verify {
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that this kernel and these privileges can run the eBPF tracer:
+    /// load and attach the embedded program, write, and count the writes.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a small built-in demo in a temporary directory: capture, edit,
+    /// capture, wipe, replay, verify.
+    Demo,
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn state_dirs(args: &RootsArgs) -> Result<Vec<StateDir>> {
+    parse_state_dirs(&args.state_dirs)
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Snapshot { roots, json } => {
+            let dirs = state_dirs(&roots)?;
+            let store = Store::create_or_open(&roots.store.store)?;
+            let summary = crate::capture::snapshot(&store, &dirs)?;
+            if json {
+                print_json(&summary)?;
+            } else {
+                println!("{summary}");
+            }
+            for (path, why) in &summary.failures {
+                eprintln!("error: {}: {why}", path.display());
+            }
+            Ok(if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Replay { roots, json } => {
+            let dirs = state_dirs(&roots)?;
+            match crate::replay::replay(&roots.store.store, &dirs)? {
+                None => {
+                    let msg = format!(
+                        "no store at {} yet: nothing to replay (first start)",
+                        roots.store.store.display()
+                    );
+                    if json {
+                        print_json(&serde_json::json!({ "first_start": true, "message": msg }))?;
+                    } else {
+                        println!("{msg}");
+                    }
+                }
+                Some(summaries) => {
+                    if json {
+                        print_json(&summaries)?;
+                    } else {
+                        for s in summaries {
+                            println!("{s}");
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log { store, path, json } => {
+            let files = crate::report::log(&store.store, path.as_deref())?;
+            if json {
+                print_json(&files)?;
+            } else {
+                print!("{}", crate::report::log_text(&files));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stats { store, json } => {
+            let stats = crate::report::stats(&store.store)?;
+            if json {
+                print_json(&stats)?;
+            } else {
+                print!("{}", crate::report::stats_text(&stats));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { store, json } => {
+            let report = crate::verify::verify(&store.store)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                for p in &report.problems {
+                    eprintln!("damaged: {}: {}", p.what, p.why);
+                }
+                println!(
+                    "{} chunks, {} versions ({}) checked: {}",
+                    report.chunks,
+                    report.versions,
+                    crate::report::bytes(report.bytes),
+                    if report.problems.is_empty() {
+                        "all hashes match".to_string()
+                    } else {
+                        format!("{} damaged", report.problems.len())
+                    }
+                );
+            }
+            Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Doctor { json } => {
+            let report = crate::events::self_test()?;
+            if json {
+                print_json(&report)?;
+            } else {
+                println!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => demo(),
+    }
+}
+
+/// The built-in demo: a newcomer's first look at the whole loop.
+fn demo() -> Result<ExitCode> {
+    let work = tempfile::Builder::new()
+        .prefix("diffkeeper-demo.")
+        .tempdir()
+        .context("cannot create a temporary directory for the demo")?;
+    let state = work.path().join("state");
+    let store_path = work.path().join("state.dkstore");
+    let dirs = vec![StateDir {
+        name: "state".into(),
+        path: state.clone(),
+    }];
+    let step = |what: &str| println!("\n== {what}");
+    let write = |rel: &str, bytes: &[u8]| -> Result<()> {
+        let p = state.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+    };
+
+    step(&format!("an app writes its state into {}", state.display()));
+    let save: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    write("world/region-0.dat", &save)?;
+    write("config.toml", b"difficulty = \"normal\"\nplayers = 8\n")?;
+    write("logs/server.log", b"started\n")?;
+    std::os::unix::fs::symlink("world/region-0.dat", state.join("current"))?;
+    let store = Store::create_or_open(&store_path)?;
+    println!("{}", crate::capture::snapshot(&store, &dirs)?);
+
+    step("the app edits 16 bytes in the middle of a 2 MB file and appends to its log");
+    let mut edited = save.clone();
+    edited[1_000_000..1_000_016].copy_from_slice(b"player 7 joined!");
+    write("world/region-0.dat", &edited)?;
+    write("logs/server.log", b"started\nplayer 7 joined\n")?;
+    println!("{}", crate::capture::snapshot(&store, &dirs)?);
+    drop(store);
+
+    step("the container restarts with an empty state directory");
+    std::fs::remove_dir_all(&state)?;
+    for s in crate::replay::replay(&store_path, &dirs)?.unwrap_or_default() {
+        println!("{s}");
+    }
+    let back = std::fs::read(state.join("world/region-0.dat"))?;
+    println!(
+        "region-0.dat restored: {}",
+        if back == edited { "identical to the last capture" } else { "DIFFERENT (bug!)" }
+    );
+
+    step("history");
+    print!("{}", crate::report::log_text(&crate::report::log(&store_path, None)?));
+    step("stats");
+    print!("{}", crate::report::stats_text(&crate::report::stats(&store_path)?));
+    let verified = crate::verify::verify(&store_path)?;
+    println!("\nverify: {} versions checked, {} problems", verified.versions, verified.problems.len());
+    Ok(if back == edited && verified.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,27 @@
+//! DiffKeeper keeps the file state of containerized apps as a compact
+//! history of binary deltas in one small store, and rebuilds that state when
+//! the container restarts.
+//!
+//! The modules follow the data's path:
+//!
+//! | stage | module | owns |
+//! |---|---|---|
+//! | kernel events | [`events`] | the embedded eBPF programs and their userspace half |
+//! | change detection | [`scan`] | walking a state directory and diffing it with the store |
+//! | capture / delta | [`capture`] | chunking, hashing, de-duplication, delta and compression, one batch per transaction |
+//! | store | [`store`] | the redb file; its format is documented in [`store::schema`] |
+//! | replay | [`replay`] | rebuilding a state directory, verified, confined to it |
+//!
+//! Around them: [`roots`] (state directories and path safety), [`verify`],
+//! [`report`] (`log`, `stats`), [`progress`] and [`cli`].
+
+pub mod capture;
+pub mod cli;
+pub mod events;
+pub mod progress;
+pub mod replay;
+pub mod report;
+pub mod roots;
+pub mod scan;
+pub mod store;
+pub mod verify;

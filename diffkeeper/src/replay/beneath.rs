@@ -1,0 +1,264 @@
+//! File-system operations confined to one directory.
+//!
+//! Every path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! against the root's descriptor, and the last component is always handled
+//! with an `*at` call that does not follow it, so no stored path and no
+//! symlink planted in the state directory can make replay write outside it.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{
+    mkdirat, openat, openat2, renameat, statat, unlinkat, AtFlags, FileType, Mode, OFlags,
+    ResolveFlags, Stat,
+};
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+
+/// An open directory that operations are confined to.
+pub struct Root {
+    fd: OwnedFd,
+}
+
+/// Splits `a/b/c` into (`a/b`, `c`); a top-level name has parent `.`.
+fn split(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (b".", rel),
+    }
+}
+
+fn os(bytes: &[u8]) -> &OsStr {
+    OsStr::from_bytes(bytes)
+}
+
+/// What is at a path now, without following it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Present {
+    Missing,
+    File { size: u64, mtime_ns: i64, mode: u32 },
+    Dir { mode: u32 },
+    Symlink,
+    Other,
+}
+
+impl Root {
+    /// Opens `path` as the root, creating it (and its parents) if missing.
+    pub fn open_or_create(path: &Path) -> io::Result<Root> {
+        std::fs::create_dir_all(path)?;
+        let fd = rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        Ok(Root { fd })
+    }
+
+    /// Opens the directory `rel` (`.` for the root itself).
+    pub fn dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        Ok(openat2(
+            &self.fd,
+            os(rel),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            RESOLVE,
+        )?)
+    }
+
+    /// The parent directory of `rel` and `rel`'s last component.
+    pub fn parent<'a>(&self, rel: &'a [u8]) -> io::Result<(OwnedFd, &'a [u8])> {
+        let (parent, name) = split(rel);
+        Ok((self.dir(parent)?, name))
+    }
+
+    /// What `rel` is now. A parent that is missing, not a directory, or a
+    /// symlink means `rel` is missing as far as replay is concerned.
+    pub fn present(&self, rel: &[u8]) -> io::Result<Present> {
+        let (parent, name) = match self.parent(rel) {
+            Ok(p) => p,
+            Err(e) if is_absent(&e) => return Ok(Present::Missing),
+            Err(e) => return Err(e),
+        };
+        match statat(&parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(present_of(&st)),
+            Err(e) if e == rustix::io::Errno::NOENT => Ok(Present::Missing),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The target of the symlink at `rel`.
+    pub fn read_link(&self, rel: &[u8]) -> io::Result<Vec<u8>> {
+        let (parent, name) = self.parent(rel)?;
+        Ok(rustix::fs::readlinkat(&parent, os(name), Vec::new())?.into_bytes())
+    }
+
+    /// Makes `rel` a directory: keeps one that exists, replaces anything else.
+    /// New directories start owner-writable; final modes are set last.
+    pub fn ensure_dir(&self, rel: &[u8]) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        match statat(&parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => return Ok(()),
+            Ok(_) => remove_at(&parent, name)?,
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            Err(e) => return Err(e.into()),
+        }
+        mkdirat(&parent, os(name), Mode::from_raw_mode(0o700))?;
+        Ok(())
+    }
+
+    /// Makes every ancestor of `rel` a directory.
+    pub fn ensure_parents(&self, rel: &[u8]) -> io::Result<()> {
+        for (i, &b) in rel.iter().enumerate() {
+            if b == b'/' {
+                self.ensure_dir(&rel[..i])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `from` (a name in `staging`) to `rel`, replacing whatever is
+    /// there; a directory in the way is removed first.
+    pub fn install(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        match renameat(staging, from, &parent, os(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::NOTEMPTY => {
+                remove_at(&parent, name)?;
+                Ok(renameat(staging, from, &parent, os(name))?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes `rel` (a whole tree if it is a directory). Missing is fine.
+    pub fn remove(&self, rel: &[u8]) -> io::Result<()> {
+        let (parent, name) = match self.parent(rel) {
+            Ok(p) => p,
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match remove_at(&parent, name) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Sets mode (and, for files, mtime) of `rel` without following it.
+    pub fn set_meta(&self, rel: &[u8], mode: u32, mtime_ns: Option<i64>) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        let fd = openat(
+            &parent,
+            os(name),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        set_fd_meta(&fd, mode, mtime_ns)
+    }
+
+    /// Creates the staging directory replay writes new content into.
+    pub fn create_staging(&self, name: &str) -> io::Result<OwnedFd> {
+        self.remove(name.as_bytes())?;
+        mkdirat(&self.fd, name, Mode::from_raw_mode(0o700))?;
+        self.dir(name.as_bytes())
+    }
+
+    /// Lists the names directly in the root.
+    pub fn top_names(&self) -> io::Result<Vec<Vec<u8>>> {
+        list(&self.fd)
+    }
+
+    /// Flushes the file system holding the root.
+    pub fn sync(&self) -> io::Result<()> {
+        Ok(rustix::fs::syncfs(&self.fd)?)
+    }
+}
+
+/// Sets mode and mtime through an open descriptor.
+pub fn set_fd_meta(fd: impl AsFd, mode: u32, mtime_ns: Option<i64>) -> io::Result<()> {
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?;
+    if let Some(ns) = mtime_ns {
+        let t = rustix::fs::Timespec {
+            tv_sec: ns.div_euclid(1_000_000_000),
+            tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+        };
+        rustix::fs::futimens(
+            &fd,
+            &rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Creates a new file `name` in `dir` for writing.
+pub fn create_file(dir: &OwnedFd, name: &str) -> io::Result<std::fs::File> {
+    let fd = openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// Creates a symlink `name` in `dir`.
+pub fn create_symlink(dir: &OwnedFd, name: &str, target: &[u8]) -> io::Result<()> {
+    Ok(rustix::fs::symlinkat(os(target), dir, name)?)
+}
+
+fn present_of(st: &Stat) -> Present {
+    let mode = st.st_mode & 0o7777;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => Present::File {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            mode,
+        },
+        FileType::Directory => Present::Dir { mode },
+        FileType::Symlink => Present::Symlink,
+        _ => Present::Other,
+    }
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP | rustix::io::Errno::XDEV)
+    )
+}
+
+fn list(dir: &impl AsFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    Ok(names)
+}
+
+/// Removes `name` in `parent`, recursing into directories without ever
+/// following a symlink.
+fn remove_at(parent: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    match unlinkat(parent, os(name), AtFlags::empty()) {
+        Ok(()) => return Ok(()),
+        Err(e) if e == rustix::io::Errno::ISDIR => {}
+        Err(e) => return Err(e.into()),
+    }
+    let dir = openat(
+        parent,
+        os(name),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Make sure we may delete inside even if the directory was read-only.
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700))?;
+    for child in list(&dir)? {
+        remove_at(&dir, &child)?;
+    }
+    unlinkat(parent, os(name), AtFlags::REMOVEDIR)?;
+    Ok(())
+}

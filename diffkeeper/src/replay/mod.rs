@@ -1,0 +1,259 @@
+//! Replay: bring a state directory to the store's latest state of its root.
+//!
+//! Replay runs in two phases so a damaged store never damages the target.
+//! First every file that must be (re)written is rebuilt, chunk by chunk and
+//! in parallel, into a staging directory inside the root, and its SHA-256 is
+//! checked; any failure removes the staging directory and leaves the target
+//! as it was. Only then are directories created, staged files renamed into
+//! place (each rename atomic, so a crash never leaves half a file), symlinks
+//! placed, deleted paths removed and modes set. Files the store never
+//! tracked are left alone; all file-system work goes through [`beneath`],
+//! which cannot leave the root.
+
+pub mod beneath;
+
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::progress::Progress;
+use crate::roots::{check_relative, check_symlink_target, StateDir, STAGING_PREFIX};
+use crate::store::schema::EntryKind;
+use crate::store::{LatestEntry, Reader, Store};
+use beneath::{Present, Root};
+
+/// What replay did to one root.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ReplaySummary {
+    pub root: String,
+    /// Files whose content was written.
+    pub written: usize,
+    pub written_bytes: u64,
+    /// Entries already as the store has them.
+    pub unchanged: usize,
+    /// Paths removed because the store records them deleted.
+    pub removed: usize,
+    pub dirs: usize,
+    pub symlinks: usize,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} files written ({}), {} dirs, {} symlinks, {} removed, {} already current in {:.2?}",
+            self.root,
+            self.written,
+            crate::report::bytes(self.written_bytes),
+            self.dirs,
+            self.symlinks,
+            self.removed,
+            self.unchanged,
+            self.elapsed
+        )
+    }
+}
+
+/// What replay must do with one stored entry.
+enum Action {
+    /// Rebuild the content into staging, then move it into place.
+    Write,
+    /// Content is current; set mode (and mtime) only.
+    Meta,
+    Symlink,
+    Dir,
+    Remove,
+    Nothing,
+}
+
+/// Replays every root from the store at `store_path`. `Ok(None)` when there
+/// is no store yet (a first start).
+pub fn replay(store_path: &Path, roots: &[StateDir]) -> Result<Option<Vec<ReplaySummary>>> {
+    let Some(store) = Store::open_read_only(store_path)? else {
+        return Ok(None);
+    };
+    let reader = store.reader()?;
+    let mut summaries = Vec::new();
+    for root in roots {
+        summaries.push(
+            replay_root(&reader, root)
+                .with_context(|| format!("replay of {} ({}) failed", root.name, root.path.display()))?,
+        );
+    }
+    Ok(Some(summaries))
+}
+
+/// Brings one root to the store's latest state of it.
+pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
+    let started = Instant::now();
+    let mut summary = ReplaySummary {
+        root: root.name.clone(),
+        ..Default::default()
+    };
+    let entries = reader.latest(&root.name)?;
+    if entries.is_empty() {
+        tracing::warn!(root = %root.name, store = %reader.store_path().display(), "the store has no history for this root; nothing to replay");
+        return Ok(summary);
+    }
+    // Refuse a hostile store before touching anything.
+    for entry in &entries {
+        check_relative(&entry.path).with_context(|| format!("store {}", reader.store_path().display()))?;
+        if entry.version.kind == EntryKind::Symlink {
+            check_symlink_target(&entry.path, &entry.version.target)
+                .with_context(|| format!("store {}", reader.store_path().display()))?;
+        }
+    }
+    let target = Root::open_or_create(&root.path)
+        .with_context(|| format!("cannot open state directory {}", root.path.display()))?;
+    // Leftovers of a replay that crashed.
+    for name in target.top_names()? {
+        if name.starts_with(STAGING_PREFIX.as_bytes()) {
+            target.remove(&name)?;
+        }
+    }
+
+    let mut actions = Vec::with_capacity(entries.len());
+    for entry in &entries {
+        let action = plan(&target, entry).with_context(|| {
+            format!("cannot inspect {}", crate::roots::join(&root.path, &entry.path).display())
+        })?;
+        actions.push(action);
+    }
+
+    // Phase 1: rebuild and verify new content in staging.
+    let to_write: Vec<(usize, &LatestEntry)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(actions[*i], Action::Write))
+        .collect();
+    let staging_name = format!("{STAGING_PREFIX}{}", std::process::id());
+    let staging = target
+        .create_staging(&staging_name)
+        .with_context(|| format!("cannot create staging directory in {}", root.path.display()))?;
+    let progress = Progress::new(to_write.len() as u64, "replaying");
+    let staged: Result<Vec<u64>> = to_write
+        .par_iter()
+        .map(|(i, entry)| {
+            let written = stage_file(reader, &staging, &i.to_string(), entry).with_context(|| {
+                format!(
+                    "cannot rebuild {} from store {}",
+                    crate::roots::join(&root.path, &entry.path).display(),
+                    reader.store_path().display()
+                )
+            });
+            progress.inc();
+            written
+        })
+        .collect();
+    progress.finish();
+    let staged = match staged {
+        Ok(sizes) => sizes,
+        Err(e) => {
+            if let Err(cleanup) = target.remove(staging_name.as_bytes()) {
+                tracing::warn!("cannot remove staging directory {staging_name}: {cleanup}");
+            }
+            return Err(e.context("nothing in the state directory was changed"));
+        }
+    };
+    summary.written = staged.len();
+    summary.written_bytes = staged.iter().sum();
+    target.sync().context("cannot flush staged files")?;
+
+    // Phase 2: apply, parents before children (entries are sorted by path).
+    let at = |entry: &LatestEntry| crate::roots::join(&root.path, &entry.path);
+    for (i, (entry, action)) in entries.iter().zip(&actions).enumerate() {
+        let v = &entry.version;
+        let result = match action {
+            Action::Dir => {
+                summary.dirs += 1;
+                target.ensure_parents(&entry.path).and_then(|_| target.ensure_dir(&entry.path))
+            }
+            Action::Write => {
+                target.ensure_parents(&entry.path).and_then(|_| target.install(&staging, &i.to_string(), &entry.path))
+            }
+            Action::Symlink => {
+                summary.symlinks += 1;
+                let name = format!("l{i}");
+                target.ensure_parents(&entry.path).and_then(|_| {
+                    beneath::create_symlink(&staging, &name, &v.target)?;
+                    target.install(&staging, &name, &entry.path)
+                })
+            }
+            Action::Meta => {
+                summary.unchanged += 1;
+                target.set_meta(&entry.path, v.mode, Some(v.mtime_ns))
+            }
+            Action::Remove | Action::Nothing => Ok(()),
+        };
+        result.with_context(|| format!("cannot restore {}", at(entry).display()))?;
+    }
+    // Deletions and directory modes, children before parents.
+    for (entry, action) in entries.iter().zip(&actions).rev() {
+        match action {
+            Action::Remove => {
+                summary.removed += 1;
+                target.remove(&entry.path)
+            }
+            Action::Dir => target.set_meta(&entry.path, entry.version.mode, None),
+            Action::Nothing => {
+                summary.unchanged += 1;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+        .with_context(|| format!("cannot restore {}", at(entry).display()))?;
+    }
+    target
+        .remove(staging_name.as_bytes())
+        .with_context(|| format!("cannot remove staging directory in {}", root.path.display()))?;
+    target.sync().context("cannot flush the state directory")?;
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+fn plan(target: &Root, entry: &LatestEntry) -> std::io::Result<Action> {
+    let v = &entry.version;
+    let now = target.present(&entry.path)?;
+    Ok(match v.kind {
+        EntryKind::Tombstone => match now {
+            Present::Missing => Action::Nothing,
+            _ => Action::Remove,
+        },
+        EntryKind::Dir => Action::Dir,
+        EntryKind::Symlink => match now {
+            Present::Symlink if target.read_link(&entry.path)? == v.target => Action::Nothing,
+            _ => Action::Symlink,
+        },
+        EntryKind::File => match now {
+            Present::File { size, mtime_ns, mode } if size == v.size && mtime_ns == v.mtime_ns => {
+                if mode == v.mode {
+                    Action::Nothing
+                } else {
+                    Action::Meta
+                }
+            }
+            _ => Action::Write,
+        },
+    })
+}
+
+/// Rebuilds one file into `staging/name`, verified, with its mode and mtime.
+fn stage_file(
+    reader: &Reader,
+    staging: &std::os::fd::OwnedFd,
+    name: &str,
+    entry: &LatestEntry,
+) -> Result<u64> {
+    let file = beneath::create_file(staging, name)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    reader.write_content(&entry.version, &mut out)?;
+    out.flush()?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    beneath::set_fd_meta(&file, entry.version.mode, Some(entry.version.mtime_ns))?;
+    Ok(entry.version.size)
+}

@@ -1,0 +1,244 @@
+//! Reports on a store's history: `log` (per-file versions) and `stats`
+//! (totals and the store's size on disk).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::store::schema::{ChunkEncoding, EntryKind, VersionRecord};
+use crate::store::{hex, Reader, Store};
+
+/// Human-readable byte count (binary units).
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// RFC 3339 time of a millisecond timestamp.
+pub fn time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// One version in `log`.
+#[derive(Debug, Serialize)]
+pub struct LogVersion {
+    pub batch: u64,
+    pub time: String,
+    /// base, delta, chunks, same (content reused), dir, symlink, deleted.
+    pub kind: &'static str,
+    pub size: u64,
+    pub stored_bytes: u64,
+    pub mode: String,
+    pub sha256: String,
+}
+
+/// One path's history in `log`.
+#[derive(Debug, Serialize)]
+pub struct LogFile {
+    pub root: String,
+    pub path: String,
+    pub versions: Vec<LogVersion>,
+}
+
+fn version_kind(reader: &Reader, record: &VersionRecord, previous: Option<&VersionRecord>) -> Result<&'static str> {
+    Ok(match record.kind {
+        EntryKind::Dir => "dir",
+        EntryKind::Symlink => "symlink",
+        EntryKind::Tombstone => "deleted",
+        EntryKind::File if record.stored_bytes == 0 && previous.is_some_and(|p| p.chunks == record.chunks) => "same",
+        EntryKind::File if record.chunks.len() > 1 => "chunks",
+        EntryKind::File => match record.chunks.first() {
+            None => "base",
+            Some(&id) => match reader.chunk_record(id)?.encoding {
+                ChunkEncoding::ZstdDelta { .. } => "delta",
+                _ => "base",
+            },
+        },
+    })
+}
+
+/// Per-file history, optionally only paths equal to or under `filter`
+/// (`PATH` or `ROOT:PATH`).
+pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
+    let store = Store::open_existing(store_path)?;
+    let reader = store.reader()?;
+    let times: HashMap<u64, i64> = reader.batches()?.into_iter().map(|(id, b)| (id, b.time_ms)).collect();
+    let (root_filter, path_filter) = match filter {
+        Some(f) => match f.split_once(':') {
+            Some((root, path)) if !root.contains('/') => (Some(root.to_string()), path.trim_matches('/').to_string()),
+            _ => (None, f.trim_matches('/').to_string()),
+        },
+        None => (None, String::new()),
+    };
+    let wanted = |root: &str, path: &[u8]| {
+        root_filter.as_deref().is_none_or(|r| r == root)
+            && (path_filter.is_empty()
+                || path == path_filter.as_bytes()
+                || (path.starts_with(path_filter.as_bytes()) && path.get(path_filter.len()) == Some(&b'/')))
+    };
+    let mut files: Vec<LogFile> = Vec::new();
+    let mut previous: Option<VersionRecord> = None;
+    reader.for_each_version(|root, path, batch, record| {
+        if !wanted(root, path) {
+            return Ok(());
+        }
+        let path_str = String::from_utf8_lossy(path).into_owned();
+        let same_file = files.last().is_some_and(|f| f.root == root && f.path == path_str);
+        if !same_file {
+            previous = None;
+            files.push(LogFile {
+                root: root.to_string(),
+                path: path_str,
+                versions: Vec::new(),
+            });
+        }
+        let version = LogVersion {
+            batch,
+            time: time(times.get(&batch).copied().unwrap_or(0)),
+            kind: version_kind(&reader, &record, previous.as_ref())?,
+            size: record.size,
+            stored_bytes: record.stored_bytes,
+            mode: format!("{:04o}", record.mode),
+            sha256: if record.kind == EntryKind::File { hex(&record.hash) } else { String::new() },
+        };
+        if let Some(file) = files.last_mut() {
+            file.versions.push(version);
+        }
+        previous = Some(record);
+        Ok(())
+    })?;
+    if files.is_empty() {
+        if let Some(f) = filter {
+            anyhow::bail!("store {} has no history for {f:?}", store_path.display());
+        }
+    }
+    Ok(files)
+}
+
+/// Renders `log` for a terminal.
+pub fn log_text(files: &[LogFile]) -> String {
+    let mut out = String::new();
+    for file in files {
+        let _ = writeln!(out, "{}:{}", file.root, file.path);
+        for v in &file.versions {
+            let _ = writeln!(
+                out,
+                "  batch {:>6}  {}  {:<7}  size {:>10}  stored {:>10}  mode {}",
+                v.batch,
+                v.time,
+                v.kind,
+                bytes(v.size),
+                bytes(v.stored_bytes),
+                v.mode
+            );
+        }
+    }
+    out
+}
+
+/// Totals for `stats`.
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub store: String,
+    pub roots: Vec<String>,
+    /// Paths that exist in the latest state (files, dirs, symlinks).
+    pub live_paths: u64,
+    /// Distinct paths with any history.
+    pub files: u64,
+    pub versions: u64,
+    pub batches: u64,
+    pub chunks: u64,
+    /// Sum of the sizes of every file version ever recorded.
+    pub logical_bytes: u64,
+    /// Sum of the stored chunk payloads (after de-duplication, deltas and
+    /// compression).
+    pub stored_bytes: u64,
+    /// logical_bytes / stored_bytes.
+    pub ratio: f64,
+    /// The store file's length and the disk space it occupies.
+    pub file_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Totals over the whole store.
+pub fn stats(store_path: &Path) -> Result<Stats> {
+    let store = Store::open_existing(store_path)?;
+    let reader = store.reader()?;
+    let roots = reader.roots()?;
+    let mut live_paths = 0;
+    for root in &roots {
+        live_paths += reader
+            .latest(root)?
+            .iter()
+            .filter(|e| e.version.kind != EntryKind::Tombstone)
+            .count() as u64;
+    }
+    let mut files = 0u64;
+    let mut versions = 0u64;
+    let mut logical_bytes = 0u64;
+    let mut last: Option<(String, Vec<u8>)> = None;
+    reader.for_each_version(|root, path, _, record| {
+        versions += 1;
+        if record.kind == EntryKind::File {
+            logical_bytes += record.size;
+        }
+        if last.as_ref().is_none_or(|(r, p)| r != root || p != path) {
+            files += 1;
+            last = Some((root.to_string(), path.to_vec()));
+        }
+        Ok(())
+    })?;
+    let (chunks, stored_bytes) = reader.chunk_totals()?;
+    let meta = std::fs::metadata(store_path).with_context(|| format!("cannot stat {}", store_path.display()))?;
+    Ok(Stats {
+        store: store_path.display().to_string(),
+        roots,
+        live_paths,
+        files,
+        versions,
+        batches: reader.batches()?.len() as u64,
+        chunks,
+        logical_bytes,
+        stored_bytes,
+        ratio: if stored_bytes == 0 { 0.0 } else { logical_bytes as f64 / stored_bytes as f64 },
+        file_bytes: meta.len(),
+        disk_bytes: meta.blocks() * 512,
+    })
+}
+
+/// Renders `stats` for a terminal.
+pub fn stats_text(s: &Stats) -> String {
+    format!(
+        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\nfile on disk {} ({} B, {} allocated)\n",
+        s.store,
+        s.roots.join(", "),
+        s.live_paths,
+        s.files,
+        s.versions,
+        s.batches,
+        s.chunks,
+        bytes(s.logical_bytes),
+        s.logical_bytes,
+        bytes(s.stored_bytes),
+        s.stored_bytes,
+        s.ratio,
+        bytes(s.file_bytes),
+        s.file_bytes,
+        bytes(s.disk_bytes)
+    )
+}

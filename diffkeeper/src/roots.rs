@@ -1,0 +1,186 @@
+//! State directories ("roots") and the paths inside them.
+//!
+//! A root is a directory whose contents DiffKeeper keeps, under a name that
+//! is stable across restarts so its history can be replayed into a fresh
+//! directory. This module owns parsing `--state-dir [NAME=]DIR` and the one
+//! check every stored path must pass before it touches the file system:
+//! relative, no `.`/`..`, no empty component, no NUL.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+/// Entries at the top of a root that belong to DiffKeeper itself and are
+/// never captured: the staging directory replay writes into.
+pub const STAGING_PREFIX: &str = ".diffkeeper-staging.";
+
+/// A state directory and the name its history is kept under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name != "."
+        && name != ".."
+}
+
+impl StateDir {
+    /// Parses `NAME=DIR` or `DIR` (named after its last component).
+    pub fn parse(spec: &str) -> Result<StateDir> {
+        if let Some((name, dir)) = spec.split_once('=') {
+            if is_valid_name(name) && !dir.is_empty() {
+                return Ok(StateDir {
+                    name: name.to_string(),
+                    path: PathBuf::from(dir),
+                });
+            }
+        }
+        let path = PathBuf::from(spec);
+        if spec.is_empty() {
+            bail!("--state-dir needs a directory");
+        }
+        let name = path
+            .components()
+            .next_back()
+            .and_then(|c| c.as_os_str().to_str())
+            .filter(|n| is_valid_name(n))
+            .map(str::to_string);
+        match name {
+            Some(name) => Ok(StateDir { name, path }),
+            None => bail!(
+                "cannot name state directory {spec:?} after its last component; \
+                 give it a name with NAME=DIR (NAME of letters, digits, '.', '_', '-')"
+            ),
+        }
+    }
+}
+
+/// Parses every `--state-dir` and rejects two roots with one name.
+pub fn parse_state_dirs(specs: &[String]) -> Result<Vec<StateDir>> {
+    let mut dirs: Vec<StateDir> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let dir = StateDir::parse(spec)?;
+        if let Some(other) = dirs.iter().find(|d| d.name == dir.name) {
+            bail!(
+                "two state directories are both named {:?} ({} and {}); name them apart with NAME=DIR",
+                dir.name,
+                other.path.display(),
+                dir.path.display()
+            );
+        }
+        dirs.push(dir);
+    }
+    if dirs.is_empty() {
+        bail!("give at least one --state-dir");
+    }
+    Ok(dirs)
+}
+
+/// Checks a stored relative path: non-empty `/`-separated components, none
+/// of them `.`, `..` or empty, no NUL, not absolute.
+pub fn check_relative(path: &[u8]) -> Result<()> {
+    let shown = || String::from_utf8_lossy(path).into_owned();
+    if path.is_empty() {
+        bail!("empty path in store");
+    }
+    if path.contains(&0) {
+        bail!("path {:?} in store contains a NUL byte", shown());
+    }
+    if path.starts_with(b"/") {
+        bail!("absolute path {:?} in store: refusing to write outside the state directory", shown());
+    }
+    for part in path.split(|&b| b == b'/') {
+        if part.is_empty() || part == b"." || part == b".." {
+            bail!(
+                "path {:?} in store has a '{}' component: refusing to write outside the state directory",
+                shown(),
+                String::from_utf8_lossy(part)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a symlink at `link` (relative to the root) pointing at
+/// `target` resolves inside the root, judged lexically: absolute targets and
+/// targets that climb above the root are refused.
+pub fn check_symlink_target(link: &[u8], target: &[u8]) -> Result<()> {
+    let shown = || {
+        (
+            String::from_utf8_lossy(link).into_owned(),
+            String::from_utf8_lossy(target).into_owned(),
+        )
+    };
+    if target.is_empty() || target.contains(&0) {
+        let (l, t) = shown();
+        bail!("symlink {l:?} has an invalid target {t:?}");
+    }
+    if target.starts_with(b"/") {
+        let (l, t) = shown();
+        bail!("symlink {l:?} points to absolute path {t:?}, outside the state directory");
+    }
+    // Depth of the directory holding the link.
+    let mut depth: i64 = link.split(|&b| b == b'/').count() as i64 - 1;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    let (l, t) = shown();
+                    bail!("symlink {l:?} points to {t:?}, outside the state directory");
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+/// `root/rel` as a path.
+pub fn join(root: &Path, rel: &[u8]) -> PathBuf {
+    root.join(OsStr::from_bytes(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths_parse() {
+        let d = StateDir::parse("world=/srv/game/world").expect("named");
+        assert_eq!((d.name.as_str(), d.path.as_path()), ("world", Path::new("/srv/game/world")));
+        let d = StateDir::parse("/var/lib/app/").expect("unnamed");
+        assert_eq!(d.name, "app");
+        let d = StateDir::parse("./a=b/c").expect("path with =");
+        assert_eq!((d.name.as_str(), d.path.as_path()), ("c", Path::new("./a=b/c")));
+        assert!(StateDir::parse("/").is_err());
+        assert!(parse_state_dirs(&["x/a".into(), "y/a".into()]).is_err());
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        for bad in [&b"../x"[..], b"/etc/passwd", b"a/../../b", b"a//b", b"", b"a/./b", b"a\0b"] {
+            assert!(check_relative(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(check_relative("dir/ünïcode file".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn symlinks_must_stay_inside() {
+        assert!(check_symlink_target(b"a/link", b"../b").is_ok());
+        assert!(check_symlink_target(b"a/link", b"../../b").is_err());
+        assert!(check_symlink_target(b"link", b"/etc/passwd").is_err());
+        assert!(check_symlink_target(b"link", b"x/../../y").is_err());
+        assert!(check_symlink_target(b"a/b/link", b"../c/./d").is_ok());
+    }
+}

@@ -1,0 +1,212 @@
+//! Change detection by scanning: walk a state directory and compare it with
+//! the store's latest state of that root.
+//!
+//! This is the stage that finds *which* paths changed (the kernel tracer of
+//! a later stage feeds the same [`Change`] list). Files whose size and mtime
+//! match the store are not read at all; everything else goes to capture,
+//! which drops files whose content hash turns out unchanged.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::roots::{StateDir, STAGING_PREFIX};
+use crate::store::schema::{EntryKind, VersionRecord};
+use crate::store::Reader;
+
+/// What a path is on disk now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEntry {
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+    /// Symlink target bytes.
+    pub target: Vec<u8>,
+}
+
+impl FsEntry {
+    /// Reads what `path` is, without following a final symlink. `Ok(None)`
+    /// for special files (sockets, FIFOs, devices), which are not kept.
+    pub fn read(path: &Path) -> io::Result<Option<FsEntry>> {
+        let meta = fs::symlink_metadata(path)?;
+        let ft = meta.file_type();
+        let kind = if ft.is_file() {
+            EntryKind::File
+        } else if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_symlink() {
+            EntryKind::Symlink
+        } else {
+            debug_assert!(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device());
+            return Ok(None);
+        };
+        let target = if kind == EntryKind::Symlink {
+            fs::read_link(path)?.into_os_string().into_encoded_bytes()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(FsEntry {
+            kind,
+            mode: meta.mode() & 0o7777,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            size: if kind == EntryKind::Symlink {
+                target.len() as u64
+            } else if kind == EntryKind::File {
+                meta.len()
+            } else {
+                0
+            },
+            target,
+        }))
+    }
+}
+
+/// One path whose stored state must be brought up to date.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// New or changed: `previous` is the newest stored version, if any and
+    /// not a tombstone. `content` is false when only metadata changed and the
+    /// stored content can be reused without reading the file.
+    Write {
+        path: Vec<u8>,
+        entry: FsEntry,
+        previous: Option<VersionRecord>,
+        content: bool,
+    },
+    /// Present in the store, gone from disk.
+    Delete { path: Vec<u8> },
+}
+
+impl Change {
+    pub fn path(&self) -> &[u8] {
+        match self {
+            Change::Write { path, .. } | Change::Delete { path } => path,
+        }
+    }
+}
+
+/// The changes found in one root.
+#[derive(Debug)]
+pub struct RootChanges {
+    pub root: StateDir,
+    pub changes: Vec<Change>,
+    /// Paths seen on disk (for the summary).
+    pub scanned: usize,
+}
+
+/// Walks `root` (never following symlinks) and lists every entry below it,
+/// keyed by its relative path. `exclude` is skipped (the store file, when it
+/// lives inside the root).
+pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEntry>> {
+    let meta = fs::metadata(root)
+        .with_context(|| format!("state directory {} cannot be read", root.display()))?;
+    if !meta.is_dir() {
+        anyhow::bail!("state directory {} is not a directory", root.display());
+    }
+    let mut out = HashMap::new();
+    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed while we walked: its entries are gone too.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot list directory {}", dir.display()))
+            }
+        };
+        for item in entries {
+            let item = item.with_context(|| format!("cannot list directory {}", dir.display()))?;
+            let name = item.file_name();
+            if rel.is_empty() && name.as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
+                continue;
+            }
+            let full = item.path();
+            if exclude.is_some_and(|x| x == full) {
+                continue;
+            }
+            let mut child_rel = rel.clone();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(name.as_bytes());
+            let entry = match FsEntry::read(&full) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => {
+                    tracing::debug!(path = %full.display(), "skipping special file");
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot stat {}", full.display()))
+                }
+            };
+            if entry.kind == EntryKind::Dir {
+                stack.push((full, child_rel.clone()));
+            }
+            out.insert(child_rel, entry);
+        }
+    }
+    Ok(out)
+}
+
+/// Compares a root on disk with the store's latest state of it.
+pub fn diff_root(root: &StateDir, reader: &Reader, exclude: Option<&Path>) -> Result<RootChanges> {
+    let mut on_disk = walk(&root.path, exclude)?;
+    let scanned = on_disk.len();
+    let mut changes = Vec::new();
+    for stored in reader.latest(&root.name)? {
+        let previous = stored.version;
+        if previous.kind == EntryKind::Tombstone {
+            continue;
+        }
+        match on_disk.remove(&stored.path) {
+            None => changes.push(Change::Delete { path: stored.path }),
+            Some(entry) => {
+                if let Some(change) = compare(stored.path, entry, previous) {
+                    changes.push(change);
+                }
+            }
+        }
+    }
+    // What is left on disk is new to the store.
+    for (path, entry) in on_disk {
+        changes.push(Change::Write {
+            path,
+            content: entry.kind == EntryKind::File,
+            entry,
+            previous: None,
+        });
+    }
+    changes.sort_by(|a, b| a.path().cmp(b.path()));
+    Ok(RootChanges {
+        root: root.clone(),
+        changes,
+        scanned,
+    })
+}
+
+fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord) -> Option<Change> {
+    let same_kind = entry.kind == previous.kind;
+    let (changed, content) = match entry.kind {
+        _ if !same_kind => (true, entry.kind == EntryKind::File),
+        EntryKind::File => {
+            let content = entry.size != previous.size || entry.mtime_ns != previous.mtime_ns;
+            (content || entry.mode != previous.mode, content)
+        }
+        EntryKind::Dir => (entry.mode != previous.mode, false),
+        EntryKind::Symlink => (entry.target != previous.target, false),
+        EntryKind::Tombstone => (false, false),
+    };
+    changed.then(|| Change::Write {
+        path,
+        entry,
+        previous: Some(previous),
+        content,
+    })
+}

@@ -1,0 +1,513 @@
+//! The store: one redb file holding every batch, version and chunk.
+//!
+//! This module owns opening and creating a store (schema check, lock and
+//! corruption errors that name the file), reading records back
+//! ([`Reader`]), rebuilding content chunk by chunk with every hash checked,
+//! and writing one batch in one transaction ([`BatchWriter`]). The format
+//! itself is documented in [`schema`].
+
+pub mod schema;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use redb::{Database, ReadOnlyDatabase, ReadOnlyTable, ReadableDatabase, ReadableTable};
+use sha2::{Digest, Sha256};
+
+use schema::{
+    decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
+    CHUNKS, CHUNK_INDEX, LATEST, META, META_CREATED_MS, META_SCHEMA_VERSION, PAYLOAD, PIECE_BYTES,
+    SCHEMA_VERSION, VERSIONS,
+};
+
+/// Typed store failures callers may want to tell apart.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path} has schema version {found}, this diffkeeper reads version {expected}; use a matching diffkeeper release")]
+    UnknownSchema {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+}
+
+/// An open store file.
+pub struct Store {
+    db: Db,
+    path: PathBuf,
+}
+
+fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
+    match err {
+        redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+            "store {} is in use by another diffkeeper process (one writer at a time)",
+            path.display()
+        ),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            anyhow::Error::new(io).context(format!("cannot open store {}", path.display()))
+        }
+        other => anyhow::anyhow!(
+            "store {} cannot be opened, it is damaged or not a diffkeeper store: {other}",
+            path.display()
+        ),
+    }
+}
+
+impl Store {
+    /// Opens the store for writing, creating it (and its schema) if missing.
+    pub fn create_or_open(path: &Path) -> Result<Store> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                bail!(
+                    "cannot create store {}: directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
+        }
+        let existed = path.exists();
+        let db = if existed {
+            Database::open(path)
+        } else {
+            Database::create(path)
+        }
+        .map_err(|e| describe_open_error(path, e))?;
+        let store = Store {
+            db: Db::ReadWrite(db),
+            path: path.to_path_buf(),
+        };
+        if existed {
+            store.check_schema()?;
+        } else {
+            store.init_schema()?;
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store without writing to it. `Ok(None)` when there
+    /// is no file at `path`.
+    pub fn open_read_only(path: &Path) -> Result<Option<Store>> {
+        match std::fs::metadata(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot open store {}", path.display()))
+                )
+            }
+        }
+        let db = ReadOnlyDatabase::open(path).map_err(|e| describe_open_error(path, e))?;
+        let store = Store {
+            db: Db::ReadOnly(db),
+            path: path.to_path_buf(),
+        };
+        store.check_schema()?;
+        Ok(Some(store))
+    }
+
+    /// Like [`Store::open_read_only`], but a missing file is an error.
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        Store::open_read_only(path)?
+            .with_context(|| format!("no store at {}", path.display()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init_schema(&self) -> Result<()> {
+        let Db::ReadWrite(db) = &self.db else {
+            bail!("store {} is open read-only", self.path.display());
+        };
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+            meta.insert(META_CREATED_MS, now_ms().to_le_bytes().as_slice())?;
+            // Create every table so readers never meet a missing one.
+            txn.open_table(BATCHES)?;
+            txn.open_table(VERSIONS)?;
+            txn.open_table(LATEST)?;
+            txn.open_table(CHUNKS)?;
+            txn.open_table(CHUNK_INDEX)?;
+            txn.open_table(PAYLOAD)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    fn check_schema(&self) -> Result<()> {
+        let found = (|| -> Result<Option<u32>> {
+            let txn = self.begin_read()?;
+            let meta = txn.open_table(META)?;
+            let Some(raw) = meta.get(META_SCHEMA_VERSION)? else {
+                return Ok(None);
+            };
+            let bytes: [u8; 4] = raw.value().try_into().map_err(|_| {
+                StoreError::Corrupt("meta.schema_version is not a 4-byte integer".into())
+            })?;
+            Ok(Some(u32::from_le_bytes(bytes)))
+        })()
+        .with_context(|| {
+            format!(
+                "store {} is damaged or not a diffkeeper store",
+                self.path.display()
+            )
+        })?;
+        match found {
+            Some(SCHEMA_VERSION) => Ok(()),
+            Some(found) => Err(StoreError::UnknownSchema {
+                path: self.path.clone(),
+                found,
+                expected: SCHEMA_VERSION,
+            }
+            .into()),
+            None => bail!(
+                "{} is not a diffkeeper store (no schema version recorded)",
+                self.path.display()
+            ),
+        }
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction> {
+        Ok(match &self.db {
+            Db::ReadWrite(db) => db.begin_read()?,
+            Db::ReadOnly(db) => db.begin_read()?,
+        })
+    }
+
+    /// A consistent read view of the store as of now.
+    pub fn reader(&self) -> Result<Reader> {
+        let txn = self.begin_read()?;
+        Ok(Reader {
+            batches: txn.open_table(BATCHES)?,
+            versions: txn.open_table(VERSIONS)?,
+            latest: txn.open_table(LATEST)?,
+            chunks: txn.open_table(CHUNKS)?,
+            chunk_index: txn.open_table(CHUNK_INDEX)?,
+            payload: txn.open_table(PAYLOAD)?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Starts writing a new batch. One writer at a time per store.
+    pub fn begin_batch(&self) -> Result<BatchWriter> {
+        let Db::ReadWrite(db) = &self.db else {
+            bail!("store {} is open read-only", self.path.display());
+        };
+        let txn = db.begin_write()?;
+        let (batch, next_chunk) = {
+            let batches = txn.open_table(BATCHES)?;
+            let chunks = txn.open_table(CHUNKS)?;
+            let last_batch = batches.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            let last_chunk = chunks.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+            (last_batch + 1, last_chunk + 1)
+        };
+        Ok(BatchWriter {
+            txn,
+            batch,
+            next_chunk,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// One entry of a root's current state, as the store has it.
+#[derive(Debug, Clone)]
+pub struct LatestEntry {
+    pub path: Vec<u8>,
+    pub batch: u64,
+    pub version: VersionRecord,
+}
+
+/// A snapshot view of the store. All reads see the same committed state.
+pub struct Reader {
+    batches: ReadOnlyTable<u64, &'static [u8]>,
+    versions: ReadOnlyTable<(&'static str, &'static [u8], u64), &'static [u8]>,
+    latest: ReadOnlyTable<(&'static str, &'static [u8]), u64>,
+    chunks: ReadOnlyTable<u64, &'static [u8]>,
+    chunk_index: ReadOnlyTable<&'static [u8; 32], u64>,
+    payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
+    path: PathBuf,
+}
+
+impl Reader {
+    /// The store file this reader reads.
+    pub fn store_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of all roots with history, sorted.
+    pub fn roots(&self) -> Result<Vec<String>> {
+        let mut roots: Vec<String> = Vec::new();
+        for item in self.latest.iter()? {
+            let (key, _) = item?;
+            let (root, _) = key.value();
+            if roots.last().map(String::as_str) != Some(root) {
+                roots.push(root.to_string());
+            }
+        }
+        Ok(roots)
+    }
+
+    /// Every path of `root` with its newest version (tombstones included),
+    /// sorted by path bytes.
+    pub fn latest(&self, root: &str) -> Result<Vec<LatestEntry>> {
+        let mut out = Vec::new();
+        let lo: (&str, &[u8]) = (root, &[]);
+        for item in self.latest.range(lo..)? {
+            let (key, batch) = item?;
+            let (r, path) = key.value();
+            if r != root {
+                break;
+            }
+            let batch = batch.value();
+            let version = self.version(root, path, batch)?;
+            out.push(LatestEntry {
+                path: path.to_vec(),
+                batch,
+                version,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One version record.
+    pub fn version(&self, root: &str, path: &[u8], batch: u64) -> Result<VersionRecord> {
+        let raw = self.versions.get((root, path, batch))?.ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "{root}:{} has no version at batch {batch}",
+                String::from_utf8_lossy(path)
+            ))
+        })?;
+        Ok(decode(raw.value(), "version record")?)
+    }
+
+    /// Every version of every path: `(root, path, batch, record)` in key order.
+    pub fn for_each_version(
+        &self,
+        mut f: impl FnMut(&str, &[u8], u64, VersionRecord) -> Result<()>,
+    ) -> Result<()> {
+        for item in self.versions.iter()? {
+            let (key, value) = item?;
+            let (root, path, batch) = key.value();
+            let record: VersionRecord = decode(value.value(), "version record")?;
+            f(root, path, batch, record)?;
+        }
+        Ok(())
+    }
+
+    /// Every batch, oldest first.
+    pub fn batches(&self) -> Result<Vec<(u64, BatchRecord)>> {
+        let mut out = Vec::new();
+        for item in self.batches.iter()? {
+            let (k, v) = item?;
+            out.push((k.value(), decode(v.value(), "batch record")?));
+        }
+        Ok(out)
+    }
+
+    /// Number of stored chunks and their total payload bytes.
+    pub fn chunk_totals(&self) -> Result<(u64, u64)> {
+        let mut count = 0u64;
+        let mut bytes = 0u64;
+        for item in self.chunks.iter()? {
+            let (_, v) = item?;
+            let record: ChunkRecord = decode(v.value(), "chunk record")?;
+            count += 1;
+            bytes += u64::from(record.stored_len);
+        }
+        Ok((count, bytes))
+    }
+
+    /// Every chunk id, ascending.
+    pub fn chunk_ids(&self) -> Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for item in self.chunks.iter()? {
+            ids.push(item?.0.value());
+        }
+        Ok(ids)
+    }
+
+    /// The id of a stored chunk with this content hash.
+    pub fn find_chunk(&self, hash: &[u8; 32]) -> Result<Option<u64>> {
+        Ok(self.chunk_index.get(hash)?.map(|v| v.value()))
+    }
+
+    /// A chunk's record.
+    pub fn chunk_record(&self, id: u64) -> Result<ChunkRecord> {
+        let raw = self
+            .chunks
+            .get(id)?
+            .ok_or_else(|| StoreError::Corrupt(format!("chunk {id} is missing")))?;
+        Ok(decode(raw.value(), "chunk record")?)
+    }
+
+    fn payload(&self, id: u64, record: &ChunkRecord) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(record.stored_len as usize);
+        for item in self.payload.range((id, 0)..=(id, u32::MAX))? {
+            let (_, piece) = item?;
+            out.extend_from_slice(piece.value());
+        }
+        if out.len() != record.stored_len as usize {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {id} payload is {} bytes, its record says {}",
+                out.len(),
+                record.stored_len
+            ))
+            .into());
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds a chunk's bytes and checks them against its SHA-256.
+    pub fn chunk_bytes(&self, id: u64) -> Result<Vec<u8>> {
+        let record = self.chunk_record(id)?;
+        self.decode_chunk(id, &record)
+    }
+
+    /// Rebuilds a chunk whose record is already at hand.
+    pub fn decode_chunk(&self, id: u64, record: &ChunkRecord) -> Result<Vec<u8>> {
+        let payload = self.payload(id, record)?;
+        let bytes = match record.encoding {
+            ChunkEncoding::Raw => payload,
+            ChunkEncoding::Lz4 => {
+                lz4_flex::block::decompress(&payload, record.len as usize).map_err(|e| {
+                    StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
+                })?
+            }
+            ChunkEncoding::ZstdDelta { base } => {
+                let base_record = self.chunk_record(base)?;
+                if !base_record.is_base() {
+                    return Err(StoreError::Corrupt(format!(
+                        "chunk {id} is a delta against chunk {base}, which is not a base"
+                    ))
+                    .into());
+                }
+                let reference = self.decode_chunk(base, &base_record)?;
+                crate::capture::codec::apply_delta(&reference, &payload, record.len as usize)
+                    .map_err(|e| {
+                        StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))
+                    })?
+            }
+        };
+        if bytes.len() != record.len as usize || sha256(&bytes) != record.hash {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {id} fails its SHA-256 check (store {})",
+                self.path.display()
+            ))
+            .into());
+        }
+        Ok(bytes)
+    }
+
+    /// Streams a file version's content into `sink`, chunk by chunk, and
+    /// checks the full SHA-256 and size. Memory: one chunk and its base.
+    pub fn write_content(
+        &self,
+        version: &VersionRecord,
+        sink: &mut impl std::io::Write,
+    ) -> Result<()> {
+        if version.kind != EntryKind::File {
+            bail!("not a file version");
+        }
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        for &id in &version.chunks {
+            let bytes = self.chunk_bytes(id)?;
+            hasher.update(&bytes);
+            size += bytes.len() as u64;
+            sink.write_all(&bytes)?;
+        }
+        let hash: [u8; 32] = hasher.finalize().into();
+        if size != version.size || hash != version.hash {
+            return Err(StoreError::Corrupt(format!(
+                "content rebuilt is {size} bytes with SHA-256 {}, the version records {} bytes with {}",
+                hex(&hash),
+                version.size,
+                hex(&version.hash)
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// Writes one batch inside one redb write transaction.
+pub struct BatchWriter {
+    txn: redb::WriteTransaction,
+    batch: u64,
+    next_chunk: u64,
+}
+
+impl BatchWriter {
+    /// The id this batch will have once committed.
+    pub fn batch_id(&self) -> u64 {
+        self.batch
+    }
+
+    /// Reserves a chunk id.
+    pub fn allocate_chunk(&mut self) -> u64 {
+        let id = self.next_chunk;
+        self.next_chunk += 1;
+        id
+    }
+
+    /// Stores a new chunk under a reserved id.
+    pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
+        self.txn
+            .open_table(CHUNKS)?
+            .insert(id, encode(record).as_slice())?;
+        self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
+        let mut table = self.txn.open_table(PAYLOAD)?;
+        for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
+            let piece_no = u32::try_from(i).context("chunk payload has too many pieces")?;
+            table.insert((id, piece_no), piece)?;
+        }
+        Ok(())
+    }
+
+    /// Records a version of `root`/`path` in this batch.
+    pub fn put_version(&mut self, root: &str, path: &[u8], record: &VersionRecord) -> Result<()> {
+        self.txn
+            .open_table(VERSIONS)?
+            .insert((root, path, self.batch), encode(record).as_slice())?;
+        self.txn
+            .open_table(LATEST)?
+            .insert((root, path), self.batch)?;
+        Ok(())
+    }
+
+    /// Commits the batch durably. Nothing of it is visible before this returns.
+    pub fn commit(self, record: &BatchRecord) -> Result<u64> {
+        self.txn
+            .open_table(BATCHES)?
+            .insert(self.batch, encode(record).as_slice())?;
+        self.txn.commit()?;
+        Ok(self.batch)
+    }
+}
+
+/// SHA-256 of a byte slice.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
