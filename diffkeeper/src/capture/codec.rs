@@ -8,8 +8,9 @@ use std::io::{Read, Write};
 
 use anyhow::{Context, Result};
 
-/// zstd level for deltas: level 3 is zstd's default and measured within a few
-/// percent of level 9's size on SQLite page edits at a fraction of the time.
+/// zstd level for deltas. Measured on a 41 MiB SQLite file with 1% of rows
+/// updated: levels 1-2 lose the reference (tens of MiB), 3 gives 95 KiB in
+/// 0.15 s, 6 gives 80 KiB in 0.22 s.
 const DELTA_LEVEL: i32 = 3;
 
 /// Encodes a base chunk: lz4 when it saves at least 1/16, else raw.
@@ -34,6 +35,12 @@ pub fn encode_delta(reference: &[u8], bytes: &[u8]) -> Result<Vec<u8>> {
     encoder
         .window_log(window_log)
         .context("zstd delta window")?;
+    // Long-distance matching finds the reference's copy of repetitive data
+    // that the regular match finder loses to nearby self-matches: on
+    // record-structured chunks it turned an 18 KiB delta into 0.6 KiB.
+    encoder
+        .long_distance_matching(true)
+        .context("zstd long-distance matching")?;
     encoder.include_checksum(false).context("zstd checksum")?;
     encoder.include_contentsize(false).context("zstd content size")?;
     encoder.include_magicbytes(false).context("zstd magic")?;
@@ -75,6 +82,18 @@ mod tests {
         assert!(delta.len() < 200, "delta is {} bytes", delta.len());
         assert_eq!(apply_delta(&reference, &delta, edited.len()).expect("apply"), edited);
         assert!(apply_delta(&reference, &delta, edited.len() - 1).is_err());
+    }
+
+    #[test]
+    fn delta_of_repetitive_records_finds_the_reference() {
+        let reference: Vec<u8> = (0..524_288u64)
+            .map(|i| (((i * 2_654_435_761) & 0xffff_ffff) >> 24) as u8)
+            .collect();
+        let mut edited = reference.clone();
+        edited[100_000..100_016].copy_from_slice(b"player 7 joined!");
+        let delta = encode_delta(&reference, &edited).expect("encode");
+        assert!(delta.len() < 2048, "delta is {} bytes", delta.len());
+        assert_eq!(apply_delta(&reference, &delta, edited.len()).expect("apply"), edited);
     }
 
     #[test]

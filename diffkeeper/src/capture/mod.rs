@@ -15,11 +15,11 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use fastcdc::v2020::StreamCDC;
+use fastcdc::v2020::{ChunkData, StreamCDC};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -28,13 +28,18 @@ use crate::roots::{join, StateDir};
 use crate::scan::{diff_root, Change};
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
-    CHUNK_MIN,
+    CHUNK_MIN, MAX_DELTA_BASES,
 };
 use crate::store::{now_ms, sha256, Reader, Store};
 
 /// How often a file that changes while it is read is read again before its
 /// latest read is kept anyway.
 const READ_ATTEMPTS: usize = 3;
+/// New chunks of one file encoded in parallel at a time; bounds memory to
+/// this many chunks and their references.
+const ENCODE_WINDOW: usize = 16;
+/// Decoded reference chunks kept per file being captured.
+const DECODED_CACHE: usize = 8;
 
 /// What one `snapshot` did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -314,7 +319,7 @@ impl Workers<'_> {
         full: &Path,
         previous: Option<&VersionRecord>,
     ) -> Result<FileCapture> {
-        let mut references = References::new(previous.filter(|p| p.kind == EntryKind::File));
+        let mut references = References::new(self.reader, previous.filter(|p| p.kind == EntryKind::File))?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -334,14 +339,19 @@ impl Workers<'_> {
             let mut chunks = Vec::new();
             let mut size = 0u64;
             let mut stored = 0u64;
+            // Reading, cutting and the whole-file hash are sequential; chunk
+            // hashes and encoding run in parallel a window at a time.
+            let mut window: Vec<ChunkData> = Vec::with_capacity(ENCODE_WINDOW);
             for chunk in StreamCDC::new(&file, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
                 let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
                 hasher.update(&chunk.data);
-                let (id, added) = self.store_chunk(&chunk.data, chunk.offset, &mut references)?;
-                chunks.push(id);
-                stored += added;
                 size += chunk.data.len() as u64;
+                window.push(chunk);
+                if window.len() >= ENCODE_WINDOW {
+                    stored += self.store_window(&mut window, &mut references, &mut chunks)?;
+                }
             }
+            stored += self.store_window(&mut window, &mut references, &mut chunks)?;
             let after = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
@@ -374,58 +384,99 @@ impl Workers<'_> {
         }
     }
 
-    /// Stores one chunk unless its content is already stored. Returns its id
-    /// and the payload bytes added.
-    fn store_chunk(&self, data: &[u8], offset: u64, refs: &mut References) -> Result<(u64, u64)> {
-        let hash = sha256(data);
-        if let Some(id) = self.reader.find_chunk(&hash)? {
-            refs.matched(id, offset);
-            return Ok((id, 0));
+    /// Stores a window of consecutive chunks of one file, appending their
+    /// ids to `ids`. Returns the payload bytes added.
+    fn store_window(&self, window: &mut Vec<ChunkData>, refs: &mut References, ids: &mut Vec<u64>) -> Result<u64> {
+        let hashes: Vec<[u8; 32]> = window.par_iter().map(|c| sha256(&c.data)).collect();
+        let mut pending = Vec::new();
+        for (chunk, hash) in window.drain(..).zip(hashes) {
+            let (id, new) = self.place_chunk(hash, chunk.data, chunk.offset, refs)?;
+            ids.push(id);
+            pending.extend(new);
         }
-        let id = {
-            let mut fresh = self
-                .fresh
-                .lock()
-                .map_err(|_| anyhow::anyhow!("chunk table lock poisoned"))?;
-            if let Some(&id) = fresh.get(&hash) {
-                return Ok((id, 0));
-            }
-            let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
-            fresh.insert(hash, id);
-            id
-        };
-        let (encoding, payload) = self.encode(data, offset, refs)?;
-        let stored = payload.len() as u64;
-        self.send(Message::Chunk {
-            id,
-            record: ChunkRecord {
-                hash,
-                len: data.len() as u32,
-                encoding,
-                stored_len: payload.len() as u32,
-            },
-            payload,
-        })?;
-        Ok((id, stored))
+        self.store_new_chunks(&mut pending, refs)
     }
 
-    fn encode(&self, data: &[u8], offset: u64, refs: &mut References) -> Result<(ChunkEncoding, Vec<u8>)> {
-        if let Some((base, base_record)) = refs.reference_for(self.reader, offset)? {
-            match self.reader.decode_chunk(base, &base_record) {
+    /// Gives a chunk its id: an existing one when its content is already
+    /// stored, else a new one, returned with what encoding it needs.
+    fn place_chunk(&self, hash: [u8; 32], data: Vec<u8>, offset: u64, refs: &mut References) -> Result<(u64, Option<NewChunk>)> {
+        if let Some(id) = self.reader.find_chunk(&hash)? {
+            refs.matched(id, offset);
+            return Ok((id, None));
+        }
+        let mut fresh = self
+            .fresh
+            .lock()
+            .map_err(|_| anyhow::anyhow!("chunk table lock poisoned"))?;
+        if let Some(&id) = fresh.get(&hash) {
+            return Ok((id, None));
+        }
+        let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+        fresh.insert(hash, id);
+        let bases = refs.reference_for(offset, data.len() as u64);
+        Ok((id, Some(NewChunk { id, hash, data, offset, bases })))
+    }
+
+    /// Encodes new chunks in parallel and sends them to the writer. Returns
+    /// the payload bytes added.
+    fn store_new_chunks(&self, pending: &mut Vec<NewChunk>, refs: &References) -> Result<u64> {
+        let stored: Result<Vec<u64>> = pending
+            .par_drain(..)
+            .map(|chunk| {
+                let (encoding, payload) = self.encode(&chunk, refs)?;
+                let stored = payload.len() as u64;
+                self.send(Message::Chunk {
+                    id: chunk.id,
+                    record: ChunkRecord {
+                        hash: chunk.hash,
+                        len: chunk.data.len() as u32,
+                        encoding,
+                        stored_len: payload.len() as u32,
+                    },
+                    payload,
+                })?;
+                Ok(stored)
+            })
+            .collect();
+        Ok(stored?.iter().sum())
+    }
+
+    fn encode(&self, chunk: &NewChunk, refs: &References) -> Result<(ChunkEncoding, Vec<u8>)> {
+        let (data, offset, bases) = (&chunk.data[..], chunk.offset, chunk.bases.clone());
+        let mut delta = None;
+        if !bases.is_empty() {
+            match refs.reference_bytes(self.reader, &bases) {
                 Ok(reference) => {
-                    let delta = codec::encode_delta(&reference, data)?;
-                    if delta.len() * 2 <= base_record.stored_len as usize && delta.len() < data.len() {
-                        return Ok((ChunkEncoding::ZstdDelta { base }, delta));
+                    let encoded = codec::encode_delta(&reference, data)?;
+                    // A tiny delta wins outright; otherwise it must beat half
+                    // the chunk's own base encoding.
+                    if encoded.len() <= data.len() / 16 {
+                        return Ok((ChunkEncoding::ZstdDelta { bases }, encoded));
                     }
+                    delta = Some(encoded);
                 }
                 Err(e) => {
-                    tracing::warn!("chunk {base} cannot serve as a delta reference, storing a new base: {e:#}");
+                    tracing::warn!("chunks {bases:?} cannot serve as a delta reference, storing a new base: {e:#}");
                 }
             }
         }
-        let (lz4, payload) = codec::encode_base(data);
-        Ok((if lz4 { ChunkEncoding::Lz4 } else { ChunkEncoding::Raw }, payload))
+        let (lz4, base) = codec::encode_base(data);
+        tracing::trace!(offset, len = data.len(), base = base.len(), delta = delta.as_ref().map(Vec::len), "chunk");
+        match delta {
+            Some(delta) if delta.len() * 2 <= base.len() => Ok((ChunkEncoding::ZstdDelta { bases }, delta)),
+            _ => Ok((if lz4 { ChunkEncoding::Lz4 } else { ChunkEncoding::Raw }, base)),
+        }
     }
+}
+
+/// A chunk whose content is not in the store yet.
+struct NewChunk {
+    id: u64,
+    hash: [u8; 32],
+    data: Vec<u8>,
+    offset: u64,
+    /// Base chunks to try a delta against.
+    bases: Vec<u64>,
 }
 
 enum FileCapture {
@@ -447,61 +498,100 @@ fn tombstone() -> VersionRecord {
     }
 }
 
-/// Finds, for a new chunk, the chunk the previous version had at the same
-/// place, to delta against. Positions follow the shift of the last chunk
-/// that matched, so an insertion early in a file does not misalign the rest.
+/// Finds, for a new chunk, the old content at its place: the base chunks
+/// of the previous version that overlap it. Positions follow the shift of
+/// the last chunk that matched, so an insertion early in a file does not
+/// misalign the rest.
 struct References {
-    previous: Vec<u64>,
-    /// Old chunk starts and ids, built on first need.
-    layout: Option<Vec<(u64, u64, u64)>>,
+    /// `(old start, old length, bases standing for that old chunk)`.
+    layout: Vec<(u64, u64, Vec<u64>)>,
     old_start: HashMap<u64, u64>,
     shift: i64,
+    /// Recently decoded bases: neighbouring new chunks share most of them.
+    decoded: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
 }
 
 impl References {
-    fn new(previous: Option<&VersionRecord>) -> References {
-        References {
-            previous: previous.map(|p| p.chunks.clone()).unwrap_or_default(),
-            layout: None,
-            old_start: HashMap::new(),
-            shift: 0,
+    fn new(reader: &Reader, previous: Option<&VersionRecord>) -> Result<References> {
+        let mut layout = Vec::new();
+        let mut old_start = HashMap::new();
+        let mut start = 0u64;
+        for &id in previous.map(|p| p.chunks.as_slice()).unwrap_or_default() {
+            let record = reader.chunk_record(id)?;
+            let len = u64::from(record.len);
+            let bases = match record.encoding {
+                ChunkEncoding::ZstdDelta { bases } => bases,
+                _ => vec![id],
+            };
+            layout.push((start, len, bases));
+            old_start.entry(id).or_insert(start);
+            start += len;
         }
+        Ok(References {
+            layout,
+            old_start,
+            shift: 0,
+            decoded: Mutex::new(Vec::new()),
+        })
     }
 
+    /// The concatenated bytes of `bases`, each verified.
+    fn reference_bytes(&self, reader: &Reader, bases: &[u64]) -> Result<Vec<u8>> {
+        let mut reference = Vec::new();
+        for &id in bases {
+            let cached = self.lock_cache()?.iter().find(|(k, _)| *k == id).map(|(_, v)| v.clone());
+            let bytes = match cached {
+                Some(bytes) => bytes,
+                None => {
+                    let bytes = Arc::new(reader.chunk_bytes(id)?);
+                    let mut cache = self.lock_cache()?;
+                    if cache.len() >= DECODED_CACHE {
+                        cache.remove(0);
+                    }
+                    cache.push((id, bytes.clone()));
+                    bytes
+                }
+            };
+            reference.extend_from_slice(&bytes);
+        }
+        Ok(reference)
+    }
+
+    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, Vec<(u64, Arc<Vec<u8>>)>>> {
+        self.decoded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("reference cache lock poisoned"))
+    }
+
+    /// A chunk at `new_offset` matched stored chunk `id`.
     fn matched(&mut self, id: u64, new_offset: u64) {
         if let Some(&old) = self.old_start.get(&id) {
             self.shift = new_offset as i64 - old as i64;
         }
     }
 
-    fn reference_for(&mut self, reader: &Reader, new_offset: u64) -> Result<Option<(u64, ChunkRecord)>> {
-        if self.previous.is_empty() {
-            return Ok(None);
-        }
-        if self.layout.is_none() {
-            let mut layout = Vec::with_capacity(self.previous.len());
-            let mut start = 0u64;
-            for &id in &self.previous {
-                let record = reader.chunk_record(id)?;
-                layout.push((start, u64::from(record.len), id));
-                self.old_start.entry(id).or_insert(start);
-                start += u64::from(record.len);
+    /// The bases to delta a new chunk at `new_offset` of `len` bytes against.
+    fn reference_for(&self, new_offset: u64, len: u64) -> Vec<u64> {
+        let Some(last) = self.layout.last() else {
+            return Vec::new();
+        };
+        let end_of_old = last.0 + last.1;
+        // The old range this chunk most likely replaced. Widening it to catch
+        // moved cut points measured slower for no smaller deltas.
+        let from = (new_offset as i64 - self.shift).clamp(0, end_of_old.saturating_sub(1) as i64) as u64;
+        let to = from + len;
+        let first = self.layout.partition_point(|&(start, len, _)| start + len <= from);
+        let mut bases: Vec<u64> = Vec::new();
+        for (start, _, chunk_bases) in &self.layout[first..] {
+            if *start >= to {
+                break;
             }
-            self.layout = Some(layout);
+            for &b in chunk_bases {
+                if bases.last() != Some(&b) && bases.len() < MAX_DELTA_BASES {
+                    bases.push(b);
+                }
+            }
         }
-        let Some(layout) = self.layout.as_deref() else {
-            return Ok(None);
-        };
-        let Some(last) = layout.last() else {
-            return Ok(None);
-        };
-        let target = (new_offset as i64 - self.shift).clamp(0, (last.0 + last.1).saturating_sub(1) as i64) as u64;
-        let index = layout.partition_point(|&(start, _, _)| start <= target).saturating_sub(1);
-        let id = layout[index].2;
-        let record = reader.chunk_record(id)?;
-        Ok(Some(match record.encoding {
-            ChunkEncoding::ZstdDelta { base } => (base, reader.chunk_record(base)?),
-            _ => (id, record),
-        }))
+        bases
     }
 }

@@ -74,9 +74,9 @@ impl Store {
         }
         let existed = path.exists();
         let db = if existed {
-            Database::open(path)
+            builder().open(path)
         } else {
-            Database::create(path)
+            builder().create(path)
         }
         .map_err(|e| describe_open_error(path, e))?;
         let store = Store {
@@ -103,7 +103,7 @@ impl Store {
                 )
             }
         }
-        let db = ReadOnlyDatabase::open(path).map_err(|e| describe_open_error(path, e))?;
+        let db = builder().open_read_only(path).map_err(|e| describe_open_error(path, e))?;
         let store = Store {
             db: Db::ReadOnly(db),
             path: path.to_path_buf(),
@@ -216,6 +216,16 @@ impl Store {
             next_chunk,
         })
     }
+}
+
+/// redb's page cache: enough for the B-tree's upper levels, small enough
+/// that capture and replay stay within tens of MiB (redb's default is 1 GiB).
+const CACHE_BYTES: usize = 16 << 20;
+
+fn builder() -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(CACHE_BYTES);
+    builder
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -383,22 +393,33 @@ impl Reader {
     /// Rebuilds a chunk whose record is already at hand.
     pub fn decode_chunk(&self, id: u64, record: &ChunkRecord) -> Result<Vec<u8>> {
         let payload = self.payload(id, record)?;
-        let bytes = match record.encoding {
+        let bytes = match &record.encoding {
             ChunkEncoding::Raw => payload,
             ChunkEncoding::Lz4 => {
                 lz4_flex::block::decompress(&payload, record.len as usize).map_err(|e| {
                     StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
                 })?
             }
-            ChunkEncoding::ZstdDelta { base } => {
-                let base_record = self.chunk_record(base)?;
-                if !base_record.is_base() {
+            ChunkEncoding::ZstdDelta { bases } => {
+                if bases.len() > schema::MAX_DELTA_BASES {
                     return Err(StoreError::Corrupt(format!(
-                        "chunk {id} is a delta against chunk {base}, which is not a base"
+                        "chunk {id} is a delta against {} chunks, more than {}",
+                        bases.len(),
+                        schema::MAX_DELTA_BASES
                     ))
                     .into());
                 }
-                let reference = self.decode_chunk(base, &base_record)?;
+                let mut reference = Vec::new();
+                for &base in bases.iter() {
+                    let base_record = self.chunk_record(base)?;
+                    if !base_record.is_base() {
+                        return Err(StoreError::Corrupt(format!(
+                            "chunk {id} is a delta against chunk {base}, which is not a base"
+                        ))
+                        .into());
+                    }
+                    reference.extend_from_slice(&self.decode_chunk(base, &base_record)?);
+                }
                 crate::capture::codec::apply_delta(&reference, &payload, record.len as usize)
                     .map_err(|e| {
                         StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))

@@ -87,6 +87,8 @@ pub const CHUNK_MIN: usize = 64 * 1024;
 pub const CHUNK_AVG: usize = 128 * 1024;
 /// Largest chunk; also the largest file kept as a single chunk.
 pub const CHUNK_MAX: usize = 512 * 1024;
+/// Most base chunks one delta may reference.
+pub const MAX_DELTA_BASES: usize = 4;
 /// Largest piece of a chunk payload stored as one redb value.
 pub const PIECE_BYTES: usize = 3968;
 
@@ -137,14 +139,15 @@ pub struct VersionRecord {
 }
 
 /// How a chunk's payload encodes its bytes.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum ChunkEncoding {
     /// The bytes as they are.
     Raw,
     /// lz4_flex block format, uncompressed length in [`ChunkRecord::len`].
     Lz4,
-    /// zstd frame with the base chunk as reference prefix.
-    ZstdDelta { base: u64 },
+    /// zstd frame whose reference prefix is the concatenation of `bases`
+    /// (base chunks, in order: the old content around this chunk's place).
+    ZstdDelta { bases: Vec<u64> },
 }
 
 /// One stored chunk.
