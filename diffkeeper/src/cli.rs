@@ -134,7 +134,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             for (path, why) in &summary.failures {
                 eprintln!("error: {}: {why}", path.display());
             }
-            Ok(if summary.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if summary.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Replay { roots, json } => {
             let dirs = state_dirs(&roots)?;
@@ -200,7 +204,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 );
             }
-            Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Doctor { json } => {
             let report = crate::events::self_test()?;
@@ -237,7 +245,9 @@ fn demo() -> Result<ExitCode> {
     };
 
     step(&format!("an app writes its state into {}", state.display()));
-    let save: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let save: Vec<u8> = (0..2_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     write("world/region-0.dat", &save)?;
     write("config.toml", b"difficulty = \"normal\"\nplayers = 8\n")?;
     write("logs/server.log", b"started\n")?;
@@ -261,14 +271,32 @@ fn demo() -> Result<ExitCode> {
     let back = std::fs::read(state.join("world/region-0.dat"))?;
     println!(
         "region-0.dat restored: {}",
-        if back == edited { "identical to the last capture" } else { "DIFFERENT (bug!)" }
+        if back == edited {
+            "identical to the last capture"
+        } else {
+            "DIFFERENT (bug!)"
+        }
     );
 
     step("history");
-    print!("{}", crate::report::log_text(&crate::report::log(&store_path, None)?));
+    print!(
+        "{}",
+        crate::report::log_text(&crate::report::log(&store_path, None)?)
+    );
     step("stats");
-    print!("{}", crate::report::stats_text(&crate::report::stats(&store_path)?));
+    print!(
+        "{}",
+        crate::report::stats_text(&crate::report::stats(&store_path)?)
+    );
     let verified = crate::verify::verify(&store_path)?;
-    println!("\nverify: {} versions checked, {} problems", verified.versions, verified.problems.len());
-    Ok(if back == edited && verified.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "\nverify: {} versions checked, {} problems",
+        verified.versions,
+        verified.problems.len()
+    );
+    Ok(if back == edited && verified.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -55,12 +55,20 @@ pub struct LogFile {
     pub versions: Vec<LogVersion>,
 }
 
-fn version_kind(reader: &Reader, record: &VersionRecord, previous: Option<&VersionRecord>) -> Result<&'static str> {
+fn version_kind(
+    reader: &Reader,
+    record: &VersionRecord,
+    previous: Option<&VersionRecord>,
+) -> Result<&'static str> {
     Ok(match record.kind {
         EntryKind::Dir => "dir",
         EntryKind::Symlink => "symlink",
         EntryKind::Tombstone => "deleted",
-        EntryKind::File if record.stored_bytes == 0 && previous.is_some_and(|p| p.chunks == record.chunks) => "same",
+        EntryKind::File
+            if record.stored_bytes == 0 && previous.is_some_and(|p| p.chunks == record.chunks) =>
+        {
+            "same"
+        }
         EntryKind::File if record.chunks.len() > 1 => "chunks",
         EntryKind::File => match record.chunks.first() {
             None => "base",
@@ -77,10 +85,16 @@ fn version_kind(reader: &Reader, record: &VersionRecord, previous: Option<&Versi
 pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
-    let times: HashMap<u64, i64> = reader.batches()?.into_iter().map(|(id, b)| (id, b.time_ms)).collect();
+    let times: HashMap<u64, i64> = reader
+        .batches()?
+        .into_iter()
+        .map(|(id, b)| (id, b.time_ms))
+        .collect();
     let (root_filter, path_filter) = match filter {
         Some(f) => match f.split_once(':') {
-            Some((root, path)) if !root.contains('/') => (Some(root.to_string()), path.trim_matches('/').to_string()),
+            Some((root, path)) if !root.contains('/') => {
+                (Some(root.to_string()), path.trim_matches('/').to_string())
+            }
             _ => (None, f.trim_matches('/').to_string()),
         },
         None => (None, String::new()),
@@ -89,7 +103,8 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
         root_filter.as_deref().is_none_or(|r| r == root)
             && (path_filter.is_empty()
                 || path == path_filter.as_bytes()
-                || (path.starts_with(path_filter.as_bytes()) && path.get(path_filter.len()) == Some(&b'/')))
+                || (path.starts_with(path_filter.as_bytes())
+                    && path.get(path_filter.len()) == Some(&b'/')))
     };
     let mut files: Vec<LogFile> = Vec::new();
     let mut previous: Option<VersionRecord> = None;
@@ -98,7 +113,9 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
             return Ok(());
         }
         let path_str = String::from_utf8_lossy(path).into_owned();
-        let same_file = files.last().is_some_and(|f| f.root == root && f.path == path_str);
+        let same_file = files
+            .last()
+            .is_some_and(|f| f.root == root && f.path == path_str);
         if !same_file {
             previous = None;
             files.push(LogFile {
@@ -114,7 +131,11 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
             size: record.size,
             stored_bytes: record.stored_bytes,
             mode: format!("{:04o}", record.mode),
-            sha256: if record.kind == EntryKind::File { hex(&record.hash) } else { String::new() },
+            sha256: if record.kind == EntryKind::File {
+                hex(&record.hash)
+            } else {
+                String::new()
+            },
         };
         if let Some(file) = files.last_mut() {
             file.versions.push(version);
@@ -204,7 +225,8 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
         Ok(())
     })?;
     let (chunks, stored_bytes) = reader.chunk_totals()?;
-    let meta = std::fs::metadata(store_path).with_context(|| format!("cannot stat {}", store_path.display()))?;
+    let meta = std::fs::metadata(store_path)
+        .with_context(|| format!("cannot stat {}", store_path.display()))?;
     Ok(Stats {
         store: store_path.display().to_string(),
         roots,
@@ -215,7 +237,11 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
         chunks,
         logical_bytes,
         stored_bytes,
-        ratio: if stored_bytes == 0 { 0.0 } else { logical_bytes as f64 / stored_bytes as f64 },
+        ratio: if stored_bytes == 0 {
+            0.0
+        } else {
+            logical_bytes as f64 / stored_bytes as f64
+        },
         file_bytes: meta.len(),
         disk_bytes: meta.blocks() * 512,
     })

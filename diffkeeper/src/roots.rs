@@ -96,7 +96,10 @@ pub fn check_relative(path: &[u8]) -> Result<()> {
         bail!("path {:?} in store contains a NUL byte", shown());
     }
     if path.starts_with(b"/") {
-        bail!("absolute path {:?} in store: refusing to write outside the state directory", shown());
+        bail!(
+            "absolute path {:?} in store: refusing to write outside the state directory",
+            shown()
+        );
     }
     for part in path.split(|&b| b == b'/') {
         if part.is_empty() || part == b"." || part == b".." {
@@ -158,19 +161,37 @@ mod tests {
     #[test]
     fn names_and_paths_parse() {
         let d = StateDir::parse("world=/srv/game/world").expect("named");
-        assert_eq!((d.name.as_str(), d.path.as_path()), ("world", Path::new("/srv/game/world")));
+        assert_eq!(
+            (d.name.as_str(), d.path.as_path()),
+            ("world", Path::new("/srv/game/world"))
+        );
         let d = StateDir::parse("/var/lib/app/").expect("unnamed");
         assert_eq!(d.name, "app");
         let d = StateDir::parse("./a=b/c").expect("path with =");
-        assert_eq!((d.name.as_str(), d.path.as_path()), ("c", Path::new("./a=b/c")));
+        assert_eq!(
+            (d.name.as_str(), d.path.as_path()),
+            ("c", Path::new("./a=b/c"))
+        );
         assert!(StateDir::parse("/").is_err());
         assert!(parse_state_dirs(&["x/a".into(), "y/a".into()]).is_err());
     }
 
     #[test]
     fn hostile_paths_are_refused() {
-        for bad in [&b"../x"[..], b"/etc/passwd", b"a/../../b", b"a//b", b"", b"a/./b", b"a\0b"] {
-            assert!(check_relative(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"../x"[..],
+            b"/etc/passwd",
+            b"a/../../b",
+            b"a//b",
+            b"",
+            b"a/./b",
+            b"a\0b",
+        ] {
+            assert!(
+                check_relative(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(check_relative("dir/ünïcode file".as_bytes()).is_ok());
     }

@@ -30,8 +30,8 @@ pub fn encode_delta(reference: &[u8], bytes: &[u8]) -> Result<Vec<u8>> {
         zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), DELTA_LEVEL, reference)
             .context("zstd delta encoder")?;
     // Long enough a window to see the whole reference plus the chunk.
-    let window_log = (usize::BITS - (reference.len() + bytes.len()).max(1 << 10).leading_zeros())
-        .clamp(10, 27);
+    let window_log =
+        (usize::BITS - (reference.len() + bytes.len()).max(1 << 10).leading_zeros()).clamp(10, 27);
     encoder
         .window_log(window_log)
         .context("zstd delta window")?;
@@ -42,7 +42,9 @@ pub fn encode_delta(reference: &[u8], bytes: &[u8]) -> Result<Vec<u8>> {
         .long_distance_matching(true)
         .context("zstd long-distance matching")?;
     encoder.include_checksum(false).context("zstd checksum")?;
-    encoder.include_contentsize(false).context("zstd content size")?;
+    encoder
+        .include_contentsize(false)
+        .context("zstd content size")?;
     encoder.include_magicbytes(false).context("zstd magic")?;
     encoder.write_all(bytes).context("zstd delta encode")?;
     encoder.finish().context("zstd delta finish")
@@ -80,7 +82,10 @@ mod tests {
         edited[150_000..150_010].copy_from_slice(b"0123456789");
         let delta = encode_delta(&reference, &edited).expect("encode");
         assert!(delta.len() < 200, "delta is {} bytes", delta.len());
-        assert_eq!(apply_delta(&reference, &delta, edited.len()).expect("apply"), edited);
+        assert_eq!(
+            apply_delta(&reference, &delta, edited.len()).expect("apply"),
+            edited
+        );
         assert!(apply_delta(&reference, &delta, edited.len() - 1).is_err());
     }
 
@@ -93,7 +98,10 @@ mod tests {
         edited[100_000..100_016].copy_from_slice(b"player 7 joined!");
         let delta = encode_delta(&reference, &edited).expect("encode");
         assert!(delta.len() < 2048, "delta is {} bytes", delta.len());
-        assert_eq!(apply_delta(&reference, &delta, edited.len()).expect("apply"), edited);
+        assert_eq!(
+            apply_delta(&reference, &delta, edited.len()).expect("apply"),
+            edited
+        );
     }
 
     #[test]

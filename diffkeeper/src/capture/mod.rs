@@ -124,7 +124,11 @@ enum Message {
 }
 
 enum Outcome {
-    Recorded { new: bool, logical: u64, stored: u64 },
+    Recorded {
+        new: bool,
+        logical: u64,
+        stored: u64,
+    },
     UnchangedContent,
     Vanished,
     Failed(PathBuf, String),
@@ -141,7 +145,11 @@ struct Workers<'a> {
 
 /// Records `roots`' changes as one batch. Returns an empty summary (and
 /// writes nothing) when there is nothing to record.
-fn capture(store: &Store, reader: &Reader, roots: &[crate::scan::RootChanges]) -> Result<BatchSummary> {
+fn capture(
+    store: &Store,
+    reader: &Reader,
+    roots: &[crate::scan::RootChanges],
+) -> Result<BatchSummary> {
     let mut summary = BatchSummary::default();
     let total: usize = roots.iter().map(|r| r.changes.len()).sum();
     if total == 0 {
@@ -183,8 +191,14 @@ fn capture(store: &Store, reader: &Reader, roots: &[crate::scan::RootChanges]) -
                 continue; // drain so workers never block
             }
             write_result = match message {
-                Message::Chunk { id, record, payload } => writer.put_chunk(id, &record, &payload),
-                Message::Version { root, path, record } => writer.put_version(&root, &path, &record),
+                Message::Chunk {
+                    id,
+                    record,
+                    payload,
+                } => writer.put_chunk(id, &record, &payload),
+                Message::Version { root, path, record } => {
+                    writer.put_version(&root, &path, &record)
+                }
             };
         }
         (handle.join(), write_result)
@@ -195,7 +209,11 @@ fn capture(store: &Store, reader: &Reader, roots: &[crate::scan::RootChanges]) -
 
     for ((_, change), outcome) in jobs.iter().zip(outcomes) {
         match outcome {
-            Outcome::Recorded { new, logical, stored } => {
+            Outcome::Recorded {
+                new,
+                logical,
+                stored,
+            } => {
                 if matches!(change, Change::Delete { .. }) {
                     summary.deleted += 1;
                 } else if new {
@@ -300,7 +318,11 @@ impl Workers<'_> {
             }
         };
         let new = matches!(change, Change::Write { previous: None, .. });
-        let logical = if record.kind == EntryKind::File { record.size } else { 0 };
+        let logical = if record.kind == EntryKind::File {
+            record.size
+        } else {
+            0
+        };
         let stored = record.stored_bytes;
         self.send(Message::Version {
             root: root.name.clone(),
@@ -314,12 +336,9 @@ impl Workers<'_> {
         })
     }
 
-    fn capture_file(
-        &self,
-        full: &Path,
-        previous: Option<&VersionRecord>,
-    ) -> Result<FileCapture> {
-        let mut references = References::new(self.reader, previous.filter(|p| p.kind == EntryKind::File))?;
+    fn capture_file(&self, full: &Path, previous: Option<&VersionRecord>) -> Result<FileCapture> {
+        let mut references =
+            References::new(self.reader, previous.filter(|p| p.kind == EntryKind::File))?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -329,7 +348,9 @@ impl Workers<'_> {
                 .open(full)
             {
                 Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(FileCapture::Vanished),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(FileCapture::Vanished)
+                }
                 Err(e) => return Err(e).with_context(|| format!("cannot open {}", full.display())),
             };
             let before = file
@@ -368,7 +389,9 @@ impl Workers<'_> {
             }
             let hash: [u8; 32] = hasher.finalize().into();
             let mode = before.mode() & 0o7777;
-            if previous.is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode) {
+            if previous
+                .is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode)
+            {
                 return Ok(FileCapture::Unchanged);
             }
             return Ok(FileCapture::Version(VersionRecord {
@@ -386,7 +409,12 @@ impl Workers<'_> {
 
     /// Stores a window of consecutive chunks of one file, appending their
     /// ids to `ids`. Returns the payload bytes added.
-    fn store_window(&self, window: &mut Vec<ChunkData>, refs: &mut References, ids: &mut Vec<u64>) -> Result<u64> {
+    fn store_window(
+        &self,
+        window: &mut Vec<ChunkData>,
+        refs: &mut References,
+        ids: &mut Vec<u64>,
+    ) -> Result<u64> {
         let hashes: Vec<[u8; 32]> = window.par_iter().map(|c| sha256(&c.data)).collect();
         let mut pending = Vec::new();
         for (chunk, hash) in window.drain(..).zip(hashes) {
@@ -399,7 +427,13 @@ impl Workers<'_> {
 
     /// Gives a chunk its id: an existing one when its content is already
     /// stored, else a new one, returned with what encoding it needs.
-    fn place_chunk(&self, hash: [u8; 32], data: Vec<u8>, offset: u64, refs: &mut References) -> Result<(u64, Option<NewChunk>)> {
+    fn place_chunk(
+        &self,
+        hash: [u8; 32],
+        data: Vec<u8>,
+        offset: u64,
+        refs: &mut References,
+    ) -> Result<(u64, Option<NewChunk>)> {
         if let Some(id) = self.reader.find_chunk(&hash)? {
             refs.matched(id, offset);
             return Ok((id, None));
@@ -414,7 +448,16 @@ impl Workers<'_> {
         let id = self.next_chunk.fetch_add(1, Ordering::Relaxed);
         fresh.insert(hash, id);
         let bases = refs.reference_for(offset, data.len() as u64);
-        Ok((id, Some(NewChunk { id, hash, data, offset, bases })))
+        Ok((
+            id,
+            Some(NewChunk {
+                id,
+                hash,
+                data,
+                offset,
+                bases,
+            }),
+        ))
     }
 
     /// Encodes new chunks in parallel and sends them to the writer. Returns
@@ -461,10 +504,25 @@ impl Workers<'_> {
             }
         }
         let (lz4, base) = codec::encode_base(data);
-        tracing::trace!(offset, len = data.len(), base = base.len(), delta = delta.as_ref().map(Vec::len), "chunk");
+        tracing::trace!(
+            offset,
+            len = data.len(),
+            base = base.len(),
+            delta = delta.as_ref().map(Vec::len),
+            "chunk"
+        );
         match delta {
-            Some(delta) if delta.len() * 2 <= base.len() => Ok((ChunkEncoding::ZstdDelta { bases }, delta)),
-            _ => Ok((if lz4 { ChunkEncoding::Lz4 } else { ChunkEncoding::Raw }, base)),
+            Some(delta) if delta.len() * 2 <= base.len() => {
+                Ok((ChunkEncoding::ZstdDelta { bases }, delta))
+            }
+            _ => Ok((
+                if lz4 {
+                    ChunkEncoding::Lz4
+                } else {
+                    ChunkEncoding::Raw
+                },
+                base,
+            )),
         }
     }
 }
@@ -508,8 +566,11 @@ struct References {
     old_start: HashMap<u64, u64>,
     shift: i64,
     /// Recently decoded bases: neighbouring new chunks share most of them.
-    decoded: Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    decoded: Mutex<DecodedCache>,
 }
+
+/// Decoded chunks by id, oldest first.
+type DecodedCache = Vec<(u64, Arc<Vec<u8>>)>;
 
 impl References {
     fn new(reader: &Reader, previous: Option<&VersionRecord>) -> Result<References> {
@@ -539,7 +600,11 @@ impl References {
     fn reference_bytes(&self, reader: &Reader, bases: &[u64]) -> Result<Vec<u8>> {
         let mut reference = Vec::new();
         for &id in bases {
-            let cached = self.lock_cache()?.iter().find(|(k, _)| *k == id).map(|(_, v)| v.clone());
+            let cached = self
+                .lock_cache()?
+                .iter()
+                .find(|(k, _)| *k == id)
+                .map(|(_, v)| v.clone());
             let bytes = match cached {
                 Some(bytes) => bytes,
                 None => {
@@ -557,7 +622,7 @@ impl References {
         Ok(reference)
     }
 
-    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, Vec<(u64, Arc<Vec<u8>>)>>> {
+    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, DecodedCache>> {
         self.decoded
             .lock()
             .map_err(|_| anyhow::anyhow!("reference cache lock poisoned"))
@@ -578,9 +643,12 @@ impl References {
         let end_of_old = last.0 + last.1;
         // The old range this chunk most likely replaced. Widening it to catch
         // moved cut points measured slower for no smaller deltas.
-        let from = (new_offset as i64 - self.shift).clamp(0, end_of_old.saturating_sub(1) as i64) as u64;
+        let from =
+            (new_offset as i64 - self.shift).clamp(0, end_of_old.saturating_sub(1) as i64) as u64;
         let to = from + len;
-        let first = self.layout.partition_point(|&(start, len, _)| start + len <= from);
+        let first = self
+            .layout
+            .partition_point(|&(start, len, _)| start + len <= from);
         let mut bases: Vec<u64> = Vec::new();
         for (start, _, chunk_bases) in &self.layout[first..] {
             if *start >= to {

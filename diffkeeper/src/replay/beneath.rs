@@ -49,7 +49,11 @@ impl Root {
     /// Opens `path` as the root, creating it (and its parents) if missing.
     pub fn open_or_create(path: &Path) -> io::Result<Root> {
         std::fs::create_dir_all(path)?;
-        let fd = rustix::fs::open(path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        let fd = rustix::fs::open(
+            path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
         Ok(Root { fd })
     }
 
@@ -224,7 +228,12 @@ fn present_of(st: &Stat) -> Present {
 fn is_absent(e: &io::Error) -> bool {
     matches!(
         rustix::io::Errno::from_io_error(e),
-        Some(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP | rustix::io::Errno::XDEV)
+        Some(
+            rustix::io::Errno::NOENT
+                | rustix::io::Errno::NOTDIR
+                | rustix::io::Errno::LOOP
+                | rustix::io::Errno::XDEV
+        )
     )
 }
 

@@ -80,10 +80,9 @@ pub fn replay(store_path: &Path, roots: &[StateDir]) -> Result<Option<Vec<Replay
     let reader = store.reader()?;
     let mut summaries = Vec::new();
     for root in roots {
-        summaries.push(
-            replay_root(&reader, root)
-                .with_context(|| format!("replay of {} ({}) failed", root.name, root.path.display()))?,
-        );
+        summaries.push(replay_root(&reader, root).with_context(|| {
+            format!("replay of {} ({}) failed", root.name, root.path.display())
+        })?);
     }
     Ok(Some(summaries))
 }
@@ -102,7 +101,8 @@ pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
     }
     // Refuse a hostile store before touching anything.
     for entry in &entries {
-        check_relative(&entry.path).with_context(|| format!("store {}", reader.store_path().display()))?;
+        check_relative(&entry.path)
+            .with_context(|| format!("store {}", reader.store_path().display()))?;
         if entry.version.kind == EntryKind::Symlink {
             check_symlink_target(&entry.path, &entry.version.target)
                 .with_context(|| format!("store {}", reader.store_path().display()))?;
@@ -120,7 +120,10 @@ pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
     let mut actions = Vec::with_capacity(entries.len());
     for entry in &entries {
         let action = plan(&target, entry).with_context(|| {
-            format!("cannot inspect {}", crate::roots::join(&root.path, &entry.path).display())
+            format!(
+                "cannot inspect {}",
+                crate::roots::join(&root.path, &entry.path).display()
+            )
         })?;
         actions.push(action);
     }
@@ -171,11 +174,13 @@ pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
         let result = match action {
             Action::Dir => {
                 summary.dirs += 1;
-                target.ensure_parents(&entry.path).and_then(|_| target.ensure_dir(&entry.path))
+                target
+                    .ensure_parents(&entry.path)
+                    .and_then(|_| target.ensure_dir(&entry.path))
             }
-            Action::Write => {
-                target.ensure_parents(&entry.path).and_then(|_| target.install(&staging, &i.to_string(), &entry.path))
-            }
+            Action::Write => target
+                .ensure_parents(&entry.path)
+                .and_then(|_| target.install(&staging, &i.to_string(), &entry.path)),
             Action::Symlink => {
                 summary.symlinks += 1;
                 let name = format!("l{i}");
@@ -230,7 +235,11 @@ fn plan(target: &Root, entry: &LatestEntry) -> std::io::Result<Action> {
             _ => Action::Symlink,
         },
         EntryKind::File => match now {
-            Present::File { size, mtime_ns, mode } if size == v.size && mtime_ns == v.mtime_ns => {
+            Present::File {
+                size,
+                mtime_ns,
+                mode,
+            } if size == v.size && mtime_ns == v.mtime_ns => {
                 if mode == v.mode {
                     Action::Nothing
                 } else {

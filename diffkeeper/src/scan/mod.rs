@@ -43,7 +43,9 @@ impl FsEntry {
         } else if ft.is_symlink() {
             EntryKind::Symlink
         } else {
-            debug_assert!(ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device());
+            debug_assert!(
+                ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
+            );
             return Ok(None);
         };
         let target = if kind == EntryKind::Symlink {
@@ -142,9 +144,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEn
                     continue;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot stat {}", full.display()))
-                }
+                Err(e) => return Err(e).with_context(|| format!("cannot stat {}", full.display())),
             };
             if entry.kind == EntryKind::Dir {
                 stack.push((full, child_rel.clone()));
@@ -203,7 +203,7 @@ fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord) -> Option<Cha
         EntryKind::Symlink => (entry.target != previous.target, false),
         EntryKind::Tombstone => (false, false),
     };
-    changed.then(|| Change::Write {
+    changed.then_some(Change::Write {
         path,
         entry,
         previous: Some(previous),

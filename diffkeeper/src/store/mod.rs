@@ -103,7 +103,9 @@ impl Store {
                 )
             }
         }
-        let db = builder().open_read_only(path).map_err(|e| describe_open_error(path, e))?;
+        let db = builder()
+            .open_read_only(path)
+            .map_err(|e| describe_open_error(path, e))?;
         let store = Store {
             db: Db::ReadOnly(db),
             path: path.to_path_buf(),
@@ -114,8 +116,7 @@ impl Store {
 
     /// Like [`Store::open_read_only`], but a missing file is an error.
     pub fn open_existing(path: &Path) -> Result<Store> {
-        Store::open_read_only(path)?
-            .with_context(|| format!("no store at {}", path.display()))
+        Store::open_read_only(path)?.with_context(|| format!("no store at {}", path.display()))
     }
 
     pub fn path(&self) -> &Path {
@@ -395,11 +396,8 @@ impl Reader {
         let payload = self.payload(id, record)?;
         let bytes = match &record.encoding {
             ChunkEncoding::Raw => payload,
-            ChunkEncoding::Lz4 => {
-                lz4_flex::block::decompress(&payload, record.len as usize).map_err(|e| {
-                    StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
-                })?
-            }
+            ChunkEncoding::Lz4 => lz4_flex::block::decompress(&payload, record.len as usize)
+                .map_err(|e| StoreError::Corrupt(format!("chunk {id} does not decompress: {e}")))?,
             ChunkEncoding::ZstdDelta { bases } => {
                 if bases.len() > schema::MAX_DELTA_BASES {
                     return Err(StoreError::Corrupt(format!(
