@@ -67,6 +67,11 @@ pub enum Command {
     Replay {
         #[command(flatten)]
         roots: RootsArgs,
+        /// Flush the file system before exiting, so the replayed state is on
+        /// disk (by default the store is the durable copy and a crash
+        /// mid-replay is followed by another replay).
+        #[arg(long)]
+        sync: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -140,9 +145,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Replay { roots, json } => {
+        Command::Replay { roots, sync, json } => {
             let dirs = state_dirs(&roots)?;
-            match crate::replay::replay(&roots.store.store, &dirs)? {
+            match crate::replay::replay(&roots.store.store, &dirs, sync)? {
                 None => {
                     let msg = format!(
                         "no store at {} yet: nothing to replay (first start)",
@@ -265,7 +270,7 @@ fn demo() -> Result<ExitCode> {
 
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;
-    for s in crate::replay::replay(&store_path, &dirs)?.unwrap_or_default() {
+    for s in crate::replay::replay(&store_path, &dirs, false)?.unwrap_or_default() {
         println!("{s}");
     }
     let back = std::fs::read(state.join("world/region-0.dat"))?;

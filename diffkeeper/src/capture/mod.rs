@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -30,7 +30,7 @@ use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
     CHUNK_MIN, MAX_DELTA_BASES,
 };
-use crate::store::{now_ms, sha256, Reader, Store};
+use crate::store::{now_ms, sha256, BaseCache, Check, Reader, Store};
 
 /// How often a file that changes while it is read is read again before its
 /// latest read is kept anyway.
@@ -38,8 +38,6 @@ const READ_ATTEMPTS: usize = 3;
 /// New chunks of one file encoded in parallel at a time; bounds memory to
 /// this many chunks and their references.
 const ENCODE_WINDOW: usize = 16;
-/// Decoded reference chunks kept per file being captured.
-const DECODED_CACHE: usize = 8;
 
 /// What one `snapshot` did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -488,7 +486,7 @@ impl Workers<'_> {
         let (data, offset, bases) = (&chunk.data[..], chunk.offset, chunk.bases.clone());
         let mut delta = None;
         if !bases.is_empty() {
-            match refs.reference_bytes(self.reader, &bases) {
+            match self.reader.reference(&bases, Check::Chunk, &refs.decoded) {
                 Ok(reference) => {
                     let encoded = codec::encode_delta(&reference, data)?;
                     // A tiny delta wins outright; otherwise it must beat half
@@ -566,11 +564,8 @@ struct References {
     old_start: HashMap<u64, u64>,
     shift: i64,
     /// Recently decoded bases: neighbouring new chunks share most of them.
-    decoded: Mutex<DecodedCache>,
+    decoded: BaseCache,
 }
-
-/// Decoded chunks by id, oldest first.
-type DecodedCache = Vec<(u64, Arc<Vec<u8>>)>;
 
 impl References {
     fn new(reader: &Reader, previous: Option<&VersionRecord>) -> Result<References> {
@@ -592,40 +587,8 @@ impl References {
             layout,
             old_start,
             shift: 0,
-            decoded: Mutex::new(Vec::new()),
+            decoded: BaseCache::default(),
         })
-    }
-
-    /// The concatenated bytes of `bases`, each verified.
-    fn reference_bytes(&self, reader: &Reader, bases: &[u64]) -> Result<Vec<u8>> {
-        let mut reference = Vec::new();
-        for &id in bases {
-            let cached = self
-                .lock_cache()?
-                .iter()
-                .find(|(k, _)| *k == id)
-                .map(|(_, v)| v.clone());
-            let bytes = match cached {
-                Some(bytes) => bytes,
-                None => {
-                    let bytes = Arc::new(reader.chunk_bytes(id)?);
-                    let mut cache = self.lock_cache()?;
-                    if cache.len() >= DECODED_CACHE {
-                        cache.remove(0);
-                    }
-                    cache.push((id, bytes.clone()));
-                    bytes
-                }
-            };
-            reference.extend_from_slice(&bytes);
-        }
-        Ok(reference)
-    }
-
-    fn lock_cache(&self) -> Result<std::sync::MutexGuard<'_, DecodedCache>> {
-        self.decoded
-            .lock()
-            .map_err(|_| anyhow::anyhow!("reference cache lock poisoned"))
     }
 
     /// A chunk at `new_offset` matched stored chunk `id`.

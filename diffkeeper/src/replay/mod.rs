@@ -9,6 +9,11 @@
 //! placed, deleted paths removed and modes set. Files the store never
 //! tracked are left alone; all file-system work goes through [`beneath`],
 //! which cannot leave the root.
+//!
+//! Replay does not fsync by default: the store is the durable copy, and a
+//! crash during replay is followed by another replay. `--sync` flushes the
+//! file system before replay returns, for callers (an init container before
+//! a long-running app) that want the state on disk first.
 
 pub mod beneath;
 
@@ -73,14 +78,14 @@ enum Action {
 
 /// Replays every root from the store at `store_path`. `Ok(None)` when there
 /// is no store yet (a first start).
-pub fn replay(store_path: &Path, roots: &[StateDir]) -> Result<Option<Vec<ReplaySummary>>> {
+pub fn replay(store_path: &Path, roots: &[StateDir], sync: bool) -> Result<Option<Vec<ReplaySummary>>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
     };
     let reader = store.reader()?;
     let mut summaries = Vec::new();
     for root in roots {
-        summaries.push(replay_root(&reader, root).with_context(|| {
+        summaries.push(replay_root(&reader, root, sync).with_context(|| {
             format!("replay of {} ({}) failed", root.name, root.path.display())
         })?);
     }
@@ -88,7 +93,7 @@ pub fn replay(store_path: &Path, roots: &[StateDir]) -> Result<Option<Vec<Replay
 }
 
 /// Brings one root to the store's latest state of it.
-pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
+pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<ReplaySummary> {
     let started = Instant::now();
     let mut summary = ReplaySummary {
         root: root.name.clone(),
@@ -165,7 +170,6 @@ pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
     };
     summary.written = staged.len();
     summary.written_bytes = staged.iter().sum();
-    target.sync().context("cannot flush staged files")?;
 
     // Phase 2: apply, parents before children (entries are sorted by path).
     let at = |entry: &LatestEntry| crate::roots::join(&root.path, &entry.path);
@@ -216,7 +220,9 @@ pub fn replay_root(reader: &Reader, root: &StateDir) -> Result<ReplaySummary> {
     target
         .remove(staging_name.as_bytes())
         .with_context(|| format!("cannot remove staging directory in {}", root.path.display()))?;
-    target.sync().context("cannot flush the state directory")?;
+    if sync {
+        target.sync().context("cannot flush the state directory")?;
+    }
     summary.elapsed = started.elapsed();
     Ok(summary)
 }

@@ -9,6 +9,7 @@
 pub mod schema;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use redb::{Database, ReadOnlyDatabase, ReadOnlyTable, ReadableDatabase, ReadableTable};
@@ -388,43 +389,64 @@ impl Reader {
     /// Rebuilds a chunk's bytes and checks them against its SHA-256.
     pub fn chunk_bytes(&self, id: u64) -> Result<Vec<u8>> {
         let record = self.chunk_record(id)?;
-        self.decode_chunk(id, &record)
+        self.decode_chunk(id, &record, Check::Chunk, &BaseCache::default())
+    }
+
+    /// The concatenated bytes of base chunks `bases` (a delta's reference),
+    /// each checked against its SHA-256 when `check` says so.
+    pub fn reference(&self, bases: &[u64], check: Check, cache: &BaseCache) -> Result<Vec<u8>> {
+        if bases.len() > schema::MAX_DELTA_BASES {
+            return Err(StoreError::Corrupt(format!(
+                "a delta references {} chunks, more than {}",
+                bases.len(),
+                schema::MAX_DELTA_BASES
+            ))
+            .into());
+        }
+        let mut reference = Vec::new();
+        for &base in bases {
+            let bytes = match cache.get(base) {
+                Some(bytes) => bytes,
+                None => {
+                    let record = self.chunk_record(base)?;
+                    if !record.is_base() {
+                        return Err(StoreError::Corrupt(format!(
+                            "chunk {base} is referenced as a delta base but is itself a delta"
+                        ))
+                        .into());
+                    }
+                    cache.put(base, self.decode_chunk(base, &record, check, cache)?)
+                }
+            };
+            reference.extend_from_slice(&bytes);
+        }
+        Ok(reference)
     }
 
     /// Rebuilds a chunk whose record is already at hand.
-    pub fn decode_chunk(&self, id: u64, record: &ChunkRecord) -> Result<Vec<u8>> {
+    fn decode_chunk(&self, id: u64, record: &ChunkRecord, check: Check, cache: &BaseCache) -> Result<Vec<u8>> {
         let payload = self.payload(id, record)?;
         let bytes = match &record.encoding {
             ChunkEncoding::Raw => payload,
             ChunkEncoding::Lz4 => lz4_flex::block::decompress(&payload, record.len as usize)
                 .map_err(|e| StoreError::Corrupt(format!("chunk {id} does not decompress: {e}")))?,
             ChunkEncoding::ZstdDelta { bases } => {
-                if bases.len() > schema::MAX_DELTA_BASES {
-                    return Err(StoreError::Corrupt(format!(
-                        "chunk {id} is a delta against {} chunks, more than {}",
-                        bases.len(),
-                        schema::MAX_DELTA_BASES
-                    ))
-                    .into());
-                }
-                let mut reference = Vec::new();
-                for &base in bases.iter() {
-                    let base_record = self.chunk_record(base)?;
-                    if !base_record.is_base() {
-                        return Err(StoreError::Corrupt(format!(
-                            "chunk {id} is a delta against chunk {base}, which is not a base"
-                        ))
-                        .into());
-                    }
-                    reference.extend_from_slice(&self.decode_chunk(base, &base_record)?);
-                }
+                let reference = self
+                    .reference(bases, check, cache)
+                    .with_context(|| format!("reference of chunk {id}"))?;
                 crate::capture::codec::apply_delta(&reference, &payload, record.len as usize)
-                    .map_err(|e| {
-                        StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))
-                    })?
+                    .map_err(|e| StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}")))?
             }
         };
-        if bytes.len() != record.len as usize || sha256(&bytes) != record.hash {
+        if bytes.len() != record.len as usize {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {id} rebuilds to {} bytes, its record says {}",
+                bytes.len(),
+                record.len
+            ))
+            .into());
+        }
+        if check == Check::Chunk && sha256(&bytes) != record.hash {
             return Err(StoreError::Corrupt(format!(
                 "chunk {id} fails its SHA-256 check (store {})",
                 self.path.display()
@@ -435,7 +457,8 @@ impl Reader {
     }
 
     /// Streams a file version's content into `sink`, chunk by chunk, and
-    /// checks the full SHA-256 and size. Memory: one chunk and its base.
+    /// checks the full SHA-256 and size. Memory: one chunk, its bases and a
+    /// few cached bases.
     pub fn write_content(
         &self,
         version: &VersionRecord,
@@ -446,8 +469,12 @@ impl Reader {
         }
         let mut hasher = Sha256::new();
         let mut size = 0u64;
+        let cache = BaseCache::default();
         for &id in &version.chunks {
-            let bytes = self.chunk_bytes(id)?;
+            let record = self.chunk_record(id)?;
+            // The whole-content hash below covers every chunk, so hashing
+            // each chunk again would only double the work.
+            let bytes = self.decode_chunk(id, &record, Check::Content, &cache)?;
             hasher.update(&bytes);
             size += bytes.len() as u64;
             sink.write_all(&bytes)?;
@@ -463,6 +490,42 @@ impl Reader {
             .into());
         }
         Ok(())
+    }
+}
+
+/// Which hashes a decode checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Every chunk against its own SHA-256.
+    Chunk,
+    /// Lengths only: the caller checks a hash over the whole content.
+    Content,
+}
+
+/// Recently decoded base chunks. Neighbouring delta chunks mostly share
+/// their bases, so a handful saves most repeated decoding.
+#[derive(Default)]
+pub struct BaseCache {
+    entries: std::sync::Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+}
+
+impl BaseCache {
+    const CAPACITY: usize = 8;
+
+    fn get(&self, id: u64) -> Option<Arc<Vec<u8>>> {
+        let entries = self.entries.lock().ok()?;
+        entries.iter().find(|(k, _)| *k == id).map(|(_, v)| v.clone())
+    }
+
+    fn put(&self, id: u64, bytes: Vec<u8>) -> Arc<Vec<u8>> {
+        let bytes = Arc::new(bytes);
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= Self::CAPACITY {
+                entries.remove(0);
+            }
+            entries.push((id, bytes.clone()));
+        }
+        bytes
     }
 }
 

@@ -53,9 +53,12 @@
 //!
 //! redb stores a value that does not fit a 4 KiB leaf in a power-of-two
 //! sized allocation, so a 70 KiB value would occupy 128 KiB on disk. Chunk
-//! payloads are therefore split into pieces of at most [`PIECE_BYTES`], which
-//! pack into leaf pages with little slack; `stats` reports the file's size on
-//! disk beside the payload bytes so the overhead stays visible.
+//! payloads are therefore split into pieces of at most [`PIECE_BYTES`], just
+//! under 16 KiB so a full piece fills a 16 KiB leaf. Measured on 364 MB of
+//! payload: 4.6% over on disk with 16 KiB pieces, 7.3% with 4 KiB pieces
+//! (and four times the reads), 11% with 64 KiB pieces. `stats` reports the
+//! file's size on disk beside the payload bytes so the overhead stays
+//! visible.
 //!
 //! # Batches and atomicity
 //!
@@ -90,7 +93,7 @@ pub const CHUNK_MAX: usize = 512 * 1024;
 /// Most base chunks one delta may reference.
 pub const MAX_DELTA_BASES: usize = 4;
 /// Largest piece of a chunk payload stored as one redb value.
-pub const PIECE_BYTES: usize = 3968;
+pub const PIECE_BYTES: usize = 16_320;
 
 /// A committed capture batch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
