@@ -146,6 +146,14 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEn
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("cannot stat {}", full.display())),
             };
+            if entry.kind == EntryKind::Symlink {
+                if let Err(why) = crate::roots::check_symlink_target(&child_rel, &entry.target) {
+                    // Replay refuses such links, so recording one would make
+                    // the whole store unreplayable.
+                    tracing::warn!(path = %full.display(), "not kept: {why:#}");
+                    continue;
+                }
+            }
             if entry.kind == EntryKind::Dir {
                 stack.push((full, child_rel.clone()));
             }
