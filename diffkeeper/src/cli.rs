@@ -130,7 +130,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot { roots, json } => {
             let dirs = state_dirs(&roots)?;
             let store = Store::create_or_open(&roots.store.store)?;
-            let summary = crate::capture::snapshot(&store, &dirs)?;
+            let summary = crate::capture::snapshot(&store, &dirs).with_context(|| {
+                format!(
+                    "snapshot into store {} failed; batches already stored are intact",
+                    roots.store.store.display()
+                )
+            })?;
             if json {
                 print_json(&summary)?;
             } else {

@@ -104,11 +104,19 @@ impl Store {
                 )
             }
         }
-        let db = builder()
-            .open_read_only(path)
-            .map_err(|e| describe_open_error(path, e))?;
+        let db = match builder().open_read_only(path) {
+            Ok(db) => Db::ReadOnly(db),
+            // Not closed cleanly (a crash or a full disk during a snapshot):
+            // redb must roll back to the last committed batch, which needs
+            // write access. Committed batches are untouched by this.
+            Err(redb::DatabaseError::RepairAborted) => {
+                tracing::info!(store = %path.display(), "store was not closed cleanly; recovering the last committed batch");
+                Db::ReadWrite(builder().open(path).map_err(|e| describe_open_error(path, e))?)
+            }
+            Err(e) => return Err(describe_open_error(path, e)),
+        };
         let store = Store {
-            db: Db::ReadOnly(db),
+            db,
             path: path.to_path_buf(),
         };
         store.check_schema()?;
@@ -204,7 +212,10 @@ impl Store {
         let Db::ReadWrite(db) = &self.db else {
             bail!("store {} is open read-only", self.path.display());
         };
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        // Saves allocator state with each commit so that opening after a
+        // crash is instant instead of a walk over the whole store.
+        txn.set_quick_repair(true);
         let (batch, next_chunk) = {
             let batches = txn.open_table(BATCHES)?;
             let chunks = txn.open_table(CHUNKS)?;
