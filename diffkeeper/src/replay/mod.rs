@@ -134,11 +134,14 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
     }
 
     // Phase 1: rebuild and verify new content in staging.
-    let to_write: Vec<(usize, &LatestEntry)> = entries
+    let mut to_write: Vec<(usize, &LatestEntry)> = entries
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(actions[*i], Action::Write))
         .collect();
+    // Largest first, one file per task: big files start at once on every
+    // core instead of queueing behind each other in one worker's half.
+    to_write.sort_by_key(|(_, e)| std::cmp::Reverse(e.version.size));
     let staging_name = format!("{STAGING_PREFIX}{}", std::process::id());
     let staging = target
         .create_staging(&staging_name)
@@ -146,6 +149,7 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
     let progress = Progress::new(to_write.len() as u64, "replaying");
     let staged: Result<Vec<u64>> = to_write
         .par_iter()
+        .with_max_len(1)
         .map(|(i, entry)| {
             let written = stage_file(reader, &staging, &i.to_string(), entry).with_context(|| {
                 format!(
