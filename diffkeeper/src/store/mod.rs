@@ -604,3 +604,49 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_of_another_schema_version_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.dkstore");
+        drop(Store::create_or_open(&path).expect("create"));
+        {
+            let db = Database::open(&path).expect("open");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(META)
+                .expect("meta")
+                .insert(META_SCHEMA_VERSION, 99u32.to_le_bytes().as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        for result in [
+            Store::create_or_open(&path).err(),
+            Store::open_read_only(&path).err(),
+        ] {
+            let err = result.expect("must be refused");
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains("schema version 99") && msg.contains("s.dkstore"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_store_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notes.txt");
+        std::fs::write(&path, "just some text, not a database\n".repeat(100)).expect("write");
+        let err = Store::open_read_only(&path).err().expect("refused");
+        assert!(format!("{err:#}").contains("notes.txt"), "{err:#}");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            "just some text, not a database\n".repeat(100).into_bytes(),
+            "the file must be left as it was"
+        );
+    }
+}
