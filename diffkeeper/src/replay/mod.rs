@@ -78,7 +78,11 @@ enum Action {
 
 /// Replays every root from the store at `store_path`. `Ok(None)` when there
 /// is no store yet (a first start).
-pub fn replay(store_path: &Path, roots: &[StateDir], sync: bool) -> Result<Option<Vec<ReplaySummary>>> {
+pub fn replay(
+    store_path: &Path,
+    roots: &[StateDir],
+    sync: bool,
+) -> Result<Option<Vec<ReplaySummary>>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
     };

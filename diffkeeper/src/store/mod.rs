@@ -111,7 +111,11 @@ impl Store {
             // write access. Committed batches are untouched by this.
             Err(redb::DatabaseError::RepairAborted) => {
                 tracing::info!(store = %path.display(), "store was not closed cleanly; recovering the last committed batch");
-                Db::ReadWrite(builder().open(path).map_err(|e| describe_open_error(path, e))?)
+                Db::ReadWrite(
+                    builder()
+                        .open(path)
+                        .map_err(|e| describe_open_error(path, e))?,
+                )
             }
             Err(e) => return Err(describe_open_error(path, e)),
         };
@@ -435,7 +439,13 @@ impl Reader {
     }
 
     /// Rebuilds a chunk whose record is already at hand.
-    fn decode_chunk(&self, id: u64, record: &ChunkRecord, check: Check, cache: &BaseCache) -> Result<Vec<u8>> {
+    fn decode_chunk(
+        &self,
+        id: u64,
+        record: &ChunkRecord,
+        check: Check,
+        cache: &BaseCache,
+    ) -> Result<Vec<u8>> {
         let payload = self.payload(id, record)?;
         let bytes = match &record.encoding {
             ChunkEncoding::Raw => payload,
@@ -446,7 +456,9 @@ impl Reader {
                     .reference(bases, check, cache)
                     .with_context(|| format!("reference of chunk {id}"))?;
                 crate::capture::codec::apply_delta(&reference, &payload, record.len as usize)
-                    .map_err(|e| StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}")))?
+                    .map_err(|e| {
+                        StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))
+                    })?
             }
         };
         if bytes.len() != record.len as usize {
@@ -525,7 +537,10 @@ impl BaseCache {
 
     fn get(&self, id: u64) -> Option<Arc<Vec<u8>>> {
         let entries = self.entries.lock().ok()?;
-        entries.iter().find(|(k, _)| *k == id).map(|(_, v)| v.clone())
+        entries
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map(|(_, v)| v.clone())
     }
 
     fn put(&self, id: u64, bytes: Vec<u8>) -> Arc<Vec<u8>> {

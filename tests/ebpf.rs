@@ -1,0 +1,111 @@
+//! The eBPF programs on the real kernel: `diffkeeper doctor` loads and
+//! attaches them, writes, and reports what the kernel side counted. CI runs
+//! as root on a kernel with syscall tracepoints, so this never skips.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
+
+/// The tests share the kernel's tracefs mount: one at a time.
+static KERNEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    KERNEL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn field(report: &serde_json::Value, name: &str) -> u64 {
+    report[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("doctor --json has no number {name}: {report}"))
+}
+
+#[test]
+fn tracepoints_count_every_write_and_report_each_file_once() {
+    let _kernel = exclusive();
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the eBPF tests load programs into the kernel and must run as root (cargo xtask test does)"
+    );
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .expect("run diffkeeper doctor");
+    assert!(
+        out.status.success(),
+        "diffkeeper doctor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+
+    // Every write and byte of the test process is seen: nothing else of
+    // that process writes while it is watched.
+    assert_eq!(
+        field(&report, "writes_seen"),
+        field(&report, "writes_made"),
+        "{report}"
+    );
+    assert_eq!(
+        field(&report, "bytes_seen"),
+        field(&report, "bytes_made"),
+        "{report}"
+    );
+    assert_eq!(field(&report, "writes_made"), 2000, "{report}");
+    // Two files, 1000 writes each per round: the kernel reports each file
+    // once per round (in-kernel coalescing), and again after its dirty mark
+    // is cleared.
+    assert_eq!(field(&report, "events_first_round"), 2, "{report}");
+    assert_eq!(field(&report, "events_after_clear"), 2, "{report}");
+    assert_eq!(field(&report, "events"), 4, "{report}");
+    assert_eq!(field(&report, "ringbuf_full"), 0, "{report}");
+}
+
+#[test]
+fn tracefs_is_mounted_when_missing() {
+    let _kernel = exclusive();
+    // Unmount tracefs if it is there (other tests may have mounted it);
+    // doctor must mount it again by itself.
+    let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .expect("run diffkeeper doctor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(" /sys/kernel/tracing tracefs ")),
+        "tracefs is not mounted after doctor ran"
+    );
+}
+
+#[test]
+fn without_privileges_doctor_names_what_is_missing() {
+    let _kernel = exclusive();
+    // setpriv drops to nobody with no capabilities.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+            "doctor",
+        ])
+        .output()
+        .expect("run setpriv");
+    assert!(!out.status.success(), "doctor must fail without privileges");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CAP_BPF") || stderr.contains("tracefs"),
+        "the error must name what is missing: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,273 @@
+//! `cargo xtask`: DiffKeeper's developer tasks.
+//!
+//! - `setup`: installs what the eBPF build needs (Debian's Rust 1.96 with its
+//!   library source, LLVM 22, `bpf-linker` 0.13 built against it) and mounts
+//!   tracefs; quick when everything is present.
+//! - `build`, `run [-- ARGS]` (no ARGS: the demo), `test`, `bench [NAME]`.
+//!
+//! The pins and why: see `../shared/notes/ebpf-toolchain.md`. In short, the
+//! eBPF crate needs `-Z build-std=core` and the standard library's source,
+//! which the machine's rustup toolchain lacks; Debian's `rust-web-src` has
+//! it, and `bpf-linker` must be built against the LLVM Debian ships (22).
+
+mod bench;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "DiffKeeper's build, test and benchmark tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (Debian packages, bpf-linker) and
+    /// mount tracefs; returns in seconds when all is present.
+    Setup,
+    /// Setup, then build diffkeeper in release mode (the eBPF object is
+    /// built and embedded by diffkeeper/build.rs).
+    Build,
+    /// Build, then run `diffkeeper ARGS` as root; with no ARGS, the demo.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Setup, `cargo fmt --check`, clippy with warnings denied, every test
+    /// (the eBPF tests load programs into this kernel, so this runs as root).
+    Test,
+    /// Benchmarks against peers measured in the same run: `delta`, `replay`,
+    /// or all when none is named.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the eBPF build needs.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup(),
+        Task::Build => build(),
+        Task::Run { args } => run(&args),
+        Task::Test => test(),
+        Task::Bench { args } => build().and_then(|_| bench::run(&workspace_root(), &args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask's parent).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn checked(command: &mut Command) -> Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // The effective uid, second of the Uid: line.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for &package in DEBIAN_PACKAGES {
+        let out = Command::new("dpkg-query")
+            .args(["-W", "-f=${Status}", package])
+            .output()
+            .context("cannot run dpkg-query (setup needs a Debian-based machine)")?;
+        if !String::from_utf8_lossy(&out.stdout).contains("install ok installed") {
+            missing.push(package);
+        }
+    }
+    Ok(missing)
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(cargo_bin_dir().join("bpf-linker"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
+
+fn tracefs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(TRACEFS) && l.contains(" tracefs "))
+    })
+}
+
+fn setup() -> Result<()> {
+    let started = Instant::now();
+    let missing = missing_packages()?;
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "Debian packages {} are missing and installing them needs root",
+                missing.join(" ")
+            );
+        }
+        println!("setup: installing {}", missing.join(" "));
+        let apt = |args: &[&str]| {
+            let mut command = Command::new("apt-get");
+            command.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+            checked(&mut command)
+        };
+        apt(&["update", "-qq"])?;
+        let mut install = vec!["install", "-y", "-qq"];
+        install.extend(&missing);
+        apt(&install)?;
+    }
+    if !bpf_linker_ok() {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths = vec![PathBuf::from(LLVM_BIN)];
+        paths.extend(std::env::split_paths(&path));
+        checked(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .env("PATH", std::env::join_paths(paths).context("PATH")?)
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22", "--force"]),
+        )?;
+    }
+    if !tracefs_mounted() {
+        if is_root() {
+            println!("setup: mounting tracefs at {TRACEFS}");
+            checked(Command::new("mount").args(["-t", "tracefs", "tracefs", TRACEFS]))?;
+        } else {
+            println!(
+                "setup: tracefs is not mounted at {TRACEFS}; diffkeeper mounts it when run as root"
+            );
+        }
+    }
+    println!(
+        "setup: all present ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    setup()?;
+    checked(cargo().args(["build", "--release", "-p", "diffkeeper"]))
+}
+
+/// The release binary `build` made.
+pub fn diffkeeper_binary() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("release")
+        .join("diffkeeper")
+}
+
+fn run(args: &[String]) -> Result<()> {
+    build()?;
+    let args: Vec<String> = if args.is_empty() {
+        vec!["demo".into()]
+    } else {
+        args.to_vec()
+    };
+    let binary = diffkeeper_binary();
+    let mut command = if is_root() {
+        Command::new(&binary)
+    } else {
+        println!("run: eBPF needs root (or CAP_BPF and CAP_PERFMON); running through sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.arg(&binary);
+        sudo
+    };
+    checked(command.args(&args))
+}
+
+fn test() -> Result<()> {
+    if !is_root() {
+        bail!("the tests load eBPF programs into the kernel: run `cargo xtask test` as root");
+    }
+    setup()?;
+    checked(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The eBPF crate is its own workspace.
+    checked(cargo().args([
+        "fmt",
+        "--manifest-path",
+        "diffkeeper-ebpf/Cargo.toml",
+        "--",
+        "--check",
+    ]))?;
+    checked(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // Release: the end-to-end tests push files of tens of MiB through the
+    // real binary.
+    checked(cargo().args(["test", "--workspace", "--release"]))
+}
