@@ -269,5 +269,52 @@ fn test() -> Result<()> {
     ]))?;
     // Release: the end-to-end tests push files of tens of MiB through the
     // real binary.
-    checked(cargo().args(["test", "--workspace", "--release"]))
+    let (passed, failed) =
+        run_tests(cargo().args(["test", "--workspace", "--release", "--no-fail-fast"]))?;
+    // One closing line for the whole run (cargo prints one per test binary).
+    println!("{passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("{failed} tests failed, {passed} passed");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, passing its output through, and adds up the
+/// `test result:` lines of every test binary.
+fn run_tests(command: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let shown = format!("{command:?}");
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {shown}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                result
+                    .split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    if !status.success() && failed == 0 {
+        bail!("{shown} failed ({status})");
+    }
+    Ok((passed, failed))
 }
