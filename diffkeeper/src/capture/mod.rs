@@ -50,6 +50,9 @@ pub struct BatchSummary {
     pub deleted: usize,
     /// Files whose mtime or size moved but whose content and mode did not.
     pub unchanged_content: usize,
+    /// Files read again because their stored mtime was too close to the
+    /// capture to trust, found unchanged, and recorded as settled.
+    pub settled: usize,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
     /// Paths that could not be read, with the reason; the rest was captured.
@@ -75,6 +78,9 @@ impl std::fmt::Display for BatchSummary {
             crate::report::bytes(self.stored_bytes),
             self.elapsed
         )?;
+        if self.settled > 0 {
+            write!(f, "; {} re-read and unchanged", self.settled)?;
+        }
         if !self.failures.is_empty() {
             write!(f, "; {} unreadable", self.failures.len())?;
         }
@@ -86,7 +92,13 @@ impl std::fmt::Display for BatchSummary {
 /// batch.
 pub fn snapshot(store: &Store, roots: &[StateDir]) -> Result<BatchSummary> {
     let started = Instant::now();
+    let started_ms = now_ms();
     let reader = store.reader()?;
+    let batch_started: HashMap<u64, i64> = reader
+        .batches()?
+        .into_iter()
+        .map(|(id, batch)| (id, batch.started_ms))
+        .collect();
     // The store may live inside a state directory; it is never captured.
     let exclude = std::fs::canonicalize(store.path()).ok();
     let mut all = Vec::new();
@@ -98,11 +110,11 @@ pub fn snapshot(store: &Store, roots: &[StateDir]) -> Result<BatchSummary> {
             .zip(canonical_root.as_deref())
             .and_then(|(store_path, canon)| store_path.strip_prefix(canon).ok())
             .map(|rel| root.path.join(rel));
-        let changes = diff_root(root, &reader, exclude_here.as_deref())?;
+        let changes = diff_root(root, &reader, &batch_started, exclude_here.as_deref())?;
         scanned += changes.scanned;
         all.push(changes);
     }
-    let mut summary = capture(store, &reader, &all)?;
+    let mut summary = capture(store, &reader, &all, started_ms)?;
     summary.scanned = scanned;
     summary.elapsed = started.elapsed();
     Ok(summary)
@@ -128,12 +140,16 @@ enum Outcome {
         stored: u64,
     },
     UnchangedContent,
+    /// Unchanged, recorded again with a settled mtime.
+    Settled,
     Vanished,
     Failed(PathBuf, String),
 }
 
 struct Workers<'a> {
     reader: &'a Reader,
+    /// When this batch's scan started.
+    started_ms: i64,
     next_chunk: AtomicU64,
     /// Chunks first stored in this batch, by hash, so two files with the
     /// same new chunk store it once.
@@ -147,6 +163,7 @@ fn capture(
     store: &Store,
     reader: &Reader,
     roots: &[crate::scan::RootChanges],
+    started_ms: i64,
 ) -> Result<BatchSummary> {
     let mut summary = BatchSummary::default();
     let total: usize = roots.iter().map(|r| r.changes.len()).sum();
@@ -158,6 +175,7 @@ fn capture(
     let (tx, rx) = sync_channel::<Message>(64);
     let workers = Workers {
         reader,
+        started_ms,
         next_chunk: AtomicU64::new(first_chunk),
         fresh: Mutex::new(HashMap::new()),
         tx,
@@ -223,17 +241,19 @@ fn capture(
                 summary.stored_bytes += stored;
             }
             Outcome::UnchangedContent => summary.unchanged_content += 1,
+            Outcome::Settled => summary.settled += 1,
             Outcome::Vanished => {}
             Outcome::Failed(path, why) => summary.failures.push((path, why)),
         }
     }
     let files_changed = (summary.new + summary.changed + summary.deleted) as u64;
-    if files_changed == 0 {
+    if files_changed == 0 && summary.settled == 0 {
         // Nothing to record: the transaction is dropped, which aborts it.
         return Ok(summary);
     }
     let record = BatchRecord {
         time_ms: now_ms(),
+        started_ms,
         roots: roots
             .iter()
             .filter(|r| !r.changes.is_empty())
@@ -272,12 +292,29 @@ impl Workers<'_> {
                 entry,
                 previous,
                 content,
+                recheck,
             } => {
                 let record = match entry.kind {
                     EntryKind::File if *content => {
                         match self.capture_file(full, previous.as_ref())? {
                             FileCapture::Vanished => return Ok(Outcome::Vanished),
-                            FileCapture::Unchanged => return Ok(Outcome::UnchangedContent),
+                            // Read again only because the stored version was
+                            // racy: once the mtime is clearly older than this
+                            // batch, a metadata-only version makes size and
+                            // mtime trustworthy again, so it is not re-read on
+                            // every snapshot.
+                            FileCapture::Unchanged(now)
+                                if *recheck
+                                    && !crate::scan::is_racy(now.mtime_ns, self.started_ms) =>
+                            {
+                                self.send(Message::Version {
+                                    root: root.name.clone(),
+                                    path: path.clone(),
+                                    record: now,
+                                })?;
+                                return Ok(Outcome::Settled);
+                            }
+                            FileCapture::Unchanged(_) => return Ok(Outcome::UnchangedContent),
                             FileCapture::Version(record) => record,
                         }
                     }
@@ -387,12 +424,7 @@ impl Workers<'_> {
             }
             let hash: [u8; 32] = hasher.finalize().into();
             let mode = before.mode() & 0o7777;
-            if previous
-                .is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode)
-            {
-                return Ok(FileCapture::Unchanged);
-            }
-            return Ok(FileCapture::Version(VersionRecord {
+            let record = VersionRecord {
                 kind: EntryKind::File,
                 mode,
                 mtime_ns: before.mtime() * 1_000_000_000 + before.mtime_nsec(),
@@ -401,7 +433,13 @@ impl Workers<'_> {
                 chunks,
                 target: Vec::new(),
                 stored_bytes: stored,
-            }));
+            };
+            if previous
+                .is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode)
+            {
+                return Ok(FileCapture::Unchanged(record));
+            }
+            return Ok(FileCapture::Version(record));
         }
     }
 
@@ -537,7 +575,9 @@ struct NewChunk {
 
 enum FileCapture {
     Version(VersionRecord),
-    Unchanged,
+    /// Same content and mode as the previous version; the record describes
+    /// the file as read now.
+    Unchanged(VersionRecord),
     Vanished,
 }
 

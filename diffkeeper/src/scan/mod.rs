@@ -80,6 +80,9 @@ pub enum Change {
         entry: FsEntry,
         previous: Option<VersionRecord>,
         content: bool,
+        /// Size and mtime match the store, but the stored version was
+        /// captured too close to that mtime to trust them: read it again.
+        recheck: bool,
     },
     /// Present in the store, gone from disk.
     Delete { path: Vec<u8> },
@@ -163,8 +166,27 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEn
     Ok(out)
 }
 
+/// How close to a batch's start a file's mtime may be before its size and
+/// mtime stop proving it unchanged. Timestamps advance in ticks (a few ms on
+/// Linux, whole seconds on some file systems): a write in the same tick
+/// right after capture read the file leaves both as they were. 2 s covers
+/// every file system Linux mounts for state, FAT's 2 s included.
+pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
+
+/// Whether a file with `mtime_ns`, captured by a batch that started at
+/// `started_ms`, might have changed again without its mtime moving.
+pub fn is_racy(mtime_ns: i64, started_ms: i64) -> bool {
+    mtime_ns >= started_ms.saturating_mul(1_000_000) - RACY_WINDOW_NS
+}
+
 /// Compares a root on disk with the store's latest state of it.
-pub fn diff_root(root: &StateDir, reader: &Reader, exclude: Option<&Path>) -> Result<RootChanges> {
+/// `batch_started` maps batch ids to their scan start times.
+pub fn diff_root(
+    root: &StateDir,
+    reader: &Reader,
+    batch_started: &HashMap<u64, i64>,
+    exclude: Option<&Path>,
+) -> Result<RootChanges> {
     let mut on_disk = walk(&root.path, exclude)?;
     let scanned = on_disk.len();
     let mut changes = Vec::new();
@@ -176,7 +198,10 @@ pub fn diff_root(root: &StateDir, reader: &Reader, exclude: Option<&Path>) -> Re
         match on_disk.remove(&stored.path) {
             None => changes.push(Change::Delete { path: stored.path }),
             Some(entry) => {
-                if let Some(change) = compare(stored.path, entry, previous) {
+                let racy = batch_started
+                    .get(&stored.batch)
+                    .is_none_or(|&started| is_racy(previous.mtime_ns, started));
+                if let Some(change) = compare(stored.path, entry, previous, racy) {
                     changes.push(change);
                 }
             }
@@ -189,6 +214,7 @@ pub fn diff_root(root: &StateDir, reader: &Reader, exclude: Option<&Path>) -> Re
             content: entry.kind == EntryKind::File,
             entry,
             previous: None,
+            recheck: false,
         });
     }
     changes.sort_by(|a, b| a.path().cmp(b.path()));
@@ -199,12 +225,15 @@ pub fn diff_root(root: &StateDir, reader: &Reader, exclude: Option<&Path>) -> Re
     })
 }
 
-fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord) -> Option<Change> {
+fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord, racy: bool) -> Option<Change> {
     let same_kind = entry.kind == previous.kind;
+    let mut recheck = false;
     let (changed, content) = match entry.kind {
         _ if !same_kind => (true, entry.kind == EntryKind::File),
         EntryKind::File => {
-            let content = entry.size != previous.size || entry.mtime_ns != previous.mtime_ns;
+            let stat_changed = entry.size != previous.size || entry.mtime_ns != previous.mtime_ns;
+            recheck = !stat_changed && racy;
+            let content = stat_changed || recheck;
             (content || entry.mode != previous.mode, content)
         }
         EntryKind::Dir => (entry.mode != previous.mode, false),
@@ -216,5 +245,6 @@ fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord) -> Option<Cha
         entry,
         previous: Some(previous),
         content,
+        recheck,
     })
 }

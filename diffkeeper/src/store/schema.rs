@@ -100,6 +100,11 @@ pub const PIECE_BYTES: usize = 16_320;
 pub struct BatchRecord {
     /// Commit time, milliseconds since the Unix epoch.
     pub time_ms: i64,
+    /// When the scan for this batch started. A file whose mtime is not
+    /// clearly older than this may have changed again within the same
+    /// timestamp tick after it was read, so its size and mtime alone do not
+    /// prove it unchanged (see `scan::RACY_WINDOW_NS`).
+    pub started_ms: i64,
     /// Roots this batch recorded changes for.
     pub roots: Vec<String>,
     /// Paths that got a new version (tombstones included).

@@ -1,0 +1,168 @@
+//! Shared by the end-to-end tests: running the real binary, seeded random
+//! data, and reading a whole tree for comparison.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
+
+/// Runs diffkeeper; fails the test if it panicked.
+pub fn diffkeeper(args: &[&str]) -> Output {
+    let out = Command::new(BIN).args(args).output().expect("run diffkeeper");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "diffkeeper {args:?} panicked: {stderr}");
+    out
+}
+
+/// Runs diffkeeper and requires success.
+pub fn ok(args: &[&str]) -> String {
+    let out = diffkeeper(args);
+    assert!(
+        out.status.success(),
+        "diffkeeper {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs diffkeeper and parses its JSON output.
+pub fn json(args: &[&str]) -> serde_json::Value {
+    let stdout = ok(args);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("diffkeeper {args:?} printed no JSON ({e}): {stdout}"))
+}
+
+pub fn s(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
+/// A small seeded PRNG (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+    pub fn text(&mut self, len: usize) -> Vec<u8> {
+        const WORDS: [&str; 8] = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon ", "zeta\n", "eta ", "theta "];
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(WORDS[self.below(8) as usize].as_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() {
+            None
+        } else {
+            Some(&items[self.below(items.len() as u64) as usize])
+        }
+    }
+}
+
+/// What one path is, for comparing trees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File { mode: u32, mtime_ns: i64, content: Vec<u8> },
+    Dir { mode: u32 },
+    Symlink { target: Vec<u8> },
+}
+
+/// Every path under `root` (relative, raw bytes) and what it is.
+pub fn read_tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+            let path = entry.expect("dir entry").path();
+            let rel = path.strip_prefix(root).expect("under root").as_os_str().as_bytes().to_vec();
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let node = if meta.file_type().is_symlink() {
+                Node::Symlink {
+                    target: fs::read_link(&path).expect("readlink").as_os_str().as_bytes().to_vec(),
+                }
+            } else if meta.is_dir() {
+                stack.push(path.clone());
+                Node::Dir {
+                    mode: meta.permissions().mode() & 0o7777,
+                }
+            } else {
+                Node::File {
+                    mode: meta.permissions().mode() & 0o7777,
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    content: fs::read(&path).expect("read"),
+                }
+            };
+            out.insert(rel, node);
+        }
+    }
+    out
+}
+
+/// Asserts two trees are equal, naming the first difference.
+pub fn assert_same_tree(expected: &BTreeMap<Vec<u8>, Node>, got: &BTreeMap<Vec<u8>, Node>, what: &str) {
+    for (path, node) in expected {
+        let shown = String::from_utf8_lossy(path);
+        match got.get(path) {
+            None => panic!("{what}: {shown} is missing"),
+            Some(other) if other != node => {
+                let describe = |n: &Node| match n {
+                    Node::File { mode, mtime_ns, content } => {
+                        format!("file mode {mode:o} mtime {mtime_ns} {} bytes", content.len())
+                    }
+                    other => format!("{other:?}"),
+                };
+                let first_diff = match (node, other) {
+                    (Node::File { content: a, .. }, Node::File { content: b, .. }) => {
+                        a.iter().zip(b.iter()).position(|(x, y)| x != y).map(|i| format!(", first differing byte at {i}"))
+                    }
+                    _ => None,
+                };
+                panic!(
+                    "{what}: {shown} differs: expected {}, got {}{}",
+                    describe(node),
+                    describe(other),
+                    first_diff.unwrap_or_default()
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    for path in got.keys() {
+        assert!(expected.contains_key(path), "{what}: unexpected {}", String::from_utf8_lossy(path));
+    }
+}
+
+/// A fresh directory path (not created) under `base`.
+pub fn fresh(base: &Path, name: &str) -> PathBuf {
+    let path = base.join(name);
+    assert!(!path.exists());
+    path
+}
