@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::roots::{parse_state_dirs, StateDir};
-use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -129,13 +128,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Snapshot { roots, json } => {
             let dirs = state_dirs(&roots)?;
-            let store = Store::create_or_open(&roots.store.store)?;
-            let summary = crate::capture::snapshot(&store, &dirs).with_context(|| {
-                format!(
-                    "snapshot into store {} failed; batches already stored are intact",
-                    roots.store.store.display()
-                )
-            })?;
+            let summary =
+                crate::capture::snapshot(&roots.store.store, &dirs).with_context(|| {
+                    format!(
+                        "snapshot into store {} failed; batches already stored are intact",
+                        roots.store.store.display()
+                    )
+                })?;
             if json {
                 print_json(&summary)?;
             } else {
@@ -262,16 +261,14 @@ fn demo() -> Result<ExitCode> {
     write("config.toml", b"difficulty = \"normal\"\nplayers = 8\n")?;
     write("logs/server.log", b"started\n")?;
     std::os::unix::fs::symlink("world/region-0.dat", state.join("current"))?;
-    let store = Store::create_or_open(&store_path)?;
-    println!("{}", crate::capture::snapshot(&store, &dirs)?);
+    println!("{}", crate::capture::snapshot(&store_path, &dirs)?);
 
     step("the app edits 16 bytes in the middle of a 2 MB file and appends to its log");
     let mut edited = save.clone();
     edited[1_000_000..1_000_016].copy_from_slice(b"player 7 joined!");
     write("world/region-0.dat", &edited)?;
     write("logs/server.log", b"started\nplayer 7 joined\n")?;
-    println!("{}", crate::capture::snapshot(&store, &dirs)?);
-    drop(store);
+    println!("{}", crate::capture::snapshot(&store_path, &dirs)?);
 
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;

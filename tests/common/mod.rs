@@ -13,9 +13,15 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
 
 /// Runs diffkeeper; fails the test if it panicked.
 pub fn diffkeeper(args: &[&str]) -> Output {
-    let out = Command::new(BIN).args(args).output().expect("run diffkeeper");
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run diffkeeper");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "diffkeeper {args:?} panicked: {stderr}");
+    assert!(
+        !stderr.contains("panicked"),
+        "diffkeeper {args:?} panicked: {stderr}"
+    );
     out
 }
 
@@ -35,7 +41,8 @@ pub fn ok(args: &[&str]) -> String {
 /// Runs diffkeeper and parses its JSON output.
 pub fn json(args: &[&str]) -> serde_json::Value {
     let stdout = ok(args);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("diffkeeper {args:?} printed no JSON ({e}): {stdout}"))
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("diffkeeper {args:?} printed no JSON ({e}): {stdout}"))
 }
 
 pub fn s(path: &Path) -> &str {
@@ -70,7 +77,9 @@ impl Rng {
         out
     }
     pub fn text(&mut self, len: usize) -> Vec<u8> {
-        const WORDS: [&str; 8] = ["alpha ", "beta ", "gamma\n", "delta ", "epsilon ", "zeta\n", "eta ", "theta "];
+        const WORDS: [&str; 8] = [
+            "alpha ", "beta ", "gamma\n", "delta ", "epsilon ", "zeta\n", "eta ", "theta ",
+        ];
         let mut out = Vec::with_capacity(len + 8);
         while out.len() < len {
             out.extend_from_slice(WORDS[self.below(8) as usize].as_bytes());
@@ -90,9 +99,17 @@ impl Rng {
 /// What one path is, for comparing trees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    File { mode: u32, mtime_ns: i64, content: Vec<u8> },
-    Dir { mode: u32 },
-    Symlink { target: Vec<u8> },
+    File {
+        mode: u32,
+        mtime_ns: i64,
+        content: Vec<u8>,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
 }
 
 /// Every path under `root` (relative, raw bytes) and what it is.
@@ -100,13 +117,24 @@ pub fn read_tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display())) {
+        for entry in
+            fs::read_dir(&dir).unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        {
             let path = entry.expect("dir entry").path();
-            let rel = path.strip_prefix(root).expect("under root").as_os_str().as_bytes().to_vec();
+            let rel = path
+                .strip_prefix(root)
+                .expect("under root")
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
             let meta = fs::symlink_metadata(&path).expect("lstat");
             let node = if meta.file_type().is_symlink() {
                 Node::Symlink {
-                    target: fs::read_link(&path).expect("readlink").as_os_str().as_bytes().to_vec(),
+                    target: fs::read_link(&path)
+                        .expect("readlink")
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
                 }
             } else if meta.is_dir() {
                 stack.push(path.clone());
@@ -127,22 +155,35 @@ pub fn read_tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
 }
 
 /// Asserts two trees are equal, naming the first difference.
-pub fn assert_same_tree(expected: &BTreeMap<Vec<u8>, Node>, got: &BTreeMap<Vec<u8>, Node>, what: &str) {
+pub fn assert_same_tree(
+    expected: &BTreeMap<Vec<u8>, Node>,
+    got: &BTreeMap<Vec<u8>, Node>,
+    what: &str,
+) {
     for (path, node) in expected {
         let shown = String::from_utf8_lossy(path);
         match got.get(path) {
             None => panic!("{what}: {shown} is missing"),
             Some(other) if other != node => {
                 let describe = |n: &Node| match n {
-                    Node::File { mode, mtime_ns, content } => {
-                        format!("file mode {mode:o} mtime {mtime_ns} {} bytes", content.len())
+                    Node::File {
+                        mode,
+                        mtime_ns,
+                        content,
+                    } => {
+                        format!(
+                            "file mode {mode:o} mtime {mtime_ns} {} bytes",
+                            content.len()
+                        )
                     }
                     other => format!("{other:?}"),
                 };
                 let first_diff = match (node, other) {
-                    (Node::File { content: a, .. }, Node::File { content: b, .. }) => {
-                        a.iter().zip(b.iter()).position(|(x, y)| x != y).map(|i| format!(", first differing byte at {i}"))
-                    }
+                    (Node::File { content: a, .. }, Node::File { content: b, .. }) => a
+                        .iter()
+                        .zip(b.iter())
+                        .position(|(x, y)| x != y)
+                        .map(|i| format!(", first differing byte at {i}")),
                     _ => None,
                 };
                 panic!(
@@ -156,7 +197,11 @@ pub fn assert_same_tree(expected: &BTreeMap<Vec<u8>, Node>, got: &BTreeMap<Vec<u
         }
     }
     for path in got.keys() {
-        assert!(expected.contains_key(path), "{what}: unexpected {}", String::from_utf8_lossy(path));
+        assert!(
+            expected.contains_key(path),
+            "{what}: unexpected {}",
+            String::from_utf8_lossy(path)
+        );
     }
 }
 

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
-use crate::scan::{diff_root, Change};
+use crate::scan::{check_root, diff_root, Change, RootChanges};
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
     CHUNK_MIN, MAX_DELTA_BASES,
@@ -89,35 +89,64 @@ impl std::fmt::Display for BatchSummary {
 }
 
 /// Scans every root and records all changes since the last batch as one
-/// batch.
-pub fn snapshot(store: &Store, roots: &[StateDir]) -> Result<BatchSummary> {
+/// batch in the store at `store_path`, creating it if needed. When nothing
+/// changed the store is only read, never opened for writing, so an idle
+/// snapshot leaves the file exactly as it was.
+pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
     let started = Instant::now();
     let started_ms = now_ms();
+    // Before the store is created, so a typo does not leave an empty store.
+    for root in roots {
+        check_root(&root.path)?;
+    }
+    if let Some(store) = Store::open_read_only(store_path)? {
+        let reader = store.reader()?;
+        let found = find_changes(store.path(), &reader, roots)?;
+        if found.iter().all(|r| r.changes.is_empty()) {
+            return Ok(BatchSummary {
+                scanned: found.iter().map(|r| r.scanned).sum(),
+                elapsed: started.elapsed(),
+                ..BatchSummary::default()
+            });
+        }
+    }
+    let store = Store::create_or_open(store_path)?;
     let reader = store.reader()?;
+    let found = find_changes(store.path(), &reader, roots)?;
+    let mut summary = capture(&store, &reader, &found, started_ms)?;
+    summary.scanned = found.iter().map(|r| r.scanned).sum();
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// Diffs every root against the store's latest state.
+fn find_changes(
+    store_path: &Path,
+    reader: &Reader,
+    roots: &[StateDir],
+) -> Result<Vec<RootChanges>> {
     let batch_started: HashMap<u64, i64> = reader
         .batches()?
         .into_iter()
         .map(|(id, batch)| (id, batch.started_ms))
         .collect();
     // The store may live inside a state directory; it is never captured.
-    let exclude = std::fs::canonicalize(store.path()).ok();
-    let mut all = Vec::new();
-    let mut scanned = 0;
-    for root in roots {
-        let canonical_root = std::fs::canonicalize(&root.path).ok();
-        let exclude_here = exclude
-            .as_deref()
-            .zip(canonical_root.as_deref())
-            .and_then(|(store_path, canon)| store_path.strip_prefix(canon).ok())
-            .map(|rel| root.path.join(rel));
-        let changes = diff_root(root, &reader, &batch_started, exclude_here.as_deref())?;
-        scanned += changes.scanned;
-        all.push(changes);
-    }
-    let mut summary = capture(store, &reader, &all, started_ms)?;
-    summary.scanned = scanned;
-    summary.elapsed = started.elapsed();
-    Ok(summary)
+    let store_canonical = std::fs::canonicalize(store_path).ok();
+    roots
+        .iter()
+        .map(|root| {
+            let exclude = store_canonical
+                .as_deref()
+                .zip(std::fs::canonicalize(&root.path).ok())
+                .and_then(|(store, canon)| {
+                    store
+                        .strip_prefix(canon)
+                        .ok()
+                        .map(|rel| root.path.join(rel))
+                });
+            diff_root(root, reader, &batch_started, exclude.as_deref())
+        })
+        .collect()
 }
 
 enum Message {
@@ -162,7 +191,7 @@ struct Workers<'a> {
 fn capture(
     store: &Store,
     reader: &Reader,
-    roots: &[crate::scan::RootChanges],
+    roots: &[RootChanges],
     started_ms: i64,
 ) -> Result<BatchSummary> {
     let mut summary = BatchSummary::default();
@@ -298,6 +327,16 @@ impl Workers<'_> {
                     EntryKind::File if *content => {
                         match self.capture_file(full, previous.as_ref())? {
                             FileCapture::Vanished => return Ok(Outcome::Vanished),
+                            // Same content, new mtime: a metadata-only
+                            // version (no chunk written), so replay restores
+                            // the mtime too.
+                            FileCapture::Unchanged(now)
+                                if previous
+                                    .as_ref()
+                                    .is_some_and(|p| p.mtime_ns != now.mtime_ns) =>
+                            {
+                                now
+                            }
                             // Read again only because the stored version was
                             // racy: once the mtime is clearly older than this
                             // batch, a metadata-only version makes size and

@@ -105,15 +105,21 @@ pub struct RootChanges {
     pub scanned: usize,
 }
 
-/// Walks `root` (never following symlinks) and lists every entry below it,
-/// keyed by its relative path. `exclude` is skipped (the store file, when it
-/// lives inside the root).
-pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEntry>> {
+/// Checks that a state directory exists and is a directory.
+pub fn check_root(root: &Path) -> Result<()> {
     let meta = fs::metadata(root)
         .with_context(|| format!("state directory {} cannot be read", root.display()))?;
     if !meta.is_dir() {
         anyhow::bail!("state directory {} is not a directory", root.display());
     }
+    Ok(())
+}
+
+/// Walks `root` (never following symlinks) and lists every entry below it,
+/// keyed by its relative path. `exclude` is skipped (the store file, when it
+/// lives inside the root).
+pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEntry>> {
+    check_root(root)?;
     let mut out = HashMap::new();
     let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
     while let Some((dir, rel)) = stack.pop() {
