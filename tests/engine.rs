@@ -161,10 +161,16 @@ fn edit_round(root: &Path, rng: &mut Rng) {
                         fs::set_permissions(root.join(f), fs::Permissions::from_mode(mode))
                             .expect("chmod");
                     }
-                } else if let Some(d) = all_dirs.iter().filter(|d| !d.as_os_str().is_empty()).nth(0)
-                {
-                    fs::set_permissions(root.join(d), fs::Permissions::from_mode(0o750))
-                        .expect("chmod dir");
+                } else {
+                    let candidates: Vec<&PathBuf> = all_dirs
+                        .iter()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .collect();
+                    let dir_mode = *rng.pick(&[0o750, 0o555, 0o700]).unwrap_or(&0o755);
+                    if let Some(d) = rng.pick(&candidates) {
+                        fs::set_permissions(root.join(d), fs::Permissions::from_mode(dir_mode))
+                            .expect("chmod dir");
+                    }
                 }
             }
             // mkdir -p deep, with a file at the bottom
@@ -228,10 +234,16 @@ fn copy_tree(from: &Path, to: &Path) {
 
 #[test]
 fn random_edit_history_replays_exactly() {
+    for seed in [0x5eed_0001, 0x5eed_1001, 0x5eed_2001] {
+        random_edit_history(seed);
+    }
+}
+
+fn random_edit_history(seed: u64) {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
-    let mut rng = Rng::new(0x5eed_0001);
+    let mut rng = Rng::new(seed);
     build_tree(&state, &mut rng);
     snapshot(&state, &store);
     let mut stale = None;
