@@ -505,7 +505,7 @@ impl Reader {
         let hash: [u8; 32] = hasher.finalize().into();
         if size != version.size || hash != version.hash {
             return Err(StoreError::Corrupt(format!(
-                "content rebuilt is {size} bytes with SHA-256 {}, the version records {} bytes with {}",
+                "content fails its SHA-256 check: rebuilt {size} bytes hashing to {}, the version records {} bytes hashing to {}",
                 hex(&hash),
                 version.size,
                 hex(&version.hash)
