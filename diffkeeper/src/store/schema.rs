@@ -43,10 +43,15 @@
 //! bounded. A new base is started when a delta would exceed half the
 //! reference's stored size, or when the reference is itself not a base.
 //!
-//! Why zstd for deltas: measured on chunk-sized inputs (64-256 KiB) of a
-//! SQLite file, zstd's ref-prefix mode gave smaller deltas than bidiff+lz4
-//! and was about 20x faster; bidiff's suffix sort is cubic in practice on
-//! repetitive pages. lz4_flex stays for bases: replay decodes them at
+//! Why zstd for deltas: measured on the benchmark pair (a 48 MiB SQLite
+//! file before and after updating 1% of its rows; 282 changed chunks, same
+//! references for both), zstd's ref-prefix mode at level 3 with
+//! long-distance matching gave 106 KB of deltas in 0.11 s on one core;
+//! bidiff per chunk gave 50 MB of patch that compressed to 335 KB with lz4
+//! or 128 KB with zstd, and took 1.4 s. Long-distance matching matters on
+//! record-structured data, where the regular match finder prefers nearby
+//! self-matches over the reference (18 KB against 0.6 KB for a 16-byte edit
+//! in a 512 KiB chunk). lz4_flex stays for bases: replay decodes them at
 //! several GB/s, which keeps restart time close to a plain copy.
 //!
 //! # Pieces
