@@ -2,54 +2,25 @@
 //! batch: the store still opens, verifies, and replays the last committed
 //! state exactly.
 
+mod common;
+
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
-
-fn diffkeeper(args: &[&str]) -> std::process::Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run diffkeeper");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !stderr.contains("panicked"),
-        "diffkeeper panicked: {stderr}"
-    );
-    out
-}
-
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+use common::{diffkeeper, Rng, BIN};
 
 fn read_tree(root: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir).expect("read_dir") {
-            let path = entry.expect("entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                let rel = path.strip_prefix(root).expect("rel").display().to_string();
-                out.push((rel, fs::read(&path).expect("read")));
+    common::read_tree(root)
+        .into_iter()
+        .filter_map(|(path, node)| match node {
+            common::Node::File { content, .. } => {
+                Some((String::from_utf8_lossy(&path).into_owned(), content))
             }
-        }
-    }
-    out.sort();
-    out
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -64,7 +35,7 @@ fn sigkill_during_a_batch_loses_only_that_batch() {
         fs::create_dir_all(&dir).expect("mkdir");
         fs::write(
             dir.join(format!("f{i}")),
-            noise(10_000 + i * 100, i as u64 + 1),
+            Rng::new(i as u64 + 1).bytes(10_000 + i * 100),
         )
         .expect("write");
     }
@@ -78,7 +49,7 @@ fn sigkill_during_a_batch_loses_only_that_batch() {
         for i in 0..4 {
             fs::write(
                 state.join(format!("big{i}.bin")),
-                noise(size_mib << 18, 1000 + i as u64),
+                Rng::new(1000 + i as u64).bytes(size_mib << 18),
             )
             .expect("write big");
         }

@@ -15,6 +15,20 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Runs `diffkeeper doctor --json` and returns its report.
+fn doctor() -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["doctor", "--json"])
+        .output()
+        .expect("run diffkeeper doctor");
+    assert!(
+        out.status.success(),
+        "diffkeeper doctor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON")
+}
+
 fn field(report: &serde_json::Value, name: &str) -> u64 {
     report[name]
         .as_u64()
@@ -28,17 +42,7 @@ fn tracepoints_count_every_write_and_report_each_file_once() {
         rustix::process::geteuid().is_root(),
         "the eBPF tests load programs into the kernel and must run as root (cargo xtask test does)"
     );
-    let out = Command::new(BIN)
-        .args(["doctor", "--json"])
-        .output()
-        .expect("run diffkeeper doctor");
-    assert!(
-        out.status.success(),
-        "diffkeeper doctor failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+    let report = doctor();
 
     // Every write and byte of the test process is seen: nothing else of
     // that process writes while it is watched.
@@ -68,15 +72,8 @@ fn tracefs_is_mounted_when_missing() {
     // Unmount tracefs if it is there (other tests may have mounted it);
     // doctor must mount it again by itself.
     let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
-    let out = Command::new(BIN)
-        .args(["doctor", "--json"])
-        .output()
-        .expect("run diffkeeper doctor");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = doctor();
+    assert_eq!(field(&report, "writes_seen"), 2000, "{report}");
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
     assert!(
         mounts
