@@ -451,8 +451,7 @@ impl Workers<'_> {
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
             let steady = before.len() == after.len()
-                && before.mtime() == after.mtime()
-                && before.mtime_nsec() == after.mtime_nsec()
+                && crate::scan::mtime_ns(&before) == crate::scan::mtime_ns(&after)
                 && size == after.len();
             if !steady && attempt < READ_ATTEMPTS {
                 tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
@@ -466,7 +465,7 @@ impl Workers<'_> {
             let record = VersionRecord {
                 kind: EntryKind::File,
                 mode,
-                mtime_ns: before.mtime() * 1_000_000_000 + before.mtime_nsec(),
+                mtime_ns: crate::scan::mtime_ns(&before),
                 size,
                 hash,
                 chunks,

@@ -19,6 +19,11 @@ use crate::roots::{StateDir, STAGING_PREFIX};
 use crate::store::schema::{EntryKind, VersionRecord};
 use crate::store::Reader;
 
+/// A file's modification time in nanoseconds since the Unix epoch.
+pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
 /// What a path is on disk now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsEntry {
@@ -56,7 +61,7 @@ impl FsEntry {
         Ok(Some(FsEntry {
             kind,
             mode: meta.mode() & 0o7777,
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            mtime_ns: mtime_ns(&meta),
             size: if kind == EntryKind::Symlink {
                 target.len() as u64
             } else if kind == EntryKind::File {
