@@ -82,6 +82,7 @@ pub enum Command {
         store: StoreArg,
         /// Only this path or the paths under it (PATH or ROOT:PATH).
         path: Option<String>,
+        /// Print the history as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -90,6 +91,7 @@ pub enum Command {
     Stats {
         #[command(flatten)]
         store: StoreArg,
+        /// Print the totals as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -98,12 +100,14 @@ pub enum Command {
     Verify {
         #[command(flatten)]
         store: StoreArg,
+        /// Print the report (and every problem) as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Check that this kernel and these privileges can run the eBPF tracer:
     /// load and attach the embedded program, write, and count the writes.
     Doctor {
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
