@@ -562,7 +562,11 @@ impl Workers<'_> {
         let (data, offset, bases) = (&chunk.data[..], chunk.offset, chunk.bases.clone());
         let mut delta = None;
         if !bases.is_empty() {
-            match self.reader.reference(&bases, Check::Chunk, &refs.decoded) {
+            // References are not hashed again here: a delta encodes against the
+            // reference bytes as they decode, and decoding is deterministic,
+            // so the new chunk rebuilds exactly either way (and replay checks
+            // the whole file's hash).
+            match self.reader.reference(&bases, Check::Content, &refs.decoded) {
                 Ok(reference) => {
                     let encoded = codec::encode_delta(&reference, data)?;
                     // A tiny delta wins outright; otherwise it must beat half
