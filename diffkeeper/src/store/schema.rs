@@ -34,14 +34,20 @@
 //! `chunk_index` is stored once, across files and versions.
 //!
 //! A new chunk is stored either as a **base** (raw, or [lz4_flex]-compressed
-//! when that saves at least 1/16) or as a **delta** against the base chunk
-//! that the previous version of the same file had at that position: a zstd
-//! frame compressed with that base as its reference prefix
-//! (`ZSTD_CCtx_refPrefix`, what `zstd --patch-from` does). A delta's
-//! reference is always a base, never another delta, so rebuilding any chunk
-//! decodes at most two records whatever the history: this is how chains stay
-//! bounded. A new base is started when a delta would exceed half the
-//! reference's stored size, or when the reference is itself not a base.
+//! when that saves at least 1/16) or as a **delta** against the old content
+//! at its place: a zstd frame (no magic, no checksum) compressed with the
+//! concatenation of the previous version's chunks that overlap the new
+//! chunk's position as its reference prefix (`ZSTD_CCtx_refPrefix`, what
+//! `zstd --patch-from` does for whole files). Positions follow the shift of
+//! the last chunk that matched unchanged, so an insertion does not misalign
+//! the rest of the file. The reference chunks are always bases: an old chunk
+//! that is itself a delta is stood in for by its own bases, and a delta has
+//! at most [`MAX_DELTA_BASES`] of them. Rebuilding any chunk therefore
+//! decodes at most that many bases and one delta, whatever the history:
+//! this is how chains stay bounded in length and cost. A delta is kept when
+//! it is at most 1/16 of the chunk, or at most half the size of the chunk's
+//! own base encoding; otherwise the chunk becomes a new base, which later
+//! versions delta against.
 //!
 //! Why zstd for deltas: measured on the benchmark pair (a 48 MiB SQLite
 //! file before and after updating 1% of its rows; ~280 changed chunks, same
