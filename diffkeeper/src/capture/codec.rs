@@ -70,29 +70,41 @@ fn encode_delta_with(reference: &[u8], bytes: &[u8], long_distance: bool) -> Res
     encoder.finish().context("zstd delta finish")
 }
 
-/// Rebuilds a chunk of `len` bytes from a delta against `reference`.
-pub fn apply_delta(reference: &[u8], delta: &[u8], len: usize) -> Result<Vec<u8>> {
+/// Rebuilds a chunk of `len` bytes from a delta against `reference` into
+/// `out` (its contents are replaced; its allocation is reused).
+pub fn apply_delta_into(
+    reference: &[u8],
+    delta: &[u8],
+    len: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(delta, reference)
         .context("zstd delta decoder")?;
     decoder
         .include_magicbytes(false)
         .context("zstd delta decoder")?;
     decoder.window_log_max(27).context("zstd delta window")?;
-    let mut out = Vec::with_capacity(len);
+    out.clear();
     // One byte past `len` tells a too-long delta apart from an exact one.
     decoder
         .take(len as u64 + 1)
-        .read_to_end(&mut out)
+        .read_to_end(out)
         .context("zstd delta decode")?;
     if out.len() != len {
         anyhow::bail!("delta rebuilds {} bytes, expected {len}", out.len());
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn apply_delta(reference: &[u8], delta: &[u8], len: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        apply_delta_into(reference, delta, len, &mut out)?;
+        Ok(out)
+    }
 
     #[test]
     fn delta_round_trips_and_is_small_for_small_edits() {

@@ -17,7 +17,6 @@
 
 pub mod beneath;
 
-use std::io::{BufWriter, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -272,11 +271,10 @@ fn stage_file(
     name: &str,
     entry: &LatestEntry,
 ) -> Result<u64> {
-    let file = beneath::create_file(staging, name)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    reader.write_content(&entry.version, &mut out)?;
-    out.flush()?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
+    // Unbuffered: content arrives in whole chunks (64-512 KiB, or the whole
+    // small file), so a buffer would only add a copy.
+    let mut file = beneath::create_file(staging, name)?;
+    reader.write_content(&entry.version, &mut file)?;
     beneath::set_fd_meta(&file, entry.version.mode, Some(entry.version.mtime_ns))?;
     Ok(entry.version.size)
 }

@@ -384,8 +384,10 @@ impl Reader {
         Ok(decode(raw.value(), "chunk record")?)
     }
 
-    fn payload(&self, id: u64, record: &ChunkRecord) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(record.stored_len as usize);
+    /// Reads a chunk's stored payload into `out` (replacing its contents).
+    fn payload_into(&self, id: u64, record: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
+        out.clear();
+        out.reserve(record.stored_len as usize);
         for item in self.payload.range((id, 0)..=(id, u32::MAX))? {
             let (_, piece) = item?;
             out.extend_from_slice(piece.value());
@@ -398,7 +400,7 @@ impl Reader {
             ))
             .into());
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Rebuilds a chunk's bytes and checks them against its SHA-256.
@@ -446,37 +448,61 @@ impl Reader {
         check: Check,
         cache: &BaseCache,
     ) -> Result<Vec<u8>> {
-        let payload = self.payload(id, record)?;
-        let bytes = match &record.encoding {
-            ChunkEncoding::Raw => payload,
-            ChunkEncoding::Lz4 => lz4_flex::block::decompress(&payload, record.len as usize)
-                .map_err(|e| StoreError::Corrupt(format!("chunk {id} does not decompress: {e}")))?,
+        let mut out = Vec::new();
+        self.decode_chunk_into(id, record, check, cache, &mut Vec::new(), &mut out)?;
+        Ok(out)
+    }
+
+    /// Rebuilds a chunk into `out`, using `scratch` for its payload; both
+    /// buffers are reused across calls so that large chunks do not cost a
+    /// fresh allocation (and its page faults) each.
+    fn decode_chunk_into(
+        &self,
+        id: u64,
+        record: &ChunkRecord,
+        check: Check,
+        cache: &BaseCache,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let len = record.len as usize;
+        match &record.encoding {
+            ChunkEncoding::Raw => self.payload_into(id, record, out)?,
+            ChunkEncoding::Lz4 => {
+                self.payload_into(id, record, scratch)?;
+                out.clear();
+                out.resize(len, 0);
+                let n = lz4_flex::block::decompress_into(scratch, out).map_err(|e| {
+                    StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
+                })?;
+                out.truncate(n);
+            }
             ChunkEncoding::ZstdDelta { bases } => {
+                self.payload_into(id, record, scratch)?;
                 let reference = self
                     .reference(bases, check, cache)
                     .with_context(|| format!("reference of chunk {id}"))?;
-                crate::capture::codec::apply_delta(&reference, &payload, record.len as usize)
-                    .map_err(|e| {
-                        StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))
-                    })?
+                crate::capture::codec::apply_delta_into(&reference, scratch, len, out).map_err(
+                    |e| StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}")),
+                )?;
             }
-        };
-        if bytes.len() != record.len as usize {
+        }
+        if out.len() != len {
             return Err(StoreError::Corrupt(format!(
                 "chunk {id} rebuilds to {} bytes, its record says {}",
-                bytes.len(),
+                out.len(),
                 record.len
             ))
             .into());
         }
-        if check == Check::Chunk && sha256(&bytes) != record.hash {
+        if check == Check::Chunk && sha256(out) != record.hash {
             return Err(StoreError::Corrupt(format!(
                 "chunk {id} fails its SHA-256 check (store {})",
                 self.path.display()
             ))
             .into());
         }
-        Ok(bytes)
+        Ok(())
     }
 
     /// Streams a file version's content into `sink`, chunk by chunk, and
@@ -493,11 +519,19 @@ impl Reader {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let cache = BaseCache::default();
+        let (mut scratch, mut bytes) = (Vec::new(), Vec::new());
         for &id in &version.chunks {
             let record = self.chunk_record(id)?;
             // The whole-content hash below covers every chunk, so hashing
             // each chunk again would only double the work.
-            let bytes = self.decode_chunk(id, &record, Check::Content, &cache)?;
+            self.decode_chunk_into(
+                id,
+                &record,
+                Check::Content,
+                &cache,
+                &mut scratch,
+                &mut bytes,
+            )?;
             hasher.update(&bytes);
             size += bytes.len() as u64;
             sink.write_all(&bytes)?;
