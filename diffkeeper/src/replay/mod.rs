@@ -136,6 +136,7 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
         actions.push(action);
     }
 
+    tracing::debug!(entries = entries.len(), elapsed = ?started.elapsed(), "replay planned");
     // Phase 1: rebuild and verify new content in staging.
     let mut to_write: Vec<(usize, &LatestEntry)> = entries
         .iter()
@@ -178,6 +179,7 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
     summary.written = staged.len();
     summary.written_bytes = staged.iter().sum();
 
+    tracing::debug!(files = summary.written, elapsed = ?started.elapsed(), "replay staged");
     // Phase 2: apply, parents before children (entries are sorted by path).
     let at = |entry: &LatestEntry| crate::roots::join(&root.path, &entry.path);
     for (i, (entry, action)) in entries.iter().zip(&actions).enumerate() {
@@ -208,6 +210,7 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
         };
         result.with_context(|| format!("cannot restore {}", at(entry).display()))?;
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "replay installed");
     // Deletions and directory modes, children before parents.
     for (entry, action) in entries.iter().zip(&actions).rev() {
         match action {
