@@ -2,7 +2,7 @@
 //!
 //! Files are read in parallel, cut into content-defined chunks (FastCDC),
 //! hashed, de-duplicated against the store, and new chunks are encoded as a
-//! base or as a delta against the chunk the previous version had at that
+//! base or as a delta against the chunks the previous version had at that
 //! position ([`codec`]). Workers stream chunks to a single writer that owns
 //! the redb write transaction, so memory stays bounded by a few chunks per
 //! worker whatever the file sizes, and the batch commits whole or not at all.
@@ -99,6 +99,7 @@ pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
     for root in roots {
         check_root(&root.path)?;
     }
+    let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
         let reader = store.reader()?;
         let found = find_changes(store.path(), &reader, roots)?;
@@ -109,10 +110,15 @@ pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
                 ..BatchSummary::default()
             });
         }
+        scanned = Some((reader.last_batch()?, found));
     }
     let store = Store::create_or_open(store_path)?;
     let reader = store.reader()?;
-    let found = find_changes(store.path(), &reader, roots)?;
+    // The scan made read-only stands unless another writer committed since.
+    let found = match scanned {
+        Some((last, found)) if last == reader.last_batch()? => found,
+        _ => find_changes(store.path(), &reader, roots)?,
+    };
     let mut summary = capture(&store, &reader, &found, started_ms)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();

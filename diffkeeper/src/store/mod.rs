@@ -338,6 +338,11 @@ impl Reader {
         Ok(())
     }
 
+    /// The newest batch's id (0 for an empty store).
+    pub fn last_batch(&self) -> Result<u64> {
+        Ok(self.batches.last()?.map(|(k, _)| k.value()).unwrap_or(0))
+    }
+
     /// Every batch, oldest first.
     pub fn batches(&self) -> Result<Vec<(u64, BatchRecord)>> {
         let mut out = Vec::new();
