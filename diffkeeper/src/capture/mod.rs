@@ -206,12 +206,11 @@ fn capture(
         return Ok(summary);
     }
     let mut writer = store.begin_batch()?;
-    let first_chunk = writer.allocate_chunk();
     let (tx, rx) = sync_channel::<Message>(64);
     let workers = Workers {
         reader,
         started_ms,
-        next_chunk: AtomicU64::new(first_chunk),
+        next_chunk: AtomicU64::new(writer.next_chunk_id()),
         fresh: Mutex::new(HashMap::new()),
         tx,
     };

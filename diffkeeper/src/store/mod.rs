@@ -607,14 +607,13 @@ impl BatchWriter {
         self.batch
     }
 
-    /// Reserves a chunk id.
-    pub fn allocate_chunk(&mut self) -> u64 {
-        let id = self.next_chunk;
-        self.next_chunk += 1;
-        id
+    /// The first chunk id not yet used; new chunks of this batch take ids
+    /// from here up.
+    pub fn next_chunk_id(&self) -> u64 {
+        self.next_chunk
     }
 
-    /// Stores a new chunk under a reserved id.
+    /// Stores a new chunk under an id of this batch's.
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         self.txn
             .open_table(CHUNKS)?
