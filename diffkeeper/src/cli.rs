@@ -47,6 +47,37 @@ pub struct RootsArgs {
     pub store: StoreArg,
 }
 
+/// Options of the capture loop (`watch`, `run`).
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub roots: RootsArgs,
+    /// Where write notices come from: auto (eBPF when built, else inotify,
+    /// else scanning), ebpf, inotify, or scan.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: crate::watch::Backend,
+    /// Quiet time after the last write before a directory is captured.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    pub debounce: std::time::Duration,
+    /// Longest a write waits to be captured, even under continuous writes.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub max_latency: std::time::Duration,
+    /// How often the scan backend walks the directories.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub scan_interval: std::time::Duration,
+}
+
+impl WatchArgs {
+    fn options(&self) -> crate::watch::WatchOptions {
+        crate::watch::WatchOptions {
+            backend: self.backend,
+            debounce: self.debounce,
+            max_latency: self.max_latency,
+            scan_interval: self.scan_interval,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Scan the state directories and record every change since the last
@@ -104,6 +135,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Capture changes as they happen until SIGTERM or SIGINT, then capture
+    /// once more and exit 0. Changes made while DiffKeeper was not running
+    /// are captured at start.
+    Watch {
+        #[command(flatten)]
+        watch: WatchArgs,
+    },
+    /// Replay the state, start CMD, capture while it runs, capture once more
+    /// when it exits, and exit with its exit code (128 + signal if it was
+    /// killed; 127 if it cannot be started). SIGTERM, SIGINT and SIGHUP are
+    /// forwarded to CMD.
+    Run {
+        #[command(flatten)]
+        watch: WatchArgs,
+        /// The app and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Check that this kernel and these privileges can run the eBPF tracer:
     /// load and attach the embedded program, write, and count the writes.
     Doctor {
@@ -125,6 +174,14 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 
 fn state_dirs(args: &RootsArgs) -> Result<Vec<StateDir>> {
     parse_state_dirs(&args.state_dirs)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Runs a parsed command line.
@@ -233,6 +290,23 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
+        Command::Watch { watch } => {
+            let dirs = state_dirs(&watch.roots)?;
+            runtime()?.block_on(crate::supervise::watch(
+                &watch.roots.store.store,
+                &dirs,
+                &watch.options(),
+            ))
+        }
+        Command::Run { watch, command } => {
+            let dirs = state_dirs(&watch.roots)?;
+            runtime()?.block_on(crate::supervise::run(
+                &watch.roots.store.store,
+                &dirs,
+                &watch.options(),
+                &command,
+            ))
+        }
     }
 }
 

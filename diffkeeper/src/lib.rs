@@ -7,13 +7,15 @@
 //! | stage | module | owns |
 //! |---|---|---|
 //! | kernel events | [`events`] | the embedded eBPF programs and their userspace half |
+//! | coalescing | [`watch`] | write notices (inotify, scanning; eBPF next) into batches at quiet, consistent moments |
 //! | change detection | [`scan`] | walking a state directory and diffing it with the store |
 //! | capture / delta | [`capture`] | chunking, hashing, de-duplication, delta and compression, one batch per transaction |
 //! | store | [`store`] | the redb file; its format is documented in [`store::schema`] |
 //! | replay | [`replay`] | rebuilding a state directory, verified, confined to it |
 //!
 //! Around them: [`roots`] (state directories and path safety), [`verify`],
-//! [`report`] (`log`, `stats`), [`progress`] and [`cli`].
+//! [`report`] (`log`, `stats`), [`supervise`] (`run`, `watch`), [`progress`]
+//! and [`cli`].
 
 pub mod capture;
 pub mod cli;
@@ -24,4 +26,6 @@ pub mod report;
 pub mod roots;
 pub mod scan;
 pub mod store;
+pub mod supervise;
 pub mod verify;
+pub mod watch;

@@ -57,6 +57,9 @@ pub struct BatchSummary {
     pub stored_bytes: u64,
     /// Paths that could not be read, with the reason; the rest was captured.
     pub failures: Vec<(PathBuf, String)>,
+    /// The tree was written to while this batch was read, so the batch was
+    /// dropped rather than committed as a torn cut (see [`snapshot_cut`]).
+    pub disturbed: bool,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -65,6 +68,7 @@ impl std::fmt::Display for BatchSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.batch {
             Some(b) => write!(f, "batch {b}: ")?,
+            None if self.disturbed => write!(f, "dropped (written while read): ")?,
             None => write!(f, "no changes: ")?,
         }
         write!(
@@ -93,6 +97,18 @@ impl std::fmt::Display for BatchSummary {
 /// changed the store is only read, never opened for writing, so an idle
 /// snapshot leaves the file exactly as it was.
 pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
+    snapshot_cut(store_path, roots, None)
+}
+
+/// Like [`snapshot`], for a caller that learns of writes while the batch is
+/// read: when `disturbed` is set by the time the batch would commit, the
+/// batch is dropped (nothing is written) and the summary says so, so that
+/// every committed batch is a consistent cut of its trees.
+pub fn snapshot_cut(
+    store_path: &Path,
+    roots: &[StateDir],
+    disturbed: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<BatchSummary> {
     let started = Instant::now();
     let started_ms = now_ms();
     // Before the store is created, so a typo does not leave an empty store.
@@ -119,7 +135,7 @@ pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
         Some((last, found)) if last == reader.last_batch()? => found,
         _ => find_changes(store.path(), &reader, roots)?,
     };
-    let mut summary = capture(&store, &reader, &found, started_ms)?;
+    let mut summary = capture(&store, &reader, &found, started_ms, disturbed)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
     Ok(summary)
@@ -199,6 +215,7 @@ fn capture(
     reader: &Reader,
     roots: &[RootChanges],
     started_ms: i64,
+    disturbed: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<BatchSummary> {
     let mut summary = BatchSummary::default();
     let total: usize = roots.iter().map(|r| r.changes.len()).sum();
@@ -283,6 +300,10 @@ fn capture(
     let files_changed = (summary.new + summary.changed + summary.deleted) as u64;
     if files_changed == 0 && summary.settled == 0 {
         // Nothing to record: the transaction is dropped, which aborts it.
+        return Ok(summary);
+    }
+    if disturbed.is_some_and(|d| d.load(Ordering::SeqCst)) {
+        summary.disturbed = true;
         return Ok(summary);
     }
     let record = BatchRecord {

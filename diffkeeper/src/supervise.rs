@@ -1,0 +1,122 @@
+//! Supervising an app: `diffkeeper run` (replay, start the app, capture
+//! while it runs, forward signals, a final capture, its exit code) and
+//! `diffkeeper watch` (capture until told to stop).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use crate::roots::StateDir;
+use crate::watch::{CaptureLoop, WatchOptions};
+
+/// Exit code when the app cannot be started (as shells use).
+const CANNOT_START: u8 = 127;
+
+/// Captures until SIGTERM or SIGINT, then once more; exit 0.
+pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> Result<ExitCode> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stopping: capturing what is left");
+    };
+    let summary = CaptureLoop::start(store, roots, options)
+        .await?
+        .run_until(stop)
+        .await?;
+    tracing::info!(
+        batches = summary.batches,
+        dropped = summary.dropped,
+        notices = summary.notices,
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Replays, runs `command` while capturing, and returns its exit code.
+pub async fn run(
+    store: &Path,
+    roots: &[StateDir],
+    options: &WatchOptions,
+    command: &[String],
+) -> Result<ExitCode> {
+    let Some((program, args)) = command.split_first() else {
+        anyhow::bail!("no command to run: give it after `--`");
+    };
+    match crate::replay::replay(store, roots, false)? {
+        None => tracing::info!("no store at {} yet: first start", store.display()),
+        Some(summaries) => {
+            for s in summaries {
+                tracing::info!("replayed {s}");
+            }
+        }
+    }
+    // Watching starts before the app, so none of its writes goes unnoticed.
+    let capture = CaptureLoop::start(store, roots, options).await?;
+    // Signals are taken over before the app starts, so none is lost.
+    let mut signals: Vec<(Signal, i32)> = Vec::new();
+    for (kind, number) in [
+        (SignalKind::terminate(), libc_signal::TERM),
+        (SignalKind::interrupt(), libc_signal::INT),
+        (SignalKind::hangup(), libc_signal::HUP),
+    ] {
+        signals.push((signal(kind).context("cannot handle signals")?, number));
+    }
+    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("error: cannot start {program}: {e}");
+            return Ok(ExitCode::from(CANNOT_START));
+        }
+    };
+    let pid = child.id();
+
+    let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
+    let capture = tokio::spawn(capture.run_until(async {
+        let _ = exited_rx.await;
+    }));
+
+    let status = loop {
+        let [(term, t), (int, i), (hup, h)] = &mut signals[..] else {
+            unreachable!("three signals were registered")
+        };
+        let forward = tokio::select! {
+            status = child.wait() => break status.context("cannot wait for the app")?,
+            _ = term.recv() => *t,
+            _ = int.recv() => *i,
+            _ = hup.recv() => *h,
+        };
+        if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            if let Some(sig) = rustix::process::Signal::from_named_raw(forward) {
+                tracing::info!(signal = forward, "forwarding signal to the app");
+                if let Err(e) = rustix::process::kill_process(pid, sig) {
+                    tracing::warn!("cannot forward signal {forward}: {e}");
+                }
+            }
+        }
+    };
+    let _ = exited_tx.send(());
+    match capture.await {
+        Ok(Ok(summary)) => tracing::info!(batches = summary.batches, "final capture done"),
+        Ok(Err(e)) => eprintln!("error: capture failed: {e:#}"),
+        Err(e) => eprintln!("error: capture task failed: {e}"),
+    }
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
+        (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
+        (None, None) => ExitCode::FAILURE,
+    })
+}
+
+/// Signal numbers forwarded to the app.
+mod libc_signal {
+    pub const HUP: i32 = 1;
+    pub const INT: i32 = 2;
+    pub const TERM: i32 = 15;
+}

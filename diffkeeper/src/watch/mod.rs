@@ -1,0 +1,241 @@
+//! Coalescing: turn a stream of "this tree was written" notices into capture
+//! batches at consistent moments.
+//!
+//! A backend ([`backend`]) reports which state directory was written. Per
+//! directory, a batch is captured once the directory has been quiet for the
+//! debounce window, or once the maximum latency since its first unsaved
+//! write has passed, whichever comes first. A batch read while the directory
+//! is written again is dropped and retried (a bounded number of times, then
+//! at the maximum latency it is taken anyway), so a committed batch is a
+//! consistent cut: a database and its journal restore as the app left them
+//! at one moment.
+
+pub mod backend;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use crate::capture::{snapshot_cut, BatchSummary};
+use crate::roots::StateDir;
+pub use backend::Backend;
+
+/// How the capture loop behaves.
+#[derive(Debug, Clone)]
+pub struct WatchOptions {
+    pub backend: Backend,
+    /// Quiet time after the last write before a directory is captured.
+    pub debounce: Duration,
+    /// Longest time a write may wait to be captured, even under continuous
+    /// writes.
+    pub max_latency: Duration,
+    /// How often the scan backend walks the directories.
+    pub scan_interval: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            backend: Backend::Auto,
+            debounce: Duration::from_millis(300),
+            max_latency: Duration::from_secs(3),
+            scan_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Drops of a disturbed batch before the next one is committed regardless
+/// (once the maximum latency has passed).
+const MAX_DROPS: u32 = 3;
+/// How often due directories are looked for.
+const TICK: Duration = Duration::from_millis(25);
+
+/// One state directory's unsaved writes.
+#[derive(Default)]
+struct Pending {
+    /// First write not yet in a committed batch.
+    first: Option<Instant>,
+    /// Latest write seen.
+    last: Option<Instant>,
+    /// Batches of this directory dropped in a row because it was written
+    /// while they were read.
+    drops: u32,
+}
+
+/// What the loop did, for logs and tests.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LoopSummary {
+    pub batches: u64,
+    pub dropped: u64,
+    pub notices: u64,
+}
+
+/// A started capture loop: its backend is watching and the state that was
+/// there at start has been captured.
+pub struct CaptureLoop {
+    store: PathBuf,
+    roots: Vec<StateDir>,
+    options: WatchOptions,
+    notices: backend::Notices,
+    rx: mpsc::UnboundedReceiver<usize>,
+    _source: backend::Source,
+    summary: LoopSummary,
+}
+
+impl CaptureLoop {
+    /// Starts the backend, then captures changes made while DiffKeeper was
+    /// not running. Writes from then on are noticed.
+    pub async fn start(
+        store: &Path,
+        roots: &[StateDir],
+        options: &WatchOptions,
+    ) -> Result<CaptureLoop> {
+        let (tx, rx) = mpsc::unbounded_channel::<usize>();
+        let notices = backend::Notices::new(tx, roots.len());
+        let source = backend::start(options, roots, store, notices.clone())?;
+        let mut summary = LoopSummary::default();
+        if capture_now(store, roots, None).await?.batch.is_some() {
+            summary.batches += 1;
+        }
+        Ok(CaptureLoop {
+            store: store.to_path_buf(),
+            roots: roots.to_vec(),
+            options: options.clone(),
+            notices,
+            rx,
+            _source: source,
+            summary,
+        })
+    }
+
+    /// Captures as writes come until `stop` resolves, then once more so
+    /// nothing written before the stop is lost.
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<LoopSummary> {
+        let mut pending: Vec<Pending> = self.roots.iter().map(|_| Pending::default()).collect();
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                notice = self.rx.recv() => {
+                    let Some(root) = notice else { break };
+                    self.summary.notices += 1;
+                    if let Some(p) = pending.get_mut(root) {
+                        let now = Instant::now();
+                        p.first.get_or_insert(now);
+                        p.last = Some(now);
+                    }
+                }
+                _ = tick.tick() => {
+                    for index in due(&pending, &self.options) {
+                        let outcome = capture_root(
+                            &self.store,
+                            &self.roots[index],
+                            &mut pending[index],
+                            self.notices.flag(index),
+                            &self.options,
+                        )
+                        .await?;
+                        self.summary.batches += u64::from(outcome.committed);
+                        self.summary.dropped += u64::from(outcome.dropped);
+                    }
+                }
+            }
+        }
+        // Whatever was written before the stop.
+        if capture_now(&self.store, &self.roots, None)
+            .await?
+            .batch
+            .is_some()
+        {
+            self.summary.batches += 1;
+        }
+        Ok(self.summary)
+    }
+}
+
+/// Directories whose batch is due: quiet for the debounce window, or
+/// waiting for the maximum latency.
+fn due(pending: &[Pending], options: &WatchOptions) -> Vec<usize> {
+    let now = Instant::now();
+    pending
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| match (p.first, p.last) {
+            (Some(first), Some(last)) => {
+                now.duration_since(last) >= options.debounce
+                    || now.duration_since(first) >= options.max_latency
+            }
+            _ => false,
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+struct CaptureOutcome {
+    committed: bool,
+    dropped: bool,
+}
+
+/// Captures one due directory. `written` is set by the backend on every
+/// write notice for it, including those that arrive while it is read.
+async fn capture_root(
+    store: &Path,
+    root: &StateDir,
+    pending: &mut Pending,
+    written: Arc<AtomicBool>,
+    options: &WatchOptions,
+) -> Result<CaptureOutcome> {
+    let first = pending.first.unwrap_or_else(Instant::now);
+    // Under continuous writes, or after repeated drops, the batch is taken
+    // even if written while read: capture at least every max latency.
+    let overdue = first.elapsed() >= options.max_latency || pending.drops >= MAX_DROPS;
+    written.store(false, Ordering::SeqCst);
+    let result = capture_now(
+        store,
+        std::slice::from_ref(root),
+        (!overdue).then_some(written),
+    )
+    .await?;
+    if result.disturbed {
+        pending.drops += 1;
+        // Wait for the next quiet moment; `first` stays, so the maximum
+        // latency still counts from the first unsaved write.
+        pending.last = Some(Instant::now());
+        tracing::debug!(root = %root.name, drops = pending.drops, "batch dropped: written while read");
+        return Ok(CaptureOutcome {
+            committed: false,
+            dropped: true,
+        });
+    }
+    if result.batch.is_some() {
+        tracing::info!(root = %root.name, "{result}");
+    }
+    // Notices that arrived during the capture are still in the channel and
+    // will mark the directory dirty again; the next batch takes them.
+    *pending = Pending::default();
+    Ok(CaptureOutcome {
+        committed: result.batch.is_some(),
+        dropped: false,
+    })
+}
+
+/// Captures `roots` now, off the async runtime's threads.
+async fn capture_now(
+    store: &Path,
+    roots: &[StateDir],
+    disturbed: Option<Arc<AtomicBool>>,
+) -> Result<BatchSummary> {
+    let store: PathBuf = store.to_path_buf();
+    let roots = roots.to_vec();
+    tokio::task::spawn_blocking(move || snapshot_cut(&store, &roots, disturbed.as_deref()))
+        .await
+        .context("capture task failed")?
+}

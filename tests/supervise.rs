@@ -1,0 +1,250 @@
+//! `diffkeeper run` and `diffkeeper watch` through the real binary, with
+//! each notice backend: exit codes, signal forwarding, captures while the
+//! app runs and at its exit, and a SIGKILLed app.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_same_tree, ok, read_tree, s, BIN};
+
+const BACKENDS: [&str; 2] = ["inotify", "scan"];
+
+fn run_args(state: &Path, store: &Path, backend: &str) -> Vec<String> {
+    [
+        "run",
+        "--state-dir",
+        &format!("data={}", s(state)),
+        "--store",
+        s(store),
+        "--backend",
+        backend,
+        "--debounce",
+        "100ms",
+        "--max-latency",
+        "1s",
+        "--scan-interval",
+        "200ms",
+        "--",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn spawn(args: &[String], app: &str) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .args(["sh", "-c", app])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn diffkeeper run")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn batches(store: &Path) -> u64 {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--store", s(store)])
+        .output()
+        .expect("stats");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["batches"].as_u64())
+        .unwrap_or(0)
+}
+
+fn replayed(
+    store: &Path,
+    work: &Path,
+    name: &str,
+) -> std::collections::BTreeMap<Vec<u8>, common::Node> {
+    let target = work.join(name);
+    ok(&[
+        "replay",
+        "--state-dir",
+        &format!("data={}", s(&target)),
+        "--store",
+        s(store),
+    ]);
+    read_tree(&target)
+}
+
+#[test]
+fn run_returns_the_apps_exit_code() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    let store = work.path().join("store.dk");
+    let args = run_args(&state, &store, "inotify");
+    for (app, code) in [
+        ("exit 0", 0),
+        ("exit 3", 3),
+        ("kill -9 $$", 137),
+        ("kill -15 $$", 143),
+    ] {
+        let status = spawn(&args, app).wait().expect("wait");
+        assert_eq!(status.code(), Some(code), "app `{app}`");
+    }
+    let out = Command::new(BIN)
+        .args(&args)
+        .arg("/no/such/program")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/no/such/program"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn run_captures_while_the_app_runs_and_when_it_exits() {
+    for backend in BACKENDS {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        fs::create_dir_all(&state).expect("mkdir");
+        fs::write(
+            state.join("before-start"),
+            b"written while diffkeeper was not running",
+        )
+        .expect("write");
+        let store = work.path().join("store.dk");
+        let app = format!(
+            "mkdir -p {d}/deep/er && echo one > {d}/deep/er/a && sleep 1.5 && echo two > {d}/b && exit 0",
+            d = s(&state)
+        );
+        let mut child = spawn(&run_args(&state, &store, backend), &app);
+        // A batch lands while the app still runs (it sleeps 1.5 s).
+        wait_for(
+            &format!("{backend}: a batch while the app runs"),
+            Duration::from_secs(10),
+            || batches(&store) >= 2 || child.try_wait().ok().flatten().is_some(),
+        );
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "{backend}: the app ended before any capture"
+        );
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "{backend}");
+        // The final capture has everything, including what was there first.
+        assert_same_tree(
+            &read_tree(&state),
+            &replayed(&store, work.path(), "fresh"),
+            backend,
+        );
+        ok(&["verify", "--store", s(&store)]);
+    }
+}
+
+#[test]
+fn signals_reach_the_app_and_its_last_writes_are_kept() {
+    for backend in BACKENDS {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        fs::create_dir_all(&state).expect("mkdir");
+        let store = work.path().join("store.dk");
+        let app = format!(
+            "trap 'echo saved > {d}/on-term; exit 0' TERM; echo up > {d}/started; while true; do sleep 0.05; done",
+            d = s(&state)
+        );
+        let mut child = spawn(&run_args(&state, &store, backend), &app);
+        wait_for("the app to start", Duration::from_secs(10), || {
+            state.join("started").exists()
+        });
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .expect("SIGTERM to diffkeeper");
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{backend}: the app handled SIGTERM and exited 0"
+        );
+        let tree = replayed(&store, work.path(), "fresh");
+        assert!(
+            tree.contains_key(b"on-term".as_slice()),
+            "{backend}: the app's write on SIGTERM was not captured"
+        );
+    }
+}
+
+#[test]
+fn an_app_killed_mid_write_leaves_a_verified_replayable_state() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    let store = work.path().join("store.dk");
+    let app = format!(
+        "echo $$ > {d}/pid; i=0; while true; do i=$((i+1)); echo \"line $i\" >> {d}/journal; head -c 4096 /dev/urandom > {d}/blob.$((i % 5)); done",
+        d = s(&state)
+    );
+    let mut child = spawn(&run_args(&state, &store, "inotify"), &app);
+    wait_for("the app to write", Duration::from_secs(10), || {
+        batches(&store) >= 2
+    });
+    let pid: i32 = fs::read_to_string(state.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid number");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("SIGKILL the app");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(137));
+    ok(&["verify", "--store", s(&store)]);
+    // The final capture ran after the app died: the store has its last state.
+    assert_same_tree(
+        &read_tree(&state),
+        &replayed(&store, work.path(), "fresh"),
+        "after SIGKILL",
+    );
+}
+
+#[test]
+fn watch_captures_until_sigterm() {
+    for backend in BACKENDS {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        fs::create_dir_all(&state).expect("mkdir");
+        let store = work.path().join("store.dk");
+        let mut args = run_args(&state, &store, backend);
+        args[0] = "watch".into();
+        args.pop(); // no `--`
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watch");
+        std::thread::sleep(Duration::from_millis(300));
+        fs::write(state.join("f"), b"first").expect("write");
+        wait_for(
+            &format!("{backend}: a batch with f"),
+            Duration::from_secs(10),
+            || batches(&store) >= 1,
+        );
+        fs::write(state.join("g"), b"written just before the stop").expect("write");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = child.wait().expect("wait");
+        assert_eq!(status.code(), Some(0), "{backend}");
+        assert_same_tree(
+            &read_tree(&state),
+            &replayed(&store, work.path(), "fresh"),
+            backend,
+        );
+    }
+}
