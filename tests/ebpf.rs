@@ -64,6 +64,9 @@ fn tracepoints_count_every_write_and_report_each_file_once() {
     assert_eq!(field(&report, "events_after_clear"), 2, "{report}");
     assert_eq!(field(&report, "events"), 4, "{report}");
     assert_eq!(field(&report, "ringbuf_full"), 0, "{report}");
+    // The programs found each file's inode and device from its descriptor
+    // with offsets read from this kernel's BTF.
+    assert_eq!(report["inodes_match"], true, "{report}");
 }
 
 #[test]

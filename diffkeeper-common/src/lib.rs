@@ -16,6 +16,12 @@ pub struct WriteEvent {
     pub fd: u32,
     /// Bytes the first write of this burst asked to write.
     pub bytes: u64,
+    /// Inode number of the file written, as the kernel resolved it from
+    /// the descriptor (0 when it could not).
+    pub ino: u64,
+    /// Device of that inode, in the kernel's encoding (major << 20 | minor).
+    pub dev: u32,
+    pub reserved: u32,
 }
 
 impl WriteEvent {
@@ -58,7 +64,7 @@ pub mod names {
     ];
 }
 
-// SAFETY: `WriteEvent` is `repr(C)`, `Copy`, has no padding (u32, u32, u64)
+// SAFETY: `WriteEvent` is `repr(C)`, `Copy`, has no padding (u32, u32, u64, u64, u32, u32)
 // and every bit pattern is a valid value, which is what `Pod` requires.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WriteEvent {}

@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
     macros::{map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -24,6 +24,55 @@ use diffkeeper_common::{counter, dirty_key, WriteEvent};
 /// syscall number padded to 8, then one 8-byte slot per argument).
 const ARG_FD: usize = 16;
 const ARG_COUNT: usize = 32;
+
+// Kernel struct field offsets, set by userspace from the running kernel's
+// BTF before loading (no CO-RE for Rust programs). Read with
+// `read_volatile` so the compiler cannot fold the zero initialisers.
+#[no_mangle]
+static OFF_TASK_FILES: u32 = 0;
+#[no_mangle]
+static OFF_FILES_FDT: u32 = 0;
+#[no_mangle]
+static OFF_FDT_FD: u32 = 0;
+#[no_mangle]
+static OFF_FILE_INODE: u32 = 0;
+#[no_mangle]
+static OFF_INODE_INO: u32 = 0;
+#[no_mangle]
+static OFF_INODE_SB: u32 = 0;
+#[no_mangle]
+static OFF_SB_DEV: u32 = 0;
+
+fn offset(global: &u32) -> usize {
+    // SAFETY: a plain read of a global the loader initialised.
+    unsafe { core::ptr::read_volatile(global) as usize }
+}
+
+/// Reads a `T` at `base + off` from kernel memory.
+fn read<T>(base: u64, off: usize) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe
+    // path; a bad address makes it fail, never fault.
+    unsafe { bpf_probe_read_kernel((base as usize + off) as *const T).ok() }
+}
+
+/// The (inode number, device) of descriptor `fd` of the current task:
+/// task->files->fdt->fd[fd]->f_inode->{i_ino, i_sb->s_dev}.
+fn inode_of_fd(fd: u64) -> Option<(u64, u32)> {
+    // SAFETY: the helper only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = read(task, offset(&OFF_TASK_FILES))?;
+    let fdt: u64 = read(files, offset(&OFF_FILES_FDT))?;
+    let fd_array: u64 = read(fdt, offset(&OFF_FDT_FD))?;
+    let file: u64 = read(fd_array, (fd as usize).checked_mul(8)?)?;
+    let inode: u64 = read(file, offset(&OFF_FILE_INODE))?;
+    let ino: u64 = read(inode, offset(&OFF_INODE_INO))?;
+    let sb: u64 = read(inode, offset(&OFF_INODE_SB))?;
+    let dev: u32 = read(sb, offset(&OFF_SB_DEV))?;
+    Some((ino, dev))
+}
 
 #[map(name = "WATCHED_TGIDS")]
 static WATCHED_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
@@ -76,12 +125,16 @@ fn on_write(ctx: &TracePointContext) {
     if DIRTY.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
         return;
     }
+    let (ino, dev) = inode_of_fd(fd).unwrap_or((0, 0));
     match EVENTS.reserve::<WriteEvent>(0) {
         Some(mut entry) => {
             entry.write(WriteEvent {
                 tgid,
                 fd: fd as u32,
                 bytes: count,
+                ino,
+                dev,
+                reserved: 0,
             });
             entry.submit(0);
             bump(counter::EVENTS, 1);

@@ -8,6 +8,7 @@
 //! kernel that the programs load, attach, see writes and coalesce them; the
 //! write tracer that feeds capture grows here next.
 
+pub mod btf;
 mod tracefs;
 
 use std::fmt;
@@ -79,7 +80,12 @@ impl Programs {
     /// Loads the embedded programs and attaches every tracepoint.
     pub fn load() -> Result<Programs> {
         let mounted_tracefs = tracefs::ensure_mounted()?;
-        let mut ebpf = EbpfLoader::new()
+        let offsets = btf::kernel_offsets(&btf::Btf::from_kernel()?)?;
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .with_context(|| format!("cannot load the eBPF object: {}", privileges_hint()))?;
         // The programs log only on rare paths; without the log map they still work.
@@ -192,10 +198,15 @@ fn parse_event(bytes: &[u8]) -> Option<WriteEvent> {
     let tgid = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
     let fd = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
     let written = u64::from_ne_bytes(bytes.get(8..16)?.try_into().ok()?);
+    let ino = u64::from_ne_bytes(bytes.get(16..24)?.try_into().ok()?);
+    let dev = u32::from_ne_bytes(bytes.get(24..28)?.try_into().ok()?);
     Some(WriteEvent {
         tgid,
         fd,
         bytes: written,
+        ino,
+        dev,
+        reserved: 0,
     })
 }
 
@@ -215,6 +226,9 @@ pub struct SelfTestReport {
     /// Events per file descriptor before and after clearing dirty marks.
     pub events_first_round: u64,
     pub events_after_clear: u64,
+    /// Whether the inode and device the programs resolved from each
+    /// descriptor (through BTF offsets) equal what `fstat` says.
+    pub inodes_match: bool,
 }
 
 impl fmt::Display for SelfTestReport {
@@ -236,10 +250,19 @@ impl fmt::Display for SelfTestReport {
             "writes: made {} ({} bytes), kernel saw {} ({} bytes)",
             self.writes_made, self.bytes_made, self.writes_seen, self.bytes_seen
         )?;
-        write!(
+        writeln!(
             f,
             "events: {} for 2 files ({} after clearing their marks), ring buffer full {} times",
             self.events_first_round, self.events_after_clear, self.ringbuf_full
+        )?;
+        write!(
+            f,
+            "file identity from descriptors (BTF offsets): {}",
+            if self.inodes_match {
+                "matches fstat"
+            } else {
+                "DOES NOT match fstat"
+            }
         )
     }
 }
@@ -292,6 +315,32 @@ pub fn self_test() -> Result<SelfTestReport> {
             })
             .count() as u64
     };
+    // The kernel's dev_t is major << 20 | minor; compare by parts.
+    let identity = |file: &File| -> Result<(u64, u32, u32)> {
+        let st = rustix::fs::fstat(file).context("cannot fstat a test file")?;
+        Ok((
+            st.st_ino,
+            rustix::fs::major(st.st_dev),
+            rustix::fs::minor(st.st_dev),
+        ))
+    };
+    let expected = [
+        (a.as_raw_fd() as u32, identity(&a)?),
+        (b.as_raw_fd() as u32, identity(&b)?),
+    ];
+    let inodes_match = first_events
+        .iter()
+        .chain(&second_events)
+        .filter(|e| e.tgid == me)
+        .all(|e| {
+            expected
+                .iter()
+                .find(|(fd, _)| *fd == e.fd)
+                .is_some_and(|(_, (ino, major, minor))| {
+                    e.ino == *ino && e.dev >> 20 == *major && e.dev & 0xf_ffff == *minor
+                })
+        })
+        && !first_events.is_empty();
     let counters = programs.counters()?;
     let kernel = rustix::system::uname();
     Ok(SelfTestReport {
@@ -305,5 +354,6 @@ pub fn self_test() -> Result<SelfTestReport> {
         ringbuf_full: counters[counter::RINGBUF_FULL as usize],
         events_first_round: ours(&first_events),
         events_after_clear: ours(&second_events),
+        inodes_match,
     })
 }
