@@ -1,46 +1,101 @@
 //! Types shared by the eBPF programs (`diffkeeper-ebpf`) and their userspace
 //! half (`diffkeeper::events`): map names, counter slots and the `#[repr(C)]`
-//! records that cross the ring buffer. Both sides compile this one
-//! definition, so their layouts cannot drift apart.
+//! records that cross between them. Both sides compile this one definition,
+//! so their layouts cannot drift apart.
 #![no_std]
 
-/// One event per (process, file descriptor) that wrote, until userspace
-/// takes it: the kernel side sets a dirty mark and stays silent for that key
-/// until userspace clears the mark.
+/// An inode's identity: its number and its file system's device, in the
+/// kernel's encoding (`major << 20 | minor`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InodeKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub pad: u32,
+}
+
+impl InodeKey {
+    /// The kernel's encoding of a device number.
+    pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
+        (major << 20) | (minor & 0xf_ffff)
+    }
+}
+
+/// A file inode's cached place: under root `root_plus_one - 1`, or under no
+/// root when 0, as of rename generation `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub root_plus_one: u32,
+    pub generation: u32,
+}
+
+/// A watched file became dirty. One event per inode until userspace takes
+/// it: the kernel side sets a mark in `DIRTY` and stays silent for that
+/// inode until userspace clears the mark.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriteEvent {
-    /// Thread-group id (the process id userspace sees).
-    pub tgid: u32,
-    /// The file descriptor written to.
-    pub fd: u32,
-    /// Bytes the first write of this burst asked to write.
-    pub bytes: u64,
-    /// Inode number of the file written, as the kernel resolved it from
-    /// the descriptor (0 when it could not).
     pub ino: u64,
-    /// Device of that inode, in the kernel's encoding (major << 20 | minor).
+    /// Bytes the first write of this burst asked to write (0 for calls that
+    /// do not say, like writev or ftruncate).
+    pub bytes: u64,
     pub dev: u32,
-    pub reserved: u32,
+    /// Index of the watched root the file is under.
+    pub root: u32,
+    /// The writing process (thread-group id).
+    pub tgid: u32,
+    pub fd: u32,
 }
 
 impl WriteEvent {
     /// The key of this event's dirty mark.
-    pub const fn dirty_key(&self) -> u64 {
-        dirty_key(self.tgid, self.fd)
+    pub const fn key(&self) -> InodeKey {
+        InodeKey {
+            ino: self.ino,
+            dev: self.dev,
+            pad: 0,
+        }
+    }
+
+    /// Size of the record in the ring buffer.
+    pub const SIZE: usize = 32;
+
+    /// Reads a record from its bytes (native endian, `repr(C)` layout).
+    pub fn from_bytes(bytes: &[u8]) -> Option<WriteEvent> {
+        if bytes.len() < Self::SIZE {
+            return None;
+        }
+        let u64_at = |at: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let u32_at = |at: usize| {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(&bytes[at..at + 4]);
+            u32::from_ne_bytes(b)
+        };
+        Some(WriteEvent {
+            ino: u64_at(0),
+            bytes: u64_at(8),
+            dev: u32_at(16),
+            root: u32_at(20),
+            tgid: u32_at(24),
+            fd: u32_at(28),
+        })
     }
 }
 
-/// The key of a (process, fd) pair's dirty mark.
-pub const fn dirty_key(tgid: u32, fd: u32) -> u64 {
-    ((tgid as u64) << 32) | fd as u64
-}
+/// How many dentry parents the membership walk climbs: deeper files are
+/// treated as outside every watched tree.
+pub const MAX_WALK_DEPTH: u32 = 32;
 
 /// Slots of the per-CPU `COUNTERS` array.
 pub mod counter {
-    /// Write-family calls seen from watched processes.
+    /// Data-changing calls on files under a watched tree.
     pub const WRITES: u32 = 0;
-    /// Bytes those calls asked to write.
+    /// Bytes those calls asked to write (write and pwrite64 only).
     pub const BYTES: u32 = 1;
     /// Events put into the ring buffer.
     pub const EVENTS: u32 = 2;
@@ -53,18 +108,32 @@ pub mod counter {
 
 /// Map and program names, as both sides spell them.
 pub mod names {
-    pub const WATCHED_TGIDS: &str = "WATCHED_TGIDS";
+    pub const WATCHED_DIRS: &str = "WATCHED_DIRS";
     pub const DIRTY: &str = "DIRTY";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
-    /// Tracepoint programs and the `syscalls` events they attach to.
-    pub const PROGRAMS: [(&str, &str); 2] = [
-        ("sys_enter_write", "sys_enter_write"),
-        ("sys_enter_pwrite64", "sys_enter_pwrite64"),
+    /// Tracepoint programs; each attaches to `syscalls/<its name>`.
+    pub const PROGRAMS: [&str; 11] = [
+        "sys_enter_write",
+        "sys_enter_pwrite64",
+        "sys_enter_writev",
+        "sys_enter_pwritev",
+        "sys_enter_pwritev2",
+        "sys_enter_ftruncate",
+        "sys_enter_fallocate",
+        "sys_enter_copy_file_range",
+        "sys_enter_rename",
+        "sys_enter_renameat",
+        "sys_enter_renameat2",
     ];
 }
 
-// SAFETY: `WriteEvent` is `repr(C)`, `Copy`, has no padding (u32, u32, u64, u64, u32, u32)
-// and every bit pattern is a valid value, which is what `Pod` requires.
+// SAFETY (all three): `repr(C)`, `Copy`, fields laid out without padding
+// (u64s first, then u32s in pairs), and every bit pattern is a valid value,
+// which is what `Pod` requires.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for InodeKey {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Membership {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WriteEvent {}

@@ -1,11 +1,14 @@
 //! DiffKeeper's eBPF programs, loaded by `diffkeeper::events`.
 //!
-//! For now: tracepoints on `write` and `pwrite64` that, for processes listed
-//! in `WATCHED_TGIDS`, count calls and bytes in per-CPU counters and report
-//! each (process, fd) pair once through the `EVENTS` ring buffer until
-//! userspace clears its mark in `DIRTY`. This is the seed of the tracer: the
-//! kernel filters and de-duplicates, so a million writes between two
-//! captures cost one event.
+//! Tracepoints on the syscalls that change a file's data through a
+//! descriptor (the write family, ftruncate, fallocate, copy_file_range)
+//! resolve the descriptor to its inode in the kernel, decide whether that
+//! inode lies under a watched directory (a bounded walk up the dentry
+//! parents, cached per inode and invalidated by renames), and report each
+//! dirty inode once through the `EVENTS` ring buffer until userspace clears
+//! its mark in `DIRTY`. Writes anywhere else cost a few map lookups and no
+//! ring buffer traffic; a million writes to one file between two captures
+//! cost one event.
 #![no_std]
 #![no_main]
 
@@ -13,17 +16,17 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
     macros::{map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
-use diffkeeper_common::{counter, dirty_key, WriteEvent};
+use diffkeeper_common::{counter, InodeKey, Membership, WriteEvent, MAX_WALK_DEPTH};
 
-/// Offsets of the arguments in `syscalls:sys_enter_write`/`pwrite64`
-/// records (the syscall tracepoint ABI: 8 bytes of common fields, the
-/// syscall number padded to 8, then one 8-byte slot per argument).
-const ARG_FD: usize = 16;
-const ARG_COUNT: usize = 32;
+/// Offsets of syscall arguments in `syscalls:sys_enter_*` records: 8 bytes
+/// of common fields, the syscall number padded to 8, then 8 bytes an
+/// argument.
+const ARG0: usize = 16;
+const ARG2: usize = 32;
 
 // Kernel struct field offsets, set by userspace from the running kernel's
 // BTF before loading (no CO-RE for Rust programs). Read with
@@ -37,11 +40,91 @@ static OFF_FDT_FD: u32 = 0;
 #[no_mangle]
 static OFF_FILE_INODE: u32 = 0;
 #[no_mangle]
+static OFF_FILE_DENTRY: u32 = 0;
+#[no_mangle]
+static OFF_DENTRY_PARENT: u32 = 0;
+#[no_mangle]
+static OFF_DENTRY_INODE: u32 = 0;
+#[no_mangle]
 static OFF_INODE_INO: u32 = 0;
 #[no_mangle]
 static OFF_INODE_SB: u32 = 0;
 #[no_mangle]
 static OFF_SB_DEV: u32 = 0;
+
+/// Watched directories (the roots) by inode, to their root index.
+#[map(name = "WATCHED_DIRS")]
+static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(256, 0);
+
+/// Per file inode: which root it is under, as of a rename generation.
+#[map(name = "MEMBERSHIP")]
+static MEMBERSHIP: LruHashMap<InodeKey, Membership> = LruHashMap::with_max_entries(131_072, 0);
+
+/// Bumped by every rename: cached memberships older than it are re-walked.
+#[map(name = "GENERATION")]
+static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Inodes reported and not yet taken by userspace.
+#[map(name = "DIRTY")]
+static DIRTY: LruHashMap<InodeKey, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// A write-family call: `fd` at ARG0 and a byte count at ARG2.
+macro_rules! counted_write {
+    ($name:ident) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            // SAFETY: ARG2 is inside the record (the kernel's `format` file).
+            let bytes = unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0);
+            on_change(&ctx, ARG0, bytes);
+            0
+        }
+    };
+}
+
+/// A call that changes data through the descriptor at `$arg`.
+macro_rules! changes_fd {
+    ($name:ident, $arg:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            on_change(&ctx, $arg, 0);
+            0
+        }
+    };
+}
+
+counted_write!(sys_enter_write);
+counted_write!(sys_enter_pwrite64);
+changes_fd!(sys_enter_writev, ARG0);
+changes_fd!(sys_enter_pwritev, ARG0);
+changes_fd!(sys_enter_pwritev2, ARG0);
+changes_fd!(sys_enter_ftruncate, ARG0);
+changes_fd!(sys_enter_fallocate, ARG0);
+changes_fd!(sys_enter_copy_file_range, ARG2);
+
+/// Renames move inodes between trees: invalidate every cached membership.
+macro_rules! renames {
+    ($name:ident) => {
+        #[tracepoint]
+        pub fn $name(_ctx: TracePointContext) -> u32 {
+            if let Some(generation) = GENERATION.get_ptr_mut(0) {
+                // SAFETY: a u32 in an array map; a lost increment under a
+                // race still leaves the generation changed.
+                unsafe { *generation = (*generation).wrapping_add(1) };
+            }
+            0
+        }
+    };
+}
+
+renames!(sys_enter_rename);
+renames!(sys_enter_renameat);
+renames!(sys_enter_renameat2);
 
 fn offset(global: &u32) -> usize {
     // SAFETY: a plain read of a global the loader initialised.
@@ -58,66 +141,78 @@ fn read<T>(base: u64, off: usize) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base as usize + off) as *const T).ok() }
 }
 
-/// The (inode number, device) of descriptor `fd` of the current task:
-/// task->files->fdt->fd[fd]->f_inode->{i_ino, i_sb->s_dev}.
-fn inode_of_fd(fd: u64) -> Option<(u64, u32)> {
+/// `task->files->fdt->fd[fd]` of the current task.
+fn file_of_fd(fd: u64) -> Option<u64> {
     // SAFETY: the helper only returns the current task's address.
     let task = unsafe { bpf_get_current_task() };
     let files: u64 = read(task, offset(&OFF_TASK_FILES))?;
     let fdt: u64 = read(files, offset(&OFF_FILES_FDT))?;
     let fd_array: u64 = read(fdt, offset(&OFF_FDT_FD))?;
-    let file: u64 = read(fd_array, (fd as usize).checked_mul(8)?)?;
-    let inode: u64 = read(file, offset(&OFF_FILE_INODE))?;
+    read(fd_array, (fd as usize).checked_mul(8)?)
+}
+
+/// The identity of an inode.
+fn key_of_inode(inode: u64) -> Option<InodeKey> {
     let ino: u64 = read(inode, offset(&OFF_INODE_INO))?;
     let sb: u64 = read(inode, offset(&OFF_INODE_SB))?;
     let dev: u32 = read(sb, offset(&OFF_SB_DEV))?;
-    Some((ino, dev))
+    Some(InodeKey { ino, dev, pad: 0 })
 }
 
-#[map(name = "WATCHED_TGIDS")]
-static WATCHED_TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
-
-#[map(name = "DIRTY")]
-static DIRTY: HashMap<u64, u8> = HashMap::with_max_entries(65_536, 0);
-
-#[map(name = "COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-
-#[map(name = "EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    on_write(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_pwrite64(ctx: TracePointContext) -> u32 {
-    on_write(&ctx);
-    0
-}
-
-fn on_write(ctx: &TracePointContext) {
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: the value is copied out at once; nothing keeps the reference
-    // past a point where userspace could delete the entry.
-    if unsafe { WATCHED_TGIDS.get(&tgid) }.is_none() {
-        return;
+/// Which watched root `file` is under, if any: a walk up its dentry's
+/// parents, cached in MEMBERSHIP until the next rename.
+fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
+    let generation = GENERATION.get(0).copied().unwrap_or(0);
+    // SAFETY: copied out at once.
+    if let Some(m) = unsafe { MEMBERSHIP.get(key) } {
+        if m.generation == generation {
+            return m.root_plus_one.checked_sub(1);
+        }
     }
-    // SAFETY: ARG_FD and ARG_COUNT are inside the tracepoint record whose
-    // layout the kernel publishes in the event's `format` file.
-    let (fd, count) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG_FD).unwrap_or(0),
-            ctx.read_at::<u64>(ARG_COUNT).unwrap_or(0),
-        )
+    let mut found = 0u32;
+    let mut dentry: u64 = read(file, offset(&OFF_FILE_DENTRY))?;
+    for _ in 0..MAX_WALK_DEPTH {
+        let inode: u64 = read(dentry, offset(&OFF_DENTRY_INODE))?;
+        let here = key_of_inode(inode)?;
+        // SAFETY: copied out at once.
+        if let Some(root) = unsafe { WATCHED_DIRS.get(&here) } {
+            found = *root + 1;
+            break;
+        }
+        let parent: u64 = read(dentry, offset(&OFF_DENTRY_PARENT))?;
+        if parent == dentry {
+            break; // the file system's root
+        }
+        dentry = parent;
+    }
+    let _ = MEMBERSHIP.insert(
+        key,
+        &Membership {
+            root_plus_one: found,
+            generation,
+        },
+        0,
+    );
+    found.checked_sub(1)
+}
+
+fn on_change(ctx: &TracePointContext, fd_arg: usize, bytes: u64) {
+    // SAFETY: fd_arg is inside the record (the kernel's `format` file).
+    let Some(fd) = (unsafe { ctx.read_at::<u64>(fd_arg) }).ok() else {
+        return;
+    };
+    let Some(file) = file_of_fd(fd) else {
+        return;
+    };
+    let Some(key) = read::<u64>(file, offset(&OFF_FILE_INODE)).and_then(key_of_inode) else {
+        return;
+    };
+    let Some(root) = root_of(file, &key) else {
+        return;
     };
     bump(counter::WRITES, 1);
-    bump(counter::BYTES, count);
-
-    let key = dirty_key(tgid, fd as u32);
-    // SAFETY: as above, a presence check only.
+    bump(counter::BYTES, bytes);
+    // SAFETY: a presence check only.
     if unsafe { DIRTY.get(&key) }.is_some() {
         return;
     }
@@ -125,28 +220,27 @@ fn on_write(ctx: &TracePointContext) {
     if DIRTY.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
         return;
     }
-    let (ino, dev) = inode_of_fd(fd).unwrap_or((0, 0));
     match EVENTS.reserve::<WriteEvent>(0) {
         Some(mut entry) => {
             entry.write(WriteEvent {
-                tgid,
+                ino: key.ino,
+                bytes,
+                dev: key.dev,
+                root,
+                tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
                 fd: fd as u32,
-                bytes: count,
-                ino,
-                dev,
-                reserved: 0,
             });
             entry.submit(0);
             bump(counter::EVENTS, 1);
         }
         None => {
             // Never lose a change: drop the mark so the next write retries,
-            // and let userspace see the counter move.
+            // and let userspace see the counter move and rescan.
             let _ = DIRTY.remove(&key);
             bump(counter::RINGBUF_FULL, 1);
             warn!(
                 ctx,
-                "ring buffer full, event for tgid {} fd {} deferred", tgid, fd
+                "ring buffer full, event for inode {} deferred", key.ino
             );
         }
     }

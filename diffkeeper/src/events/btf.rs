@@ -212,6 +212,12 @@ pub fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_FILES_FDT", btf.offset_of("files_struct", &["fdt"])?),
         ("OFF_FDT_FD", btf.offset_of("fdtable", &["fd"])?),
         ("OFF_FILE_INODE", btf.offset_of("file", &["f_inode"])?),
+        (
+            "OFF_FILE_DENTRY",
+            btf.offset_of("file", &["f_path", "dentry"])?,
+        ),
+        ("OFF_DENTRY_PARENT", btf.offset_of("dentry", &["d_parent"])?),
+        ("OFF_DENTRY_INODE", btf.offset_of("dentry", &["d_inode"])?),
         ("OFF_INODE_INO", btf.offset_of("inode", &["i_ino"])?),
         ("OFF_INODE_SB", btf.offset_of("inode", &["i_sb"])?),
         ("OFF_SB_DEV", btf.offset_of("super_block", &["s_dev"])?),

@@ -14,22 +14,23 @@ mod tracefs;
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use diffkeeper_common::{counter, names, WriteEvent};
+use diffkeeper_common::{counter, names, InodeKey, WriteEvent};
 
 /// The eBPF object built by `build.rs` from `diffkeeper-ebpf`.
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/diffkeeper-ebpf.o"));
 
-/// Loaded and attached programs. Detached and unloaded on drop.
-pub struct Programs {
+/// The loaded and attached tracer, watching some directory trees.
+/// Detached and unloaded on drop.
+pub struct Tracer {
     ebpf: Ebpf,
     /// Must outlive the programs: dropping it closes the log map.
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
@@ -76,9 +77,25 @@ fn privileges_hint() -> String {
     }
 }
 
-impl Programs {
-    /// Loads the embedded programs and attaches every tracepoint.
-    pub fn load() -> Result<Programs> {
+/// The identity the programs compute for a file or directory.
+pub fn inode_key(path: &Path) -> Result<InodeKey> {
+    let st = rustix::fs::stat(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    Ok(key_of_stat(&st))
+}
+
+fn key_of_stat(st: &rustix::fs::Stat) -> InodeKey {
+    InodeKey {
+        ino: st.st_ino,
+        dev: InodeKey::kernel_dev(rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev)),
+        pad: 0,
+    }
+}
+
+impl Tracer {
+    /// Loads the programs with this kernel's struct offsets, watches the
+    /// trees under `roots` (root `i` is `roots[i]`), and attaches every
+    /// tracepoint.
+    pub fn start(roots: &[&Path]) -> Result<Tracer> {
         let mounted_tracefs = tracefs::ensure_mounted()?;
         let offsets = btf::kernel_offsets(&btf::Btf::from_kernel()?)?;
         let mut loader = EbpfLoader::new();
@@ -96,7 +113,18 @@ impl Programs {
                 None
             }
         };
-        for (program, event) in names::PROGRAMS {
+        {
+            let map = ebpf
+                .map_mut(names::WATCHED_DIRS)
+                .context("the eBPF object has no WATCHED_DIRS map")?;
+            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
+            for (index, root) in roots.iter().enumerate() {
+                watched
+                    .insert(inode_key(root)?, index as u32, 0)
+                    .with_context(|| format!("cannot watch {}", root.display()))?;
+            }
+        }
+        for program in names::PROGRAMS {
             let tracepoint: &mut TracePoint = ebpf
                 .program_mut(program)
                 .with_context(|| format!("the eBPF object has no program {program}"))?
@@ -108,50 +136,28 @@ impl Programs {
                     privileges_hint()
                 )
             })?;
-            tracepoint.attach("syscalls", event).with_context(|| {
+            tracepoint.attach("syscalls", program).with_context(|| {
                 format!(
-                    "cannot attach to tracepoint syscalls/{event} (is {}/events/syscalls/{event} present?)",
+                    "cannot attach to tracepoint syscalls/{program} (is {}/events/syscalls/{program} present?)",
                     tracefs::TRACEFS
                 )
             })?;
         }
-        Ok(Programs {
+        Ok(Tracer {
             ebpf,
             logger,
             mounted_tracefs,
         })
     }
 
-    fn watched(&mut self) -> Result<HashMap<&mut MapData, u32, u8>> {
-        let map = self
-            .ebpf
-            .map_mut(names::WATCHED_TGIDS)
-            .context("the eBPF object has no WATCHED_TGIDS map")?;
-        Ok(HashMap::try_from(map)?)
-    }
-
-    /// Starts reporting writes by process `tgid`.
-    pub fn watch(&mut self, tgid: u32) -> Result<()> {
-        self.watched()?
-            .insert(tgid, 1, 0)
-            .context("cannot add to WATCHED_TGIDS")
-    }
-
-    /// Stops reporting writes by process `tgid`.
-    pub fn unwatch(&mut self, tgid: u32) -> Result<()> {
-        self.watched()?
-            .remove(&tgid)
-            .context("cannot remove from WATCHED_TGIDS")
-    }
-
-    /// Clears the dirty mark of `(tgid, fd)`, so its next write is reported.
-    pub fn clear_dirty(&mut self, event: &WriteEvent) -> Result<()> {
+    /// Clears an inode's dirty mark, so its next write is reported again.
+    pub fn clear(&mut self, key: &InodeKey) -> Result<()> {
         let map = self
             .ebpf
             .map_mut(names::DIRTY)
             .context("the eBPF object has no DIRTY map")?;
-        let mut dirty: HashMap<&mut MapData, u64, u8> = HashMap::try_from(map)?;
-        match dirty.remove(&event.dirty_key()) {
+        let mut dirty: HashMap<&mut MapData, InodeKey, u8> = HashMap::try_from(map)?;
+        match dirty.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("cannot clear a DIRTY mark"),
         }
@@ -180,7 +186,8 @@ impl Programs {
         let mut ring: RingBuf<&mut MapData> = RingBuf::try_from(map)?;
         let mut events = Vec::new();
         while let Some(item) = ring.next() {
-            events.push(parse_event(&item).context("malformed event in the ring buffer")?);
+            events
+                .push(WriteEvent::from_bytes(&item).context("malformed event in the ring buffer")?);
         }
         Ok(events)
     }
@@ -193,41 +200,28 @@ impl Programs {
     }
 }
 
-/// Reads a [`WriteEvent`] from its `repr(C)` bytes (native endian).
-fn parse_event(bytes: &[u8]) -> Option<WriteEvent> {
-    let tgid = u32::from_ne_bytes(bytes.get(0..4)?.try_into().ok()?);
-    let fd = u32::from_ne_bytes(bytes.get(4..8)?.try_into().ok()?);
-    let written = u64::from_ne_bytes(bytes.get(8..16)?.try_into().ok()?);
-    let ino = u64::from_ne_bytes(bytes.get(16..24)?.try_into().ok()?);
-    let dev = u32::from_ne_bytes(bytes.get(24..28)?.try_into().ok()?);
-    Some(WriteEvent {
-        tgid,
-        fd,
-        bytes: written,
-        ino,
-        dev,
-        reserved: 0,
-    })
-}
-
 /// What `diffkeeper doctor` found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SelfTestReport {
     pub kernel: String,
     pub mounted_tracefs: bool,
-    /// Write calls the test made (half `write`, half `pwrite64`), and bytes.
+    /// Data-changing calls the test made on files under the watched tree,
+    /// and the bytes write/pwrite64 asked for.
     pub writes_made: u64,
     pub bytes_made: u64,
-    /// What the kernel counters saw from this process.
+    /// What the kernel counters saw on watched files.
     pub writes_seen: u64,
     pub bytes_seen: u64,
     pub events: u64,
     pub ringbuf_full: u64,
-    /// Events per file descriptor before and after clearing dirty marks.
+    /// Events in the first round (three watched files, one of them moved
+    /// in from outside by a rename), and after their marks were cleared
+    /// (two files written again).
     pub events_first_round: u64,
     pub events_after_clear: u64,
-    /// Whether the inode and device the programs resolved from each
-    /// descriptor (through BTF offsets) equal what `fstat` says.
+    /// Events about the file written only outside the watched tree.
+    pub events_outside: u64,
+    /// Whether every event's inode, device and root match what `stat` says.
     pub inodes_match: bool,
 }
 
@@ -247,113 +241,109 @@ impl fmt::Display for SelfTestReport {
         }
         writeln!(
             f,
-            "writes: made {} ({} bytes), kernel saw {} ({} bytes)",
+            "writes under the watched tree: made {} ({} bytes), kernel saw {} ({} bytes)",
             self.writes_made, self.bytes_made, self.writes_seen, self.bytes_seen
         )?;
         writeln!(
             f,
-            "events: {} for 2 files ({} after clearing their marks), ring buffer full {} times",
-            self.events_first_round, self.events_after_clear, self.ringbuf_full
+            "events: {} for 3 dirty files ({} after clearing marks, 2 expected), {} for the file outside, ring buffer full {} times",
+            self.events_first_round, self.events_after_clear, self.events_outside, self.ringbuf_full
         )?;
         write!(
             f,
-            "file identity from descriptors (BTF offsets): {}",
+            "file identity resolved in the kernel (BTF offsets): {}",
             if self.inodes_match {
-                "matches fstat"
+                "matches stat"
             } else {
-                "DOES NOT match fstat"
+                "DOES NOT match stat"
             }
         )
     }
 }
 
-/// Writes per file in each round of the self-test.
+/// Calls per file in each round of the self-test.
 const SELF_TEST_WRITES: u64 = 500;
 const SELF_TEST_WRITE_BYTES: usize = 100;
 
-/// Loads the programs, watches this process, writes to two temporary files
-/// with `write` and `pwrite64`, and checks what the kernel side counted and
-/// reported.
+/// Watches a temporary tree, writes inside it (in a subdirectory made after
+/// the watch started, and to a file renamed in from outside) and outside
+/// it, and checks what the kernel side counted and reported.
 pub fn self_test() -> Result<SelfTestReport> {
-    let mut programs = Programs::load()?;
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let mut a = File::create(dir.path().join("a")).context("cannot create a test file")?;
-    let b = File::create(dir.path().join("b")).context("cannot create a test file")?;
-    let me = std::process::id();
-    let block = [0x5au8; SELF_TEST_WRITE_BYTES];
+    let watched = dir.path().join("watched");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&watched).context("cannot create a test directory")?;
+    std::fs::create_dir(&outside).context("cannot create a test directory")?;
+    let mut tracer = Tracer::start(&[&watched])?;
 
-    // Nothing else in this process may write while it is watched: no logging
-    // until `unwatch`.
-    programs.watch(me)?;
-    let round = |a: &mut File, b: &File| -> std::io::Result<()> {
-        for i in 0..SELF_TEST_WRITES {
-            a.write_all(&block)?;
-            b.write_all_at(&block, i * SELF_TEST_WRITE_BYTES as u64)?;
+    let create = |path: &Path| {
+        File::create(path).with_context(|| format!("cannot create {}", path.display()))
+    };
+    std::fs::create_dir_all(watched.join("sub/deeper"))
+        .context("cannot create a test directory")?;
+    let mut a = create(&watched.join("a"))?;
+    let b = create(&watched.join("sub/deeper/b"))?;
+    let mut c = create(&outside.join("c"))?;
+    let mut d = create(&outside.join("d"))?;
+    let block = [0x5au8; SELF_TEST_WRITE_BYTES];
+    let writes = |file: &mut File| -> Result<()> {
+        for _ in 0..SELF_TEST_WRITES {
+            file.write_all(&block).context("test write failed")?;
         }
         Ok(())
     };
-    let first = round(&mut a, &b);
-    programs.unwatch(me)?;
-    first.context("test writes failed")?;
-    let first_events = programs.drain_events()?;
+    let pwrites = |file: &File| -> Result<()> {
+        for i in 0..SELF_TEST_WRITES {
+            file.write_all_at(&block, i * SELF_TEST_WRITE_BYTES as u64)
+                .context("test write failed")?;
+        }
+        Ok(())
+    };
 
-    for event in &first_events {
-        programs.clear_dirty(event)?;
+    writes(&mut a)?;
+    pwrites(&b)?;
+    writes(&mut c)?;
+    writes(&mut d)?; // outside: not counted
+    std::fs::rename(outside.join("d"), watched.join("d")).context("cannot rename a test file")?;
+    writes(&mut d)?; // now inside
+    let first = tracer.drain_events()?;
+    for event in &first {
+        tracer.clear(&event.key())?;
     }
-    programs.watch(me)?;
-    let second = round(&mut a, &b);
-    programs.unwatch(me)?;
-    second.context("test writes failed")?;
-    let second_events = programs.drain_events()?;
-    programs.flush_logs();
+    writes(&mut a)?;
+    pwrites(&b)?;
+    let second = tracer.drain_events()?;
+    tracer.flush_logs();
 
-    let ours = |events: &[WriteEvent]| {
-        events
-            .iter()
-            .filter(|e| {
-                e.tgid == me && (e.fd == a.as_raw_fd() as u32 || e.fd == b.as_raw_fd() as u32)
-            })
-            .count() as u64
-    };
-    // The kernel's dev_t is major << 20 | minor; compare by parts.
-    let identity = |file: &File| -> Result<(u64, u32, u32)> {
-        let st = rustix::fs::fstat(file).context("cannot fstat a test file")?;
-        Ok((
-            st.st_ino,
-            rustix::fs::major(st.st_dev),
-            rustix::fs::minor(st.st_dev),
-        ))
-    };
-    let expected = [
-        (a.as_raw_fd() as u32, identity(&a)?),
-        (b.as_raw_fd() as u32, identity(&b)?),
+    let keys = [
+        (0u32, key_of_stat(&rustix::fs::fstat(&a)?)),
+        (0, key_of_stat(&rustix::fs::fstat(&b)?)),
+        (0, key_of_stat(&rustix::fs::fstat(&d)?)),
     ];
-    let inodes_match = first_events
-        .iter()
-        .chain(&second_events)
-        .filter(|e| e.tgid == me)
-        .all(|e| {
-            expected
-                .iter()
-                .find(|(fd, _)| *fd == e.fd)
-                .is_some_and(|(_, (ino, major, minor))| {
-                    e.ino == *ino && e.dev >> 20 == *major && e.dev & 0xf_ffff == *minor
-                })
-        })
-        && !first_events.is_empty();
-    let counters = programs.counters()?;
+    let outside_key = key_of_stat(&rustix::fs::fstat(&c)?);
+    let inodes_match = !first.is_empty()
+        && first.iter().chain(&second).all(|e| {
+            keys.iter()
+                .any(|(root, key)| e.key() == *key && e.root == *root)
+        });
+    let counters = tracer.counters()?;
     let kernel = rustix::system::uname();
     Ok(SelfTestReport {
         kernel: kernel.release().to_string_lossy().into_owned(),
-        mounted_tracefs: programs.mounted_tracefs,
-        writes_made: 4 * SELF_TEST_WRITES,
-        bytes_made: 4 * SELF_TEST_WRITES * SELF_TEST_WRITE_BYTES as u64,
+        mounted_tracefs: tracer.mounted_tracefs,
+        writes_made: 5 * SELF_TEST_WRITES,
+        bytes_made: 5 * SELF_TEST_WRITES * SELF_TEST_WRITE_BYTES as u64,
         writes_seen: counters[counter::WRITES as usize],
         bytes_seen: counters[counter::BYTES as usize],
         events: counters[counter::EVENTS as usize],
         ringbuf_full: counters[counter::RINGBUF_FULL as usize],
-        events_first_round: ours(&first_events),
-        events_after_clear: ours(&second_events),
+        events_first_round: first.len() as u64,
+        events_after_clear: second.len() as u64,
+        events_outside: first
+            .iter()
+            .chain(&second)
+            .filter(|e| e.key() == outside_key)
+            .count() as u64,
         inodes_match,
     })
 }
