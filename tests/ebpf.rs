@@ -112,3 +112,42 @@ fn without_privileges_doctor_names_what_is_missing() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_million_writes_to_three_files_cost_three_events() {
+    let _kernel = exclusive();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tracer = diffkeeper::events::Tracer::start(&[dir.path()]).expect("start the tracer");
+    let files: Vec<std::fs::File> = (0..3)
+        .map(|i| std::fs::File::create(dir.path().join(format!("hot{i}"))).expect("create"))
+        .collect();
+    let block = [1u8; 16];
+    let rounds = 1_000_000 / files.len();
+    let started = std::time::Instant::now();
+    for i in 0..rounds {
+        for file in &files {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&block, (i % 4096 * 16) as u64)
+                .expect("pwrite");
+        }
+    }
+    let elapsed = started.elapsed();
+    let events = tracer.drain_events().expect("drain");
+    let counters = tracer.counters().expect("counters");
+    let writes = (rounds * files.len()) as u64;
+    eprintln!(
+        "{writes} pwrite calls in {elapsed:.2?} ({:.0}/s): kernel counted {}, {} events",
+        writes as f64 / elapsed.as_secs_f64(),
+        counters[diffkeeper_common::counter::WRITES as usize],
+        events.len()
+    );
+    assert_eq!(
+        counters[diffkeeper_common::counter::WRITES as usize],
+        writes
+    );
+    assert_eq!(events.len(), 3, "one event per dirty file: {events:?}");
+    assert_eq!(
+        counters[diffkeeper_common::counter::RINGBUF_FULL as usize],
+        0
+    );
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_same_tree, ok, read_tree, s, BIN};
 
-const BACKENDS: [&str; 2] = ["inotify", "scan"];
+const BACKENDS: [&str; 3] = ["ebpf", "inotify", "scan"];
 
 fn run_args(state: &Path, store: &Path, backend: &str) -> Vec<String> {
     [

@@ -1,14 +1,20 @@
-//! Where write notices come from: inotify (through the `notify` crate) or
-//! periodic scanning. Every backend feeds the same [`Notices`], so the
-//! coalescer and capture do not care which one runs. The eBPF tracer is the
-//! next backend; until it lands, `auto` uses inotify and says so.
+//! Where write notices come from: the eBPF tracer, inotify (through the
+//! `notify` crate) or periodic scanning. Every backend feeds the same
+//! [`Notices`], so the coalescer and capture do not care which one runs.
+//!
+//! The eBPF tracer sees data changes through descriptors (the write family,
+//! truncate, fallocate, copy_file_range) at almost no cost per write, but
+//! not yet namespace changes (create without write, unlink, mkdir, rename,
+//! chmod): with it, the trees are also rescanned every --scan-interval, so
+//! those are caught within that time. Until the tracer covers them, `auto`
+//! prefers inotify, which sees both.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -21,7 +27,8 @@ pub enum Backend {
     /// The best available: eBPF when it is built and loads, else inotify,
     /// else scanning; says which and why.
     Auto,
-    /// eBPF tracepoints (not built yet: refused with a clear message).
+    /// eBPF tracepoints for data changes, plus a rescan every
+    /// --scan-interval for namespace changes.
     Ebpf,
     /// inotify watches on every directory of the trees.
     Inotify,
@@ -34,7 +41,12 @@ pub enum Backend {
 pub struct Notices {
     tx: UnboundedSender<usize>,
     written: Arc<Vec<Arc<AtomicBool>>>,
+    /// Called before a directory is captured (the eBPF backend clears its
+    /// dirty marks there, so writes during the read are reported again).
+    before_capture: Arc<std::sync::Mutex<Option<BeforeCapture>>>,
 }
+
+type BeforeCapture = Box<dyn Fn(usize) + Send>;
 
 impl Notices {
     pub fn new(tx: UnboundedSender<usize>, roots: usize) -> Notices {
@@ -45,6 +57,22 @@ impl Notices {
                     .map(|_| Arc::new(AtomicBool::new(false)))
                     .collect(),
             ),
+            before_capture: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Tells the backend that `root` is about to be read.
+    pub fn before_capture(&self, root: usize) {
+        if let Ok(hook) = self.before_capture.lock() {
+            if let Some(hook) = hook.as_ref() {
+                hook(root);
+            }
+        }
+    }
+
+    fn set_before_capture(&self, hook: BeforeCapture) {
+        if let Ok(mut slot) = self.before_capture.lock() {
+            *slot = Some(hook);
         }
     }
 
@@ -70,12 +98,18 @@ impl Notices {
 pub enum Source {
     Inotify(notify::RecommendedWatcher),
     Scan(tokio::task::JoinHandle<()>),
+    Ebpf {
+        stop: Arc<AtomicBool>,
+        rescan: Box<Source>,
+    },
 }
 
 impl Drop for Source {
     fn drop(&mut self) {
-        if let Source::Scan(task) = self {
-            task.abort();
+        match self {
+            Source::Scan(task) => task.abort(),
+            Source::Ebpf { stop, .. } => stop.store(true, Ordering::SeqCst),
+            Source::Inotify(_) => {}
         }
     }
 }
@@ -88,13 +122,11 @@ pub fn start(
     notices: Notices,
 ) -> Result<Source> {
     match options.backend {
-        Backend::Ebpf => bail!(
-            "the eBPF capture backend is not built yet (diffkeeper doctor checks the kernel side); use --backend inotify or --backend scan"
-        ),
+        Backend::Ebpf => ebpf(roots, options.scan_interval, notices),
         Backend::Inotify => inotify(roots, store, notices),
         Backend::Scan => Ok(scan(roots, options.scan_interval, notices)),
         Backend::Auto => {
-            tracing::info!("eBPF capture is not built yet; using inotify");
+            tracing::info!("using inotify (the eBPF tracer does not see namespace changes yet; --backend ebpf uses it with a periodic rescan)");
             match inotify(roots, store, notices.clone()) {
                 Ok(source) => Ok(source),
                 Err(e) => {
@@ -104,6 +136,99 @@ pub fn start(
             }
         }
     }
+}
+
+/// Starts the eBPF tracer on the trees, a thread that turns its events into
+/// notices, and the periodic rescan for what it does not see yet.
+fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Source> {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    use diffkeeper_common::{counter, InodeKey};
+
+    let paths: Vec<PathBuf> = roots
+        .iter()
+        .map(|r| {
+            std::fs::canonicalize(&r.path)
+                .with_context(|| format!("cannot resolve {}", r.path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let tracer = Arc::new(Mutex::new(crate::events::Tracer::start(&refs)?));
+    // Inodes reported per root and not yet taken by a capture.
+    let dirty: Arc<Mutex<Vec<HashSet<InodeKey>>>> =
+        Arc::new(Mutex::new(vec![HashSet::new(); roots.len()]));
+
+    {
+        // Before a root is read, its marks are cleared: a write during the
+        // read is reported again and disturbs the batch.
+        let (tracer, dirty) = (tracer.clone(), dirty.clone());
+        notices.set_before_capture(Box::new(move |root| {
+            let keys: Vec<InodeKey> = match dirty.lock() {
+                Ok(mut dirty) => dirty
+                    .get_mut(root)
+                    .map(|d| d.drain().collect())
+                    .unwrap_or_default(),
+                Err(_) => return,
+            };
+            if let Ok(mut tracer) = tracer.lock() {
+                for key in keys {
+                    if let Err(e) = tracer.clear(&key) {
+                        tracing::warn!("{e:#}");
+                    }
+                }
+            }
+        }));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_thread = stop.clone();
+    let thread_notices = notices.clone();
+    let count = roots.len();
+    std::thread::Builder::new()
+        .name("diffkeeper-ebpf".into())
+        .spawn(move || {
+            let mut ringbuf_full = 0;
+            while !stop_thread.load(Ordering::SeqCst) {
+                let (events, full) = match tracer.lock() {
+                    Ok(mut tracer) => {
+                        tracer.flush_logs();
+                        let events = tracer.drain_events().unwrap_or_else(|e| {
+                            tracing::warn!("{e:#}");
+                            Vec::new()
+                        });
+                        let full = tracer
+                            .counters()
+                            .map(|c| c[counter::RINGBUF_FULL as usize])
+                            .unwrap_or(0);
+                        (events, full)
+                    }
+                    Err(_) => return,
+                };
+                if full != ringbuf_full {
+                    // Events were lost: every tree is rescanned.
+                    tracing::warn!("eBPF ring buffer was full; rescanning every state directory");
+                    ringbuf_full = full;
+                    for root in 0..count {
+                        thread_notices.written(root);
+                    }
+                }
+                for event in events {
+                    if let Ok(mut dirty) = dirty.lock() {
+                        if let Some(set) = dirty.get_mut(event.root as usize) {
+                            set.insert(event.key());
+                        }
+                    }
+                    thread_notices.written(event.root as usize);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+        .context("cannot start the eBPF event thread")?;
+    Ok(Source::Ebpf {
+        stop,
+        rescan: Box::new(scan(roots, interval, notices)),
+    })
 }
 
 /// Marks every directory written each interval; capture then finds what

@@ -135,6 +135,7 @@ impl CaptureLoop {
                 }
                 _ = tick.tick() => {
                     for index in due(&pending, &self.options) {
+                        self.notices.before_capture(index);
                         let outcome = capture_root(
                             &self.store,
                             &self.roots[index],
