@@ -6,6 +6,10 @@
 //!   rows, scattered: stored bytes, wall time and peak RSS of a `snapshot`
 //!   of the new version against `bsdiff`, `xdelta3 -e -s` and
 //!   `zstd --patch-from` on the same pair.
+//! - tracer: an app doing 4 KiB pwrite calls into a watched tree, at full
+//!   speed and at a fixed 100k calls/s, with no agent, with `watch --backend
+//!   ebpf` and with `watch --backend inotify`: the app's throughput ratio,
+//!   events per write, the agent's CPU time and peak RSS.
 //! - replay: a ~1 GiB state (large files, thousands of small ones, 20
 //!   batches of edits making delta chains) rebuilt into an empty directory,
 //!   against `cp -a` of the same tree; plus the store ratio.
@@ -30,14 +34,15 @@ const RUNS: usize = 3;
 const REPLAY_RUNS: usize = 5;
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    const ALL: [&str; 3] = ["delta", "replay", "tracer"];
     let which: Vec<&str> = if args.is_empty() {
-        vec!["delta", "replay"]
+        ALL.to_vec()
     } else {
         args.iter().map(String::as_str).collect()
     };
     for name in &which {
-        if !["delta", "replay"].contains(name) {
-            bail!("unknown benchmark {name:?}: choose delta or replay");
+        if !ALL.contains(name) {
+            bail!("unknown benchmark {name:?}: choose among {ALL:?}");
         }
     }
     install_peers()?;
@@ -49,6 +54,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     if which.contains(&"replay") {
         results.insert("replay".into(), replay(&work.join("replay"))?);
+    }
+    if which.contains(&"tracer") {
+        results.insert("tracer".into(), tracer(&work.join("tracer"))?);
     }
     let out = work.join("results.json");
     fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)
@@ -542,4 +550,175 @@ fn replay(work: &Path) -> Result<Value> {
         "store_disk_bytes": disk,
         "store_ratio": logical as f64 / stored.max(1) as f64,
     }))
+}
+
+/// The tracer benchmark's writer: see `cargo xtask bench-writer`.
+pub fn writer(dir: &Path, files: usize, rate: u64, seconds: f64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let handles: Vec<fs::File> = (0..files.max(1))
+        .map(|i| {
+            let path = dir.join(format!("data-{i}.bin"));
+            fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))
+        })
+        .collect::<Result<_>>()?;
+    let block = [0x42u8; 4096];
+    let started = Instant::now();
+    let limit = std::time::Duration::from_secs_f64(seconds);
+    let mut calls: u64 = 0;
+    while started.elapsed() < limit {
+        // 256 calls between clock reads keeps the clock off the profile.
+        for _ in 0..256 {
+            let file = &handles[(calls % handles.len() as u64) as usize];
+            file.write_all_at(&block, (calls % 1024) * 4096)?;
+            calls += 1;
+        }
+        if rate > 0 {
+            let due = std::time::Duration::from_secs_f64(calls as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({ "calls": calls, "secs": secs, "rate": calls as f64 / secs })
+    );
+    Ok(())
+}
+
+/// Per agent: the writer's reach, and the agent's cost.
+struct TracerRun {
+    rate: f64,
+    calls: u64,
+    agent_cpu_secs: f64,
+    agent_rss_kib: u64,
+    notices: u64,
+}
+
+fn tracer_run(work: &Path, backend: Option<&str>, rate: u64) -> Result<TracerRun> {
+    let state = work.join("state");
+    fresh_dir(&state)?;
+    let store = work.join("store.dk");
+    let _ = fs::remove_file(&store);
+    let stats = work.join("agent.time");
+    let log = work.join("agent.log");
+    let mut agent = match backend {
+        None => None,
+        Some(backend) => {
+            let child = Command::new("/usr/bin/time")
+                .args(["-f", "%U %S %M", "-o"])
+                .arg(&stats)
+                .arg(diffkeeper_binary())
+                .args([
+                    "watch",
+                    "--state-dir",
+                    &format!("data={}", s(&state)),
+                    "--store",
+                    s(&store),
+                ])
+                .args(["--backend", backend])
+                .stderr(fs::File::create(&log)?)
+                .spawn()
+                .context("cannot start the agent")?;
+            // Let it attach and take its first look.
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            Some(child)
+        }
+    };
+    let out = Command::new(std::env::current_exe()?)
+        .args([
+            "bench-writer",
+            s(&state),
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            "4",
+        ])
+        .output()
+        .context("cannot run the writer")?;
+    if !out.status.success() {
+        bail!("writer failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report = json_of(&String::from_utf8_lossy(&out.stdout))?;
+    let (mut cpu, mut rss, mut notices) = (0.0, 0, 0);
+    if let Some(agent) = agent.as_mut() {
+        // The agent is /usr/bin/time's child: stop it, and time reports.
+        let pid = agent.id();
+        checked(Command::new("pkill").args(["-TERM", "-P", &pid.to_string()]))?;
+        agent.wait()?;
+        let text = fs::read_to_string(&stats)?;
+        let fields: Vec<f64> = text
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        if let [user, system, kib] = fields[..] {
+            cpu = user + system;
+            rss = kib as u64;
+        }
+        // eBPF: the kernel's event counter; inotify: the notices received.
+        let key = if backend == Some("ebpf") {
+            "events="
+        } else {
+            "notices="
+        };
+        notices = fs::read_to_string(&log)?
+            .lines()
+            .filter_map(|l| l.split(key).nth(1))
+            .filter_map(|n| {
+                n.split_whitespace()
+                    .next()?
+                    .trim_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+            .last()
+            .unwrap_or(0);
+    }
+    Ok(TracerRun {
+        rate: report["rate"].as_f64().unwrap_or(0.0),
+        calls: report["calls"].as_u64().unwrap_or(0),
+        agent_cpu_secs: cpu,
+        agent_rss_kib: rss,
+        notices,
+    })
+}
+
+fn tracer(work: &Path) -> Result<Value> {
+    println!("\n== tracer: 4 KiB pwrite into a watched tree, no agent vs eBPF vs inotify");
+    fresh_dir(work)?;
+    let mut rows = Vec::new();
+    for (label, rate) in [("full speed", 0u64), ("100k/s", 100_000)] {
+        let none = tracer_run(work, None, rate)?;
+        println!("{label}: no agent {:.0} calls/s", none.rate);
+        for backend in ["ebpf", "inotify"] {
+            let run = tracer_run(work, Some(backend), rate)?;
+            let ratio = run.rate / none.rate;
+            let per_write = run.notices as f64 / run.calls.max(1) as f64;
+            println!(
+                "{label}: {backend:<7} {:.0} calls/s = {:.3}x of no agent; {:.2e} events/write; agent CPU {:.2} s, peak RSS {} MiB{}",
+                run.rate,
+                ratio,
+                per_write,
+                run.agent_cpu_secs,
+                run.agent_rss_kib / 1024,
+                if rate > 0 && backend == "ebpf" {
+                    format!(" (target >= 0.97x: {})", verdict(ratio >= 0.97))
+                } else {
+                    String::new()
+                }
+            );
+            rows.push(json!({
+                "load": label, "backend": backend, "rate": run.rate, "baseline_rate": none.rate,
+                "ratio": ratio, "events_per_write": per_write, "agent_cpu_secs": run.agent_cpu_secs,
+                "agent_rss_kib": run.agent_rss_kib,
+            }));
+        }
+    }
+    Ok(Value::Array(rows))
 }

@@ -51,6 +51,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The tracer benchmark's load: 4 KiB pwrite calls to FILES files in
+    /// DIR for SECONDS, as fast as possible or at RATE calls per second;
+    /// prints the calls made and the rate reached as JSON.
+    #[command(hide = true)]
+    BenchWriter {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        files: usize,
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
 }
 
 /// Debian packages the eBPF build needs.
@@ -75,6 +88,12 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test => test(),
         Task::Bench { args } => build().and_then(|_| bench::run(&workspace_root(), &args)),
+        Task::BenchWriter {
+            dir,
+            files,
+            rate,
+            seconds,
+        } => bench::writer(&dir, files, rate, seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

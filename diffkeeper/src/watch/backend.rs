@@ -100,6 +100,7 @@ pub enum Source {
     Scan(tokio::task::JoinHandle<()>),
     Ebpf {
         stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
         rescan: Box<Source>,
     },
 }
@@ -108,7 +109,12 @@ impl Drop for Source {
     fn drop(&mut self) {
         match self {
             Source::Scan(task) => task.abort(),
-            Source::Ebpf { stop, .. } => stop.store(true, Ordering::SeqCst),
+            Source::Ebpf { stop, thread, .. } => {
+                stop.store(true, Ordering::SeqCst);
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
             Source::Inotify(_) => {}
         }
     }
@@ -185,7 +191,7 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     let stop_thread = stop.clone();
     let thread_notices = notices.clone();
     let count = roots.len();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("diffkeeper-ebpf".into())
         .spawn(move || {
             let mut ringbuf_full = 0;
@@ -223,10 +229,21 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+            if let Ok(tracer) = tracer.lock() {
+                if let Ok(c) = tracer.counters() {
+                    tracing::info!(
+                        writes = c[counter::WRITES as usize],
+                        events = c[counter::EVENTS as usize],
+                        ringbuf_full = c[counter::RINGBUF_FULL as usize],
+                        "eBPF tracer stopped"
+                    );
+                }
+            }
         })
         .context("cannot start the eBPF event thread")?;
     Ok(Source::Ebpf {
         stop,
+        thread: Some(thread),
         rescan: Box::new(scan(roots, interval, notices)),
     })
 }
