@@ -669,6 +669,7 @@ fn tracer_run(work: &Path, backend: Option<&str>, rate: u64) -> Result<TracerRun
         };
         notices = fs::read_to_string(&log)?
             .lines()
+            .rev()
             .filter_map(|l| l.split(key).nth(1))
             .filter_map(|n| {
                 n.split_whitespace()
@@ -677,7 +678,7 @@ fn tracer_run(work: &Path, backend: Option<&str>, rate: u64) -> Result<TracerRun
                     .parse()
                     .ok()
             })
-            .last()
+            .next()
             .unwrap_or(0);
     }
     Ok(TracerRun {
