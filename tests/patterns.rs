@@ -1,0 +1,114 @@
+//! Every write pattern an app uses ends up in the store while `watch` runs,
+//! with each backend: the store is replayed and compared with the live tree
+//! after each pattern, before the watcher stops (so the final capture at
+//! exit cannot paper over a missed change).
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::io::{IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{read_tree, s, Node, BIN};
+
+/// Whether replaying the store gives exactly `state` right now.
+fn store_matches(state: &Path, store: &Path, scratch: &Path) -> bool {
+    let _ = fs::remove_dir_all(scratch);
+    let replayed = Command::new(BIN)
+        .args(["replay", "--state-dir", &format!("data={}", s(scratch)), "--store", s(store)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    // Modes and contents; mtimes of files rewritten in the same tick may
+    // legitimately differ from a capture taken just before.
+    let strip = |tree: std::collections::BTreeMap<Vec<u8>, Node>| {
+        tree.into_iter()
+            .map(|(p, n)| match n {
+                Node::File { mode, content, .. } => (p, Node::File { mode, mtime_ns: 0, content }),
+                other => (p, other),
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    replayed && scratch.exists() && strip(read_tree(state)) == strip(read_tree(scratch))
+}
+
+fn wait_captured(what: &str, backend: &str, state: &Path, store: &Path, scratch: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !store_matches(state, store, scratch) {
+        assert!(Instant::now() < deadline, "{backend}: `{what}` never reached the store");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn every_write_pattern_is_captured_while_watching() {
+    for backend in ["ebpf", "inotify", "scan"] {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        let scratch = work.path().join("scratch");
+        let store = work.path().join("store.dk");
+        fs::create_dir_all(state.join("dir")).expect("mkdir");
+        fs::write(state.join("journal"), b"start\n").expect("write");
+        fs::write(state.join("dir/inside"), b"inside a directory that will move").expect("write");
+        let mut watcher = Command::new(BIN)
+            .args(["watch", "--state-dir", &format!("data={}", s(&state)), "--store", s(&store)])
+            .args(["--backend", backend, "--debounce", "50ms", "--max-latency", "1s"])
+            .args(["--scan-interval", "300ms"])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watch");
+        wait_captured("initial state", backend, &state, &store, &scratch);
+
+        let check = |what: &str| wait_captured(what, backend, &state, &store, &scratch);
+        let mut journal = OpenOptions::new().append(true).open(state.join("journal")).expect("open");
+        journal.write_all(b"appended line\n").expect("append");
+        check("append");
+        let db = state.join("db.bin");
+        fs::write(&db, vec![0u8; 64 * 1024]).expect("write");
+        check("new file");
+        let file = OpenOptions::new().write(true).open(&db).expect("open");
+        file.write_all_at(b"in-place overwrite", 40_000).expect("pwrite");
+        file.write_all_at(b"at another offset", 7).expect("pwrite");
+        check("pwrite at offsets");
+        let mut vectored = OpenOptions::new().append(true).open(state.join("journal")).expect("open");
+        let n = vectored
+            .write_vectored(&[IoSlice::new(b"writev "), IoSlice::new(b"in two parts\n")])
+            .expect("writev");
+        assert_eq!(n, 20);
+        check("writev");
+        file.set_len(30_000).expect("ftruncate");
+        check("truncate");
+        fs::write(state.join("config.tmp"), b"new config").expect("write");
+        fs::rename(state.join("config.tmp"), state.join("config")).expect("rename");
+        check("temp file renamed over");
+        fs::remove_file(state.join("config")).expect("rm");
+        check("delete");
+        fs::create_dir_all(state.join("a/b/c/d/e")).expect("mkdir -p");
+        fs::write(state.join("a/b/c/d/e/leaf"), b"deep").expect("write");
+        check("mkdir -p and a file at the bottom");
+        fs::rename(state.join("dir"), state.join("moved-dir")).expect("rename dir");
+        fs::write(state.join("moved-dir/after-move"), b"written after the move").expect("write");
+        check("directory rename, then a write inside it");
+        let mapped = state.join("mapped.bin");
+        fs::write(&mapped, vec![b'.'; 8192]).expect("write");
+        check("file to map");
+        let status = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import mmap, os\nf = open({:?}, 'r+b')\nm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)\nm[100:112] = b'mmap-written'\nm.flush()\nm.close()\nf.close()",
+                s(&mapped)
+            ))
+            .status()
+            .expect("python3 for a shared mapping");
+        assert!(status.success());
+        check("shared mmap write");
+
+        let pid = rustix::process::Pid::from_raw(watcher.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        assert_eq!(watcher.wait().expect("wait").code(), Some(0), "{backend}");
+    }
+}
