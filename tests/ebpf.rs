@@ -57,7 +57,7 @@ fn only_watched_trees_count_and_each_dirty_file_is_reported_once() {
         field(&report, "bytes_made"),
         "{report}"
     );
-    assert_eq!(field(&report, "writes_made"), 2500, "{report}");
+    assert_eq!(field(&report, "writes_made"), 2502, "{report}");
     // In-kernel coalescing: 500 writes to each of three files (one in a
     // directory made after the watch started, one renamed in from outside)
     // give one event each; after their marks are cleared, two files
@@ -79,7 +79,7 @@ fn tracefs_is_mounted_when_missing() {
     // doctor must mount it again by itself.
     let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
     let report = doctor();
-    assert_eq!(field(&report, "writes_seen"), 2500, "{report}");
+    assert_eq!(field(&report, "writes_seen"), 2502, "{report}");
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
     assert!(
         mounts
@@ -141,9 +141,10 @@ fn a_million_writes_to_three_files_cost_three_events() {
         counters[diffkeeper_common::counter::WRITES as usize],
         events.len()
     );
+    // The three creating opens count as changes too.
     assert_eq!(
         counters[diffkeeper_common::counter::WRITES as usize],
-        writes
+        writes + 3
     );
     assert_eq!(events.len(), 3, "one event per dirty file: {events:?}");
     assert_eq!(

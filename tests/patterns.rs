@@ -18,7 +18,13 @@ use common::{read_tree, s, Node, BIN};
 fn store_matches(state: &Path, store: &Path, scratch: &Path) -> bool {
     let _ = fs::remove_dir_all(scratch);
     let replayed = Command::new(BIN)
-        .args(["replay", "--state-dir", &format!("data={}", s(scratch)), "--store", s(store)])
+        .args([
+            "replay",
+            "--state-dir",
+            &format!("data={}", s(scratch)),
+            "--store",
+            s(store),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -28,7 +34,14 @@ fn store_matches(state: &Path, store: &Path, scratch: &Path) -> bool {
     let strip = |tree: std::collections::BTreeMap<Vec<u8>, Node>| {
         tree.into_iter()
             .map(|(p, n)| match n {
-                Node::File { mode, content, .. } => (p, Node::File { mode, mtime_ns: 0, content }),
+                Node::File { mode, content, .. } => (
+                    p,
+                    Node::File {
+                        mode,
+                        mtime_ns: 0,
+                        content,
+                    },
+                ),
                 other => (p, other),
             })
             .collect::<std::collections::BTreeMap<_, _>>()
@@ -39,7 +52,10 @@ fn store_matches(state: &Path, store: &Path, scratch: &Path) -> bool {
 fn wait_captured(what: &str, backend: &str, state: &Path, store: &Path, scratch: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while !store_matches(state, store, scratch) {
-        assert!(Instant::now() < deadline, "{backend}: `{what}` never reached the store");
+        assert!(
+            Instant::now() < deadline,
+            "{backend}: `{what}` never reached the store"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -53,10 +69,27 @@ fn every_write_pattern_is_captured_while_watching() {
         let store = work.path().join("store.dk");
         fs::create_dir_all(state.join("dir")).expect("mkdir");
         fs::write(state.join("journal"), b"start\n").expect("write");
-        fs::write(state.join("dir/inside"), b"inside a directory that will move").expect("write");
+        fs::write(
+            state.join("dir/inside"),
+            b"inside a directory that will move",
+        )
+        .expect("write");
         let mut watcher = Command::new(BIN)
-            .args(["watch", "--state-dir", &format!("data={}", s(&state)), "--store", s(&store)])
-            .args(["--backend", backend, "--debounce", "50ms", "--max-latency", "1s"])
+            .args([
+                "watch",
+                "--state-dir",
+                &format!("data={}", s(&state)),
+                "--store",
+                s(&store),
+            ])
+            .args([
+                "--backend",
+                backend,
+                "--debounce",
+                "50ms",
+                "--max-latency",
+                "1s",
+            ])
             .args(["--scan-interval", "300ms"])
             .stderr(Stdio::null())
             .spawn()
@@ -64,17 +97,24 @@ fn every_write_pattern_is_captured_while_watching() {
         wait_captured("initial state", backend, &state, &store, &scratch);
 
         let check = |what: &str| wait_captured(what, backend, &state, &store, &scratch);
-        let mut journal = OpenOptions::new().append(true).open(state.join("journal")).expect("open");
+        let mut journal = OpenOptions::new()
+            .append(true)
+            .open(state.join("journal"))
+            .expect("open");
         journal.write_all(b"appended line\n").expect("append");
         check("append");
         let db = state.join("db.bin");
         fs::write(&db, vec![0u8; 64 * 1024]).expect("write");
         check("new file");
         let file = OpenOptions::new().write(true).open(&db).expect("open");
-        file.write_all_at(b"in-place overwrite", 40_000).expect("pwrite");
+        file.write_all_at(b"in-place overwrite", 40_000)
+            .expect("pwrite");
         file.write_all_at(b"at another offset", 7).expect("pwrite");
         check("pwrite at offsets");
-        let mut vectored = OpenOptions::new().append(true).open(state.join("journal")).expect("open");
+        let mut vectored = OpenOptions::new()
+            .append(true)
+            .open(state.join("journal"))
+            .expect("open");
         let n = vectored
             .write_vectored(&[IoSlice::new(b"writev "), IoSlice::new(b"in two parts\n")])
             .expect("writev");
@@ -91,7 +131,11 @@ fn every_write_pattern_is_captured_while_watching() {
         fs::write(state.join("a/b/c/d/e/leaf"), b"deep").expect("write");
         check("mkdir -p and a file at the bottom");
         fs::rename(state.join("dir"), state.join("moved-dir")).expect("rename dir");
-        fs::write(state.join("moved-dir/after-move"), b"written after the move").expect("write");
+        fs::write(
+            state.join("moved-dir/after-move"),
+            b"written after the move",
+        )
+        .expect("write");
         check("directory rename, then a write inside it");
         let mapped = state.join("mapped.bin");
         fs::write(&mapped, vec![b'.'; 8192]).expect("write");

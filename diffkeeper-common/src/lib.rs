@@ -113,7 +113,7 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     /// Tracepoint programs; each attaches to `syscalls/<its name>`.
-    pub const PROGRAMS: [&str; 11] = [
+    pub const PROGRAMS: [&str; 18] = [
         "sys_enter_write",
         "sys_enter_pwrite64",
         "sys_enter_writev",
@@ -125,6 +125,13 @@ pub mod names {
         "sys_enter_rename",
         "sys_enter_renameat",
         "sys_enter_renameat2",
+        "sys_enter_openat",
+        "sys_enter_open",
+        "sys_enter_creat",
+        "sys_exit_openat",
+        "sys_exit_open",
+        "sys_exit_creat",
+        "sys_enter_mmap",
     ];
 }
 

@@ -1,8 +1,9 @@
 //! DiffKeeper's eBPF programs, loaded by `diffkeeper::events`.
 //!
 //! Tracepoints on the syscalls that change a file's data through a
-//! descriptor (the write family, ftruncate, fallocate, copy_file_range)
-//! resolve the descriptor to its inode in the kernel, decide whether that
+//! descriptor (the write family, ftruncate, fallocate, copy_file_range, a
+//! shared writable mmap, and opens that create or truncate) resolve the
+//! descriptor to its inode in the kernel, decide whether that
 //! inode lies under a watched directory (a bounded walk up the dentry
 //! parents, cached per inode and invalidated by renames), and report each
 //! dirty inode once through the `EVENTS` ring buffer until userspace clears
@@ -107,6 +108,86 @@ changes_fd!(sys_enter_ftruncate, ARG0);
 changes_fd!(sys_enter_fallocate, ARG0);
 changes_fd!(sys_enter_copy_file_range, ARG2);
 
+/// Flags of opens in flight, by thread, from enter to exit (where the new
+/// descriptor is known).
+#[map(name = "OPENING")]
+static OPENING: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16_384, 0);
+
+const O_CREAT: u64 = 0o100;
+const O_TRUNC: u64 = 0o1000;
+const PROT_WRITE: u64 = 0x2;
+const MAP_SHARED: u64 = 0x1;
+
+/// An open that may create or truncate: remember its flags for the exit.
+macro_rules! opening {
+    ($name:ident, $flags_arg:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            // SAFETY: the flags argument is inside the record.
+            let flags = unsafe { ctx.read_at::<u64>($flags_arg) }.unwrap_or(0);
+            if flags & (O_CREAT | O_TRUNC) != 0 {
+                let tid = bpf_get_current_pid_tgid() as u32;
+                let _ = OPENING.insert(&tid, &flags, 0);
+            }
+            0
+        }
+    };
+}
+
+opening!(sys_enter_openat, ARG2);
+opening!(sys_enter_open, 24);
+
+/// `creat` always creates or truncates.
+#[tracepoint]
+pub fn sys_enter_creat(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = OPENING.insert(&tid, &(O_CREAT | O_TRUNC), 0);
+    0
+}
+
+/// The exit of a creating open: the new descriptor's file is dirty.
+macro_rules! opened {
+    ($name:ident) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            let tid = bpf_get_current_pid_tgid() as u32;
+            // SAFETY: a presence check only.
+            if unsafe { OPENING.get(&tid) }.is_none() {
+                return 0;
+            }
+            let _ = OPENING.remove(&tid);
+            // SAFETY: `ret` is the first field after the syscall number.
+            let ret = unsafe { ctx.read_at::<i64>(ARG0) }.unwrap_or(-1);
+            if ret >= 0 {
+                mark_fd_dirty(&ctx, ret as u64, 0);
+            }
+            0
+        }
+    };
+}
+
+opened!(sys_exit_openat);
+opened!(sys_exit_open);
+opened!(sys_exit_creat);
+
+/// A shared writable mapping: the file may change with no further syscall,
+/// so it is marked dirty when mapped.
+#[tracepoint]
+pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+    // SAFETY: prot, flags and fd are inside the record (offsets 32, 40, 48).
+    let (prot, flags, fd) = unsafe {
+        (
+            ctx.read_at::<u64>(32).unwrap_or(0),
+            ctx.read_at::<u64>(40).unwrap_or(0),
+            ctx.read_at::<i64>(48).unwrap_or(-1),
+        )
+    };
+    if prot & PROT_WRITE != 0 && flags & MAP_SHARED != 0 && fd >= 0 {
+        mark_fd_dirty(&ctx, fd as u64, 0);
+    }
+    0
+}
+
 /// Renames move inodes between trees: invalidate every cached membership.
 macro_rules! renames {
     ($name:ident) => {
@@ -201,6 +282,12 @@ fn on_change(ctx: &TracePointContext, fd_arg: usize, bytes: u64) {
     let Some(fd) = (unsafe { ctx.read_at::<u64>(fd_arg) }).ok() else {
         return;
     };
+    mark_fd_dirty(ctx, fd, bytes);
+}
+
+/// Counts a change to descriptor `fd` and reports its inode once if it is
+/// under a watched tree.
+fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64) {
     let Some(file) = file_of_fd(fd) else {
         return;
     };
