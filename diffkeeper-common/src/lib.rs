@@ -21,6 +21,32 @@ impl InodeKey {
     }
 }
 
+impl InodeKey {
+    /// The dirty mark standing for "something was created, deleted, renamed
+    /// or chmod-ed under root `root`" (no inode of its own).
+    pub const fn namespace(root: u32) -> InodeKey {
+        InodeKey {
+            ino: 0,
+            dev: 0,
+            pad: root + 1,
+        }
+    }
+}
+
+/// Longest root path (with its NUL) the kernel side compares against.
+pub const PATH_BYTES: usize = 256;
+/// Roots whose paths the kernel side compares absolute paths against.
+pub const MAX_PATH_ROOTS: u32 = 8;
+
+/// A watched root's absolute path, or a path argument being read.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct RootPath {
+    pub len: u32,
+    pub pad: u32,
+    pub bytes: [u8; PATH_BYTES],
+}
+
 /// A file inode's cached place: under root `root_plus_one - 1`, or under no
 /// root when 0, as of rename generation `generation`.
 #[repr(C)]
@@ -51,11 +77,20 @@ pub struct WriteEvent {
 impl WriteEvent {
     /// The key of this event's dirty mark.
     pub const fn key(&self) -> InodeKey {
-        InodeKey {
-            ino: self.ino,
-            dev: self.dev,
-            pad: 0,
+        if self.is_namespace() {
+            InodeKey::namespace(self.root)
+        } else {
+            InodeKey {
+                ino: self.ino,
+                dev: self.dev,
+                pad: 0,
+            }
         }
+    }
+
+    /// A path-based change under the root rather than a file's data.
+    pub const fn is_namespace(&self) -> bool {
+        self.ino == 0 && self.dev == 0
     }
 
     /// Size of the record in the ring buffer.
@@ -102,8 +137,11 @@ pub mod counter {
     /// Ring buffer reservations that failed (the buffer was full). The dirty
     /// mark is dropped with it, so the next write tries again.
     pub const RINGBUF_FULL: u32 = 3;
+    /// Path-based changes (create, delete, rename, link, chmod, truncate)
+    /// under a watched tree.
+    pub const NAMESPACE: u32 = 4;
     /// Number of slots.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Map and program names, as both sides spell them.
@@ -112,8 +150,9 @@ pub mod names {
     pub const DIRTY: &str = "DIRTY";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
+    pub const ROOT_PATHS: &str = "ROOT_PATHS";
     /// Tracepoint programs; each attaches to `syscalls/<its name>`.
-    pub const PROGRAMS: [&str; 18] = [
+    pub const PROGRAMS: [&str; 32] = [
         "sys_enter_write",
         "sys_enter_pwrite64",
         "sys_enter_writev",
@@ -132,6 +171,20 @@ pub mod names {
         "sys_exit_open",
         "sys_exit_creat",
         "sys_enter_mmap",
+        "sys_enter_unlink",
+        "sys_enter_unlinkat",
+        "sys_enter_mkdir",
+        "sys_enter_mkdirat",
+        "sys_enter_rmdir",
+        "sys_enter_symlink",
+        "sys_enter_symlinkat",
+        "sys_enter_link",
+        "sys_enter_linkat",
+        "sys_enter_chmod",
+        "sys_enter_fchmodat",
+        "sys_enter_fchmodat2",
+        "sys_enter_truncate",
+        "sys_enter_fchmod",
     ];
 }
 
@@ -144,3 +197,6 @@ unsafe impl aya::Pod for InodeKey {}
 unsafe impl aya::Pod for Membership {}
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for WriteEvent {}
+// SAFETY: `repr(C)`, `Copy`, two u32s then bytes: no padding, any bits valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RootPath {}

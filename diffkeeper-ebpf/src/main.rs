@@ -5,7 +5,8 @@
 //! shared writable mmap, and opens that create or truncate) resolve the
 //! descriptor to its inode in the kernel, decide whether that
 //! inode lies under a watched directory (a bounded walk up the dentry
-//! parents, cached per inode and invalidated by renames), and report each
+//! parents, cached per inode and invalidated by renames and removals, which
+//! free inode numbers for reuse), and report each
 //! dirty inode once through the `EVENTS` ring buffer until userspace clears
 //! its mark in `DIRTY`. Writes anywhere else cost a few map lookups and no
 //! ring buffer traffic; a million writes to one file between two captures
@@ -15,13 +16,18 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
+        bpf_probe_read_user_str_bytes,
+    },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
-use diffkeeper_common::{counter, InodeKey, Membership, WriteEvent, MAX_WALK_DEPTH};
+use diffkeeper_common::{
+    counter, InodeKey, Membership, RootPath, WriteEvent, MAX_PATH_ROOTS, MAX_WALK_DEPTH, PATH_BYTES,
+};
 
 /// Offsets of syscall arguments in `syscalls:sys_enter_*` records: 8 bytes
 /// of common fields, the syscall number padded to 8, then 8 bytes an
@@ -52,6 +58,20 @@ static OFF_INODE_INO: u32 = 0;
 static OFF_INODE_SB: u32 = 0;
 #[no_mangle]
 static OFF_SB_DEV: u32 = 0;
+#[no_mangle]
+static OFF_TASK_FS: u32 = 0;
+#[no_mangle]
+static OFF_FS_PWD_DENTRY: u32 = 0;
+
+const AT_FDCWD: i64 = -100;
+
+/// Watched roots' absolute paths (index = root), for absolute-path calls.
+#[map(name = "ROOT_PATHS")]
+static ROOT_PATHS: Array<RootPath> = Array::with_max_entries(MAX_PATH_ROOTS, 0);
+
+/// Per-CPU room to read a path argument into.
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<RootPath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Watched directories (the roots) by inode, to their root index.
 #[map(name = "WATCHED_DIRS")]
@@ -61,7 +81,8 @@ static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(256, 0);
 #[map(name = "MEMBERSHIP")]
 static MEMBERSHIP: LruHashMap<InodeKey, Membership> = LruHashMap::with_max_entries(131_072, 0);
 
-/// Bumped by every rename: cached memberships older than it are re-walked.
+/// Bumped by every rename and removal: cached memberships older than it
+/// are re-walked.
 #[map(name = "GENERATION")]
 static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
@@ -107,6 +128,79 @@ changes_fd!(sys_enter_pwritev2, ARG0);
 changes_fd!(sys_enter_ftruncate, ARG0);
 changes_fd!(sys_enter_fallocate, ARG0);
 changes_fd!(sys_enter_copy_file_range, ARG2);
+
+/// Invalidates every cached membership. Renames move inodes between
+/// trees; removals free inode numbers that a new file, anywhere, may get.
+fn bump_generation() {
+    if let Some(generation) = GENERATION.get_ptr_mut(0) {
+        // SAFETY: a u32 in an array map; a lost increment under a race
+        // still leaves the generation changed.
+        unsafe { *generation = (*generation).wrapping_add(1) };
+    }
+}
+
+/// Path-based namespace calls: (dirfd argument or AT_FDCWD, path argument).
+macro_rules! namespace {
+    ($name:ident, cwd, $path:expr, removes) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            bump_generation();
+            // SAFETY: the path argument is inside the record.
+            if let Ok(path) = unsafe { ctx.read_at::<u64>($path) } {
+                namespace_change(&ctx, AT_FDCWD, path);
+            }
+            0
+        }
+    };
+    ($name:ident, $dirfd:expr, $path:expr, removes) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            bump_generation();
+            // SAFETY: both arguments are inside the record.
+            let (dirfd, path) = unsafe { (ctx.read_at::<i64>($dirfd), ctx.read_at::<u64>($path)) };
+            if let (Ok(dirfd), Ok(path)) = (dirfd, path) {
+                namespace_change(&ctx, dirfd, path);
+            }
+            0
+        }
+    };
+    ($name:ident, cwd, $path:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            // SAFETY: the path argument is inside the record.
+            if let Ok(path) = unsafe { ctx.read_at::<u64>($path) } {
+                namespace_change(&ctx, AT_FDCWD, path);
+            }
+            0
+        }
+    };
+    ($name:ident, $dirfd:expr, $path:expr) => {
+        #[tracepoint]
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            // SAFETY: both arguments are inside the record.
+            let (dirfd, path) = unsafe { (ctx.read_at::<i64>($dirfd), ctx.read_at::<u64>($path)) };
+            if let (Ok(dirfd), Ok(path)) = (dirfd, path) {
+                namespace_change(&ctx, dirfd, path);
+            }
+            0
+        }
+    };
+}
+
+namespace!(sys_enter_unlink, cwd, ARG0, removes);
+namespace!(sys_enter_unlinkat, ARG0, 24, removes);
+namespace!(sys_enter_mkdir, cwd, ARG0);
+namespace!(sys_enter_mkdirat, ARG0, 24);
+namespace!(sys_enter_rmdir, cwd, ARG0, removes);
+namespace!(sys_enter_symlink, cwd, 24);
+namespace!(sys_enter_symlinkat, 24, ARG2);
+namespace!(sys_enter_link, cwd, 24);
+namespace!(sys_enter_linkat, ARG2, 40);
+namespace!(sys_enter_chmod, cwd, ARG0);
+namespace!(sys_enter_fchmodat, ARG0, 24);
+namespace!(sys_enter_fchmodat2, ARG0, 24);
+namespace!(sys_enter_truncate, cwd, ARG0);
+changes_fd!(sys_enter_fchmod, ARG0);
 
 /// Flags of opens in flight, by thread, from enter to exit (where the new
 /// descriptor is known).
@@ -188,24 +282,37 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Renames move inodes between trees: invalidate every cached membership.
+/// Renames move inodes between trees: invalidate every cached membership,
+/// and report the change at both ends.
 macro_rules! renames {
-    ($name:ident) => {
+    ($name:ident, $olddfd:expr, $old:expr, $newdfd:expr, $new:expr) => {
         #[tracepoint]
-        pub fn $name(_ctx: TracePointContext) -> u32 {
-            if let Some(generation) = GENERATION.get_ptr_mut(0) {
-                // SAFETY: a u32 in an array map; a lost increment under a
-                // race still leaves the generation changed.
-                unsafe { *generation = (*generation).wrapping_add(1) };
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            bump_generation();
+            // SAFETY: the arguments are inside the record.
+            let (old, new) = unsafe { (ctx.read_at::<u64>($old), ctx.read_at::<u64>($new)) };
+            let dirfd = |arg: usize| -> i64 {
+                if arg == 0 {
+                    AT_FDCWD
+                } else {
+                    // SAFETY: as above.
+                    unsafe { ctx.read_at::<i64>(arg) }.unwrap_or(AT_FDCWD)
+                }
+            };
+            if let Ok(old) = old {
+                namespace_change(&ctx, dirfd($olddfd), old);
+            }
+            if let Ok(new) = new {
+                namespace_change(&ctx, dirfd($newdfd), new);
             }
             0
         }
     };
 }
 
-renames!(sys_enter_rename);
-renames!(sys_enter_renameat);
-renames!(sys_enter_renameat2);
+renames!(sys_enter_rename, 0, ARG0, 0, 24);
+renames!(sys_enter_renameat, ARG0, 24, ARG2, 40);
+renames!(sys_enter_renameat2, ARG0, 24, ARG2, 40);
 
 fn offset(global: &u32) -> usize {
     // SAFETY: a plain read of a global the loader initialised.
@@ -250,22 +357,8 @@ fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
             return m.root_plus_one.checked_sub(1);
         }
     }
-    let mut found = 0u32;
-    let mut dentry: u64 = read(file, offset(&OFF_FILE_DENTRY))?;
-    for _ in 0..MAX_WALK_DEPTH {
-        let inode: u64 = read(dentry, offset(&OFF_DENTRY_INODE))?;
-        let here = key_of_inode(inode)?;
-        // SAFETY: copied out at once.
-        if let Some(root) = unsafe { WATCHED_DIRS.get(&here) } {
-            found = *root + 1;
-            break;
-        }
-        let parent: u64 = read(dentry, offset(&OFF_DENTRY_PARENT))?;
-        if parent == dentry {
-            break; // the file system's root
-        }
-        dentry = parent;
-    }
+    let dentry: u64 = read(file, offset(&OFF_FILE_DENTRY))?;
+    let found = root_of_dentry(dentry).map_or(0, |root| root + 1);
     let _ = MEMBERSHIP.insert(
         key,
         &Membership {
@@ -275,6 +368,89 @@ fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
         0,
     );
     found.checked_sub(1)
+}
+
+/// The watched root `dentry` is at or under: a bounded walk up its parents.
+fn root_of_dentry(mut dentry: u64) -> Option<u32> {
+    for _ in 0..MAX_WALK_DEPTH {
+        let inode: u64 = read(dentry, offset(&OFF_DENTRY_INODE))?;
+        let here = key_of_inode(inode)?;
+        // SAFETY: copied out at once.
+        if let Some(root) = unsafe { WATCHED_DIRS.get(&here) } {
+            return Some(*root);
+        }
+        let parent: u64 = read(dentry, offset(&OFF_DENTRY_PARENT))?;
+        if parent == dentry {
+            return None; // the file system's root
+        }
+        dentry = parent;
+    }
+    None
+}
+
+/// The watched root a path names something in: absolute paths by prefix
+/// against the roots' paths, relative ones by where their base directory
+/// (`dirfd`, or the working directory) is. A relative path that descends
+/// into a root from outside it is not recognised; the periodic rescan
+/// catches that case.
+fn root_of_path(dirfd: i64, path: u64) -> Option<u32> {
+    let buf = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU scratch buffer, used by this program only for the
+    // duration of this call.
+    let buf = unsafe { &mut *buf };
+    // SAFETY: reads a NUL-terminated user string into `buf`, bounded by its
+    // length; a bad pointer makes the helper fail.
+    let len = unsafe { bpf_probe_read_user_str_bytes(path as *const u8, &mut buf.bytes) }
+        .ok()?
+        .len();
+    if buf.bytes[0] == b'/' {
+        return root_of_absolute(&buf.bytes, len);
+    }
+    let base = if dirfd == AT_FDCWD {
+        // SAFETY: the helper only returns the current task's address.
+        let task = unsafe { bpf_get_current_task() };
+        let fs: u64 = read(task, offset(&OFF_TASK_FS))?;
+        read(fs, offset(&OFF_FS_PWD_DENTRY))?
+    } else {
+        read(file_of_fd(dirfd as u64)?, offset(&OFF_FILE_DENTRY))?
+    };
+    root_of_dentry(base)
+}
+
+fn root_of_absolute(path: &[u8; PATH_BYTES], len: usize) -> Option<u32> {
+    for root in 0..MAX_PATH_ROOTS {
+        let Some(prefix) = ROOT_PATHS.get(root) else {
+            continue;
+        };
+        let n = prefix.len as usize;
+        if n == 0 || n > len || n >= PATH_BYTES {
+            continue;
+        }
+        let mut same = true;
+        for i in 0..PATH_BYTES {
+            if i >= n {
+                break;
+            }
+            if path[i] != prefix.bytes[i] {
+                same = false;
+                break;
+            }
+        }
+        if same && (n == len || path[n] == b'/') {
+            return Some(root);
+        }
+    }
+    None
+}
+
+/// A namespace change (create, delete, rename, link, chmod, truncate by
+/// path) at `path` relative to `dirfd`: reported once per root until
+/// userspace takes it.
+fn namespace_change(ctx: &TracePointContext, dirfd: i64, path: u64) {
+    if let Some(root) = root_of_path(dirfd, path) {
+        bump(counter::NAMESPACE, 1);
+        report(ctx, InodeKey::namespace(root), root, 0, 0);
+    }
 }
 
 fn on_change(ctx: &TracePointContext, fd_arg: usize, bytes: u64) {
@@ -299,6 +475,11 @@ fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64) {
     };
     bump(counter::WRITES, 1);
     bump(counter::BYTES, bytes);
+    report(ctx, key, root, fd, bytes);
+}
+
+/// Reports `key` (dirty under `root`) unless it already is.
+fn report(ctx: &TracePointContext, key: InodeKey, root: u32, fd: u64, bytes: u64) {
     // SAFETY: a presence check only.
     if unsafe { DIRTY.get(&key) }.is_some() {
         return;

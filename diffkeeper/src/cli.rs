@@ -52,8 +52,8 @@ pub struct RootsArgs {
 pub struct WatchArgs {
     #[command(flatten)]
     pub roots: RootsArgs,
-    /// Where write notices come from: auto (eBPF when built, else inotify,
-    /// else scanning), ebpf, inotify, or scan.
+    /// Where write notices come from: auto (eBPF when it loads, else
+    /// inotify, else scanning, saying which), ebpf, inotify, or scan.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: crate::watch::Backend,
     /// Quiet time after the last write before a directory is captured.
@@ -65,6 +65,10 @@ pub struct WatchArgs {
     /// How often the scan backend walks the directories.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub scan_interval: std::time::Duration,
+    /// How often the eBPF backend walks them anyway, as a safety net for
+    /// changes it cannot attribute in the kernel.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rescan_interval: std::time::Duration,
 }
 
 impl WatchArgs {
@@ -74,6 +78,7 @@ impl WatchArgs {
             debounce: self.debounce,
             max_latency: self.max_latency,
             scan_interval: self.scan_interval,
+            rescan_interval: self.rescan_interval,
         }
     }
 }

@@ -221,6 +221,11 @@ pub fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>> {
         ("OFF_INODE_INO", btf.offset_of("inode", &["i_ino"])?),
         ("OFF_INODE_SB", btf.offset_of("inode", &["i_sb"])?),
         ("OFF_SB_DEV", btf.offset_of("super_block", &["s_dev"])?),
+        ("OFF_TASK_FS", btf.offset_of("task_struct", &["fs"])?),
+        (
+            "OFF_FS_PWD_DENTRY",
+            btf.offset_of("fs_struct", &["pwd", "dentry"])?,
+        ),
     ])
 }
 

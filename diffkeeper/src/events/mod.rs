@@ -22,7 +22,9 @@ use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
-use diffkeeper_common::{counter, names, InodeKey, WriteEvent};
+use diffkeeper_common::{
+    counter, names, InodeKey, RootPath, WriteEvent, MAX_PATH_ROOTS, PATH_BYTES,
+};
 
 /// The eBPF object built by `build.rs` from `diffkeeper-ebpf`.
 static EBPF_OBJECT: &[u8] =
@@ -124,6 +126,32 @@ impl Tracer {
                     .with_context(|| format!("cannot watch {}", root.display()))?;
             }
         }
+        {
+            // Absolute paths of the roots, for path-based calls.
+            let map = ebpf
+                .map_mut(names::ROOT_PATHS)
+                .context("the eBPF object has no ROOT_PATHS map")?;
+            let mut paths: aya::maps::Array<&mut MapData, RootPath> =
+                aya::maps::Array::try_from(map)?;
+            for (index, root) in roots.iter().enumerate().take(MAX_PATH_ROOTS as usize) {
+                let canonical = std::fs::canonicalize(root)
+                    .with_context(|| format!("cannot resolve {}", root.display()))?;
+                let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
+                if bytes.len() >= PATH_BYTES {
+                    tracing::warn!(root = %canonical.display(), "path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the periodic rescan");
+                    continue;
+                }
+                let mut entry = RootPath {
+                    len: bytes.len() as u32,
+                    pad: 0,
+                    bytes: [0; PATH_BYTES],
+                };
+                entry.bytes[..bytes.len()].copy_from_slice(bytes);
+                paths
+                    .set(index as u32, entry, 0)
+                    .context("cannot fill ROOT_PATHS")?;
+            }
+        }
         for program in names::PROGRAMS {
             let tracepoint: &mut TracePoint = ebpf
                 .program_mut(program)
@@ -222,6 +250,10 @@ pub struct SelfTestReport {
     pub events_after_clear: u64,
     /// Events about the file written only outside the watched tree.
     pub events_outside: u64,
+    /// Path-based changes (two mkdirs, a rename in) the kernel counted
+    /// under the tree, and the events reporting them (one until cleared).
+    pub namespace_seen: u64,
+    pub namespace_events: u64,
     /// Whether every event's inode, device and root match what `stat` says.
     pub inodes_match: bool,
 }
@@ -249,6 +281,11 @@ impl fmt::Display for SelfTestReport {
             f,
             "events: {} for 3 dirty files ({} after clearing marks, 2 expected), {} for the file outside, ring buffer full {} times",
             self.events_first_round, self.events_after_clear, self.events_outside, self.ringbuf_full
+        )?;
+        writeln!(
+            f,
+            "path-based changes under the tree: {} seen (3 made), reported by {} event",
+            self.namespace_seen, self.namespace_events
         )?;
         write!(
             f,
@@ -280,8 +317,9 @@ pub fn self_test() -> Result<SelfTestReport> {
     let create = |path: &Path| {
         File::create(path).with_context(|| format!("cannot create {}", path.display()))
     };
-    std::fs::create_dir_all(watched.join("sub/deeper"))
-        .context("cannot create a test directory")?;
+    // Two mkdir calls (create_dir_all would try the deep one first).
+    std::fs::create_dir(watched.join("sub")).context("cannot create a test directory")?;
+    std::fs::create_dir(watched.join("sub/deeper")).context("cannot create a test directory")?;
     let mut a = create(&watched.join("a"))?;
     let b = create(&watched.join("sub/deeper/b"))?;
     let mut c = create(&outside.join("c"))?;
@@ -322,6 +360,8 @@ pub fn self_test() -> Result<SelfTestReport> {
         (0, key_of_stat(&rustix::fs::fstat(&d)?)),
     ];
     let outside_key = key_of_stat(&rustix::fs::fstat(&c)?);
+    let (namespace, first): (Vec<WriteEvent>, Vec<WriteEvent>) =
+        first.into_iter().partition(|e| e.is_namespace());
     let inodes_match = !first.is_empty()
         && first.iter().chain(&second).all(|e| {
             keys.iter()
@@ -346,6 +386,8 @@ pub fn self_test() -> Result<SelfTestReport> {
             .chain(&second)
             .filter(|e| e.key() == outside_key)
             .count() as u64,
+        namespace_seen: counters[counter::NAMESPACE as usize],
+        namespace_events: namespace.len() as u64,
         inodes_match,
     })
 }

@@ -2,12 +2,11 @@
 //! `notify` crate) or periodic scanning. Every backend feeds the same
 //! [`Notices`], so the coalescer and capture do not care which one runs.
 //!
-//! The eBPF tracer sees data changes through descriptors (the write family,
-//! truncate, fallocate, copy_file_range) at almost no cost per write, but
-//! not yet namespace changes (create without write, unlink, mkdir, rename,
-//! chmod): with it, the trees are also rescanned every --scan-interval, so
-//! those are caught within that time. Until the tracer covers them, `auto`
-//! prefers inotify, which sees both.
+//! The eBPF tracer sees data changes through descriptors and path-based
+//! changes in the kernel at almost no cost per write; what it cannot
+//! attribute there (see [`super::WatchOptions::rescan_interval`]) is caught
+//! by a rescan every --rescan-interval. `auto` uses it when it loads, and
+//! falls back to inotify, then scanning, saying why.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,11 +23,10 @@ use crate::roots::{StateDir, STAGING_PREFIX};
 /// Which source of write notices to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Backend {
-    /// The best available: eBPF when it is built and loads, else inotify,
-    /// else scanning; says which and why.
+    /// The best available: eBPF when it loads, else inotify, else
+    /// scanning; says which and why.
     Auto,
-    /// eBPF tracepoints for data changes, plus a rescan every
-    /// --scan-interval for namespace changes.
+    /// eBPF tracepoints, plus a safety-net rescan every --rescan-interval.
     Ebpf,
     /// inotify watches on every directory of the trees.
     Inotify,
@@ -128,19 +126,28 @@ pub fn start(
     notices: Notices,
 ) -> Result<Source> {
     match options.backend {
-        Backend::Ebpf => ebpf(roots, options.scan_interval, notices),
+        Backend::Ebpf => ebpf(roots, options.rescan_interval, notices),
         Backend::Inotify => inotify(roots, store, notices),
         Backend::Scan => Ok(scan(roots, options.scan_interval, notices)),
-        Backend::Auto => {
-            tracing::info!("using inotify (the eBPF tracer does not see namespace changes yet; --backend ebpf uses it with a periodic rescan)");
-            match inotify(roots, store, notices.clone()) {
-                Ok(source) => Ok(source),
-                Err(e) => {
-                    tracing::warn!("inotify cannot watch the state directories ({e:#}); falling back to scanning every {:?}", options.scan_interval);
-                    Ok(scan(roots, options.scan_interval, notices))
+        Backend::Auto => match ebpf(roots, options.rescan_interval, notices.clone()) {
+            Ok(source) => {
+                tracing::info!("capturing with the eBPF tracer");
+                Ok(source)
+            }
+            Err(e) => {
+                tracing::warn!("the eBPF tracer cannot run ({e:#}); falling back to inotify");
+                match inotify(roots, store, notices.clone()) {
+                    Ok(source) => Ok(source),
+                    Err(e) => {
+                        tracing::warn!(
+                            "inotify cannot watch the state directories ({e:#}); falling back to scanning every {:?}",
+                            options.scan_interval
+                        );
+                        Ok(scan(roots, options.scan_interval, notices))
+                    }
                 }
             }
-        }
+        },
     }
 }
 

@@ -35,6 +35,11 @@ pub struct WatchOptions {
     pub max_latency: Duration,
     /// How often the scan backend walks the directories.
     pub scan_interval: Duration,
+    /// How often the eBPF backend walks them as a safety net, for what it
+    /// cannot attribute in the kernel (a relative path descending into a
+    /// tree from outside it, paths through symlinks or longer than 255
+    /// bytes).
+    pub rescan_interval: Duration,
 }
 
 impl Default for WatchOptions {
@@ -44,6 +49,7 @@ impl Default for WatchOptions {
             debounce: Duration::from_millis(300),
             max_latency: Duration::from_secs(3),
             scan_interval: Duration::from_secs(2),
+            rescan_interval: Duration::from_secs(30),
         }
     }
 }
