@@ -165,8 +165,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a small built-in demo in a temporary directory: capture, edit,
-    /// capture, wipe, replay, verify.
+    /// Run a small built-in demo in a temporary directory: watch an app
+    /// write (eBPF when it loads), then wipe, replay, show the history and
+    /// verify.
     Demo,
 }
 
@@ -328,30 +329,61 @@ fn demo() -> Result<ExitCode> {
         path: state.clone(),
     }];
     let step = |what: &str| println!("\n== {what}");
-    let write = |rel: &str, bytes: &[u8]| -> Result<()> {
-        let p = state.join(rel);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
-    };
 
-    step(&format!("an app writes its state into {}", state.display()));
+    step(&format!(
+        "diffkeeper watches {} while an app writes its state (batches are logged as they commit)",
+        state.display()
+    ));
+    std::fs::create_dir_all(&state)?;
     let save: Vec<u8> = (0..2_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
-    write("world/region-0.dat", &save)?;
-    write("config.toml", b"difficulty = \"normal\"\nplayers = 8\n")?;
-    write("logs/server.log", b"started\n")?;
-    std::os::unix::fs::symlink("world/region-0.dat", state.join("current"))?;
-    println!("{}", crate::capture::snapshot(&store_path, &dirs)?);
-
-    step("the app edits 16 bytes in the middle of a 2 MB file and appends to its log");
     let mut edited = save.clone();
     edited[1_000_000..1_000_016].copy_from_slice(b"player 7 joined!");
-    write("world/region-0.dat", &edited)?;
-    write("logs/server.log", b"started\nplayer 7 joined\n")?;
-    println!("{}", crate::capture::snapshot(&store_path, &dirs)?);
+    let app = {
+        let (state, save, edited) = (state.clone(), save.clone(), edited.clone());
+        move || -> Result<u64> {
+            let write = |rel: &str, bytes: &[u8]| -> Result<()> {
+                let p = state.join(rel);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&p, bytes).with_context(|| format!("cannot write {}", p.display()))
+            };
+            write("world/region-0.dat", &save)?;
+            write("config.toml", b"difficulty = \"normal\"\nplayers = 8\n")?;
+            std::os::unix::fs::symlink("world/region-0.dat", state.join("current"))?;
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            // A chatty log: 100,000 small appends.
+            let mut log = std::fs::File::create(state.join("server.log"))?;
+            for i in 0..100_000u64 {
+                std::io::Write::write_all(&mut log, format!("tick {i}\n").as_bytes())?;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(800));
+            // 16 bytes edited in the middle of a 2 MB file.
+            write("world/region-0.dat", &edited)?;
+            Ok(100_000)
+        }
+    };
+    let options = crate::watch::WatchOptions::default();
+    let summary = runtime()?.block_on(async {
+        let watching = crate::watch::CaptureLoop::start(&store_path, &dirs, &options).await?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let capture = tokio::spawn(watching.run_until(async {
+            let _ = stop_rx.await;
+        }));
+        let appends = tokio::task::spawn_blocking(app)
+            .await
+            .context("the demo app failed")??;
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        let _ = stop_tx.send(());
+        let summary = capture.await.context("the capture loop failed")??;
+        anyhow::Ok((appends, summary))
+    })?;
+    println!(
+        "the app made {} small appends and two saves; {} batches committed from {} change notices",
+        summary.0, summary.1.batches, summary.1.notices
+    );
 
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;
