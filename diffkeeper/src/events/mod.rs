@@ -205,6 +205,20 @@ impl Tracer {
         Ok(out)
     }
 
+    /// A descriptor that polls readable when events wait in the ring
+    /// buffer, to sleep on between drains.
+    pub fn events_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        let map = self
+            .ebpf
+            .map(names::EVENTS)
+            .context("the eBPF object has no EVENTS map")?;
+        let ring: RingBuf<&MapData> = RingBuf::try_from(map)?;
+        ring.as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate the ring buffer descriptor")
+    }
+
     /// Takes every event waiting in the ring buffer.
     pub fn drain_events(&mut self) -> Result<Vec<WriteEvent>> {
         let map = self

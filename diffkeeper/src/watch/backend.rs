@@ -194,6 +194,10 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
         }));
     }
 
+    let wakeup = tracer
+        .lock()
+        .map_err(|_| anyhow::anyhow!("tracer lock poisoned"))?
+        .events_fd()?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop_thread = stop.clone();
     let thread_notices = notices.clone();
@@ -234,7 +238,18 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                     }
                     thread_notices.written(event.root as usize);
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                // Sleep until the ring buffer has events (or a tenth of a
+                // second passes, to notice the stop and the lost-event
+                // counter), without holding the tracer's lock.
+                let mut fds = [rustix::event::PollFd::new(
+                    &wakeup,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
             }
             if let Ok(tracer) = tracer.lock() {
                 if let Ok(c) = tracer.counters() {
