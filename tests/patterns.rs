@@ -153,6 +153,23 @@ fn every_write_pattern_is_captured_while_watching() {
         assert!(status.success());
         check("shared mmap write");
 
+        // A mapping that stays: the second write needs no syscall at all.
+        let trigger = work.path().join("go");
+        let mut holder = Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import mmap, os, time\nf = open({m:?}, 'r+b')\nm = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_WRITE | mmap.PROT_READ)\nm[200:205] = b'first'\nm.flush()\nwhile not os.path.exists({t:?}): time.sleep(0.02)\nm[300:306] = b'second'\nm.flush()\ntime.sleep(30)",
+                m = s(&mapped),
+                t = s(&trigger)
+            ))
+            .spawn()
+            .expect("python3 holding a shared mapping");
+        check("first write through a lasting mapping");
+        fs::write(&trigger, b"").expect("trigger");
+        check("a later write through the same mapping, with no syscall");
+        holder.kill().expect("kill the mapping holder");
+        holder.wait().expect("wait");
+
         let pid = rustix::process::Pid::from_raw(watcher.id() as i32).expect("pid");
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         assert_eq!(watcher.wait().expect("wait").code(), Some(0), "{backend}");

@@ -72,6 +72,9 @@ pub struct WriteEvent {
     /// The writing process (thread-group id).
     pub tgid: u32,
     pub fd: u32,
+    /// [`WriteEvent::MAPPED`] or 0.
+    pub flags: u32,
+    pub pad: u32,
 }
 
 impl WriteEvent {
@@ -93,8 +96,12 @@ impl WriteEvent {
         self.ino == 0 && self.dev == 0
     }
 
+    /// The file was mapped shared and writable: it may keep changing with
+    /// no further syscall while the mapping lives.
+    pub const MAPPED: u32 = 1;
+
     /// Size of the record in the ring buffer.
-    pub const SIZE: usize = 32;
+    pub const SIZE: usize = 40;
 
     /// Reads a record from its bytes (native endian, `repr(C)` layout).
     pub fn from_bytes(bytes: &[u8]) -> Option<WriteEvent> {
@@ -118,6 +125,8 @@ impl WriteEvent {
             root: u32_at(20),
             tgid: u32_at(24),
             fd: u32_at(28),
+            flags: u32_at(32),
+            pad: 0,
         })
     }
 }

@@ -253,7 +253,7 @@ macro_rules! opened {
             // SAFETY: `ret` is the first field after the syscall number.
             let ret = unsafe { ctx.read_at::<i64>(ARG0) }.unwrap_or(-1);
             if ret >= 0 {
-                mark_fd_dirty(&ctx, ret as u64, 0);
+                mark_fd_dirty(&ctx, ret as u64, 0, 0);
             }
             0
         }
@@ -277,7 +277,7 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
         )
     };
     if prot & PROT_WRITE != 0 && flags & MAP_SHARED != 0 && fd >= 0 {
-        mark_fd_dirty(&ctx, fd as u64, 0);
+        mark_fd_dirty(&ctx, fd as u64, 0, WriteEvent::MAPPED);
     }
     0
 }
@@ -449,7 +449,7 @@ fn root_of_absolute(path: &[u8; PATH_BYTES], len: usize) -> Option<u32> {
 fn namespace_change(ctx: &TracePointContext, dirfd: i64, path: u64) {
     if let Some(root) = root_of_path(dirfd, path) {
         bump(counter::NAMESPACE, 1);
-        report(ctx, InodeKey::namespace(root), root, 0, 0);
+        report(ctx, InodeKey::namespace(root), root, 0, 0, 0);
     }
 }
 
@@ -458,12 +458,12 @@ fn on_change(ctx: &TracePointContext, fd_arg: usize, bytes: u64) {
     let Some(fd) = (unsafe { ctx.read_at::<u64>(fd_arg) }).ok() else {
         return;
     };
-    mark_fd_dirty(ctx, fd, bytes);
+    mark_fd_dirty(ctx, fd, bytes, 0);
 }
 
 /// Counts a change to descriptor `fd` and reports its inode once if it is
 /// under a watched tree.
-fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64) {
+fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64, flags: u32) {
     let Some(file) = file_of_fd(fd) else {
         return;
     };
@@ -475,11 +475,16 @@ fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64) {
     };
     bump(counter::WRITES, 1);
     bump(counter::BYTES, bytes);
-    report(ctx, key, root, fd, bytes);
+    if flags & WriteEvent::MAPPED != 0 {
+        // Userspace must learn of every writable mapping, even of a file
+        // already dirty, to keep watching it while the mapping lives.
+        let _ = DIRTY.remove(&key);
+    }
+    report(ctx, key, root, fd, bytes, flags);
 }
 
 /// Reports `key` (dirty under `root`) unless it already is.
-fn report(ctx: &TracePointContext, key: InodeKey, root: u32, fd: u64, bytes: u64) {
+fn report(ctx: &TracePointContext, key: InodeKey, root: u32, fd: u64, bytes: u64, flags: u32) {
     // SAFETY: a presence check only.
     if unsafe { DIRTY.get(&key) }.is_some() {
         return;
@@ -497,6 +502,8 @@ fn report(ctx: &TracePointContext, key: InodeKey, root: u32, fd: u64, bytes: u64
                 root,
                 tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
                 fd: fd as u32,
+                flags,
+                pad: 0,
             });
             entry.submit(0);
             bump(counter::EVENTS, 1);

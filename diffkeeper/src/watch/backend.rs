@@ -151,6 +151,9 @@ pub fn start(
     }
 }
 
+/// How often a tree with live shared writable mappings is looked at.
+const MAPPED_RECHECK: Duration = Duration::from_secs(1);
+
 /// Starts the eBPF tracer on the trees, a thread that turns its events into
 /// notices, and the periodic rescan for what it does not see yet.
 fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Source> {
@@ -206,7 +209,19 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
         .name("diffkeeper-ebpf".into())
         .spawn(move || {
             let mut ringbuf_full = 0;
+            // Processes holding shared writable mappings into a tree: their
+            // writes need no syscall, so the tree is looked at every
+            // interval while they live.
+            let mut mapped: HashSet<(u32, usize)> = HashSet::new();
+            let mut last_mapped_check = std::time::Instant::now();
             while !stop_thread.load(Ordering::SeqCst) {
+                if !mapped.is_empty() && last_mapped_check.elapsed() >= MAPPED_RECHECK {
+                    last_mapped_check = std::time::Instant::now();
+                    mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
+                    for (_, root) in &mapped {
+                        thread_notices.written(*root);
+                    }
+                }
                 let (events, full) = match tracer.lock() {
                     Ok(mut tracer) => {
                         tracer.flush_logs();
@@ -231,6 +246,9 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                     }
                 }
                 for event in events {
+                    if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
+                        mapped.insert((event.tgid, event.root as usize));
+                    }
                     if let Ok(mut dirty) = dirty.lock() {
                         if let Some(set) = dirty.get_mut(event.root as usize) {
                             set.insert(event.key());
