@@ -162,13 +162,7 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
 
     use diffkeeper_common::{counter, InodeKey};
 
-    let paths: Vec<PathBuf> = roots
-        .iter()
-        .map(|r| {
-            std::fs::canonicalize(&r.path)
-                .with_context(|| format!("cannot resolve {}", r.path.display()))
-        })
-        .collect::<Result<_>>()?;
+    let paths = canonical_roots(roots)?;
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let tracer = Arc::new(Mutex::new(crate::events::Tracer::start(&refs)?));
     // Inodes reported per root and not yet taken by a capture.
@@ -304,14 +298,19 @@ fn scan(roots: &[StateDir], interval: Duration, notices: Notices) -> Source {
     }))
 }
 
-fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source> {
-    let canonical: Vec<PathBuf> = roots
+/// The state directories' real paths, as events name them.
+fn canonical_roots(roots: &[StateDir]) -> Result<Vec<PathBuf>> {
+    roots
         .iter()
         .map(|r| {
             std::fs::canonicalize(&r.path)
                 .with_context(|| format!("cannot resolve {}", r.path.display()))
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source> {
+    let canonical = canonical_roots(roots)?;
     let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
     let roots_for_events = canonical.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
