@@ -97,8 +97,8 @@ pub enum Source {
     Inotify(notify::RecommendedWatcher),
     Scan(tokio::task::JoinHandle<()>),
     Ebpf {
-        stop: Arc<AtomicBool>,
-        thread: Option<std::thread::JoinHandle<()>>,
+        task: tokio::task::JoinHandle<()>,
+        tracer: Arc<std::sync::Mutex<crate::events::Tracer>>,
         rescan: Box<Source>,
     },
 }
@@ -107,10 +107,17 @@ impl Drop for Source {
     fn drop(&mut self) {
         match self {
             Source::Scan(task) => task.abort(),
-            Source::Ebpf { stop, thread, .. } => {
-                stop.store(true, Ordering::SeqCst);
-                if let Some(thread) = thread.take() {
-                    let _ = thread.join();
+            Source::Ebpf { task, tracer, .. } => {
+                task.abort();
+                if let Ok(tracer) = tracer.lock() {
+                    if let Ok(c) = tracer.counters() {
+                        tracing::info!(
+                            writes = c[diffkeeper_common::counter::WRITES as usize],
+                            events = c[diffkeeper_common::counter::EVENTS as usize],
+                            ringbuf_full = c[diffkeeper_common::counter::RINGBUF_FULL as usize],
+                            "eBPF tracer stopped"
+                        );
+                    }
                 }
             }
             Source::Inotify(_) => {}
@@ -154,8 +161,9 @@ pub fn start(
 /// How often a tree with live shared writable mappings is looked at.
 const MAPPED_RECHECK: Duration = Duration::from_secs(1);
 
-/// Starts the eBPF tracer on the trees, a thread that turns its events into
-/// notices, and the periodic rescan for what it does not see yet.
+/// Starts the eBPF tracer on the trees, a task that turns its ring buffer's
+/// events into notices (woken by the ring buffer's descriptor), and the
+/// safety-net rescan.
 fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Source> {
     use std::collections::HashSet;
     use std::sync::Mutex;
@@ -191,93 +199,87 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
         }));
     }
 
-    let wakeup = tracer
+    let ring_fd = tracer
         .lock()
         .map_err(|_| anyhow::anyhow!("tracer lock poisoned"))?
         .events_fd()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop_thread = stop.clone();
-    let thread_notices = notices.clone();
+    // SAFETY: `ring_fd` is an OwnedFd moved into the AsyncFd: it is open,
+    // nothing else can close it, and it stays the same descriptor until the
+    // AsyncFd is dropped.
+    let wakeup = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring_fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("cannot wait on the ring buffer: {e}"))?;
+    let task_notices = notices.clone();
+    let task_tracer = tracer.clone();
     let count = roots.len();
-    let thread = std::thread::Builder::new()
-        .name("diffkeeper-ebpf".into())
-        .spawn(move || {
-            let mut ringbuf_full = 0;
-            // Processes holding shared writable mappings into a tree: their
-            // writes need no syscall, so the tree is looked at every
-            // interval while they live.
-            let mut mapped: HashSet<(u32, usize)> = HashSet::new();
-            let mut last_mapped_check = std::time::Instant::now();
-            while !stop_thread.load(Ordering::SeqCst) {
-                if !mapped.is_empty() && last_mapped_check.elapsed() >= MAPPED_RECHECK {
-                    last_mapped_check = std::time::Instant::now();
-                    mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
-                    for (_, root) in &mapped {
-                        thread_notices.written(*root);
+    let task = tokio::spawn(async move {
+        let mut ringbuf_full = 0;
+        // Processes holding shared writable mappings into a tree: their
+        // writes need no syscall, so the tree is looked at every
+        // MAPPED_RECHECK while they live.
+        let mut mapped: HashSet<(u32, usize)> = HashSet::new();
+        let mut last_mapped_check = std::time::Instant::now();
+        // Also wakes the loop now and then, for the lost-event counter and
+        // for events that arrived between a drain and clearing readiness.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                ready = wakeup.readable() => match ready {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(e) => {
+                        tracing::warn!("cannot wait on the eBPF ring buffer: {e}");
+                        return;
                     }
-                }
-                let (events, full) = match tracer.lock() {
-                    Ok(mut tracer) => {
-                        tracer.flush_logs();
-                        let events = tracer.drain_events().unwrap_or_else(|e| {
-                            tracing::warn!("{e:#}");
-                            Vec::new()
-                        });
-                        let full = tracer
-                            .counters()
-                            .map(|c| c[counter::RINGBUF_FULL as usize])
-                            .unwrap_or(0);
-                        (events, full)
-                    }
-                    Err(_) => return,
-                };
-                if full != ringbuf_full {
-                    // Events were lost: every tree is rescanned.
-                    tracing::warn!("eBPF ring buffer was full; rescanning every state directory");
-                    ringbuf_full = full;
-                    for root in 0..count {
-                        thread_notices.written(root);
-                    }
-                }
-                for event in events {
-                    if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
-                        mapped.insert((event.tgid, event.root as usize));
-                    }
-                    if let Ok(mut dirty) = dirty.lock() {
-                        if let Some(set) = dirty.get_mut(event.root as usize) {
-                            set.insert(event.key());
-                        }
-                    }
-                    thread_notices.written(event.root as usize);
-                }
-                // Sleep until the ring buffer has events (or a tenth of a
-                // second passes, to notice the stop and the lost-event
-                // counter), without holding the tracer's lock.
-                let mut fds = [rustix::event::PollFd::new(
-                    &wakeup,
-                    rustix::event::PollFlags::IN,
-                )];
-                let timeout = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 100_000_000,
-                };
-                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                },
+                _ = tick.tick() => {}
             }
-            if let Ok(tracer) = tracer.lock() {
-                if let Ok(c) = tracer.counters() {
-                    tracing::info!(
-                        writes = c[counter::WRITES as usize],
-                        events = c[counter::EVENTS as usize],
-                        ringbuf_full = c[counter::RINGBUF_FULL as usize],
-                        "eBPF tracer stopped"
-                    );
+            if !mapped.is_empty() && last_mapped_check.elapsed() >= MAPPED_RECHECK {
+                last_mapped_check = std::time::Instant::now();
+                mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
+                for (_, root) in &mapped {
+                    task_notices.written(*root);
                 }
             }
-        })
-        .context("cannot start the eBPF event thread")?;
+            let (events, full) = match task_tracer.lock() {
+                Ok(mut tracer) => {
+                    tracer.flush_logs();
+                    let events = tracer.drain_events().unwrap_or_else(|e| {
+                        tracing::warn!("{e:#}");
+                        Vec::new()
+                    });
+                    let full = tracer
+                        .counters()
+                        .map(|c| c[counter::RINGBUF_FULL as usize])
+                        .unwrap_or(0);
+                    (events, full)
+                }
+                Err(_) => return,
+            };
+            if full != ringbuf_full {
+                // Events were lost: every tree is rescanned.
+                tracing::warn!("eBPF ring buffer was full; rescanning every state directory");
+                ringbuf_full = full;
+                for root in 0..count {
+                    task_notices.written(root);
+                }
+            }
+            for event in events {
+                if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
+                    mapped.insert((event.tgid, event.root as usize));
+                }
+                if let Ok(mut dirty) = dirty.lock() {
+                    if let Some(set) = dirty.get_mut(event.root as usize) {
+                        set.insert(event.key());
+                    }
+                }
+                task_notices.written(event.root as usize);
+            }
+        }
+    });
     Ok(Source::Ebpf {
-        stop,
-        thread: Some(thread),
+        task,
+        tracer,
         rescan: Box::new(scan(roots, interval, notices)),
     })
 }
