@@ -64,6 +64,11 @@ fn batches(store: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Asserts that replaying the store into a fresh directory gives `state`.
+fn assert_store_holds(state: &Path, store: &Path, work: &Path, what: &str) {
+    assert_same_tree(&read_tree(state), &replayed(store, work, "fresh"), what);
+}
+
 fn replayed(
     store: &Path,
     work: &Path,
@@ -138,11 +143,7 @@ fn run_captures_while_the_app_runs_and_when_it_exits() {
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(0), "{backend}");
         // The final capture has everything, including what was there first.
-        assert_same_tree(
-            &read_tree(&state),
-            &replayed(&store, work.path(), "fresh"),
-            backend,
-        );
+        assert_store_holds(&state, &store, work.path(), backend);
         ok(&["verify", "--store", s(&store)]);
     }
 }
@@ -207,11 +208,7 @@ fn an_app_killed_mid_write_leaves_a_verified_replayable_state() {
     assert_eq!(status.code(), Some(137));
     ok(&["verify", "--store", s(&store)]);
     // The final capture ran after the app died: the store has its last state.
-    assert_same_tree(
-        &read_tree(&state),
-        &replayed(&store, work.path(), "fresh"),
-        "after SIGKILL",
-    );
+    assert_store_holds(&state, &store, work.path(), "after SIGKILL");
 }
 
 #[test]
@@ -241,10 +238,6 @@ fn watch_captures_until_sigterm() {
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(0), "{backend}");
-        assert_same_tree(
-            &read_tree(&state),
-            &replayed(&store, work.path(), "fresh"),
-            backend,
-        );
+        assert_store_holds(&state, &store, work.path(), backend);
     }
 }
