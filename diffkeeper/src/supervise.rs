@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use rustix::process::Signal;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::roots::StateDir;
 use crate::watch::{CaptureLoop, WatchOptions};
@@ -60,14 +61,9 @@ pub async fn run(
     // Watching starts before the app, so none of its writes goes unnoticed.
     let capture = CaptureLoop::start(store, roots, options).await?;
     // Signals are taken over before the app starts, so none is lost.
-    let mut signals: Vec<(Signal, i32)> = Vec::new();
-    for (kind, number) in [
-        (SignalKind::terminate(), libc_signal::TERM),
-        (SignalKind::interrupt(), libc_signal::INT),
-        (SignalKind::hangup(), libc_signal::HUP),
-    ] {
-        signals.push((signal(kind).context("cannot handle signals")?, number));
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut child = match tokio::process::Command::new(program).args(args).spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -83,21 +79,16 @@ pub async fn run(
     }));
 
     let status = loop {
-        let [(term, t), (int, i), (hup, h)] = &mut signals[..] else {
-            unreachable!("three signals were registered")
-        };
         let forward = tokio::select! {
             status = child.wait() => break status.context("cannot wait for the app")?,
-            _ = term.recv() => *t,
-            _ = int.recv() => *i,
-            _ = hup.recv() => *h,
+            _ = term.recv() => Signal::TERM,
+            _ = int.recv() => Signal::INT,
+            _ = hup.recv() => Signal::HUP,
         };
         if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-            if let Some(sig) = rustix::process::Signal::from_named_raw(forward) {
-                tracing::info!(signal = forward, "forwarding signal to the app");
-                if let Err(e) = rustix::process::kill_process(pid, sig) {
-                    tracing::warn!("cannot forward signal {forward}: {e}");
-                }
+            tracing::info!(signal = ?forward, "forwarding signal to the app");
+            if let Err(e) = rustix::process::kill_process(pid, forward) {
+                tracing::warn!("cannot forward signal {forward:?}: {e}");
             }
         }
     };
@@ -112,11 +103,4 @@ pub async fn run(
         (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
         (None, None) => ExitCode::FAILURE,
     })
-}
-
-/// Signal numbers forwarded to the app.
-mod libc_signal {
-    pub const HUP: i32 = 1;
-    pub const INT: i32 = 2;
-    pub const TERM: i32 = 15;
 }
