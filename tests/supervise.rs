@@ -125,21 +125,25 @@ fn run_captures_while_the_app_runs_and_when_it_exits() {
         )
         .expect("write");
         let store = work.path().join("store.dk");
+        // The app writes, then waits (at most 60 s) for the test to see a
+        // batch land while it still runs, then writes again and exits.
+        let go = work.path().join("go");
         let app = format!(
-            "mkdir -p {d}/deep/er && echo one > {d}/deep/er/a && sleep 1.5 && echo two > {d}/b && exit 0",
-            d = s(&state)
+            "mkdir -p {d}/deep/er && echo one > {d}/deep/er/a && i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; echo two > {d}/b && exit 0",
+            d = s(&state),
+            go = s(&go)
         );
         let mut child = spawn(&run_args(&state, &store, backend), &app);
-        // A batch lands while the app still runs (it sleeps 1.5 s).
         wait_for(
             &format!("{backend}: a batch while the app runs"),
-            Duration::from_secs(10),
-            || batches(&store) >= 2 || child.try_wait().ok().flatten().is_some(),
+            Duration::from_secs(30),
+            || batches(&store) >= 2,
         );
         assert!(
             child.try_wait().expect("try_wait").is_none(),
-            "{backend}: the app ended before any capture"
+            "{backend}: the app ended before the test let it"
         );
+        fs::write(&go, b"").expect("let the app finish");
         let status = child.wait().expect("wait");
         assert_eq!(status.code(), Some(0), "{backend}");
         // The final capture has everything, including what was there first.
