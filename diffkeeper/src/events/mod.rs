@@ -1,12 +1,13 @@
 //! Kernel events: the userspace half of the eBPF programs in
 //! `diffkeeper-ebpf`.
 //!
-//! This module owns loading the embedded object, attaching its syscall
-//! tracepoints (mounting tracefs first when it is missing), routing the
-//! programs' `aya-log` records into `tracing`, and reading their maps. Today
-//! it drives `diffkeeper doctor`'s self-test, which proves on the running
-//! kernel that the programs load, attach, see writes and coalesce them; the
-//! write tracer that feeds capture grows here next.
+//! This module owns the [`Tracer`]: loading the embedded object with this
+//! kernel's struct offsets ([`btf`]), telling it which directory trees to
+//! watch, attaching its syscall tracepoints (mounting tracefs first when it
+//! is missing), routing the programs' `aya-log` records into `tracing`, and
+//! reading and clearing its maps. The `ebpf` backend of [`crate::watch`]
+//! runs it; [`self_test`] (`diffkeeper doctor`) proves on the running kernel
+//! that it filters, resolves and coalesces as it should.
 
 pub mod btf;
 mod tracefs;
