@@ -1,17 +1,29 @@
 //! The engine end to end, through the real binary: random trees, many rounds
-//! of random edits each followed by `snapshot`, and `replay` into fresh and
-//! stale directories compared byte for byte, with modes, mtimes and symlinks.
+//! of random edits each followed by `snapshot`, and `replay` into fresh,
+//! following and stale directories compared byte for byte, with modes,
+//! mtimes and symlinks; the history (`log`, `stats`, `verify`) checked
+//! against the live tree; idle snapshots, first start, bad and foreign
+//! stores.
+//!
+//! The tests run as root (as CI does): they chmod files to 0444/0000 and
+//! directories to 0555 and keep editing inside them.
 
 mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{assert_same_tree, diffkeeper, fresh, json, ok, read_tree, s, Node, Rng};
+use common::{assert_same_tree, diffkeeper, fresh, json, ok, read_tree, s, Node, Rng, BIN};
+use diffkeeper::store::{hex, sha256};
+
+type Tree = BTreeMap<Vec<u8>, Node>;
 
 const NAMES: [&str; 8] = [
     "data.bin",
@@ -24,23 +36,126 @@ const NAMES: [&str; 8] = [
     "UPPER",
 ];
 
-/// Every directory under `root` (root included), relative.
-fn dirs(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![PathBuf::new()];
-    for (path, node) in read_tree(root) {
-        if matches!(node, Node::Dir { .. }) {
-            out.push(PathBuf::from(OsStr::from_bytes(&path)));
+fn path_of(rel: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(rel))
+}
+
+fn shown(rel: &[u8]) -> String {
+    String::from_utf8_lossy(rel).into_owned()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    File,
+    Dir,
+    Link,
+}
+
+/// Every path under `root` (relative, sorted) and its kind, without reading
+/// any content.
+fn list(root: &Path) -> Vec<(PathBuf, Kind)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        let entries = fs::read_dir(root.join(&dir))
+            .unwrap_or_else(|e| panic!("read_dir {}: {e}", root.join(&dir).display()));
+        for entry in entries {
+            let rel = dir.join(entry.expect("dir entry").file_name());
+            let ft = fs::symlink_metadata(root.join(&rel))
+                .expect("lstat")
+                .file_type();
+            let kind = if ft.is_symlink() {
+                Kind::Link
+            } else if ft.is_dir() {
+                stack.push(rel.clone());
+                Kind::Dir
+            } else {
+                Kind::File
+            };
+            out.push((rel, kind));
         }
     }
+    out.sort();
+    out
+}
+
+fn select(root: &Path, kind: Kind) -> Vec<PathBuf> {
+    list(root)
+        .into_iter()
+        .filter(|(_, k)| *k == kind)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Every real directory under `root`, relative, the root itself (empty path)
+/// first.
+fn dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![PathBuf::new()];
+    out.extend(select(root, Kind::Dir));
     out
 }
 
 fn files(root: &Path) -> Vec<PathBuf> {
-    read_tree(root)
-        .into_iter()
-        .filter(|(_, n)| matches!(n, Node::File { .. }))
-        .map(|(p, _)| PathBuf::from(OsStr::from_bytes(&p)))
+    select(root, Kind::File)
+}
+
+fn links(root: &Path) -> Vec<PathBuf> {
+    select(root, Kind::Link)
+}
+
+/// Longest relative path the random edits may make, so the tests' own file
+/// operations stay well within PATH_MAX.
+const MAX_REL_LEN: usize = 3000;
+
+fn len_of(rel: &Path) -> usize {
+    rel.as_os_str().len()
+}
+
+/// Whether a symlink at `link` (relative to the root) pointing at `target`
+/// leaves the root, judged lexically. The product does not keep such links
+/// (replay would refuse them); this is an independent statement of that rule.
+fn escapes(link: &[u8], target: &[u8]) -> bool {
+    if target.starts_with(b"/") {
+        return true;
+    }
+    let mut depth = link.split(|&b| b == b'/').count() as i64 - 1;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// What a replay of `tree`'s capture must produce: everything but the
+/// symlinks that point out of the root.
+fn kept(tree: Tree) -> Tree {
+    tree.into_iter()
+        .filter(|(path, node)| !matches!(node, Node::Symlink { target } if escapes(path, target)))
         .collect()
+}
+
+/// The state replay must produce from the live tree at `root`.
+fn expected(root: &Path) -> Tree {
+    kept(read_tree(root))
+}
+
+/// A relative symlink target, for a link in `dir`, that reaches `to`
+/// (both relative to the root): up to the root, then down.
+fn target_from(dir: &Path, to: &Path) -> PathBuf {
+    let mut target = PathBuf::new();
+    for _ in dir.components() {
+        target.push("..");
+    }
+    target.push(to);
+    target
 }
 
 fn new_file_content(rng: &mut Rng) -> Vec<u8> {
@@ -57,343 +172,1116 @@ fn new_file_content(rng: &mut Rng) -> Vec<u8> {
     }
 }
 
-/// A random tree: nested directories, empty, text and binary files, unicode
-/// and non-UTF-8 names, symlinks pointing inside.
-fn build_tree(root: &Path, rng: &mut Rng) {
-    fs::create_dir_all(root).expect("mkdir root");
-    for depth_path in ["a", "a/b", "a/b/c", "a/b/c/d", "x", "x/y", "ünï"] {
-        fs::create_dir_all(root.join(depth_path)).expect("mkdir");
+/// A random time between 1938 and 2096, nanoseconds included.
+fn random_time(rng: &mut Rng) -> SystemTime {
+    let secs = rng.below(5_000_000_000) as i64 - 1_000_000_000;
+    let nanos = rng.below(1_000_000_000);
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_nanos(nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos)
     }
-    for i in 0..40 {
+}
+
+fn set_mtime(path: &Path, time: SystemTime) {
+    fs::File::open(path)
+        .and_then(|f| f.set_modified(time))
+        .unwrap_or_else(|e| panic!("set mtime of {}: {e}", path.display()));
+}
+
+/// A random tree: nested directories, empty, text and binary files, unicode
+/// and non-UTF-8 names, symlinks pointing inside (to files, to directories,
+/// up and across, dangling).
+fn build_tree(root: &Path, rng: &mut Rng, files: usize) {
+    fs::create_dir_all(root).expect("mkdir root");
+    for dir in [
+        "a",
+        "a/b",
+        "a/b/c",
+        "a/b/c/d",
+        "a/b/c/d/e/f",
+        "x",
+        "x/y",
+        "ünï",
+        "empty-dir",
+    ] {
+        fs::create_dir_all(root.join(dir)).expect("mkdir");
+    }
+    for i in 0..files {
         let dir = rng.pick(&dirs(root)).cloned().unwrap_or_default();
         let name = format!("{}-{i}", rng.pick(&NAMES).copied().unwrap_or("f"));
         fs::write(root.join(&dir).join(name), new_file_content(rng)).expect("write");
     }
+    fs::write(root.join("empty"), b"").expect("write");
+    for odd in [
+        "new\nline",
+        "colon:name",
+        "back\\slash",
+        "-leading-dash",
+        " leading and trailing space ",
+        "*?[glob]",
+        ".hidden",
+        "..dots",
+        "tab\tname",
+    ] {
+        let content = new_file_content(rng);
+        fs::write(root.join("x").join(odd), content).expect("write");
+    }
+    // A long chain of long names, and a 255-byte file name at its end.
+    let mut chain = PathBuf::from("long");
+    for i in 0..20 {
+        chain.push(format!("{i:02}-{}", "d".repeat(97)));
+    }
+    fs::create_dir_all(root.join(&chain)).expect("mkdir long chain");
+    fs::write(root.join(&chain).join("n".repeat(255)), b"at the end").expect("write");
     fs::write(
         root.join(OsStr::from_bytes(b"latin1-\xe9t\xe9")),
         b"not utf-8 name",
     )
     .expect("write");
     symlink("a/b/c", root.join("link-to-dir")).expect("symlink");
-    symlink("../notes.txt-1", root.join("a/link-up")).expect("symlink");
+    symlink("../../empty", root.join("a/b/link-up")).expect("symlink");
+    symlink("../x/y", root.join("a/link-across")).expect("symlink");
     symlink("does-not-exist", root.join("x/dangling")).expect("symlink");
 }
 
-/// One round of random edits of every kind the engine must follow.
-fn edit_round(root: &Path, rng: &mut Rng) {
-    for _ in 0..12 {
+/// Makes random edits of every kind the engine must follow, and remembers
+/// them for failure messages.
+struct Editor {
+    rng: Rng,
+    serial: u64,
+    journal: Vec<String>,
+}
+
+impl Editor {
+    fn new(seed: u64) -> Editor {
+        Editor {
+            rng: Rng::new(seed),
+            serial: 0,
+            journal: Vec::new(),
+        }
+    }
+
+    fn name(&mut self, prefix: &str) -> String {
+        self.serial += 1;
+        format!("{prefix}-{}", self.serial)
+    }
+
+    fn note(&mut self, what: String) {
+        self.journal.push(what);
+    }
+
+    /// The edits of the current round, for a failure message.
+    fn recent(&self) -> String {
+        self.journal.join("\n  ")
+    }
+
+    /// A non-root directory.
+    fn some_dir(&mut self, root: &Path) -> Option<PathBuf> {
+        let all: Vec<PathBuf> = dirs(root).into_iter().skip(1).collect();
+        self.rng.pick(&all).cloned()
+    }
+
+    /// A symlink target for a new link in `dir`: mostly inside (to a file,
+    /// a directory, a link, by bare name in the same directory, dangling);
+    /// rarely outside (absolute, or climbing above the root).
+    fn link_target(&mut self, root: &Path, dir: &Path) -> PathBuf {
+        let candidates: Vec<PathBuf> = list(root).into_iter().map(|(p, _)| p).collect();
+        match self.rng.below(20) {
+            0 => PathBuf::from("/etc/hostname"),
+            1 => {
+                let mut t = target_from(dir, Path::new(""));
+                t.push("..");
+                t.push("outside");
+                t
+            }
+            2 | 3 => PathBuf::from(self.name("dangling")),
+            4..=6 => {
+                let siblings: Vec<PathBuf> = candidates
+                    .iter()
+                    .filter(|p| p.parent() == Some(dir))
+                    .filter_map(|p| p.file_name().map(PathBuf::from))
+                    .collect();
+                match self.rng.pick(&siblings) {
+                    Some(name) => name.clone(),
+                    None => PathBuf::from("."),
+                }
+            }
+            _ => match self.rng.pick(&candidates) {
+                Some(to) => target_from(dir, to),
+                None => PathBuf::from("nothing"),
+            },
+        }
+    }
+
+    /// One round: `edits` random edits.
+    fn round(&mut self, root: &Path, edits: usize) {
+        self.journal.clear();
+        for _ in 0..edits {
+            self.edit(root);
+        }
+    }
+
+    fn edit(&mut self, root: &Path) {
         let all_files = files(root);
         let all_dirs = dirs(root);
-        match rng.below(11) {
-            // overwrite in place
-            0 | 1 => {
-                if let Some(f) = rng.pick(&all_files) {
-                    let path = root.join(f);
-                    let len = fs::metadata(&path).expect("stat").len();
-                    let mut file = OpenOptions::new().write(true).open(&path).expect("open");
-                    let at = rng.below(len.max(1));
-                    file.seek(SeekFrom::Start(at)).expect("seek");
-                    let patch_len = 1 + rng.below(300) as usize;
-                    let patch = rng.bytes(patch_len);
-                    file.write_all(&patch).expect("write");
-                }
+        // Where new entries may go without paths growing too long.
+        let roomy: Vec<PathBuf> = all_dirs
+            .iter()
+            .filter(|d| len_of(d) + 64 <= MAX_REL_LEN)
+            .cloned()
+            .collect();
+        let rng = &mut self.rng;
+        let file = rng.pick(&all_files).cloned();
+        let dir = rng.pick(&roomy).cloned().unwrap_or_default();
+        match rng.below(20) {
+            // overwrite in place at a random offset
+            0..=2 => {
+                let Some(f) = file else { return };
+                let path = root.join(&f);
+                let len = fs::metadata(&path).expect("stat").len();
+                let at = rng.below(len.max(1));
+                let patch_len = if rng.chance(20) {
+                    1 + rng.below(65_536) as usize
+                } else {
+                    1 + rng.below(300) as usize
+                };
+                let patch = rng.bytes(patch_len);
+                let mut handle = OpenOptions::new().write(true).open(&path).expect("open");
+                handle.seek(SeekFrom::Start(at)).expect("seek");
+                handle.write_all(&patch).expect("write");
+                self.note(format!("overwrite {} at {at}, {patch_len} B", f.display()));
             }
             // append
-            2 => {
-                if let Some(f) = rng.pick(&all_files) {
-                    let mut file = OpenOptions::new()
-                        .append(true)
-                        .open(root.join(f))
-                        .expect("open");
-                    let tail_len = rng.below(5000) as usize;
-                    let tail = rng.text(tail_len);
-                    file.write_all(&tail).expect("append");
-                }
+            3 => {
+                let Some(f) = file else { return };
+                let tail_len = rng.below(5000) as usize;
+                let tail = rng.text(tail_len);
+                OpenOptions::new()
+                    .append(true)
+                    .open(root.join(&f))
+                    .and_then(|mut h| h.write_all(&tail))
+                    .expect("append");
+                self.note(format!("append {tail_len} B to {}", f.display()));
             }
             // truncate, shorter or to zero
-            3 => {
-                if let Some(f) = rng.pick(&all_files) {
-                    let path = root.join(f);
-                    let len = fs::metadata(&path).expect("stat").len();
-                    let to = if rng.chance(30) {
-                        0
-                    } else {
-                        rng.below(len.max(1))
-                    };
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .expect("open")
-                        .set_len(to)
-                        .expect("truncate");
-                }
-            }
-            // delete a file
             4 => {
-                if let Some(f) = rng.pick(&all_files) {
-                    fs::remove_file(root.join(f)).expect("rm");
-                }
+                let Some(f) = file else { return };
+                let path = root.join(&f);
+                let len = fs::metadata(&path).expect("stat").len();
+                let to = if rng.chance(30) {
+                    0
+                } else {
+                    rng.below(len.max(1))
+                };
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|h| h.set_len(to))
+                    .expect("truncate");
+                self.note(format!("truncate {} to {to}", f.display()));
+            }
+            // delete a file or a symlink
+            5 => {
+                let mut victims = all_files.clone();
+                victims.extend(links(root));
+                let Some(v) = rng.pick(&victims).cloned() else {
+                    return;
+                };
+                fs::remove_file(root.join(&v)).expect("rm");
+                self.note(format!("rm {}", v.display()));
             }
             // rename a file, maybe across directories
-            5 => {
-                if let (Some(f), Some(d)) = (rng.pick(&all_files), rng.pick(&all_dirs)) {
-                    let to = root.join(d).join(format!("moved-{}", rng.below(1_000_000)));
-                    fs::rename(root.join(f), to).expect("rename");
-                }
-            }
-            // rename a directory
             6 => {
-                let candidates: Vec<&PathBuf> = all_dirs
-                    .iter()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .collect();
-                if let Some(d) = rng.pick(&candidates) {
-                    let to = root.join(format!("renamed-dir-{}", rng.below(1_000_000)));
-                    fs::rename(root.join(d), to).expect("rename dir");
-                }
+                let Some(f) = file else { return };
+                let to = dir.join(self.name("moved"));
+                fs::rename(root.join(&f), root.join(&to)).expect("rename");
+                self.note(format!("mv {} {}", f.display(), to.display()));
             }
-            // chmod a file or a directory
+            // rename a directory, maybe into another directory
             7 => {
-                let modes = [0o600, 0o644, 0o755, 0o444, 0o700];
-                let mode = *rng.pick(&modes).unwrap_or(&0o644);
-                if rng.chance(70) {
-                    if let Some(f) = rng.pick(&all_files) {
-                        fs::set_permissions(root.join(f), fs::Permissions::from_mode(mode))
-                            .expect("chmod");
-                    }
-                } else {
-                    let candidates: Vec<&PathBuf> = all_dirs
-                        .iter()
-                        .filter(|d| !d.as_os_str().is_empty())
-                        .collect();
-                    let dir_mode = *rng.pick(&[0o750, 0o555, 0o700]).unwrap_or(&0o755);
-                    if let Some(d) = rng.pick(&candidates) {
-                        fs::set_permissions(root.join(d), fs::Permissions::from_mode(dir_mode))
-                            .expect("chmod dir");
-                    }
-                }
+                let Some(from) = self.some_dir(root) else {
+                    return;
+                };
+                let longest = list(root)
+                    .iter()
+                    .filter(|(p, _)| p.starts_with(&from))
+                    .map(|(p, _)| len_of(p))
+                    .max()
+                    .unwrap_or(0);
+                let parents: Vec<PathBuf> = all_dirs
+                    .iter()
+                    .filter(|d| !d.starts_with(&from))
+                    .filter(|d| longest - len_of(&from) + len_of(d) + 16 <= MAX_REL_LEN)
+                    .cloned()
+                    .collect();
+                let parent = self.rng.pick(&parents).cloned().unwrap_or_default();
+                let to = parent.join(self.name("dir"));
+                fs::rename(root.join(&from), root.join(&to)).expect("rename dir");
+                self.note(format!("mv {}/ {}/", from.display(), to.display()));
             }
-            // mkdir -p deep, with a file at the bottom
+            // chmod a file or a directory, special bits included
             8 => {
-                let deep = root.join(format!("deep-{}/l2/l3/l4/l5", rng.below(1000)));
-                fs::create_dir_all(&deep).expect("mkdir -p");
-                fs::write(deep.join("leaf.txt"), rng.text(100)).expect("write");
-            }
-            // a new symlink pointing inside
-            9 => {
-                if let Some(f) = rng.pick(&all_files) {
-                    let link = root.join(format!("link-{}", rng.below(1_000_000)));
-                    symlink(f, link).expect("symlink");
+                if rng.chance(70) {
+                    let Some(f) = file else { return };
+                    let mode = *rng
+                        .pick(&[
+                            0o600, 0o644, 0o755, 0o444, 0o700, 0o640, 0o4755, 0o2750, 0o000,
+                        ])
+                        .expect("modes");
+                    fs::set_permissions(root.join(&f), fs::Permissions::from_mode(mode))
+                        .expect("chmod");
+                    self.note(format!("chmod {mode:o} {}", f.display()));
+                } else {
+                    let mode = *rng
+                        .pick(&[0o750, 0o555, 0o700, 0o711, 0o1777, 0o2775])
+                        .expect("modes");
+                    let Some(d) = self.some_dir(root) else { return };
+                    fs::set_permissions(root.join(&d), fs::Permissions::from_mode(mode))
+                        .expect("chmod dir");
+                    self.note(format!("chmod {mode:o} {}/", d.display()));
                 }
+            }
+            // mkdir -p deep, with a file at the bottom or empty
+            9 => {
+                let deep = dir.join(format!("{}/l2/l3/l4/l5", self.name("deep")));
+                fs::create_dir_all(root.join(&deep)).expect("mkdir -p");
+                if self.rng.chance(70) {
+                    let text = self.rng.text(100);
+                    fs::write(root.join(&deep).join("leaf.txt"), text).expect("write");
+                }
+                self.note(format!("mkdir -p {}", deep.display()));
+            }
+            // a new symlink
+            10 => {
+                let target = self.link_target(root, &dir);
+                let link = dir.join(self.name("link"));
+                symlink(&target, root.join(&link)).expect("symlink");
+                self.note(format!("ln -s {} {}", target.display(), link.display()));
             }
             // a new file
-            _ => {
-                if let Some(d) = rng.pick(&all_dirs) {
-                    fs::write(
-                        root.join(d).join(format!("new-{}", rng.below(1_000_000))),
-                        new_file_content(rng),
-                    )
-                    .expect("write");
+            11 | 12 => {
+                let content = new_file_content(rng);
+                let name = NAMES[rng.below(8) as usize];
+                let f = dir.join(self.name(name));
+                fs::write(root.join(&f), &content).expect("write");
+                self.note(format!("new {} ({} B)", f.display(), content.len()));
+            }
+            // delete a directory tree
+            13 => {
+                let Some(d) = self.some_dir(root) else { return };
+                fs::remove_dir_all(root.join(&d)).expect("rm -r");
+                self.note(format!("rm -r {}/", d.display()));
+            }
+            // a file becomes a directory
+            14 => {
+                let Some(f) = file else { return };
+                let path = root.join(&f);
+                fs::remove_file(&path).expect("rm");
+                fs::create_dir(&path).expect("mkdir");
+                let text = rng.text(50);
+                fs::write(path.join("inside"), text).expect("write");
+                self.note(format!("file {} becomes a directory", f.display()));
+            }
+            // a directory becomes a file
+            15 => {
+                let Some(d) = self.some_dir(root) else { return };
+                let path = root.join(&d);
+                fs::remove_dir_all(&path).expect("rm -r");
+                let content = new_file_content(&mut self.rng);
+                fs::write(&path, content).expect("write");
+                self.note(format!("directory {} becomes a file", d.display()));
+            }
+            // a symlink becomes a file or a directory, or a file or a
+            // directory becomes a symlink
+            16 => {
+                let all_links = links(root);
+                let link = rng.pick(&all_links).cloned();
+                match (rng.below(4), link) {
+                    (0, Some(l)) => {
+                        fs::remove_file(root.join(&l)).expect("rm");
+                        let text = rng.text(300);
+                        fs::write(root.join(&l), text).expect("write");
+                        self.note(format!("symlink {} becomes a file", l.display()));
+                    }
+                    (1, Some(l)) => {
+                        fs::remove_file(root.join(&l)).expect("rm");
+                        fs::create_dir(root.join(&l)).expect("mkdir");
+                        fs::write(root.join(&l).join("was-a-link"), b"x").expect("write");
+                        self.note(format!("symlink {} becomes a directory", l.display()));
+                    }
+                    (2, _) => {
+                        let Some(d) = self.some_dir(root) else { return };
+                        let parent = d.parent().map(Path::to_path_buf).unwrap_or_default();
+                        let target = self.link_target(root, &parent);
+                        fs::remove_dir_all(root.join(&d)).expect("rm -r");
+                        symlink(&target, root.join(&d)).expect("symlink");
+                        self.note(format!(
+                            "directory {} becomes a symlink to {}",
+                            d.display(),
+                            target.display()
+                        ));
+                    }
+                    _ => {
+                        let Some(f) = file else { return };
+                        let parent = f.parent().map(Path::to_path_buf).unwrap_or_default();
+                        let target = self.link_target(root, &parent);
+                        fs::remove_file(root.join(&f)).expect("rm");
+                        symlink(&target, root.join(&f)).expect("symlink");
+                        self.note(format!(
+                            "file {} becomes a symlink to {}",
+                            f.display(),
+                            target.display()
+                        ));
+                    }
                 }
+            }
+            // mtime set explicitly (past, future, before 1970)
+            17 => {
+                let Some(f) = file else { return };
+                let time = random_time(rng);
+                set_mtime(&root.join(&f), time);
+                self.note(format!("touch -d {time:?} {}", f.display()));
+            }
+            // a hard link
+            18 => {
+                let Some(f) = file else { return };
+                let to = dir.join(self.name("hardlink"));
+                fs::hard_link(root.join(&f), root.join(&to)).expect("ln");
+                self.note(format!("ln {} {}", f.display(), to.display()));
+            }
+            // an atomic save: a small change written to a temporary file
+            // renamed over the original
+            _ => {
+                let Some(f) = file else { return };
+                let path = root.join(&f);
+                let mut content = fs::read(&path).expect("read");
+                if !content.is_empty() {
+                    let at = rng.below(content.len() as u64) as usize;
+                    content[at] ^= 0x5a;
+                }
+                let grow = rng.below(64) as usize;
+                content.extend_from_slice(&rng.bytes(grow));
+                let tmp = path.with_file_name(".save.tmp");
+                fs::write(&tmp, &content).expect("write tmp");
+                fs::rename(&tmp, &path).expect("rename over");
+                self.note(format!("atomic save of {}", f.display()));
             }
         }
     }
+}
+
+fn root_arg(dir: &Path) -> String {
+    format!("data={}", s(dir))
 }
 
 fn snapshot(state: &Path, store: &Path) -> serde_json::Value {
     json(&[
         "snapshot",
         "--state-dir",
-        &format!("data={}", s(state)),
+        &root_arg(state),
         "--store",
         s(store),
         "--json",
     ])
 }
 
-fn replay_into(dir: &Path, store: &Path) -> String {
-    ok(&[
+fn replay_into(dir: &Path, store: &Path) -> serde_json::Value {
+    json(&[
         "replay",
         "--state-dir",
-        &format!("data={}", s(dir)),
+        &root_arg(dir),
         "--store",
         s(store),
+        "--json",
     ])
 }
 
-/// Copies a tree (files, dirs, symlinks, modes, mtimes) with `cp -a`.
+/// Copies a tree (files, dirs, symlinks, modes, mtimes) with `cp -a`,
+/// without the symlinks that point out of it: an old state as replay would
+/// have left it (the store never holds such links).
 fn copy_tree(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp")
+    let status = Command::new("cp")
         .arg("-a")
         .arg(from)
         .arg(to)
         .status()
         .expect("cp");
-    assert!(status.success());
-}
-
-#[test]
-fn random_edit_history_replays_exactly() {
-    for seed in [0x5eed_0001, 0x5eed_1001, 0x5eed_2001] {
-        random_edit_history(seed);
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+    for (path, node) in read_tree(to) {
+        if matches!(&node, Node::Symlink { target } if escapes(&path, target)) {
+            fs::remove_file(to.join(path_of(&path))).expect("rm link");
+        }
     }
 }
 
-fn random_edit_history(seed: u64) {
+fn u64_of(value: &serde_json::Value, key: &str) -> u64 {
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {value}"))
+}
+
+/// Checks the store's history against the live tree: `verify` passes, and
+/// `stats`, `log` and `log PATH` agree with each other and with `tree`.
+fn check_history(tree: &Tree, store: &Path, batches: u64) {
+    let out = diffkeeper(&["verify", "--store", s(store)]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "verify of a good store failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verified = json(&["verify", "--store", s(store), "--json"]);
+    assert_eq!(verified["problems"], serde_json::json!([]), "{verified}");
+
+    let stats = json(&["stats", "--store", s(store), "--json"]);
+    assert_eq!(u64_of(&stats, "batches"), batches, "{stats}");
+    assert_eq!(stats["roots"], serde_json::json!(["data"]), "{stats}");
+    assert_eq!(
+        u64_of(&stats, "live_paths"),
+        tree.len() as u64,
+        "live paths in stats vs the tree: {stats}"
+    );
+    let versions = u64_of(&stats, "versions");
+    assert!(
+        versions >= batches && versions >= u64_of(&stats, "files"),
+        "{stats}"
+    );
+    assert_eq!(u64_of(&verified, "versions"), versions, "{verified}");
+    assert_eq!(
+        u64_of(&verified, "chunks"),
+        u64_of(&stats, "chunks"),
+        "{verified}"
+    );
+    let live_bytes: u64 = tree
+        .values()
+        .map(|n| match n {
+            Node::File { content, .. } => content.len() as u64,
+            _ => 0,
+        })
+        .sum();
+    assert!(u64_of(&stats, "logical_bytes") >= live_bytes, "{stats}");
+    assert!(
+        u64_of(&stats, "file_bytes") >= u64_of(&stats, "stored_bytes"),
+        "{stats}"
+    );
+
+    let log = json(&["log", "--store", s(store), "--json"]);
+    let log = log.as_array().expect("log is a list");
+    assert_eq!(log.len() as u64, u64_of(&stats, "files"));
+    assert_eq!(
+        log.iter()
+            .map(|f| f["versions"].as_array().map_or(0, Vec::len) as u64)
+            .sum::<u64>(),
+        versions
+    );
+    let by_path: BTreeMap<String, &serde_json::Value> = log
+        .iter()
+        .map(|f| (f["path"].as_str().expect("path").to_string(), f))
+        .collect();
+    for (path, node) in tree {
+        let p = shown(path);
+        let entry = by_path
+            .get(&p)
+            .unwrap_or_else(|| panic!("log has no history for live path {p}"));
+        assert_eq!(entry["root"], "data");
+        let history = entry["versions"].as_array().expect("versions");
+        let batch_ids: Vec<u64> = history.iter().map(|v| u64_of(v, "batch")).collect();
+        assert!(
+            batch_ids.windows(2).all(|w| w[0] < w[1]) && batch_ids.iter().all(|&b| b <= batches),
+            "{p}: batches out of order or unknown: {batch_ids:?}"
+        );
+        let last = history.last().expect("a version");
+        let kind = last["kind"].as_str().expect("kind");
+        match node {
+            Node::File { mode, content, .. } => {
+                assert!(
+                    ["base", "delta", "chunks", "same"].contains(&kind),
+                    "{p}: latest kind {kind} for a file"
+                );
+                assert_eq!(u64_of(last, "size"), content.len() as u64, "{p}: size");
+                assert_eq!(last["mode"], format!("{mode:04o}"), "{p}: mode");
+                assert_eq!(
+                    last["sha256"],
+                    hex(&sha256(content)),
+                    "{p}: sha256 in log vs content"
+                );
+            }
+            Node::Dir { mode } => {
+                assert_eq!(kind, "dir", "{p}");
+                assert_eq!(last["mode"], format!("{mode:04o}"), "{p}: mode");
+            }
+            Node::Symlink { target } => {
+                assert_eq!(kind, "symlink", "{p}");
+                assert_eq!(u64_of(last, "size"), target.len() as u64, "{p}");
+            }
+        }
+    }
+    let live: BTreeSet<String> = tree.keys().map(|p| shown(p)).collect();
+    for (p, entry) in &by_path {
+        let last = entry["versions"]
+            .as_array()
+            .and_then(|v| v.last())
+            .expect("a version");
+        assert!(
+            live.contains(p) || last["kind"] == "deleted",
+            "log says {p} is a live {}, but it is not in the tree",
+            last["kind"]
+        );
+    }
+
+    // `log PATH` and `log ROOT:PATH` give exactly that path's subtree.
+    let Some(dir) = tree
+        .iter()
+        .filter(|(p, n)| matches!(n, Node::Dir { .. }) && std::str::from_utf8(p).is_ok())
+        .map(|(p, _)| shown(p))
+        .next()
+    else {
+        return;
+    };
+    let under = |p: &str| p == dir || p.starts_with(&format!("{dir}/"));
+    let want: Vec<&String> = by_path.keys().filter(|p| under(p)).collect();
+    for filter in [dir.clone(), format!("data:{dir}")] {
+        let sub = json(&["log", "--store", s(store), &filter, "--json"]);
+        let mut got: Vec<String> = sub
+            .as_array()
+            .expect("log is a list")
+            .iter()
+            .map(|f| f["path"].as_str().expect("path").to_string())
+            .collect();
+        got.sort();
+        let got: Vec<&String> = got.iter().collect();
+        assert_eq!(got, want, "log {filter}");
+    }
+}
+
+/// Adds untracked entries to a stale copy: at the top, inside a directory
+/// that is tracked both in the copy and in `latest`, and a whole untracked
+/// directory. Returns what they are, to be expected after replay.
+fn plant_untracked(stale: &Path, latest: &Tree) -> Tree {
+    fs::write(stale.join("untracked.log"), b"never captured").expect("write");
+    fs::create_dir_all(stale.join("untracked-dir/sub")).expect("mkdir");
+    fs::write(stale.join("untracked-dir/sub/u"), b"mine").expect("write");
+    let in_both = read_tree(stale).into_iter().find(|(p, n)| {
+        matches!(n, Node::Dir { .. }) && matches!(latest.get(p), Some(Node::Dir { .. }))
+    });
+    if let Some((dir, _)) = in_both {
+        fs::write(stale.join(path_of(&dir)).join("untracked-inside"), b"mine").expect("write");
+    }
+    read_tree(stale)
+        .into_iter()
+        .filter(|(p, _)| {
+            let p = shown(p);
+            p.starts_with("untracked") || p.ends_with("/untracked-inside")
+        })
+        .collect()
+}
+
+/// Snapshots `rounds` rounds of random edits of a random tree, replaying
+/// into a follower after every round, into fresh directories every few
+/// rounds, and at the end over stale copies holding untracked files.
+fn random_edit_history(seed: u64, rounds: u64) {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
-    let mut rng = Rng::new(seed);
-    build_tree(&state, &mut rng);
-    snapshot(&state, &store);
-    let mut stale = None;
-    for round in 1..=15 {
-        edit_round(&state, &mut rng);
-        let summary = snapshot(&state, &store);
-        assert!(
-            summary["batch"].is_u64(),
-            "round {round} changed things, so it must commit a batch: {summary}"
+    let follower = work.path().join("follower");
+    let mut editor = Editor::new(seed);
+    build_tree(&state, &mut editor.rng, 40);
+    let first = snapshot(&state, &store);
+    assert_eq!(first["batch"], 1, "{first}");
+    let initial = work.path().join("stale-0");
+    copy_tree(&state, &initial);
+    let mut stale = vec![initial];
+    for round in 1..=rounds {
+        editor.round(&state, 16);
+        let context = format!(
+            "seed {seed:#x}, round {round} (this round's edits:\n  {}\n)",
+            editor.recent()
         );
-        if round == 5 {
-            let copy = work.path().join("stale");
-            copy_tree(&state, &copy);
-            stale = Some(copy);
-        }
-        if round % 5 == 0 {
+        let summary = snapshot(&state, &store);
+        assert_eq!(
+            summary["batch"],
+            round + 1,
+            "{context}\nthis round changed things, so it must commit the next batch: {summary}"
+        );
+        assert_eq!(summary["failures"], serde_json::json!([]), "{context}");
+        let want = expected(&state);
+
+        // A follower replayed after every round sees every transition
+        // between consecutive states.
+        replay_into(&follower, &store);
+        assert_same_tree(
+            &want,
+            &read_tree(&follower),
+            &format!("follower, {context}"),
+        );
+        if round % 4 == 0 || round == rounds {
             let target = fresh(work.path(), &format!("fresh-{round}"));
             replay_into(&target, &store);
             assert_same_tree(
-                &read_tree(&state),
+                &want,
                 &read_tree(&target),
-                &format!("fresh replay after round {round}"),
+                &format!("fresh replay, {context}"),
             );
+            fs::remove_dir_all(&target).expect("rm fresh");
+        }
+        if round == 3 || round == rounds - 3 {
+            let copy = work.path().join(format!("stale-{round}"));
+            copy_tree(&state, &copy);
+            stale.push(copy);
         }
     }
+    let latest = expected(&state);
 
-    // Replay over an old state: it becomes the latest state, and a file the
+    // Replay over old states: each becomes the latest state, and what the
     // store never tracked is left alone.
-    let stale = stale.expect("copied at round 5");
-    fs::write(stale.join("untracked.log"), b"never captured").expect("write");
-    replay_into(&stale, &store);
-    let mut expected = read_tree(&state);
-    expected.insert(
-        b"untracked.log".to_vec(),
-        read_tree(&stale)
-            .remove(b"untracked.log".as_slice())
-            .expect("untracked file kept"),
-    );
-    assert_same_tree(
-        &expected,
-        &read_tree(&stale),
-        "replay over a stale directory",
-    );
+    for copy in &stale {
+        let planted = plant_untracked(copy, &latest);
+        replay_into(copy, &store);
+        let mut want = latest.clone();
+        want.extend(planted);
+        assert_same_tree(
+            &want,
+            &read_tree(copy),
+            &format!("seed {seed:#x}: replay over {}", copy.display()),
+        );
+        // Replaying again changes nothing and writes nothing.
+        let again = replay_into(copy, &store);
+        assert_eq!(
+            (u64_of(&again[0], "written"), u64_of(&again[0], "removed")),
+            (0, 0),
+            "seed {seed:#x}: a second replay over {} rewrote or removed paths: {again}",
+            copy.display()
+        );
+        assert_same_tree(&want, &read_tree(copy), "after a second replay");
+    }
+    check_history(&latest, &store, rounds + 1);
+}
 
-    // Replaying again changes nothing and writes nothing.
-    let again = json(&[
-        "replay",
-        "--state-dir",
-        &format!("data={}", s(&stale)),
-        "--store",
-        s(&store),
-        "--json",
-    ]);
-    assert_eq!(
-        again[0]["written"], 0,
-        "a second replay rewrote files: {again}"
-    );
+#[test]
+fn random_edit_history_replays_exactly_seed_1() {
+    random_edit_history(0x5eed_0001, 16);
+}
 
-    ok(&["verify", "--store", s(&store)]);
-    let stats = json(&["stats", "--store", s(&store), "--json"]);
-    assert_eq!(stats["batches"], 16, "{stats}");
-    assert!(
-        stats["versions"].as_u64().unwrap_or(0) > stats["files"].as_u64().unwrap_or(u64::MAX),
-        "{stats}"
-    );
+#[test]
+fn random_edit_history_replays_exactly_seed_2() {
+    random_edit_history(0x5eed_1001, 16);
+}
+
+#[test]
+fn random_edit_history_replays_exactly_seed_3() {
+    random_edit_history(0x5eed_2001, 12);
+}
+
+#[test]
+fn random_edit_history_replays_exactly_seed_4() {
+    random_edit_history(0x5eed_3001, 20);
+}
+
+#[test]
+fn random_edit_history_replays_exactly_seed_5() {
+    random_edit_history(0x5eed_4001, 18);
+}
+
+#[test]
+fn random_edit_history_replays_exactly_seed_6() {
+    random_edit_history(0x5eed_5001, 18);
+}
+
+#[test]
+fn a_store_inside_the_state_dir_is_not_captured_and_survives_replay() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let tree = state.join("tree");
+    let mut editor = Editor::new(0x5eed_0007);
+    build_tree(&tree, &mut editor.rng, 20);
+    // The same file spelled another way than under the state directory.
+    let store = work.path().join("state/../state/./store.dk");
+    let without_store = |root: &Path| {
+        let mut t = expected(root);
+        t.remove(b"store.dk".as_slice());
+        t
+    };
+    let follower = work.path().join("follower");
+    for round in 1..=5u64 {
+        if round > 1 {
+            editor.round(&tree, 10);
+        }
+        let summary = snapshot(&state, &store);
+        assert_eq!(summary["batch"], round, "{summary}");
+        replay_into(&follower, &store);
+        assert_same_tree(
+            &without_store(&state),
+            &read_tree(&follower),
+            &format!("round {round}"),
+        );
+    }
     let log = json(&["log", "--store", s(&store), "--json"]);
     assert!(
         log.as_array()
-            .is_some_and(|files| files.len() as u64 == stats["files"]),
-        "{log}"
+            .expect("log is a list")
+            .iter()
+            .all(|f| f["path"] != "store.dk"),
+        "the store captured itself: {log}"
+    );
+    // Nothing changed but the store itself. (A batch may still settle files
+    // written under 2 s ago, see scan::RACY_WINDOW_NS.)
+    let idle = snapshot(&state, &store);
+    assert_eq!(
+        (
+            u64_of(&idle, "new"),
+            u64_of(&idle, "changed"),
+            u64_of(&idle, "deleted")
+        ),
+        (0, 0, 0),
+        "the store's own writes were seen as changes: {idle}"
+    );
+    let batches = if idle["batch"].is_null() { 5 } else { 6 };
+
+    // A restart that lost the app's files: replay into the directory that
+    // holds the store brings them back and leaves the store alone.
+    let want = without_store(&state);
+    fs::remove_dir_all(&tree).expect("rm");
+    let store_bytes = fs::read(&store).expect("read store");
+    replay_into(&state, &store);
+    assert!(
+        fs::read(&store).expect("read store") == store_bytes,
+        "replay changed the store file inside the state directory"
+    );
+    assert_same_tree(&want, &without_store(&state), "replay next to the store");
+    check_history(&want, &store, batches);
+}
+
+#[test]
+fn a_symlink_planted_in_the_target_cannot_redirect_deletes() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("sub")).expect("mkdir");
+    for name in ["f", "g"] {
+        fs::write(state.join("sub").join(name), name).expect("write");
+    }
+    snapshot(&state, &store);
+    fs::remove_file(state.join("sub/f")).expect("rm");
+    fs::write(state.join("top"), b"top").expect("write");
+    snapshot(&state, &store);
+
+    // The target's `sub` is a symlink to a directory outside holding `f`
+    // and `g`; the store says `sub/f` was deleted.
+    let outside = work.path().join("outside");
+    fs::create_dir_all(&outside).expect("mkdir");
+    for name in ["f", "g"] {
+        fs::write(outside.join(name), b"outside, must stay").expect("write");
+    }
+    let before = read_tree(&outside);
+    let target = work.path().join("target");
+    fs::create_dir_all(&target).expect("mkdir");
+    symlink(&outside, target.join("sub")).expect("symlink");
+    replay_into(&target, &store);
+    assert_same_tree(&before, &read_tree(&outside), "the directory outside");
+    assert_same_tree(&expected(&state), &read_tree(&target), "the target");
+}
+
+/// The versions `log` lists for one path.
+fn versions_of(store: &Path, path: &str) -> Vec<serde_json::Value> {
+    let log = json(&["log", "--store", s(store), path, "--json"]);
+    log.as_array()
+        .and_then(|files| files.iter().find(|f| f["path"] == path))
+        .and_then(|f| f["versions"].as_array())
+        .cloned()
+        .unwrap_or_else(|| panic!("no history of {path}: {log}"))
+}
+
+#[test]
+fn a_large_file_in_a_random_tree_stores_only_deltas() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let follower = work.path().join("follower");
+    // The random edits stay in `tree`, the big file beside it.
+    let tree = state.join("tree");
+    let mut editor = Editor::new(0x5eed_0002);
+    build_tree(&tree, &mut editor.rng, 15);
+    fs::create_dir_all(state.join("big")).expect("mkdir");
+    let big = state.join("big/model.ckpt");
+    let size: u64 = 72 << 20; // over 64 MiB
+    fs::write(&big, editor.rng.bytes(size as usize)).expect("write big file");
+    let first = snapshot(&state, &store);
+    assert!(
+        u64_of(&first, "stored_bytes") >= size * 9 / 10,
+        "random bytes cannot compress: {first}"
+    );
+    let stale = work.path().join("stale");
+    copy_tree(&state, &stale);
+
+    let rounds = 5u64;
+    for round in 1..=rounds {
+        editor.round(&tree, 6);
+        // The big file: every round edited in place in the middle and
+        // appended to; round 3 also gets bytes inserted in the middle (the
+        // rest of the file shifts), round 4 is cut shorter.
+        let len = fs::metadata(&big).expect("stat").len();
+        let mut file = OpenOptions::new().write(true).open(&big).expect("open");
+        file.seek(SeekFrom::Start(len / 2 + round * 7919))
+            .expect("seek");
+        file.write_all(&editor.rng.bytes(4096))
+            .expect("overwrite in the middle");
+        file.seek(SeekFrom::End(0)).expect("seek end");
+        file.write_all(&editor.rng.bytes(10_000)).expect("append");
+        drop(file);
+        if round == 3 {
+            let mut content = fs::read(&big).expect("read");
+            let at = content.len() / 3;
+            content.splice(at..at, editor.rng.bytes(100));
+            fs::write(&big, content).expect("insert");
+        }
+        if round == 4 {
+            let len = fs::metadata(&big).expect("stat").len();
+            OpenOptions::new()
+                .write(true)
+                .open(&big)
+                .and_then(|f| f.set_len(len - (1 << 20)))
+                .expect("truncate");
+        }
+        let summary = snapshot(&state, &store);
+        assert_eq!(summary["batch"], round + 1, "{summary}");
+        // An edit costs a few chunks around it, not the file.
+        let versions = versions_of(&store, "big/model.ckpt");
+        let last = versions.last().expect("a version");
+        assert_eq!(u64_of(last, "batch"), round + 1, "{last}");
+        let stored = u64_of(last, "stored_bytes");
+        assert!(
+            stored < 2 << 20,
+            "round {round}: {stored} bytes stored for a ~14 KB edit of the large file: {last}"
+        );
+        replay_into(&follower, &store);
+        assert_same_tree(
+            &expected(&state),
+            &read_tree(&follower),
+            &format!(
+                "follower after round {round} (this round's edits:\n  {}\n)",
+                editor.recent()
+            ),
+        );
+    }
+    let latest = expected(&state);
+    let target = fresh(work.path(), "fresh");
+    replay_into(&target, &store);
+    assert_same_tree(&latest, &read_tree(&target), "large file, fresh replay");
+    let planted = plant_untracked(&stale, &latest);
+    replay_into(&stale, &store);
+    let mut want = latest.clone();
+    want.extend(planted);
+    assert_same_tree(&want, &read_tree(&stale), "large file, replay over round 0");
+
+    check_history(&latest, &store, rounds + 1);
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    let (logical, stored) = (
+        u64_of(&stats, "logical_bytes"),
+        u64_of(&stats, "stored_bytes"),
+    );
+    assert!(
+        stored < logical && logical > size * rounds,
+        "deltas must keep the store far below the history's size: {stats}"
+    );
+    // (The file's length runs ahead of its data: redb grows it in large
+    // sparse steps, so the space it occupies is what is compared.)
+    assert!(
+        u64_of(&stats, "disk_bytes") < size * 3 / 2,
+        "{} versions of a 72 MiB file should take about one copy on disk: {stats}",
+        rounds + 1
     );
 }
 
 #[test]
-fn a_large_file_edited_in_place_stores_only_deltas() {
+fn a_long_history_of_small_edits_stays_small_and_replayable() {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
     fs::create_dir_all(&state).expect("mkdir");
-    let mut rng = Rng::new(0x5eed_0002);
-    let big = state.join("model.ckpt");
-    let size = 72 << 20; // over 64 MiB
-    fs::write(&big, rng.bytes(size)).expect("write big file");
-    let first = snapshot(&state, &store);
-    assert!(
-        first["stored_bytes"].as_u64().unwrap_or(0) >= size as u64 * 9 / 10,
-        "{first}"
-    );
-
-    for round in 0..3u64 {
-        let mut file = OpenOptions::new().write(true).open(&big).expect("open");
-        file.seek(SeekFrom::Start(size as u64 / 2 + round * 7919))
-            .expect("seek");
-        file.write_all(&rng.bytes(4096))
-            .expect("overwrite in the middle");
-        file.seek(SeekFrom::End(0)).expect("seek end");
-        file.write_all(&rng.bytes(10_000)).expect("append");
-        drop(file);
+    let mut rng = Rng::new(0x5eed_0008);
+    let db = state.join("app.db");
+    let mut content = rng.bytes(3 << 20);
+    fs::write(&db, &content).expect("write");
+    snapshot(&state, &store);
+    let rounds = 60u64;
+    let follower = work.path().join("follower");
+    for round in 1..=rounds {
+        // A few records rewritten in place; every tenth round a record
+        // inserted (the rest shifts) or one removed.
+        for _ in 0..3 {
+            let at = rng.below(content.len() as u64 - 100) as usize;
+            let record = rng.bytes(64);
+            content[at..at + 64].copy_from_slice(&record);
+        }
+        match round % 10 {
+            0 => {
+                let at = rng.below(content.len() as u64) as usize;
+                content.splice(at..at, rng.bytes(200));
+            }
+            5 => {
+                let at = rng.below(content.len() as u64 - 300) as usize;
+                content.drain(at..at + 150);
+            }
+            _ => {}
+        }
+        fs::write(&db, &content).expect("write");
         let summary = snapshot(&state, &store);
-        // An edit in the middle and an append cost a few chunks, not the file.
-        let stored = summary["stored_bytes"].as_u64().unwrap_or(u64::MAX);
+        assert_eq!(summary["batch"], round + 1, "{summary}");
+        let stored = u64_of(&summary, "stored_bytes");
         assert!(
-            stored < 2 << 20,
-            "round {round}: {stored} bytes stored for a 14 KB edit: {summary}"
+            stored < 1 << 20,
+            "round {round}: {stored} bytes stored for a few small edits: {summary}"
         );
+        if round % 20 == 0 {
+            replay_into(&follower, &store);
+            assert_same_tree(
+                &expected(&state),
+                &read_tree(&follower),
+                &format!("round {round}"),
+            );
+        }
     }
     let target = fresh(work.path(), "fresh");
     replay_into(&target, &store);
-    assert_same_tree(&read_tree(&state), &read_tree(&target), "large file replay");
-    ok(&["verify", "--store", s(&store)]);
+    assert_same_tree(&expected(&state), &read_tree(&target), "after every round");
+    check_history(&expected(&state), &store, rounds + 1);
     let stats = json(&["stats", "--store", s(&store), "--json"]);
     assert!(
-        stats["ratio"].as_f64().unwrap_or(0.0) > 3.5,
-        "4 versions of one file should store about once: {stats}"
+        stats["ratio"].as_f64().unwrap_or(0.0) > 10.0,
+        "{} versions of a 3 MiB file with small edits: {stats}",
+        rounds + 1
+    );
+}
+
+#[test]
+fn metadata_renames_and_copies_store_no_content() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("d")).expect("mkdir");
+    let mut rng = Rng::new(0x5eed_0005);
+    let content = rng.bytes(1_500_000);
+    fs::write(state.join("d/blob"), &content).expect("write");
+    snapshot(&state, &store);
+
+    type Step = (&'static str, fn(&Path));
+    let steps: [Step; 5] = [
+        ("chmod", |st| {
+            fs::set_permissions(st.join("d/blob"), fs::Permissions::from_mode(0o600))
+                .expect("chmod");
+        }),
+        ("touch", |st| {
+            set_mtime(
+                &st.join("d/blob"),
+                UNIX_EPOCH + Duration::from_secs(1 << 30),
+            )
+        }),
+        ("rename", |st| {
+            fs::rename(st.join("d/blob"), st.join("renamed")).expect("mv")
+        }),
+        ("copy", |st| {
+            fs::copy(st.join("renamed"), st.join("d/copy"))
+                .map(|_| ())
+                .expect("cp")
+        }),
+        ("dir rename", |st| {
+            fs::rename(st.join("d"), st.join("e")).expect("mv dir")
+        }),
+    ];
+    for (batch, (what, step)) in (2u64..).zip(steps) {
+        step(&state);
+        let summary = snapshot(&state, &store);
+        assert_eq!(summary["batch"], batch, "{what}: {summary}");
+        assert_eq!(
+            u64_of(&summary, "stored_bytes"),
+            0,
+            "{what} needs no new content in the store: {summary}"
+        );
+        let target = fresh(work.path(), &format!("after-{batch}"));
+        replay_into(&target, &store);
+        assert_same_tree(&expected(&state), &read_tree(&target), what);
+    }
+    assert_eq!(
+        fs::read(state.join("e/copy")).expect("read"),
+        content,
+        "test setup"
     );
 }
 
 #[test]
 fn unchanged_files_cost_no_store_writes() {
     let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
     let store = work.path().join("store.dk");
-    build_tree(&state, &mut Rng::new(0x5eed_0003));
-    snapshot(&state, &store);
-    // Files written just before a capture are read once more after their
-    // mtimes settle (see scan::RACY_WINDOW_NS); after that, nothing.
-    std::thread::sleep(std::time::Duration::from_millis(2200));
-    snapshot(&state, &store);
+
+    // Files last written an hour ago: the second snapshot has nothing to
+    // read, nothing to settle, and writes nothing.
+    let old = work.path().join("old");
+    build_tree(&old, &mut Rng::new(0x5eed_0003), 40);
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in files(&old) {
+        set_mtime(&old.join(f), an_hour_ago);
+    }
+    let first = snapshot(&old, &store);
+    assert_eq!(first["batch"], 1, "{first}");
     let before = json(&["stats", "--store", s(&store), "--json"]);
     let store_bytes = fs::read(&store).expect("read store");
-    let summary = snapshot(&state, &store);
-    assert!(
-        summary["batch"].is_null(),
-        "no change, yet a batch was committed: {summary}"
-    );
-    let after = json(&["stats", "--store", s(&store), "--json"]);
-    assert_eq!(before["batches"], after["batches"]);
-    assert_eq!(before["versions"], after["versions"]);
-    assert!(
-        fs::read(&store).expect("read store") == store_bytes,
-        "the store file changed"
-    );
     let text = ok(&[
         "snapshot",
         "--state-dir",
-        &format!("data={}", s(&state)),
+        &root_arg(&old),
         "--store",
         s(&store),
     ]);
     assert!(text.starts_with("no changes"), "{text}");
+    let again = snapshot(&old, &store);
+    assert!(
+        again["batch"].is_null() && u64_of(&again, "settled") == 0,
+        "no change, yet a batch was committed: {again}"
+    );
+    let after = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(
+        (&before["batches"], &before["versions"]),
+        (&after["batches"], &after["versions"])
+    );
+    assert!(
+        fs::read(&store).expect("read store") == store_bytes,
+        "the store file changed on snapshots without changes"
+    );
+
+    // Files written just now: a snapshot right after the first one reads
+    // them again (their mtimes are too recent to trust) but finds nothing;
+    // once the mtimes settle (see scan::RACY_WINDOW_NS) one metadata batch
+    // records that, and after that nothing is read or written.
+    let store = work.path().join("store-new.dk");
+    let new = work.path().join("new");
+    build_tree(&new, &mut Rng::new(0x5eed_0004), 40);
+    snapshot(&new, &store);
+    std::thread::sleep(Duration::from_millis(2200));
+    snapshot(&new, &store);
+    let before = json(&["stats", "--store", s(&store), "--json"]);
+    let store_bytes = fs::read(&store).expect("read store");
+    for _ in 0..2 {
+        let summary = snapshot(&new, &store);
+        assert!(
+            summary["batch"].is_null(),
+            "no change, yet a batch was committed: {summary}"
+        );
+    }
+    let after = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(
+        (&before["batches"], &before["versions"]),
+        (&after["batches"], &after["versions"])
+    );
+    assert!(
+        fs::read(&store).expect("read store") == store_bytes,
+        "the store file changed"
+    );
 }
 
 #[test]
@@ -412,12 +1300,7 @@ fn a_change_within_the_same_timestamp_tick_is_not_missed() {
         .modified()
         .expect("mtime");
     fs::write(&file, b"0002").expect("write");
-    fs::File::options()
-        .write(true)
-        .open(&file)
-        .expect("open")
-        .set_modified(mtime)
-        .expect("set mtime");
+    set_mtime(&file, mtime);
     snapshot(&state, &store);
     let target = fresh(work.path(), "fresh");
     replay_into(&target, &store);
@@ -429,8 +1312,8 @@ fn several_state_dirs_share_one_store() {
     let work = tempfile::tempdir().expect("tempdir");
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     let store = work.path().join("store.dk");
-    build_tree(&a, &mut Rng::new(7));
-    build_tree(&b, &mut Rng::new(8));
+    build_tree(&a, &mut Rng::new(7), 20);
+    build_tree(&b, &mut Rng::new(8), 20);
     ok(&[
         "snapshot",
         "--state-dir",
@@ -450,8 +1333,8 @@ fn several_state_dirs_share_one_store() {
         "--store",
         s(&store),
     ]);
-    assert_same_tree(&read_tree(&a), &read_tree(&ra), "root a");
-    assert_same_tree(&read_tree(&b), &read_tree(&rb), "root b");
+    assert_same_tree(&expected(&a), &read_tree(&ra), "root a");
+    assert_same_tree(&expected(&b), &read_tree(&rb), "root b");
     // Two roots with one name are refused before anything is written.
     let out = diffkeeper(&[
         "snapshot",
@@ -470,12 +1353,176 @@ fn several_state_dirs_share_one_store() {
 }
 
 #[test]
+fn symlinks_out_of_the_state_dir_and_special_files_are_skipped() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("sub")).expect("mkdir");
+    fs::write(state.join("sub/f"), b"kept").expect("write");
+    symlink("/etc/passwd", state.join("abs")).expect("symlink");
+    symlink("../../outside", state.join("sub/up")).expect("symlink");
+    symlink("../sub/f", state.join("sub/fine")).expect("symlink");
+    let fifo = state.join("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let _socket = std::os::unix::net::UnixListener::bind(state.join("sock")).expect("bind");
+
+    // Reading the FIFO would block forever: the snapshot must not.
+    let mut child = Command::new(BIN)
+        .args([
+            "snapshot",
+            "--state-dir",
+            &root_arg(&state),
+            "--store",
+            s(&store),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            child.kill().expect("kill");
+            panic!("snapshot of a directory holding a FIFO hangs");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for link in ["abs", "sub/up"] {
+        assert!(
+            stderr.contains(link) && stderr.contains("not kept"),
+            "snapshot must say it does not keep {link}: {stderr}"
+        );
+    }
+
+    // (Reading the tree would block on the FIFO.)
+    fs::remove_file(&fifo).expect("rm fifo");
+    fs::remove_file(state.join("sock")).expect("rm socket");
+    let target = fresh(work.path(), "target");
+    replay_into(&target, &store);
+    let want = expected(&state);
+    assert_eq!(
+        want.keys().map(|p| shown(p)).collect::<Vec<_>>(),
+        ["sub", "sub/f", "sub/fine"]
+    );
+    assert_same_tree(&want, &read_tree(&target), "replay without outside links");
+
+    // A FIFO where the store has a file is replaced by the file.
+    let status = Command::new("mkfifo")
+        .arg(target.join("sub/f.fifo-placeholder"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    fs::remove_file(target.join("sub/f")).expect("rm");
+    fs::rename(target.join("sub/f.fifo-placeholder"), target.join("sub/f")).expect("mv");
+    replay_into(&target, &store);
+    assert!(
+        fs::symlink_metadata(target.join("sub/f"))
+            .expect("stat")
+            .is_file(),
+        "replay left the FIFO where the store has a file"
+    );
+    assert_same_tree(&want, &read_tree(&target), "replay over a FIFO");
+}
+
+/// Overwrites `meta.schema_version` in a store file. redb keeps the small
+/// `meta` table in one leaf: the keys (`created_ms`, `schema_version`, in
+/// order) one after the other, then the values (8 bytes, then the u32 LE).
+fn set_schema_version(store: &Path, version: u32) {
+    let mut bytes = fs::read(store).expect("read store");
+    let keys = b"created_msschema_version";
+    let at = bytes
+        .windows(keys.len())
+        .position(|w| w == keys)
+        .expect("the meta leaf is in the store file (has redb's page layout changed?)")
+        + keys.len()
+        + 8;
+    assert_eq!(
+        bytes[at..at + 4],
+        1u32.to_le_bytes(),
+        "schema_version 1 expected at offset {at}"
+    );
+    bytes[at..at + 4].copy_from_slice(&version.to_le_bytes());
+    fs::write(store, bytes).expect("write store");
+}
+
+#[test]
+fn a_store_of_another_schema_version_is_refused() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    build_tree(&state, &mut Rng::new(0x5eed_0006), 10);
+    snapshot(&state, &store);
+    fs::write(state.join("second"), b"batch 2").expect("write");
+    snapshot(&state, &store);
+    let good = fs::read(&store).expect("read store");
+    for version in [2u32, 0, u32::MAX] {
+        fs::write(&store, &good).expect("restore store");
+        set_schema_version(&store, version);
+        let damaged = fs::read(&store).expect("read store");
+        let target = work.path().join("target");
+        build_tree(&target, &mut Rng::new(9), 10);
+        let before = read_tree(&target);
+        for args in [
+            vec![
+                "replay",
+                "--state-dir",
+                &root_arg(&target),
+                "--store",
+                s(&store),
+            ],
+            vec![
+                "snapshot",
+                "--state-dir",
+                &root_arg(&state),
+                "--store",
+                s(&store),
+            ],
+            vec!["stats", "--store", s(&store)],
+            vec!["verify", "--store", s(&store)],
+            vec!["log", "--store", s(&store)],
+        ] {
+            let out = diffkeeper(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("schema version {version}")) && stderr.contains(s(&store)),
+                "{args:?} must name the store and its schema version: {stderr}"
+            );
+        }
+        assert_same_tree(&before, &read_tree(&target), "target of a refused replay");
+        assert!(
+            fs::read(&store).expect("read store") == damaged,
+            "schema {version}: a refused command changed the store"
+        );
+        fs::remove_dir_all(&target).expect("rm");
+    }
+    // The untouched store still works.
+    fs::write(&store, &good).expect("restore store");
+    let target = fresh(work.path(), "fresh");
+    replay_into(&target, &store);
+    assert_same_tree(&expected(&state), &read_tree(&target), "good store");
+}
+
+#[test]
 fn first_start_and_bad_input_get_clear_answers() {
     let work = tempfile::tempdir().expect("tempdir");
     let store = work.path().join("none.dk");
     let target = work.path().join("t");
-    let text = replay_into(&target, &store);
+    let text = ok(&[
+        "replay",
+        "--state-dir",
+        &root_arg(&target),
+        "--store",
+        s(&store),
+    ]);
     assert!(text.contains("first start"), "{text}");
+    let first = replay_into(&target, &store);
+    assert_eq!(first["first_start"], true, "{first}");
     assert!(!store.exists(), "replay must not create a store");
 
     let missing = work.path().join("no-such-dir");
@@ -485,37 +1532,67 @@ fn first_start_and_bad_input_get_clear_answers() {
         String::from_utf8_lossy(&out.stderr).contains(s(&missing)),
         "{out:?}"
     );
+    assert!(!store.exists(), "a failed snapshot must not create a store");
 
     let not_a_store = work.path().join("notes.txt");
     fs::write(&not_a_store, "hello\n".repeat(1000)).expect("write");
+    let never = work.path().join("never-written");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("f"), b"x").expect("write");
     for args in [
         vec!["stats", "--store", s(&not_a_store)],
         vec!["verify", "--store", s(&not_a_store)],
+        vec!["log", "--store", s(&not_a_store)],
         vec![
             "replay",
             "--state-dir",
-            "d=/tmp/never-written-by-dk",
+            &format!("d={}", s(&never)),
+            "--store",
+            s(&not_a_store),
+        ],
+        vec![
+            "snapshot",
+            "--state-dir",
+            s(&state),
             "--store",
             s(&not_a_store),
         ],
     ] {
         let out = diffkeeper(&args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
-            String::from_utf8_lossy(&out.stderr).contains("notes.txt"),
-            "{args:?}: {out:?}"
+            stderr.contains(&format!("store {}", s(&not_a_store))),
+            "{args:?}: the error must name the store: {stderr}"
         );
     }
-    assert!(!Path::new("/tmp/never-written-by-dk").exists());
+    assert!(
+        !never.exists(),
+        "replay from a bad store created its target"
+    );
     assert_eq!(
         fs::read_to_string(&not_a_store).expect("read"),
-        "hello\n".repeat(1000)
+        "hello\n".repeat(1000),
+        "a command changed a file that is not a store"
     );
 
     let out = diffkeeper(&["log", "--store", s(&store)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no store"),
+        "{out:?}"
+    );
+    let out = diffkeeper(&[
+        "snapshot",
+        "--state-dir",
+        s(&state),
+        "--store",
+        s(&work.path().join("no-such-dir/store.dk")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-dir"),
         "{out:?}"
     );
 }
