@@ -47,6 +47,72 @@ pub struct RootsArgs {
     pub store: StoreArg,
 }
 
+/// Which moment of the history (default: the latest).
+#[derive(Debug, Args, Default)]
+#[group(multiple = false)]
+pub struct MomentArgs {
+    /// The state at this time, RFC 3339 (2026-11-24T10:00:00Z or with an
+    /// offset): what the newest batch committed at or before it recorded.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// The state this long ago: 90s, 10m, 2h, 3d.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ago: Option<std::time::Duration>,
+    /// The state right after batch N committed (see `log --batches`).
+    #[arg(long, value_name = "N")]
+    pub batch: Option<u64>,
+}
+
+impl MomentArgs {
+    fn moment(&self) -> Result<crate::history::Moment> {
+        crate::history::Moment::from_options(self.at.as_deref(), self.ago, self.batch)
+    }
+}
+
+/// A retention policy. A batch kept by any rule is kept; the newest batch
+/// always is.
+#[derive(Debug, Args, Default, Clone)]
+pub struct PolicyArgs {
+    /// Keep every batch within this long of the newest one (7d, 12h).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keep_within: Option<std::time::Duration>,
+    /// Keep the N newest batches.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u64>,
+    /// Keep the newest batch of each of the N most recent hours with batches.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u64>,
+    /// Keep the newest batch of each of the N most recent days (UTC) with batches.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u64>,
+    /// Keep the newest batch of each of the N most recent weeks (UTC,
+    /// Monday to Sunday) with batches.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u64>,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> crate::retention::Policy {
+        crate::retention::Policy {
+            keep_within: self.keep_within,
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+        }
+    }
+}
+
+/// A time for `--since`/`--until`: RFC 3339, or a duration ago.
+fn time_or_ago(text: &str) -> Result<i64, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return Ok(crate::store::now_ms()
+            .saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)));
+    }
+    crate::history::moment::parse_time(text)
+        .map_err(|e| format!("{e:#}; or a duration ago (10m, 2h, 3d)"))
+}
+
 /// Options of the capture loop (`watch`, `run`).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
@@ -69,6 +135,13 @@ pub struct WatchArgs {
     /// changes it cannot attribute in the kernel.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub rescan_interval: std::time::Duration,
+    /// Retention applied while running: with any --keep-* option, the
+    /// store is compacted to that policy every --compact-interval.
+    #[command(flatten)]
+    pub retention: PolicyArgs,
+    /// How often the retention policy is applied.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub compact_interval: std::time::Duration,
 }
 
 impl WatchArgs {
@@ -79,6 +152,8 @@ impl WatchArgs {
             max_latency: self.max_latency,
             scan_interval: self.scan_interval,
             rescan_interval: self.rescan_interval,
+            retention: self.retention.policy(),
+            compact_interval: self.compact_interval,
         }
     }
 }
@@ -94,14 +169,22 @@ pub enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Record the batch as taken at this RFC 3339 time instead of now
+        /// (importing a history; must not be older than the newest batch).
+        #[arg(long, value_name = "TIME", hide = true)]
+        time: Option<String>,
     },
-    /// Bring the state directories to the latest captured state. Content is
-    /// rebuilt and verified before anything is changed; files are renamed
-    /// into place; paths the store never tracked are left alone. With no
-    /// store yet (first start) this says so and exits 0.
+    /// Bring the state directories to the latest captured state, or roll
+    /// them back (or forward) to another moment with --at, --ago or --batch.
+    /// Content is rebuilt and verified before anything is changed; files
+    /// are renamed into place; paths created after that moment are removed;
+    /// paths the store never tracked are left alone. With no store yet
+    /// (first start) this says so and exits 0.
     Replay {
         #[command(flatten)]
         roots: RootsArgs,
+        #[command(flatten)]
+        moment: MomentArgs,
         /// Flush the file system before exiting, so the replayed state is on
         /// disk (by default the store is the durable copy and a crash
         /// mid-replay is followed by another replay).
@@ -112,21 +195,108 @@ pub enum Command {
         json: bool,
     },
     /// Show each file's versions: time, batch, kind (base, delta, chunks,
-    /// same, dir, symlink, deleted), logical size and stored bytes.
+    /// same, dir, symlink, deleted), logical size and stored bytes. With
+    /// --batches, the timeline instead: one line per batch with its time,
+    /// files changed, content bytes changed and bytes stored.
     Log {
         #[command(flatten)]
         store: StoreArg,
         /// Only this path or the paths under it (PATH or ROOT:PATH).
+        #[arg(conflicts_with = "batches")]
         path: Option<String>,
+        /// One line per batch instead of one block per file.
+        #[arg(long)]
+        batches: bool,
+        /// Only batches at or after this time (RFC 3339, or a duration ago: 2h).
+        #[arg(long, value_name = "TIME", value_parser = time_or_ago, requires = "batches")]
+        since: Option<i64>,
+        /// Only batches at or before this time (RFC 3339, or a duration ago).
+        #[arg(long, value_name = "TIME", value_parser = time_or_ago, requires = "batches")]
+        until: Option<i64>,
         /// Print the history as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Materialize the state of a past moment (default: the latest) into a
+    /// new or empty directory, verified. With several state directories in
+    /// the store and no --root, each goes into DIR/NAME.
+    Restore {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to put the state (created if missing).
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        #[command(flatten)]
+        moment: MomentArgs,
+        /// Only this state directory (its NAME).
+        #[arg(long, value_name = "NAME")]
+        root: Option<String>,
+        /// Restore into a non-empty DIR: stored paths are brought to that
+        /// moment, other paths are left alone.
+        #[arg(long)]
+        force: bool,
+        /// Flush the file system before exiting.
+        #[arg(long)]
+        sync: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what changed in one path between two moments: a unified diff
+    /// for text, changed byte ranges for binary content. Without --from and
+    /// --to, the path's last two versions.
+    Diff {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The path, as PATH or ROOT:PATH.
+        path: String,
+        /// The older moment: a batch number, an RFC 3339 time, or a duration
+        /// ago (default: the version before the one shown for --to).
+        #[arg(long, value_name = "BATCH|TIME")]
+        from: Option<String>,
+        /// The newer moment (default: the newest version).
+        #[arg(long, value_name = "BATCH|TIME")]
+        to: Option<String>,
+    },
+    /// Write the state of a moment (default: the latest) as a tar archive,
+    /// modes and mtimes kept; zstd-compressed when FILE ends in .zst.
+    Export {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        moment: MomentArgs,
+        /// Only this state directory; with several and no --root, each is
+        /// archived under NAME/.
+        #[arg(long, value_name = "NAME")]
+        root: Option<String>,
+        /// The archive to write (FILE.tar, FILE.tar.zst, or - for stdout).
+        #[arg(short, long, value_name = "FILE")]
+        output: PathBuf,
+    },
+    /// Drop the batches a retention policy does not keep, releasing what
+    /// only they used, and shrink the store file. The newest batch is always
+    /// kept; every kept moment restores exactly as before; a crash midway
+    /// leaves the old history or the new one.
+    Compact {
+        #[command(flatten)]
+        store: StoreArg,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Only report what would be dropped and freed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Totals: files, versions, batches, logical bytes, stored bytes, ratio,
-    /// and the store file's size on disk.
+    /// and the store file's size on disk. With --keep-* options, also what
+    /// compacting to that policy would free.
     Stats {
         #[command(flatten)]
         store: StoreArg,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Print the totals as JSON.
         #[arg(long)]
         json: bool,
@@ -193,15 +363,22 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Snapshot { roots, json } => {
+        Command::Snapshot { roots, json, time } => {
             let dirs = state_dirs(&roots)?;
-            let summary =
-                crate::capture::snapshot(&roots.store.store, &dirs).with_context(|| {
-                    format!(
-                        "snapshot into store {} failed; batches already stored are intact",
-                        roots.store.store.display()
-                    )
-                })?;
+            let taken = match time {
+                Some(time) => crate::capture::snapshot_at(
+                    &roots.store.store,
+                    &dirs,
+                    crate::history::moment::parse_time(&time)?,
+                ),
+                None => crate::capture::snapshot(&roots.store.store, &dirs),
+            };
+            let summary = taken.with_context(|| {
+                format!(
+                    "snapshot into store {} failed; batches already stored are intact",
+                    roots.store.store.display()
+                )
+            })?;
             if json {
                 print_json(&summary)?;
             } else {
@@ -216,9 +393,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Replay { roots, sync, json } => {
+        Command::Replay {
+            roots,
+            moment,
+            sync,
+            json,
+        } => {
             let dirs = state_dirs(&roots)?;
-            match crate::replay::replay(&roots.store.store, &dirs, sync)? {
+            match crate::replay::replay(&roots.store.store, &dirs, moment.moment()?, sync)? {
                 None => {
                     let msg = format!(
                         "no store at {} yet: nothing to replay (first start)",
@@ -242,7 +424,108 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log { store, path, json } => {
+        Command::Log {
+            store,
+            batches: true,
+            since,
+            until,
+            json,
+            ..
+        } => {
+            let lines = crate::report::timeline(&store.store, since, until)?;
+            if json {
+                print_json(&lines)?;
+            } else {
+                print!("{}", crate::report::timeline_text(&lines));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            store,
+            to,
+            moment,
+            root,
+            force,
+            sync,
+            json,
+        } => {
+            let summaries = crate::replay::restore(
+                &store.store,
+                &to,
+                root.as_deref(),
+                moment.moment()?,
+                force,
+                sync,
+            )?;
+            if json {
+                print_json(&summaries)?;
+            } else {
+                for s in summaries {
+                    println!("{s}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            store,
+            path,
+            from,
+            to,
+        } => {
+            let parse =
+                |m: Option<String>| m.as_deref().map(crate::history::Moment::parse).transpose();
+            let text = crate::history::diff::diff(&store.store, &path, parse(from)?, parse(to)?)?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export {
+            store,
+            moment,
+            root,
+            output,
+        } => {
+            let summary = crate::history::export::export(
+                &store.store,
+                moment.moment()?,
+                root.as_deref(),
+                &output,
+            )?;
+            eprintln!(
+                "{}: batch {}, {} files ({}), {} dirs, {} symlinks",
+                summary.output,
+                summary.batch,
+                summary.files,
+                crate::report::bytes(summary.bytes),
+                summary.dirs,
+                summary.symlinks
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compact {
+            store,
+            policy,
+            dry_run,
+            json,
+        } => {
+            let policy = policy.policy();
+            if policy.is_empty() {
+                anyhow::bail!("no retention rule given: pass at least one of --keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly");
+            }
+            let summary = if dry_run {
+                crate::retention::plan(&store.store, &policy)?
+            } else {
+                crate::retention::compact(&store.store, &policy)?
+            };
+            if json {
+                print_json(&summary)?;
+            } else {
+                println!("{summary}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Log {
+            store, path, json, ..
+        } => {
             let files = crate::report::log(&store.store, path.as_deref())?;
             if json {
                 print_json(&files)?;
@@ -251,12 +534,29 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Stats { store, json } => {
+        Command::Stats {
+            store,
+            policy,
+            json,
+        } => {
             let stats = crate::report::stats(&store.store)?;
+            let policy = policy.policy();
+            let compaction = if policy.is_empty() {
+                None
+            } else {
+                Some(crate::retention::plan(&store.store, &policy)?)
+            };
             if json {
-                print_json(&stats)?;
+                let mut value = serde_json::to_value(&stats)?;
+                if let (Some(plan), Some(map)) = (compaction, value.as_object_mut()) {
+                    map.insert("compaction".into(), serde_json::to_value(plan)?);
+                }
+                print_json(&value)?;
             } else {
                 print!("{}", crate::report::stats_text(&stats));
+                if let Some(plan) = compaction {
+                    println!("{plan}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -387,7 +687,9 @@ fn demo() -> Result<ExitCode> {
 
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;
-    for s in crate::replay::replay(&store_path, &dirs, false)?.unwrap_or_default() {
+    for s in crate::replay::replay(&store_path, &dirs, crate::history::Moment::Latest, false)?
+        .unwrap_or_default()
+    {
         println!("{s}");
     }
     let back = std::fs::read(state.join("world/region-0.dat"))?;

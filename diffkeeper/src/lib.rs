@@ -11,18 +11,22 @@
 //! | change detection | [`scan`] | walking a state directory and diffing it with the store |
 //! | capture / delta | [`capture`] | chunking, hashing, de-duplication, delta and compression, one batch per transaction |
 //! | store | [`store`] | the redb file; its format is documented in [`store::schema`] |
-//! | replay | [`replay`] | rebuilding a state directory, verified, confined to it |
+//! | replay | [`replay`] | rebuilding a state directory at any kept moment, verified, confined to it |
+//! | history | [`history`] | naming moments, `diff` between them, `export` as tar |
+//! | retention | [`retention`] | which batches a policy keeps; compaction of the rest |
 //!
 //! Around them: [`roots`] (state directories and path safety), [`verify`],
-//! [`report`] (`log`, `stats`), [`supervise`] (`run`, `watch`), [`progress`]
+//! [`report`] (`log`, `log --batches`, `stats`), [`supervise`] (`run`, `watch`), [`progress`]
 //! and [`cli`].
 
 pub mod capture;
 pub mod cli;
 pub mod events;
+pub mod history;
 pub mod progress;
 pub mod replay;
 pub mod report;
+pub mod retention;
 pub mod roots;
 pub mod scan;
 pub mod store;

@@ -34,6 +34,13 @@ pub fn time(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// RFC 3339 time of a millisecond timestamp, to the millisecond: batches
+/// can be less than a second apart.
+pub fn time_millis(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 /// One version in `log`.
 #[derive(Debug, Serialize)]
 pub struct LogVersion {
@@ -194,6 +201,105 @@ pub struct Stats {
     /// The store file's length and the disk space it occupies.
     pub file_bytes: u64,
     pub disk_bytes: u64,
+}
+
+/// One batch in `log --batches`.
+#[derive(Debug, Serialize)]
+pub struct BatchLine {
+    pub batch: u64,
+    pub time: String,
+    pub time_ms: i64,
+    pub roots: Vec<String>,
+    /// Paths with a new version in this batch (after compaction, the
+    /// oldest kept batch also carries the versions moved into it).
+    pub files_changed: u64,
+    /// Content bytes that differ from each path's previous version, at
+    /// chunk granularity (a new file counts whole).
+    pub bytes_changed: u64,
+    /// Payload bytes the batch added to the store.
+    pub stored_bytes: u64,
+    /// Batches before this one were dropped by compaction.
+    pub after_dropped: bool,
+}
+
+/// The timeline: one line per batch committed in `[since, until]` (ms).
+pub fn timeline(
+    store_path: &Path,
+    since: Option<i64>,
+    until: Option<i64>,
+) -> Result<Vec<BatchLine>> {
+    let store = Store::open_existing(store_path)?;
+    let reader = store.reader()?;
+    let batches = reader.batches()?;
+    let mut chunk_len: HashMap<u64, u64> = HashMap::new();
+    reader.for_each_chunk(|id, record| {
+        chunk_len.insert(id, u64::from(record.len));
+        Ok(())
+    })?;
+    let mut files: HashMap<u64, u64> = HashMap::new();
+    let mut changed: HashMap<u64, u64> = HashMap::new();
+    let mut previous: Option<(String, Vec<u8>, Vec<u64>)> = None;
+    reader.for_each_version(|root, path, batch, record| {
+        *files.entry(batch).or_default() += 1;
+        let before: &[u64] = match &previous {
+            Some((r, p, chunks)) if r == root && p.as_slice() == path => chunks,
+            _ => &[],
+        };
+        let before: std::collections::HashSet<u64> = before.iter().copied().collect();
+        let bytes: u64 = record
+            .chunks
+            .iter()
+            .filter(|id| !before.contains(id))
+            .map(|id| chunk_len.get(id).copied().unwrap_or(0))
+            .sum();
+        *changed.entry(batch).or_default() += bytes;
+        previous = Some((root.to_string(), path.to_vec(), record.chunks));
+        Ok(())
+    })?;
+    let mut out = Vec::new();
+    let mut previous_id = 0;
+    for (id, record) in batches {
+        let after_dropped = id != previous_id + 1;
+        previous_id = id;
+        if since.is_some_and(|s| record.time_ms < s) || until.is_some_and(|u| record.time_ms > u) {
+            continue;
+        }
+        out.push(BatchLine {
+            batch: id,
+            time: time_millis(record.time_ms),
+            time_ms: record.time_ms,
+            roots: record.roots,
+            files_changed: files.get(&id).copied().unwrap_or(0),
+            bytes_changed: changed.get(&id).copied().unwrap_or(0),
+            stored_bytes: record.stored_bytes,
+            after_dropped,
+        });
+    }
+    Ok(out)
+}
+
+/// Renders `log --batches` for a terminal.
+pub fn timeline_text(lines: &[BatchLine]) -> String {
+    let mut out = format!(
+        "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  roots\n",
+        "batch", "time (UTC)", "files", "changed", "stored"
+    );
+    for l in lines {
+        if l.after_dropped {
+            out.push_str("         (earlier batches dropped by compaction)\n");
+        }
+        let _ = writeln!(
+            out,
+            "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  {}",
+            l.batch,
+            l.time,
+            l.files_changed,
+            bytes(l.bytes_changed),
+            bytes(l.stored_bytes),
+            l.roots.join(",")
+        );
+    }
+    out
 }
 
 /// Totals over the whole store.

@@ -50,7 +50,7 @@ pub async fn run(
     let Some((program, args)) = command.split_first() else {
         anyhow::bail!("no command to run: give it after `--`");
     };
-    match crate::replay::replay(store, roots, false)? {
+    match crate::replay::replay(store, roots, crate::history::Moment::Latest, false)? {
         None => tracing::info!("no store at {} yet: first start", store.display()),
         Some(summaries) => {
             for s in summaries {

@@ -2,6 +2,8 @@
 //! data, and reading a whole tree for comparison.
 #![allow(dead_code)]
 
+pub mod edit;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;

@@ -18,7 +18,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use fastcdc::v2020::{ChunkData, StreamCDC};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -109,7 +109,26 @@ pub fn snapshot_cut(
     roots: &[StateDir],
     disturbed: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<BatchSummary> {
+    take_batch(store_path, roots, disturbed, None)
+}
+
+/// Like [`snapshot`], but the batch is recorded as committed at `time_ms`
+/// (milliseconds since the Unix epoch) instead of now: for importing a
+/// history, and for tests and benchmarks of long histories. Refused when
+/// older than the store's newest batch, so batch times stay in order.
+pub fn snapshot_at(store_path: &Path, roots: &[StateDir], time_ms: i64) -> Result<BatchSummary> {
+    take_batch(store_path, roots, None, Some(time_ms))
+}
+
+fn take_batch(
+    store_path: &Path,
+    roots: &[StateDir],
+    disturbed: Option<&std::sync::atomic::AtomicBool>,
+    recorded_at: Option<i64>,
+) -> Result<BatchSummary> {
     let started = Instant::now();
+    // The real clock even for a recorded time: it decides which mtimes are
+    // too recent to prove a file unchanged.
     let started_ms = now_ms();
     // Before the store is created, so a typo does not leave an empty store.
     for root in roots {
@@ -130,12 +149,24 @@ pub fn snapshot_cut(
     }
     let store = Store::create_or_open(store_path)?;
     let reader = store.reader()?;
+    if let Some(time_ms) = recorded_at {
+        if let Some((_, newest)) = reader.batches()?.last() {
+            if newest.time_ms > time_ms {
+                bail!(
+                    "cannot record a batch at {}: store {} already has a newer batch ({})",
+                    crate::report::time(time_ms),
+                    store_path.display(),
+                    crate::report::time(newest.time_ms)
+                );
+            }
+        }
+    }
     // The scan made read-only stands unless another writer committed since.
     let found = match scanned {
         Some((last, found)) if last == reader.last_batch()? => found,
         _ => find_changes(store.path(), &reader, roots)?,
     };
-    let mut summary = capture(&store, &reader, &found, started_ms, disturbed)?;
+    let mut summary = capture(&store, &reader, &found, started_ms, recorded_at, disturbed)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
     Ok(summary)
@@ -215,6 +246,7 @@ fn capture(
     reader: &Reader,
     roots: &[RootChanges],
     started_ms: i64,
+    recorded_at: Option<i64>,
     disturbed: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<BatchSummary> {
     let mut summary = BatchSummary::default();
@@ -307,7 +339,7 @@ fn capture(
         return Ok(summary);
     }
     let record = BatchRecord {
-        time_ms: now_ms(),
+        time_ms: recorded_at.unwrap_or_else(now_ms),
         started_ms,
         roots: roots
             .iter()
@@ -341,7 +373,7 @@ impl Workers<'_> {
 
     fn record_change(&self, root: &StateDir, change: &Change, full: &Path) -> Result<Outcome> {
         let (path, record) = match change {
-            Change::Delete { path } => (path, tombstone()),
+            Change::Delete { path } => (path, VersionRecord::tombstone()),
             Change::Write {
                 path,
                 entry,
@@ -647,19 +679,6 @@ enum FileCapture {
     /// the file as read now.
     Unchanged(VersionRecord),
     Vanished,
-}
-
-fn tombstone() -> VersionRecord {
-    VersionRecord {
-        kind: EntryKind::Tombstone,
-        mode: 0,
-        mtime_ns: 0,
-        size: 0,
-        hash: [0; 32],
-        chunks: Vec::new(),
-        target: Vec::new(),
-        stored_bytes: 0,
-    }
 }
 
 /// Finds, for a new chunk, the old content at its place: the base chunks

@@ -1,4 +1,6 @@
-//! Replay: bring a state directory to the store's latest state of its root.
+//! Replay: bring a state directory to the store's state of its root at a
+//! moment (the latest by default), and `restore`: the same into a new
+//! directory.
 //!
 //! Replay runs in two phases so a damaged store never damages the target.
 //! First every file that must be (re)written is rebuilt, chunk by chunk and
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
+use crate::history::{self, Moment};
 use crate::progress::Progress;
 use crate::roots::{check_relative, check_symlink_target, StateDir, STAGING_PREFIX};
 use crate::store::schema::EntryKind;
@@ -75,34 +78,108 @@ enum Action {
     Nothing,
 }
 
-/// Replays every root from the store at `store_path`. `Ok(None)` when there
-/// is no store yet (a first start).
+/// Replays every root from the store at `store_path` to its state at
+/// `moment`. `Ok(None)` when there is no store yet (a first start).
 pub fn replay(
     store_path: &Path,
     roots: &[StateDir],
+    moment: Moment,
     sync: bool,
 ) -> Result<Option<Vec<ReplaySummary>>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
     };
     let reader = store.reader()?;
+    let batch = match moment {
+        Moment::Latest => None,
+        other => Some(history::moment::resolve(&reader, other)?),
+    };
     let mut summaries = Vec::new();
     for root in roots {
-        summaries.push(replay_root(&reader, root, sync).with_context(|| {
+        summaries.push(replay_root(&reader, root, batch, sync).with_context(|| {
             format!("replay of {} ({}) failed", root.name, root.path.display())
         })?);
     }
     Ok(Some(summaries))
 }
 
-/// Brings one root to the store's latest state of it.
-pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<ReplaySummary> {
+/// Materializes the state at `moment` into `to`, which must be missing or
+/// empty unless `force` (then it is replayed into, leaving paths the store
+/// never tracked alone). With one root (or `only` naming one) its state
+/// goes into `to` itself; with several, each into `to/NAME`.
+pub fn restore(
+    store_path: &Path,
+    to: &Path,
+    only: Option<&str>,
+    moment: Moment,
+    force: bool,
+    sync: bool,
+) -> Result<Vec<ReplaySummary>> {
+    let store = Store::open_existing(store_path)?;
+    let reader = store.reader()?;
+    let batch = history::moment::resolve(&reader, moment)?;
+    let all = reader.roots()?;
+    let names: Vec<String> = match only {
+        Some(name) if all.iter().any(|r| r == name) => vec![name.to_string()],
+        Some(name) => anyhow::bail!(
+            "store {} has no state directory named {name:?} (it has: {})",
+            store_path.display(),
+            all.join(", ")
+        ),
+        None => all,
+    };
+    match std::fs::read_dir(to) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !force {
+                anyhow::bail!(
+                    "{} is not empty; restore into a new or empty directory, or pass --force to replay into it",
+                    to.display()
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(to)
+            .with_context(|| format!("cannot create {}", to.display()))?,
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot read {}", to.display())))
+        }
+    }
+    let single = names.len() == 1;
+    let mut summaries = Vec::new();
+    for name in names {
+        let dir = StateDir {
+            path: if single {
+                to.to_path_buf()
+            } else {
+                to.join(&name)
+            },
+            name,
+        };
+        summaries.push(
+            replay_root(&reader, &dir, Some(batch), sync).with_context(|| {
+                format!("restore of {} into {} failed", dir.name, dir.path.display())
+            })?,
+        );
+    }
+    Ok(summaries)
+}
+
+/// Brings one root to the store's state of it after `batch` (the latest
+/// state when `None`).
+pub fn replay_root(
+    reader: &Reader,
+    root: &StateDir,
+    batch: Option<u64>,
+    sync: bool,
+) -> Result<ReplaySummary> {
     let started = Instant::now();
     let mut summary = ReplaySummary {
         root: root.name.clone(),
         ..Default::default()
     };
-    let entries = reader.latest(&root.name)?;
+    let entries = match batch {
+        None => reader.latest(&root.name)?,
+        Some(batch) => reader.state_at(&root.name, batch)?,
+    };
     if entries.is_empty() {
         tracing::warn!(root = %root.name, store = %reader.store_path().display(), "the store has no history for this root; nothing to replay");
         return Ok(summary);
@@ -219,7 +296,7 @@ pub fn replay_root(reader: &Reader, root: &StateDir, sync: bool) -> Result<Repla
                 target.remove(&entry.path)
             }
             Action::Dir => target.set_meta(&entry.path, entry.version.mode, None),
-            Action::Nothing => {
+            Action::Nothing if entry.version.kind != EntryKind::Tombstone => {
                 summary.unchanged += 1;
                 Ok(())
             }

@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
-    CHUNKS, CHUNK_INDEX, LATEST, META, META_CREATED_MS, META_SCHEMA_VERSION, PAYLOAD, PIECE_BYTES,
-    SCHEMA_VERSION, VERSIONS,
+    CHUNKS, CHUNK_INDEX, GAPS, LATEST, META, META_CREATED_MS, META_SCHEMA_VERSION, PAYLOAD,
+    PIECE_BYTES, SCHEMA_VERSION, VERSIONS,
 };
 
 /// Typed store failures callers may want to tell apart.
@@ -207,8 +207,37 @@ impl Store {
             chunks: txn.open_table(CHUNKS)?,
             chunk_index: txn.open_table(CHUNK_INDEX)?,
             payload: txn.open_table(PAYLOAD)?,
+            // Stores that were never compacted may not have this table.
+            gaps: match txn.open_table(GAPS) {
+                Ok(table) => Some(table),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            },
             path: self.path.clone(),
         })
+    }
+
+    /// Starts rewriting history (retention). One writer at a time.
+    pub fn edit_history(&self) -> Result<HistoryEditor> {
+        let Db::ReadWrite(db) = &self.db else {
+            bail!("store {} is open read-only", self.path.display());
+        };
+        let mut txn = db.begin_write()?;
+        txn.set_quick_repair(true);
+        Ok(HistoryEditor { txn })
+    }
+
+    /// Gives the file's free space back to the file system: redb moves
+    /// pages towards the start of the file and truncates it, each step a
+    /// committed transaction of its own, so a crash midway leaves a valid
+    /// (if not fully shrunk) store. No reader of this store may be alive.
+    pub fn shrink(&mut self) -> Result<()> {
+        let Db::ReadWrite(db) = &mut self.db else {
+            bail!("store {} is open read-only", self.path.display());
+        };
+        db.compact()
+            .with_context(|| format!("cannot compact the store file {}", self.path.display()))?;
+        Ok(())
     }
 
     /// Starts writing a new batch. One writer at a time per store.
@@ -269,6 +298,7 @@ pub struct Reader {
     chunks: ReadOnlyTable<u64, &'static [u8]>,
     chunk_index: ReadOnlyTable<&'static [u8; 32], u64>,
     payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
+    gaps: Option<ReadOnlyTable<u64, i64>>,
     path: PathBuf,
 }
 
@@ -311,6 +341,82 @@ impl Reader {
             });
         }
         Ok(out)
+    }
+
+    /// Every path of `root` as it was right after batch `batch` committed,
+    /// sorted by path bytes: the newest version at or before that batch,
+    /// and a tombstone (with batch 0) for a path that only appeared later,
+    /// so that rolling a directory back removes it.
+    pub fn state_at(&self, root: &str, batch: u64) -> Result<Vec<LatestEntry>> {
+        let mut out = Vec::new();
+        let mut current: Option<(Vec<u8>, u64)> = None;
+        let lo: (&str, &[u8], u64) = (root, &[], 0);
+        let mut finish = |path: Vec<u8>, best: u64| -> Result<()> {
+            let version = if best == 0 {
+                VersionRecord::tombstone()
+            } else {
+                self.version(root, &path, best)?
+            };
+            out.push(LatestEntry {
+                path,
+                batch: best,
+                version,
+            });
+            Ok(())
+        };
+        for item in self.versions.range(lo..)? {
+            let (key, _) = item?;
+            let (r, path, b) = key.value();
+            if r != root {
+                break;
+            }
+            match &mut current {
+                Some((p, best)) if p.as_slice() == path => {
+                    if b <= batch {
+                        *best = b;
+                    }
+                }
+                _ => {
+                    if let Some((p, best)) = current.take() {
+                        finish(p, best)?;
+                    }
+                    current = Some((path.to_vec(), if b <= batch { b } else { 0 }));
+                }
+            }
+        }
+        if let Some((p, best)) = current {
+            finish(p, best)?;
+        }
+        Ok(out)
+    }
+
+    /// Every version of one path, oldest first.
+    pub fn versions_of(&self, root: &str, path: &[u8]) -> Result<Vec<(u64, VersionRecord)>> {
+        let mut out = Vec::new();
+        let lo: (&str, &[u8], u64) = (root, path, 0);
+        let hi: (&str, &[u8], u64) = (root, path, u64::MAX);
+        for item in self.versions.range(lo..=hi)? {
+            let (key, value) = item?;
+            out.push((key.value().2, decode(value.value(), "version record")?));
+        }
+        Ok(out)
+    }
+
+    /// One batch's record, if the store has that batch.
+    pub fn batch(&self, id: u64) -> Result<Option<BatchRecord>> {
+        match self.batches.get(id)? {
+            Some(raw) => Ok(Some(decode(raw.value(), "batch record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// When batches following `batch` were dropped by compaction: the time
+    /// the first of them committed, until which `batch`'s state held.
+    pub fn gap_after(&self, batch: u64) -> Result<Option<i64>> {
+        match &self.gaps {
+            Some(gaps) => Ok(gaps.get(batch)?.map(|v| v.value())),
+            None => Ok(None),
+        }
     }
 
     /// One version record.
@@ -378,6 +484,15 @@ impl Reader {
     /// The id of a stored chunk with this content hash.
     pub fn find_chunk(&self, hash: &[u8; 32]) -> Result<Option<u64>> {
         Ok(self.chunk_index.get(hash)?.map(|v| v.value()))
+    }
+
+    /// Every chunk's id and record, ascending by id.
+    pub fn for_each_chunk(&self, mut f: impl FnMut(u64, ChunkRecord) -> Result<()>) -> Result<()> {
+        for item in self.chunks.iter()? {
+            let (k, v) = item?;
+            f(k.value(), decode(v.value(), "chunk record")?)?;
+        }
+        Ok(())
     }
 
     /// A chunk's record.
@@ -555,6 +670,89 @@ impl Reader {
     }
 }
 
+/// A file version's content as a [`std::io::Read`], rebuilt one chunk at
+/// a time; the whole-content SHA-256 and size are checked when the end is
+/// reached, and a mismatch is an `InvalidData` error instead of the end.
+pub struct ContentReader<'r> {
+    reader: &'r Reader,
+    chunks: &'r [u64],
+    expected: (u64, [u8; 32]),
+    next: usize,
+    buf: Vec<u8>,
+    pos: usize,
+    scratch: Vec<u8>,
+    cache: BaseCache,
+    hasher: Sha256,
+    size: u64,
+    checked: bool,
+}
+
+impl Reader {
+    /// Reads a file version's content, verified (see [`ContentReader`]).
+    pub fn content<'r>(&'r self, version: &'r VersionRecord) -> ContentReader<'r> {
+        ContentReader {
+            reader: self,
+            chunks: &version.chunks,
+            expected: (version.size, version.hash),
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+            scratch: Vec::new(),
+            cache: BaseCache::default(),
+            hasher: Sha256::new(),
+            size: 0,
+            checked: false,
+        }
+    }
+}
+
+impl std::io::Read for ContentReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            let Some(&id) = self.chunks.get(self.next) else {
+                if !self.checked {
+                    let hash: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
+                    if (self.size, hash) != self.expected {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!(
+                                "content fails its SHA-256 check (store {})",
+                                self.reader.path.display()
+                            ),
+                        ));
+                    }
+                    self.checked = true;
+                }
+                return Ok(0);
+            };
+            self.next += 1;
+            let rebuilt = self.reader.chunk_record(id).and_then(|record| {
+                self.reader.decode_chunk_into(
+                    id,
+                    &record,
+                    Check::Content,
+                    &self.cache,
+                    &mut self.scratch,
+                    &mut self.buf,
+                )
+            });
+            if let Err(e) = rebuilt {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{e:#}"),
+                ));
+            }
+            self.hasher.update(&self.buf);
+            self.size += self.buf.len() as u64;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Which hashes a decode checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -645,6 +843,99 @@ impl BatchWriter {
             .insert(self.batch, encode(record).as_slice())?;
         self.txn.commit()?;
         Ok(self.batch)
+    }
+}
+
+/// Rewrites history in one write transaction, for retention: versions
+/// dropped or moved to a later batch, chunks released or re-encoded,
+/// batches dropped. Nothing is visible before [`HistoryEditor::commit`]; a
+/// crash before it leaves the history exactly as it was.
+pub struct HistoryEditor {
+    txn: redb::WriteTransaction,
+}
+
+impl HistoryEditor {
+    pub fn remove_version(&mut self, root: &str, path: &[u8], batch: u64) -> Result<()> {
+        self.txn.open_table(VERSIONS)?.remove((root, path, batch))?;
+        Ok(())
+    }
+
+    /// Moves a version to another batch id, record unchanged.
+    pub fn move_version(&mut self, root: &str, path: &[u8], from: u64, to: u64) -> Result<()> {
+        let mut table = self.txn.open_table(VERSIONS)?;
+        let record = table
+            .remove((root, path, from))?
+            .map(|v| v.value().to_vec())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "{root}:{} has no version at batch {from}",
+                    String::from_utf8_lossy(path)
+                ))
+            })?;
+        table.insert((root, path, to), record.as_slice())?;
+        Ok(())
+    }
+
+    /// Points a path's newest version at `batch`, or forgets the path.
+    pub fn set_latest(&mut self, root: &str, path: &[u8], batch: Option<u64>) -> Result<()> {
+        let mut table = self.txn.open_table(LATEST)?;
+        match batch {
+            Some(batch) => table.insert((root, path), batch)?,
+            None => table.remove((root, path))?,
+        };
+        Ok(())
+    }
+
+    /// Replaces a chunk's encoding and payload; its id and content stay.
+    pub fn replace_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
+        self.remove_payload(id)?;
+        self.txn
+            .open_table(CHUNKS)?
+            .insert(id, encode(record).as_slice())?;
+        let mut table = self.txn.open_table(PAYLOAD)?;
+        for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
+            let piece_no = u32::try_from(i).context("chunk payload has too many pieces")?;
+            table.insert((id, piece_no), piece)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a chunk, its payload and its index entry.
+    pub fn remove_chunk(&mut self, id: u64, hash: &[u8; 32]) -> Result<()> {
+        self.remove_payload(id)?;
+        self.txn.open_table(CHUNKS)?.remove(id)?;
+        let mut index = self.txn.open_table(CHUNK_INDEX)?;
+        // Only if the index still points at this chunk.
+        if index.get(hash)?.map(|v| v.value()) == Some(id) {
+            index.remove(hash)?;
+        }
+        Ok(())
+    }
+
+    fn remove_payload(&mut self, id: u64) -> Result<()> {
+        self.txn
+            .open_table(PAYLOAD)?
+            .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
+        Ok(())
+    }
+
+    pub fn remove_batch(&mut self, id: u64) -> Result<()> {
+        self.txn.open_table(BATCHES)?.remove(id)?;
+        self.txn.open_table(GAPS)?.remove(id)?;
+        Ok(())
+    }
+
+    /// Records that batches after `batch` were dropped, the first of them
+    /// committed at `time_ms`.
+    pub fn set_gap(&mut self, batch: u64, time_ms: i64) -> Result<()> {
+        self.txn.open_table(GAPS)?.insert(batch, time_ms)?;
+        Ok(())
+    }
+
+    /// Commits every change at once, durably.
+    pub fn commit(self) -> Result<()> {
+        self.txn.commit()?;
+        Ok(())
     }
 }
 

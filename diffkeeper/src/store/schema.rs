@@ -17,6 +17,7 @@
 //! | `chunks` | `u64` chunk id | [`ChunkRecord`] | how to rebuild one chunk of content |
 //! | `chunk_index` | `[u8; 32]` SHA-256 | `u64` chunk id | content-addressed de-duplication |
 //! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] |
+//! | `gaps` | `u64` batch id | `i64` ms | after compaction: a kept batch followed by dropped ones, and when the first dropped one committed |
 //!
 //! Paths are relative to their root, `/`-separated raw bytes (Linux names
 //! need not be UTF-8), never empty, never with `.`/`..` components; this is
@@ -73,6 +74,25 @@
 //! file's size on disk beside the payload bytes so the overhead stays
 //! visible.
 //!
+//! # Moments and compaction
+//!
+//! The state of a root "at batch N" is, for every path, its newest version
+//! with a batch id at most N (a path whose first version is later is absent
+//! then). Batch ids grow from 1 and are never reused.
+//!
+//! Compaction (`crate::retention`) drops batches a retention policy does
+//! not keep, in one write transaction. A version survives when it is the
+//! state of its path at some kept batch; it is then moved to the oldest kept
+//! batch at which it is that state, so every kept moment reads back as it
+//! was. Chunks no surviving version uses are deleted with their payload and
+//! index entries; a surviving delta whose bases are deleted is re-encoded as
+//! a base first ("rebased"), so chains never reach into dropped history.
+//! The `gaps` table remembers, for a kept batch followed by dropped ones,
+//! when the first dropped one committed: a time before it still reads as the
+//! kept batch, a time after it (and before the next kept batch) is refused.
+//! `gaps` appeared without a schema bump: a store without the table was
+//! never compacted.
+//!
 //! # Batches and atomicity
 //!
 //! A batch is written in one redb write transaction: its `batches` row, the
@@ -93,6 +113,7 @@ pub const LATEST: TableDefinition<(&str, &[u8]), u64> = TableDefinition::new("la
 pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
 pub const CHUNK_INDEX: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_index");
 pub const PAYLOAD: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("payload");
+pub const GAPS: TableDefinition<u64, i64> = TableDefinition::new("gaps");
 
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_CREATED_MS: &str = "created_ms";
@@ -157,6 +178,22 @@ pub struct VersionRecord {
     pub target: Vec<u8>,
     /// Payload bytes this version added to the store (new chunks only).
     pub stored_bytes: u64,
+}
+
+impl VersionRecord {
+    /// A deletion.
+    pub fn tombstone() -> VersionRecord {
+        VersionRecord {
+            kind: EntryKind::Tombstone,
+            mode: 0,
+            mtime_ns: 0,
+            size: 0,
+            hash: [0; 32],
+            chunks: Vec::new(),
+            target: Vec::new(),
+            stored_bytes: 0,
+        }
+    }
 }
 
 /// How a chunk's payload encodes its bytes.

@@ -40,6 +40,9 @@ pub struct WatchOptions {
     /// tree from outside it, paths through symlinks or longer than 255
     /// bytes).
     pub rescan_interval: Duration,
+    /// Applied every `compact_interval` when it has a rule.
+    pub retention: crate::retention::Policy,
+    pub compact_interval: Duration,
 }
 
 impl Default for WatchOptions {
@@ -50,6 +53,8 @@ impl Default for WatchOptions {
             max_latency: Duration::from_secs(3),
             scan_interval: Duration::from_secs(2),
             rescan_interval: Duration::from_secs(30),
+            retention: crate::retention::Policy::default(),
+            compact_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -78,6 +83,7 @@ pub struct LoopSummary {
     pub batches: u64,
     pub dropped: u64,
     pub notices: u64,
+    pub compactions: u64,
 }
 
 /// A started capture loop: its backend is watching and the state that was
@@ -127,9 +133,14 @@ impl CaptureLoop {
         let mut pending: Vec<Pending> = self.roots.iter().map(|_| Pending::default()).collect();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(TICK);
+        let mut next_compaction = Instant::now() + self.options.compact_interval;
         loop {
             tokio::select! {
                 _ = &mut stop => break,
+                _ = tokio::time::sleep_until(next_compaction.into()), if !self.options.retention.is_empty() => {
+                    next_compaction = Instant::now() + self.options.compact_interval;
+                    self.compact().await;
+                }
                 notice = self.rx.recv() => {
                     let Some(root) = notice else { break };
                     self.summary.notices += 1;
@@ -165,6 +176,28 @@ impl CaptureLoop {
             self.summary.batches += 1;
         }
         Ok(self.summary)
+    }
+}
+
+impl CaptureLoop {
+    /// Applies the retention policy between batches. A failure is logged,
+    /// not fatal: capturing matters more than trimming history.
+    async fn compact(&mut self) {
+        let store = self.store.clone();
+        if !store.exists() {
+            return;
+        }
+        let policy = self.options.retention.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || crate::retention::compact(&store, &policy)).await;
+        match outcome {
+            Ok(Ok(summary)) => {
+                self.summary.compactions += 1;
+                tracing::info!("retention: {summary}");
+            }
+            Ok(Err(e)) => tracing::warn!("retention: compaction failed, will retry: {e:#}"),
+            Err(e) => tracing::warn!("retention: compaction task failed: {e}"),
+        }
     }
 }
 
