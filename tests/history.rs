@@ -455,6 +455,9 @@ fn compaction_keeps_every_kept_moment_exactly_and_shrinks_the_file() {
         done["file_bytes_after"].as_u64().expect("after"),
     );
     assert!(freed > 0, "{done}");
+    // This history exercises both ways a chain crossing the cut is cut.
+    assert!(done["chunks_rebased"].as_u64() > Some(0), "{done}");
+    assert!(done["bases_kept"].as_u64() > Some(0), "{done}");
     assert_eq!(after, fs::metadata(&store).expect("stat").len());
     assert!(
         before - after + 256 * 1024 >= freed,

@@ -31,6 +31,7 @@
 //! be run or a result is wrong (a replay that does not reproduce its input).
 
 mod delta;
+mod history;
 mod measure;
 mod replay;
 mod tracer;
@@ -49,7 +50,7 @@ pub use tracer::writer;
 pub(crate) const RUNS: usize = 3;
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 3] = ["delta", "replay", "tracer"];
+const BENCHMARKS: [&str; 4] = ["delta", "replay", "history", "tracer"];
 
 /// What every benchmark gets: the binary under test and a work directory.
 pub(crate) struct Bench {
@@ -140,6 +141,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         let outcome = match *name {
             "delta" => delta::run(&bench),
             "replay" => replay::run(&bench),
+            "history" => history::run(&bench),
             _ => tracer::run(&bench),
         }
         .with_context(|| format!("benchmark {name} failed"))?;

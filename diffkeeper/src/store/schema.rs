@@ -85,8 +85,11 @@
 //! state of its path at some kept batch; it is then moved to the oldest kept
 //! batch at which it is that state, so every kept moment reads back as it
 //! was. Chunks no surviving version uses are deleted with their payload and
-//! index entries; a surviving delta whose bases are deleted is re-encoded as
-//! a base first ("rebased"), so chains never reach into dropped history.
+//! index entries, except the bases of surviving deltas: a surviving delta
+//! whose bases no other surviving delta needs is re-encoded as a base
+//! ("rebased", the oldest kept version becomes the base), and bases that
+//! several surviving deltas share are kept (one copy instead of one per
+//! delta). Either way no chunk refers to a deleted one.
 //! The `gaps` table remembers, for a kept batch followed by dropped ones,
 //! when the first dropped one committed: a time before it still reads as the
 //! kept batch, a time after it (and before the next kept batch) is refused.

@@ -13,8 +13,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use super::measure::{
-    bytes, check_snapshot, field, fresh_dir, grouped, json_of, output, store_stats, timed, verdict,
-    Measured,
+    bytes, check_snapshot, field, fresh_dir, grouped, json_of, output, root_arg, store_stats,
+    timed, verdict, Measured,
 };
 use super::{Bench, Outcome, RUNS};
 
@@ -301,7 +301,7 @@ fn diffkeeper(bench: &Bench, before: &Path, after: &Path) -> Result<Ours> {
             c.arg("--json");
         }
         c.arg("--state-dir")
-            .arg(root_arg(&state))
+            .arg(root_arg(ROOT, &state))
             .arg("--store")
             .arg(&store);
         c
@@ -340,7 +340,7 @@ fn diffkeeper(bench: &Bench, before: &Path, after: &Path) -> Result<Ours> {
             .diffkeeper()
             .arg("replay")
             .arg("--state-dir")
-            .arg(root_arg(&replayed))
+            .arg(root_arg(ROOT, &replayed))
             .arg("--store")
             .arg(&store),
     )?;
@@ -372,11 +372,4 @@ fn diffkeeper(bench: &Bench, before: &Path, after: &Path) -> Result<Ours> {
         disk_growth,
         measured: Measured::new(runs),
     })
-}
-
-/// `db=DIR`.
-fn root_arg(dir: &Path) -> std::ffi::OsString {
-    let mut arg = std::ffi::OsString::from(format!("{ROOT}="));
-    arg.push(dir);
-    arg
 }

@@ -173,6 +173,13 @@ pub fn store_stats(bin: &Path, store: &Path) -> Result<Value> {
     )?)
 }
 
+/// A `--state-dir NAME=DIR` argument.
+pub fn root_arg(name: &str, dir: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from(format!("{name}="));
+    arg.push(dir);
+    arg
+}
+
 /// Flushes dirty pages (drops nothing), so a timed run does not pay for the
 /// write-back of the one before.
 pub fn settle() -> Result<()> {

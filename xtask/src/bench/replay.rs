@@ -40,8 +40,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::measure::{
-    bytes, check_snapshot, field, fresh_dir, grouped, json_of, remove_dir, same_content, settle,
-    store_stats, timed, verdict, Kind, Measured, Noise, Run,
+    bytes, check_snapshot, field, fresh_dir, grouped, json_of, remove_dir, root_arg, same_content,
+    settle, store_stats, timed, verdict, Kind, Measured, Noise, Run,
 };
 use super::{Bench, Outcome};
 
@@ -288,7 +288,7 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
     let snapshot = || {
         let mut c = bench.diffkeeper();
         c.args(["snapshot", "--json", "--state-dir"])
-            .arg(root_arg(&source))
+            .arg(root_arg(ROOT, &source))
             .arg("--store")
             .arg(&store);
         c
@@ -335,7 +335,7 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
         fresh_dir(&replayed)?;
         let mut c = bench.diffkeeper();
         c.args(["replay", "--json", "--state-dir"])
-            .arg(root_arg(&replayed))
+            .arg(root_arg(ROOT, &replayed))
             .arg("--store")
             .arg(&store);
         timed(&c)
@@ -464,13 +464,6 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
     })
 }
 
-/// `data=DIR`.
-fn root_arg(dir: &Path) -> std::ffi::OsString {
-    let mut arg = std::ffi::OsString::from(format!("{ROOT}="));
-    arg.push(dir);
-    arg
-}
-
 /// One entry of a tree, as compared.
 #[derive(Debug, PartialEq, Eq)]
 enum Entry {
@@ -549,7 +542,7 @@ fn tree(root: &Path) -> Result<Tree> {
 /// Fails naming the differences (up to 10) unless the trees hold the same
 /// paths with the same types, modes, file lengths, mtimes and content, and
 /// symlink targets.
-fn compare_trees(source: &Path, copy: &Path) -> Result<()> {
+pub(super) fn compare_trees(source: &Path, copy: &Path) -> Result<()> {
     let (a, b) = (walk(source)?, walk(copy)?);
     let mut problems = Vec::new();
     for (rel, want) in &a {
