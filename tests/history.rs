@@ -663,3 +663,60 @@ fn send_term(child: &std::process::Child) {
         .expect("kill");
     assert!(status.success());
 }
+
+#[test]
+fn watch_waits_while_another_process_holds_the_store() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = (work.path().join("state"), work.path().join("s.dk"));
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("save"), b"first").expect("write");
+    let child = Command::new(BIN)
+        .args([
+            "watch",
+            "--backend",
+            "inotify",
+            "--debounce",
+            "50ms",
+            "--store",
+            s(&store),
+            "--state-dir",
+            &root_arg(&state),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store.exists() || batch_ids(&store).is_empty() {
+        assert!(Instant::now() < deadline, "no first batch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // This process takes the store (as a `compact` would) while the app writes.
+    let held = diffkeeper::store::Store::create_or_open(&store).expect("hold the store");
+    fs::write(state.join("save"), b"second").expect("write");
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while batch_ids(&store).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the write made while the store was held was not captured"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send_term(&child);
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("in use by another diffkeeper process"),
+        "{stderr}"
+    );
+    let to = work.path().join("restored");
+    let tree = restore(&store, &to, &[]);
+    assert_same_tree(
+        &expected(&state),
+        &tree,
+        "latest after the store was released",
+    );
+}

@@ -32,6 +32,8 @@ pub enum StoreError {
     },
     #[error("store is corrupt: {0}")]
     Corrupt(String),
+    #[error("store {0} is in use by another diffkeeper process (one writer at a time)")]
+    InUse(PathBuf),
 }
 
 enum Db {
@@ -47,10 +49,7 @@ pub struct Store {
 
 fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
     match err {
-        redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
-            "store {} is in use by another diffkeeper process (one writer at a time)",
-            path.display()
-        ),
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()).into(),
         redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
             anyhow::Error::new(io).context(format!("cannot open store {}", path.display()))
         }

@@ -267,15 +267,43 @@ async fn capture_root(
     })
 }
 
-/// Captures `roots` now, off the async runtime's threads.
+/// How long a capture waits for another process (a `compact`, a manual
+/// `snapshot`) to release the store before giving up.
+const STORE_BUSY_LIMIT: Duration = Duration::from_secs(120);
+
+/// Captures `roots` now, off the async runtime's threads. While another
+/// diffkeeper process holds the store, waits and retries: writes keep
+/// being noticed meanwhile and are all in the batch taken afterwards.
 async fn capture_now(
     store: &Path,
     roots: &[StateDir],
     disturbed: Option<Arc<AtomicBool>>,
 ) -> Result<BatchSummary> {
-    let store: PathBuf = store.to_path_buf();
-    let roots = roots.to_vec();
-    tokio::task::spawn_blocking(move || snapshot_cut(&store, &roots, disturbed.as_deref()))
-        .await
-        .context("capture task failed")?
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        let (path, dirs, flag) = (store.to_path_buf(), roots.to_vec(), disturbed.clone());
+        let result =
+            tokio::task::spawn_blocking(move || snapshot_cut(&path, &dirs, flag.as_deref()))
+                .await
+                .context("capture task failed")?;
+        match result {
+            Err(e)
+                if started.elapsed() < STORE_BUSY_LIMIT
+                    && e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<crate::store::StoreError>(),
+                            Some(crate::store::StoreError::InUse(_))
+                        )
+                    }) =>
+            {
+                if !logged {
+                    tracing::info!("{e:#}; capturing when it is released");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }
