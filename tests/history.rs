@@ -328,7 +328,8 @@ fn timeline_diff_and_export_show_the_history() {
     );
     let last_two = ok(&["diff", "--store", s(&store), "data:config.toml"]);
     assert!(
-        last_two.contains("-players = 8") && last_two.contains("batch 3"),
+        last_two.contains("-players = 8")
+            && last_two.contains("batch 3 (2026-11-01T02:00:00.000Z) (deleted)"),
         "{last_two}"
     );
     let binary = ok(&["diff", "--store", s(&store), "world/region.dat"]);
@@ -338,8 +339,10 @@ fn timeline_diff_and_export_show_the_history() {
             && binary.contains("2000000..2000001"),
         "{binary}"
     );
-    let err = refused(&["diff", "--store", s(&store), "no/such/file"]);
-    assert!(err.contains("no history of"), "{err}");
+    for missing in ["no/such/file", "data:no/such/file", "data:"] {
+        let err = refused(&["diff", "--store", s(&store), missing]);
+        assert!(err.contains("no history of"), "{missing}: {err}");
+    }
 
     // Export of batch 2, read back by GNU tar: same content, modes, mtimes.
     for name in ["state.tar", "state.tar.zst"] {

@@ -83,11 +83,16 @@ pub fn diff(
 }
 
 fn label(name: &str, side: &Side) -> String {
+    let state = match &side.version {
+        None => " (absent)",
+        Some(v) if v.kind == EntryKind::Tombstone => " (deleted)",
+        Some(_) => "",
+    };
     if side.batch == 0 {
         format!("{name}\t(before its first version)")
     } else {
         format!(
-            "{name}\tbatch {} ({})",
+            "{name}\tbatch {} ({}){state}",
             side.batch,
             time_millis(side.time_ms)
         )

@@ -20,10 +20,20 @@ pub fn locate(reader: &Reader, spec: &str) -> Result<(String, Vec<u8>)> {
     let roots = reader.roots()?;
     if let Some((root, path)) = spec.split_once(':') {
         if roots.iter().any(|r| r == root) {
-            return Ok((root.to_string(), clean(path)));
+            let path = clean(path);
+            if path.is_empty() || reader.versions_of(root, &path)?.is_empty() {
+                bail!(
+                    "store {} has no history of {spec:?}",
+                    reader.store_path().display()
+                );
+            }
+            return Ok((root.to_string(), path));
         }
     }
     let path = clean(spec);
+    if path.is_empty() {
+        bail!("give a path inside a state directory (PATH or ROOT:PATH)");
+    }
     let holders: Vec<&String> = roots
         .iter()
         .filter(|root| {
