@@ -673,7 +673,7 @@ fn watch_waits_while_another_process_holds_the_store() {
     let (state, store) = (work.path().join("state"), work.path().join("s.dk"));
     fs::create_dir_all(&state).expect("mkdir");
     fs::write(state.join("save"), b"first").expect("write");
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args([
             "watch",
             "--backend",
@@ -694,10 +694,15 @@ fn watch_waits_while_another_process_holds_the_store() {
         assert!(Instant::now() < deadline, "no first batch");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // This process takes the store (as a `compact` would) while the app writes.
+    // This process takes the store (as a long `compact` would) while the
+    // app writes, for longer than opening a store waits by itself.
     let held = diffkeeper::store::Store::create_or_open(&store).expect("hold the store");
     fs::write(state.join("save"), b"second").expect("write");
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "watch exited while the store was held"
+    );
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(20);
     while batch_ids(&store).len() < 2 {

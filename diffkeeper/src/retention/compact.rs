@@ -61,11 +61,20 @@ impl std::fmt::Display for CompactSummary {
             "dropped"
         };
         if self.batches_dropped == 0 {
-            return write!(
+            write!(
                 f,
-                "{} ({}): all {} batches are kept; nothing to do",
+                "{} ({}): all {} batches are kept",
                 self.store, self.policy, self.batches_before
-            );
+            )?;
+            if !self.dry_run {
+                write!(
+                    f,
+                    "; store file {} -> {}",
+                    bytes(self.file_bytes_before),
+                    bytes(self.file_bytes_after)
+                )?;
+            }
+            return Ok(());
         }
         writeln!(
             f,
@@ -322,19 +331,19 @@ pub fn compact(store_path: &Path, policy: &Policy) -> Result<CompactSummary> {
         let reader = store.reader()?;
         let plan = make_plan(&reader, policy)?;
         if plan.dropped.is_empty() {
-            let mut summary = plan.summary;
-            summary.file_bytes_after = summary.file_bytes_before;
-            summary.elapsed_ms = started.elapsed().as_millis() as u64;
-            return Ok(summary);
+            // Nothing to drop, but many small commits leave free pages
+            // scattered through the file; shrinking returns them.
+            plan.summary
+        } else {
+            tracing::info!(
+                store = %store_path.display(),
+                dropping = plan.dropped.len(),
+                rebasing = plan.rebase.len(),
+                releasing = plan.release.len(),
+                "compacting"
+            );
+            apply(&store, &reader, plan)?
         }
-        tracing::info!(
-            store = %store_path.display(),
-            dropping = plan.dropped.len(),
-            rebasing = plan.rebase.len(),
-            releasing = plan.release.len(),
-            "compacting"
-        );
-        apply(&store, &reader, plan)?
     };
     // The history is final here; what follows only returns free space.
     store.shrink()?;

@@ -35,7 +35,7 @@ mod humantime_serde_opt {
         s: S,
     ) -> Result<S::Ok, S::Error> {
         match value {
-            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            Some(d) => s.serialize_str(&super::short_duration(*d)),
             None => s.serialize_none(),
         }
     }
@@ -103,11 +103,23 @@ impl Policy {
     }
 }
 
+/// `7d`, `36h`, `90m`, `45s`: the largest whole unit, as the options take it.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{}ms", d.as_millis()),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
         if let Some(d) = self.keep_within {
-            parts.push(format!("within {}", humantime::format_duration(d)));
+            parts.push(format!("within {}", short_duration(d)));
         }
         for (name, value) in [
             ("last", self.keep_last),

@@ -73,11 +73,13 @@ impl Store {
             }
         }
         let existed = path.exists();
-        let db = if existed {
-            builder().open(path)
-        } else {
-            builder().create(path)
-        }
+        let db = wait_for_writer(path, || {
+            if existed {
+                builder().open(path)
+            } else {
+                builder().create(path)
+            }
+        })
         .map_err(|e| describe_open_error(path, e))?;
         let store = Store {
             db: Db::ReadWrite(db),
@@ -103,7 +105,7 @@ impl Store {
                 )
             }
         }
-        let db = match builder().open_read_only(path) {
+        let db = match wait_for_writer(path, || builder().open_read_only(path)) {
             Ok(db) => Db::ReadOnly(db),
             // Not closed cleanly (a crash or a full disk during a snapshot):
             // redb must roll back to the last committed batch, which needs
@@ -111,8 +113,7 @@ impl Store {
             Err(redb::DatabaseError::RepairAborted) => {
                 tracing::info!(store = %path.display(), "store was not closed cleanly; recovering the last committed batch");
                 Db::ReadWrite(
-                    builder()
-                        .open(path)
+                    wait_for_writer(path, || builder().open(path))
                         .map_err(|e| describe_open_error(path, e))?,
                 )
             }
@@ -260,6 +261,34 @@ impl Store {
             batch,
             next_chunk,
         })
+    }
+}
+
+/// How long opening a store waits for another process to release it.
+/// Batches commit in milliseconds; a `compact` of a large store can take
+/// seconds.
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens with `open`, retrying while another process holds the store (up
+/// to [`WRITER_WAIT`]), so a `log` or `restore` run while a watcher commits
+/// a batch waits for it instead of failing.
+fn wait_for_writer<T>(
+    path: &Path,
+    open: impl Fn() -> Result<T, redb::DatabaseError>,
+) -> Result<T, redb::DatabaseError> {
+    let started = std::time::Instant::now();
+    let mut logged = false;
+    loop {
+        match open() {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if started.elapsed() < WRITER_WAIT => {
+                if !logged {
+                    tracing::debug!(store = %path.display(), "store in use by another process; waiting");
+                    logged = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

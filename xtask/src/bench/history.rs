@@ -209,9 +209,21 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
         before["ratio"].as_f64().unwrap_or(0.0)
     );
 
-    // Compaction, on copies of the week's store.
+    // Compaction, on copies of the week's store. First a policy that keeps
+    // everything: what returning scattered free pages alone gives.
     let pristine = bench.work.join("week.dk");
     fs::copy(&store, &pristine).context("cannot copy the store")?;
+    let mut c = bench.diffkeeper();
+    c.args(["compact", "--json", "--keep-within", "3650d", "--store"])
+        .arg(&store);
+    let (out, shrink_run) = timed(&c)?;
+    let shrink_only = field(&json_of(&out)?, "file_bytes_after")?;
+    println!(
+        "compact keeping every batch (free pages returned only): file {} -> {} in {:.2} s",
+        bytes(field(&before, "file_bytes")?),
+        bytes(shrink_only),
+        shrink_run.secs
+    );
     let mut runs: Vec<Run> = Vec::new();
     let mut summary = Value::Null;
     for _ in 0..RUNS {
@@ -325,6 +337,7 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
             "policy": POLICY.join(" "),
             "store_before": before,
             "store_after": after,
+            "file_bytes_after_keeping_everything": shrink_only,
             "compaction": compaction.to_json(),
             "compact_summary": summary,
             "restore_oldest": old.to_json(),
