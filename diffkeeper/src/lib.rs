@@ -7,7 +7,7 @@
 //! | stage | module | owns |
 //! |---|---|---|
 //! | kernel events | [`events`] | the embedded eBPF programs and their userspace half |
-//! | coalescing | [`watch`] | write notices (inotify, scanning; eBPF next) into batches at quiet, consistent moments |
+//! | coalescing | [`watch`] | write notices (eBPF, inotify, scanning) into batches, and scheduled retention at quiet, consistent moments |
 //! | change detection | [`scan`] | walking a state directory and diffing it with the store |
 //! | capture / delta | [`capture`] | chunking, hashing, de-duplication, delta and compression, one batch per transaction |
 //! | store | [`store`] | the redb file; its format is documented in [`store::schema`] |
