@@ -396,7 +396,128 @@ fn timeline_diff_and_export_show_the_history() {
         };
         assert_same_tree(&seconds(&second), &seconds(&got), name);
         fs::remove_dir_all(&out).expect("rm");
+        // Readable as any new file would be (0666 less the umask).
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &fs::metadata(work.path().join(name))
+                .expect("stat")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o666 & !umask(), "{name}");
     }
+
+    // A file that became a directory says so.
+    fs::create_dir(state.join("config.toml")).expect("mkdir");
+    snapshot_at(&state, &store, START_MS + 3 * HOUR_MS);
+    let diff = ok(&[
+        "diff",
+        "--store",
+        s(&store),
+        "config.toml",
+        "--from",
+        "2",
+        "--to",
+        "4",
+    ]);
+    assert!(
+        diff.contains("-file, ") && diff.contains("+directory"),
+        "{diff}"
+    );
+    // Times before 1970 are shown as given.
+    let err = refused(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--to",
+        s(&work.path().join("never")),
+        "--at",
+        "1960-01-01T00:00:00Z",
+    ]);
+    assert!(err.contains("1960-01-01T00:00:00"), "{err}");
+}
+
+fn umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).expect("octal"))
+        .expect("Umask line")
+}
+
+#[test]
+fn a_store_naming_a_hostile_state_directory_is_refused() {
+    use diffkeeper::store::schema::{
+        BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord,
+    };
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = work.path().join("evil.dk");
+    {
+        let st = diffkeeper::store::Store::create_or_open(&store).expect("create");
+        let mut batch = st.begin_batch().expect("batch");
+        let content = b"evil";
+        let hash = diffkeeper::store::sha256(content);
+        let id = batch.next_chunk_id();
+        let chunk = ChunkRecord {
+            hash,
+            len: 4,
+            encoding: ChunkEncoding::Raw,
+            stored_len: 4,
+        };
+        batch.put_chunk(id, &chunk, content).expect("chunk");
+        let version = VersionRecord {
+            kind: EntryKind::File,
+            mode: 0o644,
+            mtime_ns: 0,
+            size: 4,
+            hash,
+            chunks: vec![id],
+            target: Vec::new(),
+            stored_bytes: 4,
+        };
+        for root in ["ok", "../../escaped"] {
+            batch.put_version(root, b"f", &version).expect("version");
+        }
+        let record = BatchRecord {
+            time_ms: START_MS,
+            started_ms: START_MS,
+            roots: vec!["ok".into(), "../../escaped".into()],
+            files_changed: 2,
+            logical_bytes: 8,
+            stored_bytes: 4,
+        };
+        batch.commit(&record).expect("commit");
+    }
+    let to = work.path().join("a/b/out");
+    let before = read_tree(work.path());
+    for command in [
+        vec!["restore", "--store", s(&store), "--to", s(&to)],
+        vec![
+            "export",
+            "--store",
+            s(&store),
+            "-o",
+            s(&work.path().join("x.tar")),
+        ],
+    ] {
+        let err = refused(&command);
+        assert!(
+            err.contains("not a valid name") && err.contains("evil.dk"),
+            "{err}"
+        );
+    }
+    assert!(!to.exists(), "restore created its target before refusing");
+    let after = read_tree(work.path());
+    let created: Vec<String> = after
+        .keys()
+        .filter(|p| !before.contains_key(*p))
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert!(
+        created
+            .iter()
+            .all(|p| !p.contains("escaped") && !p.ends_with("/f")),
+        "files appeared outside the target: {created:?}"
+    );
 }
 
 /// The batch ids a policy of `--keep-last last --keep-daily days` keeps,
@@ -727,4 +848,70 @@ fn watch_waits_while_another_process_holds_the_store() {
         &tree,
         "latest after the store was released",
     );
+}
+
+#[test]
+fn a_same_tick_rewrite_is_still_caught_after_compaction() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (a, b, store) = (
+        work.path().join("a"),
+        work.path().join("b"),
+        work.path().join("s.dk"),
+    );
+    fs::create_dir_all(&a).expect("mkdir");
+    fs::create_dir_all(&b).expect("mkdir");
+    let (root_a, root_b) = (format!("a={}", s(&a)), format!("b={}", s(&b)));
+    let both = |store: &Path| {
+        json(&[
+            "snapshot",
+            "--json",
+            "--store",
+            s(store),
+            "--state-dir",
+            &root_a,
+            "--state-dir",
+            &root_b,
+        ])
+    };
+    fs::write(a.join("f"), b"aaaa").expect("write");
+    fs::write(b.join("g"), b"x").expect("write");
+    both(&store);
+    // Batch 2 reads f within the same timestamp tick as its write...
+    fs::write(a.join("f"), b"cccc").expect("write");
+    let mtime = fs::metadata(a.join("f"))
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    both(&store);
+    // ...and f changes again with the same size and mtime: only a re-read
+    // can tell. Then a batch of the other root alone, seconds later.
+    fs::write(a.join("f"), b"dddd").expect("write");
+    let f = fs::File::options()
+        .write(true)
+        .open(a.join("f"))
+        .expect("open");
+    f.set_modified(mtime).expect("set mtime");
+    drop(f);
+    std::thread::sleep(Duration::from_secs(3));
+    fs::write(b.join("g"), b"y").expect("write");
+    json(&[
+        "snapshot",
+        "--json",
+        "--store",
+        s(&store),
+        "--state-dir",
+        &root_b,
+    ]);
+    // Compaction moves f's racy version into batch 3, which started later.
+    ok(&["compact", "--store", s(&store), "--keep-last", "1"]);
+    let summary = both(&store);
+    assert_eq!(
+        summary["batch"], 4,
+        "the rewrite was not noticed: {summary}"
+    );
+    let to = work.path().join("restored");
+    let tree = restore(&store, &to, &["--root", "a"]);
+    match tree.get(b"f".as_slice()) {
+        Some(Node::File { content, .. }) => assert_eq!(content, b"dddd"),
+        other => panic!("f restored as {other:?}"),
+    }
 }

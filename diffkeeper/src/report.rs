@@ -35,10 +35,12 @@ pub fn time(ms: i64) -> String {
 }
 
 /// RFC 3339 time of a millisecond timestamp, to the millisecond: batches
-/// can be less than a second apart.
+/// can be less than a second apart. Times before 1970 are shown as such.
 pub fn time_millis(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    match jiff::Timestamp::from_millisecond(ms) {
+        Ok(t) => format!("{t:.3}"),
+        Err(_) => format!("{ms} ms since 1970"),
+    }
 }
 
 /// One version in `log`.

@@ -33,6 +33,19 @@ fn is_valid_name(name: &str) -> bool {
         && name != ".."
 }
 
+/// Refuses a state directory name read from a store that could not have
+/// been given on the command line (a `/`, `..`): restoring it would place
+/// files outside the target.
+pub fn check_name(store: &Path, name: &str) -> Result<()> {
+    if !is_valid_name(name) {
+        bail!(
+            "store {} names a state directory {name:?}, which is not a valid name (letters, digits, '.', '_', '-'); refusing a damaged or hostile store",
+            store.display()
+        );
+    }
+    Ok(())
+}
+
 impl StateDir {
     /// Parses `NAME=DIR` or `DIR` (named after its last component).
     pub fn parse(spec: &str) -> Result<StateDir> {

@@ -117,12 +117,20 @@ fn render(reader: &Reader, name: &str, old: &Side, new: &Side) -> Result<String>
     let file =
         |v: &Option<VersionRecord>| v.as_ref().filter(|v| v.kind == EntryKind::File).cloned();
     let (old_file, new_file) = (file(&old.version), file(&new.version));
+    // What each side is, a deletion counting as absent.
+    let kind = |v: &Option<VersionRecord>| {
+        v.as_ref()
+            .map(|v| v.kind)
+            .filter(|k| *k != EntryKind::Tombstone)
+    };
+    let (old_kind, new_kind) = (kind(&old.version), kind(&new.version));
+    let became_other = old_kind.is_some() && new_kind.is_some() && old_kind != new_kind;
     let same_entry = match (&old.version, &new.version) {
         (Some(x), Some(y)) => x.kind == y.kind && x.hash == y.hash && x.mode == y.mode,
         (None, None) => true,
         _ => false,
     };
-    if same_entry || (old_file.is_none() && new_file.is_none()) {
+    if same_entry || became_other || (old_file.is_none() && new_file.is_none()) {
         if same_entry {
             writeln!(
                 out,

@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -48,60 +49,84 @@ pub fn export(
         ),
         None => all,
     };
-    let prefixed = roots.len() > 1;
+    for root in &roots {
+        crate::roots::check_name(store_path, root)?;
+    }
     let mut summary = ExportSummary {
         output: output.display().to_string(),
         batch,
         ..ExportSummary::default()
     };
     let zstd = output.as_os_str().as_bytes().ends_with(b".zst");
-    let write = |sink: Box<dyn Write + '_>, summary: &mut ExportSummary| -> Result<()> {
-        let sink: Box<dyn Write> = if zstd {
-            Box::new(zstd::Encoder::new(sink, 3)?.auto_finish())
+    let mut write_to = |sink: &mut dyn Write| -> Result<()> {
+        // Every layer is finished explicitly, so an error writing the last
+        // bytes (a full disk) is an error, not a silently short archive.
+        if zstd {
+            let mut archive = tar::Builder::new(zstd::Encoder::new(sink, 3)?);
+            append_roots(&reader, &roots, batch, &mut archive, &mut summary)?;
+            archive.into_inner()?.finish()?.flush()?;
         } else {
-            sink
-        };
-        let mut archive = tar::Builder::new(sink);
-        for root in &roots {
-            let prefix = prefixed.then(|| PathBuf::from(root));
-            append_root(
-                &reader,
-                root,
-                batch,
-                prefix.as_deref(),
-                &mut archive,
-                summary,
-            )?;
+            let mut archive = tar::Builder::new(sink);
+            append_roots(&reader, &roots, batch, &mut archive, &mut summary)?;
+            archive.into_inner()?.flush()?;
         }
-        archive.into_inner()?.flush()?;
         Ok(())
     };
     if output == Path::new("-") {
-        write(Box::new(std::io::stdout().lock()), &mut summary)?;
+        write_to(&mut std::io::stdout().lock())?;
         return Ok(summary);
     }
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut temp = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix(".diffkeeper-export.")
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    write(
-        Box::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            temp.as_file_mut(),
-        )),
-        &mut summary,
-    )
-    .with_context(|| format!("cannot write {}", output.display()))?;
-    temp.as_file()
-        .sync_all()
-        .with_context(|| format!("cannot write {}", output.display()))?;
+    let written = (|| -> Result<()> {
+        let mut buffered = std::io::BufWriter::with_capacity(1 << 20, temp.as_file());
+        write_to(&mut buffered)?;
+        buffered.into_inner().map_err(|e| e.into_error())?;
+        // As any new file would be: 0666 less the umask (tempfile makes 0600).
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o666 & !umask()))?;
+        temp.as_file().sync_all()?;
+        Ok(())
+    })();
+    written.with_context(|| format!("cannot write {}", output.display()))?;
     temp.persist(output)
         .with_context(|| format!("cannot create {}", output.display()))?;
     Ok(summary)
+}
+
+fn append_roots(
+    reader: &Reader,
+    roots: &[String],
+    batch: u64,
+    archive: &mut tar::Builder<impl Write>,
+    summary: &mut ExportSummary,
+) -> Result<()> {
+    let prefixed = roots.len() > 1;
+    for root in roots {
+        let prefix = prefixed.then(|| PathBuf::from(root));
+        append_root(reader, root, batch, prefix.as_deref(), archive, summary)?;
+    }
+    Ok(())
+}
+
+/// The process's umask, from /proc (reading it with umask(2) would change
+/// it for a moment for every thread).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 fn append_root(

@@ -128,6 +128,9 @@ pub fn restore(
         ),
         None => all,
     };
+    for name in &names {
+        crate::roots::check_name(store_path, name)?;
+    }
     match std::fs::read_dir(to) {
         Ok(mut entries) => {
             if entries.next().is_some() && !force {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Policy;
-use crate::store::schema::{ChunkEncoding, ChunkRecord, EntryKind};
+use crate::store::schema::{BatchRecord, ChunkEncoding, ChunkRecord, EntryKind};
 use crate::store::{Reader, Store};
 
 /// What a compaction did (or, for a dry run, would do).
@@ -128,6 +128,10 @@ struct Plan {
     rebase: Vec<u64>,
     /// `(kept batch, time the first dropped batch after it committed)`.
     gaps: Vec<(u64, i64)>,
+    /// Kept batches whose record changes: versions moved in from older
+    /// batches bring the older scan start (see `BatchRecord::started_ms`),
+    /// so a file read too close to its mtime to be trusted stays untrusted.
+    batch_records: Vec<(u64, BatchRecord)>,
     summary: CompactSummary,
 }
 
@@ -165,7 +169,11 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         release: Vec::new(),
         rebase: Vec::new(),
         gaps: Vec::new(),
+        batch_records: Vec::new(),
     };
+    let started_of: HashMap<u64, i64> = batches.iter().map(|(id, b)| (*id, b.started_ms)).collect();
+    // Per kept batch, the earliest scan start of the batches it takes versions from.
+    let mut earliest_start: HashMap<u64, i64> = HashMap::new();
     if plan.dropped.is_empty() {
         return Ok(plan);
     }
@@ -202,6 +210,10 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
                     if k != *batch {
                         plan.move_versions
                             .push((root.to_string(), path.to_vec(), *batch, k));
+                        if let Some(&started) = started_of.get(batch) {
+                            let earliest = earliest_start.entry(k).or_insert(started);
+                            *earliest = (*earliest).min(started);
+                        }
                     }
                 }
                 None => plan
@@ -231,6 +243,15 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
     })?;
     if let Some((r, p)) = current.take() {
         finish_path(&r, &p, &mut path_versions, &mut plan);
+    }
+    for (id, record) in &batches {
+        if let Some(&earliest) = earliest_start.get(id) {
+            if earliest < record.started_ms {
+                let mut record = record.clone();
+                record.started_ms = earliest;
+                plan.batch_records.push((*id, record));
+            }
+        }
     }
     plan.summary.versions_dropped = plan.drop_versions.len() as u64;
     plan.summary.versions_moved = plan.move_versions.len() as u64;
@@ -403,6 +424,9 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
     }
     for &(kept, ms) in &plan.gaps {
         editor.set_gap(kept, ms)?;
+    }
+    for (id, record) in &plan.batch_records {
+        editor.put_batch(*id, record)?;
     }
     editor.commit()?;
     debug_assert!(plan.kept.iter().all(|k| !plan.dropped.contains(k)));

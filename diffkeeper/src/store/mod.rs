@@ -947,6 +947,14 @@ impl HistoryEditor {
         Ok(())
     }
 
+    /// Replaces a batch's record.
+    pub fn put_batch(&mut self, id: u64, record: &BatchRecord) -> Result<()> {
+        self.txn
+            .open_table(BATCHES)?
+            .insert(id, encode(record).as_slice())?;
+        Ok(())
+    }
+
     pub fn remove_batch(&mut self, id: u64) -> Result<()> {
         self.txn.open_table(BATCHES)?.remove(id)?;
         self.txn.open_table(GAPS)?.remove(id)?;

@@ -89,7 +89,10 @@
 //! whose bases no other surviving delta needs is re-encoded as a base
 //! ("rebased", the oldest kept version becomes the base), and bases that
 //! several surviving deltas share are kept (one copy instead of one per
-//! delta). Either way no chunk refers to a deleted one.
+//! delta). Either way no chunk refers to a deleted one. A kept batch that
+//! takes versions from older batches takes the oldest of their
+//! `started_ms` too, so a version read too close to its mtime to be
+//! trusted stays untrusted.
 //! The `gaps` table remembers, for a kept batch followed by dropped ones,
 //! when the first dropped one committed: a time before it still reads as the
 //! kept batch, a time after it (and before the next kept batch) is refused.

@@ -62,6 +62,8 @@ impl Default for WatchOptions {
 /// Drops of a disturbed batch before the next one is committed regardless
 /// (once the maximum latency has passed).
 const MAX_DROPS: u32 = 3;
+/// Longest wait for the first scheduled compaction after start.
+const FIRST_COMPACTION: Duration = Duration::from_secs(60);
 /// How often due directories are looked for.
 const TICK: Duration = Duration::from_millis(25);
 
@@ -133,7 +135,10 @@ impl CaptureLoop {
         let mut pending: Vec<Pending> = self.roots.iter().map(|_| Pending::default()).collect();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(TICK);
-        let mut next_compaction = Instant::now() + self.options.compact_interval;
+        // The first run comes soon after start, so an app restarted more
+        // often than the interval still gets its history trimmed.
+        let mut next_compaction =
+            Instant::now() + self.options.compact_interval.min(FIRST_COMPACTION);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -267,20 +272,19 @@ async fn capture_root(
     })
 }
 
-/// How long a capture waits for another process (a `compact`, a manual
-/// `snapshot`) to release the store before giving up.
-const STORE_BUSY_LIMIT: Duration = Duration::from_secs(120);
+/// How often a capture still waiting for the store says so.
+const STORE_BUSY_WARNING: Duration = Duration::from_secs(60);
 
 /// Captures `roots` now, off the async runtime's threads. While another
 /// diffkeeper process holds the store, waits and retries: writes keep
-/// being noticed meanwhile and are all in the batch taken afterwards.
+/// being noticed meanwhile and are all in the batch taken afterwards. It
+/// never gives up: a watcher that exited would capture nothing more.
 async fn capture_now(
     store: &Path,
     roots: &[StateDir],
     disturbed: Option<Arc<AtomicBool>>,
 ) -> Result<BatchSummary> {
-    let started = Instant::now();
-    let mut logged = false;
+    let mut last_said: Option<Instant> = None;
     loop {
         let (path, dirs, flag) = (store.to_path_buf(), roots.to_vec(), disturbed.clone());
         let result =
@@ -289,17 +293,22 @@ async fn capture_now(
                 .context("capture task failed")?;
         match result {
             Err(e)
-                if started.elapsed() < STORE_BUSY_LIMIT
-                    && e.chain().any(|c| {
-                        matches!(
-                            c.downcast_ref::<crate::store::StoreError>(),
-                            Some(crate::store::StoreError::InUse(_))
-                        )
-                    }) =>
+                if e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<crate::store::StoreError>(),
+                        Some(crate::store::StoreError::InUse(_))
+                    )
+                }) =>
             {
-                if !logged {
-                    tracing::info!("{e:#}; capturing when it is released");
-                    logged = true;
+                match last_said {
+                    None => tracing::info!("{e:#}; capturing when it is released"),
+                    Some(t) if t.elapsed() >= STORE_BUSY_WARNING => {
+                        tracing::warn!("{e:#}; still waiting to capture")
+                    }
+                    Some(_) => {}
+                }
+                if last_said.is_none_or(|t| t.elapsed() >= STORE_BUSY_WARNING) {
+                    last_said = Some(Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
