@@ -57,6 +57,13 @@ fn restore(store: &Path, to: &Path, selector: &[&str]) -> Tree {
     tree
 }
 
+/// `restore` that must be refused; returns stderr.
+fn refused_restore(store: &Path, to: &Path, selector: &[&str]) -> String {
+    let mut args = vec!["restore", "--store", s(store), "--to", s(to)];
+    args.extend_from_slice(selector);
+    refused(&args)
+}
+
 /// Runs diffkeeper expecting failure; returns stderr.
 fn refused(args: &[&str]) -> String {
     let out = diffkeeper(args);
@@ -143,51 +150,19 @@ fn every_batch_of_a_long_random_history_restores_exactly() {
 
     // Before the first capture, a batch that never existed, a bad time.
     let before = rfc3339(START_MS - 1);
-    let err = refused(&[
-        "restore",
-        "--store",
-        s(&store),
-        "--to",
-        s(&to),
-        "--at",
-        &before,
-    ]);
+    let err = refused_restore(&store, &to, &["--at", &before]);
     assert!(err.contains("before the first capture"), "{err}");
-    let err = refused(&[
-        "restore",
-        "--store",
-        s(&store),
-        "--to",
-        s(&to),
-        "--batch",
-        "41",
-    ]);
+    let err = refused_restore(&store, &to, &["--batch", "41"]);
     assert!(
         err.contains("no batch 41") && err.contains("newest is 40"),
         "{err}"
     );
-    let err = refused(&[
-        "restore",
-        "--store",
-        s(&store),
-        "--to",
-        s(&to),
-        "--at",
-        "yesterday",
-    ]);
+    let err = refused_restore(&store, &to, &["--at", "yesterday"]);
     assert!(err.contains("RFC 3339"), "{err}");
     // A non-empty target is refused and left alone.
     fs::create_dir_all(&to).expect("mkdir");
     fs::write(to.join("keep.me"), b"mine").expect("write");
-    let err = refused(&[
-        "restore",
-        "--store",
-        s(&store),
-        "--to",
-        s(&to),
-        "--batch",
-        "3",
-    ]);
+    let err = refused_restore(&store, &to, &["--batch", "3"]);
     assert!(
         err.contains("not empty") && err.contains("--force"),
         "{err}"
@@ -599,21 +574,13 @@ fn compaction_keeps_every_kept_moment_exactly_and_shrinks_the_file() {
             let at = rfc3339(time + HOUR_MS);
             assert_same_tree(tree, &restore(&store, &to, &["--at", &at]), &what);
         } else {
-            let err = refused(&[
-                "restore",
-                "--store",
-                s(&store),
-                "--to",
-                s(&to),
-                "--batch",
-                &id,
-            ]);
+            let err = refused_restore(&store, &to, &["--batch", &id]);
             assert!(
                 err.contains("dropped by compaction"),
                 "batch {batch}: {err}"
             );
             let at = rfc3339(time + HOUR_MS);
-            let err = refused(&["restore", "--store", s(&store), "--to", s(&to), "--at", &at]);
+            let err = refused_restore(&store, &to, &["--at", &at]);
             assert!(err.contains("dropped by compaction"), "at {at}: {err}");
             let _ = fs::remove_dir_all(&to);
         }

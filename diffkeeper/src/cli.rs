@@ -348,6 +348,18 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Replay and restore summaries, one line per root or as JSON.
+fn print_summaries(summaries: &[crate::replay::ReplaySummary], json: bool) -> Result<()> {
+    if json {
+        print_json(&summaries)
+    } else {
+        for s in summaries {
+            println!("{s}");
+        }
+        Ok(())
+    }
+}
+
 fn state_dirs(args: &RootsArgs) -> Result<Vec<StateDir>> {
     parse_state_dirs(&args.state_dirs)
 }
@@ -412,15 +424,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         println!("{msg}");
                     }
                 }
-                Some(summaries) => {
-                    if json {
-                        print_json(&summaries)?;
-                    } else {
-                        for s in summaries {
-                            println!("{s}");
-                        }
-                    }
-                }
+                Some(summaries) => print_summaries(&summaries, json)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -457,13 +461,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 force,
                 sync,
             )?;
-            if json {
-                print_json(&summaries)?;
-            } else {
-                for s in summaries {
-                    println!("{s}");
-                }
-            }
+            print_summaries(&summaries, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff {
