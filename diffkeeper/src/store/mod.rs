@@ -618,7 +618,8 @@ impl Reader {
             ChunkEncoding::Raw => self.payload_into(id, record, out)?,
             ChunkEncoding::Lz4 => {
                 self.payload_into(id, record, scratch)?;
-                out.clear();
+                // Only bytes the buffer never had are zeroed: lz4 overwrites
+                // what it produces, and the length is checked below.
                 out.resize(len, 0);
                 let n = lz4_flex::block::decompress_into(scratch, out).map_err(|e| {
                     StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
