@@ -197,8 +197,11 @@ fn every_batch_of_a_long_random_history_restores_exactly() {
         &root_arg(&live),
     ]);
     assert_same_tree(&trees[&40].0, &read_tree(&live), "replay");
-    for batch in [5u64, 31, 1, 40] {
-        ok(&[
+    // Written after the last capture: a rollback must not lose it.
+    fs::write(live.join("uncaptured.txt"), b"written after the last batch").expect("write");
+    let before_rollback = read_tree(&live);
+    let roll = |batch: u64| {
+        let out = diffkeeper(&[
             "replay",
             "--store",
             s(&store),
@@ -207,12 +210,26 @@ fn every_batch_of_a_long_random_history_restores_exactly() {
             "--batch",
             &batch.to_string(),
         ]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = roll(5);
+    assert!(
+        said.contains("recorded the current state as batch 41"),
+        "{said}"
+    );
+    assert_same_tree(&trees[&5].0, &read_tree(&live), "rolled back to batch 5");
+    for batch in [31u64, 1, 40] {
+        roll(batch);
         assert_same_tree(
             &trees[&batch].0,
             &read_tree(&live),
             &format!("replay --batch {batch} of the live directory"),
         );
     }
+    // The rollback is undone from the batch it recorded.
+    roll(41);
+    assert_same_tree(&before_rollback, &read_tree(&live), "undo of the rollback");
 }
 
 fn common_now_ms() -> i64 {

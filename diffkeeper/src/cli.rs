@@ -178,8 +178,10 @@ pub enum Command {
     /// them back (or forward) to another moment with --at, --ago or --batch.
     /// Content is rebuilt and verified before anything is changed; files
     /// are renamed into place; paths created after that moment are removed;
-    /// paths the store never tracked are left alone. With no store yet
-    /// (first start) this says so and exits 0.
+    /// paths the store never tracked are left alone. Before rolling to
+    /// another moment, the directories are captured as they are (one batch),
+    /// so the rollback can be undone. With no store yet (first start) this
+    /// says so and exits 0.
     Replay {
         #[command(flatten)]
         roots: RootsArgs,
@@ -348,6 +350,33 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Before a rollback: checks that `moment` can be shown, then records the
+/// directories as they are now, so that nothing written since the last
+/// capture is lost and the rollback itself can be undone. Returns the
+/// moment as a batch id, so the new batch cannot shift it.
+fn keep_current_state(
+    store: &std::path::Path,
+    dirs: &[StateDir],
+    moment: crate::history::Moment,
+) -> Result<crate::history::Moment> {
+    let batch = {
+        let opened = crate::store::Store::open_existing(store)?;
+        crate::history::moment::resolve(&opened.reader()?, moment)?
+    };
+    let summary = crate::capture::snapshot(store, dirs).with_context(|| {
+        format!(
+            "cannot record the current state in {} before rolling back; nothing was changed",
+            store.display()
+        )
+    })?;
+    if let Some(current) = summary.batch {
+        eprintln!(
+            "recorded the current state as batch {current} before rolling back to batch {batch} (undo: replay --batch {current})"
+        );
+    }
+    Ok(crate::history::Moment::Batch(batch))
+}
+
 /// Replay and restore summaries, one line per root or as JSON.
 fn print_summaries(summaries: &[crate::replay::ReplaySummary], json: bool) -> Result<()> {
     if json {
@@ -412,7 +441,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let dirs = state_dirs(&roots)?;
-            match crate::replay::replay(&roots.store.store, &dirs, moment.moment()?, sync)? {
+            let mut moment = moment.moment()?;
+            if moment != crate::history::Moment::Latest {
+                moment = keep_current_state(&roots.store.store, &dirs, moment)?;
+            }
+            match crate::replay::replay(&roots.store.store, &dirs, moment, sync)? {
                 None => {
                     let msg = format!(
                         "no store at {} yet: nothing to replay (first start)",
