@@ -110,7 +110,7 @@ pub fn resolve(reader: &Reader, moment: Moment) -> Result<u64> {
                     );
                 }
                 bail!(
-                    "{} is before the first capture ({} at {})",
+                    "{} is before the first capture (batch {} at {})",
                     show(ms),
                     first,
                     show(first_rec.time_ms)
