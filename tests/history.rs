@@ -673,7 +673,7 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
     assert_eq!(batch_ids(&store), vec![9, 10]);
 
     let to = work.path().join("restored");
-    let mut interrupted = 0;
+    let (mut interrupted, mut old_history) = (0, 0);
     for step in 1..=9u32 {
         fs::copy(&pristine, &store).expect("copy");
         let mut child = compact(&store);
@@ -685,6 +685,9 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
         child.wait().expect("wait");
 
         let ids = batch_ids(&store);
+        if ids == all {
+            old_history += 1;
+        }
         assert!(
             ids == all || ids == vec![9, 10],
             "after kill -9 at {step}/10: batches {ids:?} are neither the old history nor the new"
@@ -707,6 +710,13 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
         ok(&["compact", "--store", s(&store), "--keep-last", "2"]);
         assert_eq!(batch_ids(&store), vec![9, 10]);
     }
+    eprintln!(
+        "compaction took {full:?} undisturbed; {interrupted} of 9 kills landed while it ran, {old_history} before its commit"
+    );
+    assert!(
+        old_history >= 1 && interrupted > old_history,
+        "the kills must hit both the history transaction and the file shrink after it"
+    );
     assert!(
         interrupted >= 3,
         "only {interrupted} of 9 kills landed while compaction ran ({full:?} undisturbed)"
