@@ -539,9 +539,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let policy = policy.policy();
-            if policy.is_empty() {
-                anyhow::bail!("no retention rule given: pass at least one of --keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly");
-            }
+            policy.require_rules()?;
             let summary = if dry_run {
                 crate::retention::plan(&store.store, &policy)?
             } else {

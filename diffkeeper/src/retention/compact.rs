@@ -341,9 +341,7 @@ const REBASE_GROUP: usize = 32;
 /// not keep, rebases, releases chunks and shrinks the file.
 pub fn compact(store_path: &Path, policy: &Policy) -> Result<CompactSummary> {
     let started = Instant::now();
-    if policy.is_empty() {
-        anyhow::bail!("no retention rule given: pass at least one of --keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly");
-    }
+    policy.require_rules()?;
     if !store_path.exists() {
         anyhow::bail!("no store at {}", store_path.display());
     }

@@ -53,6 +53,18 @@ impl Policy {
         self == &Policy::default()
     }
 
+    /// Refuses a policy with no rule (it would keep everything: most
+    /// likely a forgotten option).
+    pub fn require_rules(&self) -> anyhow::Result<()> {
+        if self.is_empty() {
+            anyhow::bail!(
+                "no retention rule given: pass at least one of --keep-within, --keep-last, \
+                 --keep-hourly, --keep-daily, --keep-weekly"
+            );
+        }
+        Ok(())
+    }
+
     /// The ids of the batches this policy keeps, of `batches` given as
     /// `(id, commit time ms)` in id order.
     pub fn kept(&self, batches: &[(u64, i64)]) -> BTreeSet<u64> {
