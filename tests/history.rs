@@ -626,7 +626,32 @@ fn compaction_keeps_every_kept_moment_exactly_and_shrinks_the_file() {
     let verify = json(&["verify", "--store", s(&store), "--json"]);
     assert_eq!(verify["problems"], serde_json::json!([]), "{verify}");
     let err = refused(&["compact", "--store", s(&store)]);
-    assert!(err.contains("--keep-"), "{err}");
+    assert!(
+        err.contains("--keep-") && err.contains("no saved policy"),
+        "{err}"
+    );
+
+    // A policy saved in the store serves `compact` and `stats` without rules.
+    ok(&[
+        "compact",
+        "--store",
+        s(&store),
+        "--keep-last",
+        "2",
+        "--save",
+    ]);
+    assert_eq!(batch_ids(&store), vec![53, 54]);
+    for i in 7..=9i64 {
+        editor.round(&state, 5);
+        snapshot_at(&state, &store, START_MS + 48 * 3 * HOUR_MS + i * HOUR_MS);
+    }
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(stats["compaction"]["batches_dropped"], 3, "{stats}");
+    ok(&["compact", "--store", s(&store)]);
+    assert_eq!(batch_ids(&store), vec![56, 57]);
+    ok(&["compact", "--store", s(&store), "--forget"]);
+    let err = refused(&["compact", "--store", s(&store)]);
+    assert!(err.contains("no saved policy"), "{err}");
 }
 
 #[test]
@@ -725,25 +750,49 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
 
 #[test]
 fn watch_applies_the_retention_policy_on_a_schedule() {
+    watch_with_retention(&["--keep-last", "2"], false);
+}
+
+#[test]
+fn watch_applies_the_store_s_saved_policy_on_a_schedule() {
+    watch_with_retention(&[], true);
+}
+
+/// `watch` writing ten batches with retention from `rules`, or from the
+/// store's saved policy (`compact --save`) when `saved`.
+fn watch_with_retention(rules: &[&str], saved: bool) {
     let work = tempfile::tempdir().expect("tempdir");
     let (state, store) = (work.path().join("state"), work.path().join("s.dk"));
     fs::create_dir_all(&state).expect("mkdir");
-    let child = Command::new(BIN)
-        .args([
-            "watch",
-            "--backend",
-            "inotify",
-            "--debounce",
-            "50ms",
-            "--keep-last",
-            "2",
-            "--compact-interval",
-            "500ms",
+    if saved {
+        fs::write(state.join("counter"), "start\n").expect("write");
+        snapshot_at(&state, &store, common_now_ms() - 1000);
+        ok(&[
+            "compact",
             "--store",
             s(&store),
-            "--state-dir",
-            &root_arg(&state),
-        ])
+            "--keep-last",
+            "2",
+            "--save",
+        ]);
+    }
+    let mut args = vec![
+        "watch",
+        "--backend",
+        "inotify",
+        "--debounce",
+        "50ms",
+        "--compact-interval",
+        "500ms",
+        "--store",
+        s(&store),
+        "--state-dir",
+    ];
+    let root = root_arg(&state);
+    args.push(&root);
+    args.extend_from_slice(rules);
+    let child = Command::new(BIN)
+        .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -135,8 +135,9 @@ pub struct WatchArgs {
     /// changes it cannot attribute in the kernel.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub rescan_interval: std::time::Duration,
-    /// Retention applied while running: with any --keep-* option, the
-    /// store is compacted to that policy every --compact-interval.
+    /// Retention applied while running: the store is compacted to these
+    /// rules (or, without --keep-* options, to the store's saved policy)
+    /// a minute after start and then every --compact-interval.
     #[command(flatten)]
     pub retention: PolicyArgs,
     /// How often the retention policy is applied.
@@ -278,7 +279,8 @@ pub enum Command {
     /// Drop the batches a retention policy does not keep, releasing what
     /// only they used, and shrink the store file. The newest batch is always
     /// kept; every kept moment restores exactly as before; a crash midway
-    /// leaves the old history or the new one.
+    /// leaves the old history or the new one. Without --keep-* options the
+    /// store's saved policy (--save) applies.
     Compact {
         #[command(flatten)]
         store: StoreArg,
@@ -287,13 +289,20 @@ pub enum Command {
         /// Only report what would be dropped and freed.
         #[arg(long)]
         dry_run: bool,
+        /// Save these rules as the store's policy: `compact` without rules,
+        /// `stats`, and `run`/`watch` without --keep-* use it from then on.
+        #[arg(long)]
+        save: bool,
+        /// Forget the store's saved policy (and compact nothing).
+        #[arg(long, conflicts_with_all = ["save", "dry_run"])]
+        forget: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Totals: files, versions, batches, logical bytes, stored bytes, ratio,
-    /// and the store file's size on disk. With --keep-* options, also what
-    /// compacting to that policy would free.
+    /// and the store file's size on disk. With --keep-* options (or a policy
+    /// saved in the store), also what compacting to it would free.
     Stats {
         #[command(flatten)]
         store: StoreArg,
@@ -536,10 +545,32 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             store,
             policy,
             dry_run,
+            save,
+            forget,
             json,
         } => {
-            let policy = policy.policy();
-            policy.require_rules()?;
+            let given = policy.policy();
+            if forget {
+                crate::retention::save(&store.store, &crate::retention::Policy::default())?;
+                println!(
+                    "{}: saved retention policy forgotten",
+                    store.store.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if save {
+                given.require_rules()?;
+                crate::retention::save(&store.store, &given)?;
+                println!("{}: saved policy: {given}", store.store.display());
+            }
+            let Some(policy) = crate::retention::given_or_saved(&store.store, &given)? else {
+                anyhow::bail!(
+                    "no retention rule given and store {} has no saved policy: pass at least one of \
+                     --keep-within, --keep-last, --keep-hourly, --keep-daily, --keep-weekly \
+                     (with --save to keep them as the store's policy)",
+                    store.store.display()
+                );
+            };
             let summary = if dry_run {
                 crate::retention::plan(&store.store, &policy)?
             } else {
@@ -569,11 +600,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let stats = crate::report::stats(&store.store)?;
-            let policy = policy.policy();
-            let compaction = if policy.is_empty() {
-                None
-            } else {
-                Some(crate::retention::plan(&store.store, &policy)?)
+            let compaction = match crate::retention::given_or_saved(&store.store, &policy.policy())?
+            {
+                Some(policy) => Some(crate::retention::plan(&store.store, &policy)?),
+                None => None,
             };
             if json {
                 let mut value = serde_json::to_value(&stats)?;

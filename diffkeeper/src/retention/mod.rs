@@ -8,6 +8,9 @@
 //! `--keep-daily`, `--keep-weekly N` keep the newest batch of each of the N
 //! most recent hours, days (UTC) or weeks (Monday to Sunday, UTC) that have
 //! batches. A batch kept by any rule is kept.
+//!
+//! A policy can be saved in the store (`compact --save`); `compact` without
+//! rules and `run`/`watch` without `--keep-*` then apply that one.
 
 pub mod compact;
 
@@ -17,6 +20,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use compact::{compact, plan, CompactSummary};
+
+use std::path::Path;
+
+use crate::store::schema::RetentionRecord;
+use crate::store::Store;
 
 /// A retention policy. With no rule set, nothing is dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -113,6 +121,62 @@ impl Policy {
         }
         kept
     }
+}
+
+impl From<&Policy> for RetentionRecord {
+    fn from(p: &Policy) -> RetentionRecord {
+        RetentionRecord {
+            keep_within_ms: p
+                .keep_within
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            keep_last: p.keep_last,
+            keep_hourly: p.keep_hourly,
+            keep_daily: p.keep_daily,
+            keep_weekly: p.keep_weekly,
+        }
+    }
+}
+
+impl From<&RetentionRecord> for Policy {
+    fn from(r: &RetentionRecord) -> Policy {
+        Policy {
+            keep_within: r.keep_within_ms.map(Duration::from_millis),
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+        }
+    }
+}
+
+/// The policy saved in the store at `store_path` (`compact --save`), if
+/// the store exists and has one.
+pub fn saved(store_path: &Path) -> anyhow::Result<Option<Policy>> {
+    let Some(store) = Store::open_read_only(store_path)? else {
+        return Ok(None);
+    };
+    Ok(store
+        .retention()?
+        .map(|r| Policy::from(&r))
+        .filter(|p| !p.is_empty()))
+}
+
+/// Saves `policy` as the store's own (an empty policy forgets it).
+pub fn save(store_path: &Path, policy: &Policy) -> anyhow::Result<()> {
+    if !store_path.exists() {
+        anyhow::bail!("no store at {}", store_path.display());
+    }
+    let store = Store::create_or_open(store_path)?;
+    let record = (!policy.is_empty()).then(|| RetentionRecord::from(policy));
+    store.set_retention(record.as_ref())
+}
+
+/// The rules given on the command line, or else the store's saved ones.
+pub fn given_or_saved(store_path: &Path, given: &Policy) -> anyhow::Result<Option<Policy>> {
+    if !given.is_empty() {
+        return Ok(Some(given.clone()));
+    }
+    saved(store_path)
 }
 
 /// `7d`, `36h`, `90m`, `45s`: the largest whole unit, as the options take it.

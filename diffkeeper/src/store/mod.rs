@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
-    CHUNKS, CHUNK_INDEX, GAPS, LATEST, META, META_CREATED_MS, META_SCHEMA_VERSION, PAYLOAD,
-    PIECE_BYTES, SCHEMA_VERSION, VERSIONS,
+    CHUNKS, CHUNK_INDEX, GAPS, LATEST, META, META_CREATED_MS, META_RETENTION, META_SCHEMA_VERSION,
+    PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, VERSIONS,
 };
 
 /// Typed store failures callers may want to tell apart.
@@ -215,6 +215,34 @@ impl Store {
             },
             path: self.path.clone(),
         })
+    }
+
+    /// The retention policy saved in the store, if any.
+    pub fn retention(&self) -> Result<Option<schema::RetentionRecord>> {
+        let txn = self.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let found = meta.get(META_RETENTION)?;
+        match found {
+            Some(raw) => Ok(Some(decode(raw.value(), "retention policy")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Saves (or, with `None`, forgets) the store's retention policy.
+    pub fn set_retention(&self, policy: Option<&schema::RetentionRecord>) -> Result<()> {
+        let Db::ReadWrite(db) = &self.db else {
+            bail!("store {} is open read-only", self.path.display());
+        };
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            match policy {
+                Some(policy) => meta.insert(META_RETENTION, encode(policy).as_slice())?,
+                None => meta.remove(META_RETENTION)?,
+            };
+        }
+        txn.commit()?;
+        Ok(())
     }
 
     /// Starts rewriting history (retention). One writer at a time.

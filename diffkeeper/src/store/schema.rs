@@ -10,7 +10,7 @@
 //!
 //! | table | key | value | what it holds |
 //! |---|---|---|---|
-//! | `meta` | `&str` | `&[u8]` | `schema_version` (u32 LE), `created_ms` (i64 LE) |
+//! | `meta` | `&str` | `&[u8]` | `schema_version` (u32 LE), `created_ms` (i64 LE), optionally `retention` ([`RetentionRecord`]) |
 //! | `batches` | `u64` batch id | [`BatchRecord`] | one row per committed capture batch, ids from 1 up |
 //! | `versions` | `(&str root, &[u8] path, u64 batch)` | [`VersionRecord`] | every version of every path |
 //! | `latest` | `(&str root, &[u8] path)` | `u64` batch | the batch of each path's newest version (tombstones included) |
@@ -123,6 +123,7 @@ pub const GAPS: TableDefinition<u64, i64> = TableDefinition::new("gaps");
 
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_CREATED_MS: &str = "created_ms";
+pub const META_RETENTION: &str = "retention";
 
 /// Smallest content-defined chunk.
 pub const CHUNK_MIN: usize = 64 * 1024;
@@ -153,6 +154,17 @@ pub struct BatchRecord {
     pub logical_bytes: u64,
     /// Payload bytes this batch added to the store.
     pub stored_bytes: u64,
+}
+
+/// The store's own retention policy (`compact --save`), applied by
+/// `compact` without rules and by `run`/`watch` without `--keep-*`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RetentionRecord {
+    pub keep_within_ms: Option<u64>,
+    pub keep_last: Option<u64>,
+    pub keep_hourly: Option<u64>,
+    pub keep_daily: Option<u64>,
+    pub keep_weekly: Option<u64>,
 }
 
 /// What a path is in one version.

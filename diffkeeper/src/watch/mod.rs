@@ -40,7 +40,8 @@ pub struct WatchOptions {
     /// tree from outside it, paths through symlinks or longer than 255
     /// bytes).
     pub rescan_interval: Duration,
-    /// Applied every `compact_interval` when it has a rule.
+    /// Applied every `compact_interval`; without rules, the store's saved
+    /// policy is, if it has one.
     pub retention: crate::retention::Policy,
     pub compact_interval: Duration,
 }
@@ -142,7 +143,7 @@ impl CaptureLoop {
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                _ = tokio::time::sleep_until(next_compaction.into()), if !self.options.retention.is_empty() => {
+                _ = tokio::time::sleep_until(next_compaction.into()) => {
                     next_compaction = Instant::now() + self.options.compact_interval;
                     self.compact().await;
                 }
@@ -185,18 +186,26 @@ impl CaptureLoop {
 }
 
 impl CaptureLoop {
-    /// Applies the retention policy between batches. A failure is logged,
-    /// not fatal: capturing matters more than trimming history.
+    /// Applies the retention policy (the options' rules, else the store's
+    /// saved policy, read anew each time) between batches. A failure is
+    /// logged, not fatal: capturing matters more than trimming history.
     async fn compact(&mut self) {
         let store = self.store.clone();
         if !store.exists() {
             return;
         }
-        let policy = self.options.retention.clone();
+        let given = self.options.retention.clone();
         let outcome =
-            tokio::task::spawn_blocking(move || crate::retention::compact(&store, &policy)).await;
+            tokio::task::spawn_blocking(move || {
+                match crate::retention::given_or_saved(&store, &given)? {
+                    Some(policy) => crate::retention::compact(&store, &policy).map(Some),
+                    None => Ok(None),
+                }
+            })
+            .await;
         match outcome {
-            Ok(Ok(summary)) => {
+            Ok(Ok(None)) => {}
+            Ok(Ok(Some(summary))) => {
                 self.summary.compactions += 1;
                 tracing::info!("retention: {summary}");
             }
