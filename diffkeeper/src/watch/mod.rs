@@ -144,7 +144,9 @@ impl CaptureLoop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep_until(next_compaction.into()) => {
-                    next_compaction = Instant::now() + self.options.compact_interval;
+                    // At most once a second, whatever the option says.
+                    next_compaction = Instant::now()
+                        + self.options.compact_interval.max(Duration::from_secs(1));
                     self.compact().await;
                 }
                 notice = self.rx.recv() => {
