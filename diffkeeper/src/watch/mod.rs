@@ -144,9 +144,9 @@ impl CaptureLoop {
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep_until(next_compaction.into()) => {
-                    // At most once a second, whatever the option says.
+                    // Never a busy loop, whatever the option says.
                     next_compaction = Instant::now()
-                        + self.options.compact_interval.max(Duration::from_secs(1));
+                        + self.options.compact_interval.max(Duration::from_millis(100));
                     self.compact().await;
                 }
                 notice = self.rx.recv() => {
