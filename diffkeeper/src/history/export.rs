@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::moment::{resolve, Moment};
@@ -39,19 +39,7 @@ pub fn export(
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
     let batch = resolve(&reader, moment)?;
-    let all = reader.roots()?;
-    let roots: Vec<String> = match only {
-        Some(name) if all.iter().any(|r| r == name) => vec![name.to_string()],
-        Some(name) => bail!(
-            "store {} has no state directory named {name:?} (it has: {})",
-            store_path.display(),
-            all.join(", ")
-        ),
-        None => all,
-    };
-    for root in &roots {
-        crate::roots::check_name(store_path, root)?;
-    }
+    let roots = super::select_roots(&reader, only)?;
     let mut summary = ExportSummary {
         output: output.display().to_string(),
         batch,

@@ -60,6 +60,27 @@ pub fn locate(reader: &Reader, spec: &str) -> Result<(String, Vec<u8>)> {
     }
 }
 
+/// The state directories a moment is materialized for: `only` (which the
+/// store must have), or all of them; each name checked, since a hostile
+/// store could name one `../x`.
+pub fn select_roots(reader: &Reader, only: Option<&str>) -> Result<Vec<String>> {
+    let store = reader.store_path();
+    let all = reader.roots()?;
+    let names = match only {
+        Some(name) if all.iter().any(|r| r == name) => vec![name.to_string()],
+        Some(name) => bail!(
+            "store {} has no state directory named {name:?} (it has: {})",
+            store.display(),
+            all.join(", ")
+        ),
+        None => all,
+    };
+    for name in &names {
+        crate::roots::check_name(store, name)?;
+    }
+    Ok(names)
+}
+
 fn clean(path: &str) -> Vec<u8> {
     path.trim_start_matches("./")
         .trim_matches('/')

@@ -118,19 +118,7 @@ pub fn restore(
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
     let batch = history::moment::resolve(&reader, moment)?;
-    let all = reader.roots()?;
-    let names: Vec<String> = match only {
-        Some(name) if all.iter().any(|r| r == name) => vec![name.to_string()],
-        Some(name) => anyhow::bail!(
-            "store {} has no state directory named {name:?} (it has: {})",
-            store_path.display(),
-            all.join(", ")
-        ),
-        None => all,
-    };
-    for name in &names {
-        crate::roots::check_name(store_path, name)?;
-    }
+    let names = history::select_roots(&reader, only)?;
     match std::fs::read_dir(to) {
         Ok(mut entries) => {
             if entries.next().is_some() && !force {
