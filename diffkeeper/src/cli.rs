@@ -359,33 +359,6 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
-/// Before a rollback: checks that `moment` can be shown, then records the
-/// directories as they are now, so that nothing written since the last
-/// capture is lost and the rollback itself can be undone. Returns the
-/// moment as a batch id, so the new batch cannot shift it.
-fn keep_current_state(
-    store: &std::path::Path,
-    dirs: &[StateDir],
-    moment: crate::history::Moment,
-) -> Result<crate::history::Moment> {
-    let batch = {
-        let opened = crate::store::Store::open_existing(store)?;
-        crate::history::moment::resolve(&opened.reader()?, moment)?
-    };
-    let summary = crate::capture::snapshot(store, dirs).with_context(|| {
-        format!(
-            "cannot record the current state in {} before rolling back; nothing was changed",
-            store.display()
-        )
-    })?;
-    if let Some(current) = summary.batch {
-        eprintln!(
-            "recorded the current state as batch {current} before rolling back to batch {batch} (undo: replay --batch {current})"
-        );
-    }
-    Ok(crate::history::Moment::Batch(batch))
-}
-
 /// Replay and restore summaries, one line per root or as JSON.
 fn print_summaries(summaries: &[crate::replay::ReplaySummary], json: bool) -> Result<()> {
     if json {
@@ -452,7 +425,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let dirs = state_dirs(&roots)?;
             let mut moment = moment.moment()?;
             if moment != crate::history::Moment::Latest {
-                moment = keep_current_state(&roots.store.store, &dirs, moment)?;
+                let kept = crate::replay::keep_current_state(&roots.store.store, &dirs, moment)?;
+                if let Some(current) = kept.recorded {
+                    eprintln!(
+                        "recorded the current state as batch {current} before rolling back to batch {} (undo: replay --batch {current})",
+                        kept.target
+                    );
+                }
+                moment = crate::history::Moment::Batch(kept.target);
             }
             match crate::replay::replay(&roots.store.store, &dirs, moment, sync)? {
                 None => {

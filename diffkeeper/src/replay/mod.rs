@@ -103,6 +103,36 @@ pub fn replay(
     Ok(Some(summaries))
 }
 
+/// What [`keep_current_state`] did.
+pub struct KeptState {
+    /// The batch the rollback goes to.
+    pub target: u64,
+    /// The batch that recorded the directories as they were (none when
+    /// nothing had changed since the last capture).
+    pub recorded: Option<u64>,
+}
+
+/// Before rolling live directories to `moment`: checks that the store can
+/// show it, then captures the directories as they are now, so that nothing
+/// written since the last capture is lost and the rollback can be undone.
+/// The moment comes back as a batch id, which the new batch cannot shift.
+pub fn keep_current_state(store: &Path, dirs: &[StateDir], moment: Moment) -> Result<KeptState> {
+    let target = {
+        let opened = Store::open_existing(store)?;
+        history::moment::resolve(&opened.reader()?, moment)?
+    };
+    let summary = crate::capture::snapshot(store, dirs).with_context(|| {
+        format!(
+            "cannot record the current state in {} before rolling back; nothing was changed",
+            store.display()
+        )
+    })?;
+    Ok(KeptState {
+        target,
+        recorded: summary.batch,
+    })
+}
+
 /// Materializes the state at `moment` into `to`, which must be missing or
 /// empty unless `force` (then it is replayed into, leaving paths the store
 /// never tracked alone). With one root (or `only` naming one) its state
