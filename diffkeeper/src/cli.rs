@@ -746,6 +746,15 @@ fn demo() -> Result<ExitCode> {
         "{}",
         crate::report::log_text(&crate::report::log(&store_path, None)?)
     );
+    step("time travel: the timeline, and what the last save changed (diffkeeper log --batches, diff)");
+    print!(
+        "{}",
+        crate::report::timeline_text(&crate::report::timeline(&store_path, None, None)?)
+    );
+    print!(
+        "{}",
+        crate::history::diff::diff(&store_path, "state:world/region-0.dat", None, None)?
+    );
     step("stats");
     print!(
         "{}",
