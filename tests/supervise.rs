@@ -211,8 +211,68 @@ fn an_app_killed_mid_write_leaves_a_verified_replayable_state() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(137));
     ok(&["verify", "--store", s(&store)]);
-    // The final capture ran after the app died: the store has its last state.
+    // The final capture ran after the app and the `head` it left running
+    // died: the store has the last state.
     assert_store_holds(&state, &store, work.path(), "after SIGKILL");
+}
+
+/// Whether process `pid` still exists (as anything but a zombie).
+fn alive(pid: &str) -> bool {
+    fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn processes_the_app_leaves_running_are_ended_before_the_final_capture() {
+    for backend in BACKENDS {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        fs::create_dir_all(&state).expect("mkdir");
+        let store = work.path().join("store.dk");
+        let d = s(&state);
+        // One leftover cleans up on SIGTERM; one ignores it and keeps
+        // writing until SIGKILL. The app exits while both run.
+        let app = format!(
+            "(trap 'echo bye > {d}/bye; exit 0' TERM; while true; do sleep 0.02; done) & echo $! > {d}/polite.pid; \
+             (trap '' TERM; i=0; while true; do i=$((i+1)); echo $i > {d}/counter; done) & echo $! > {d}/stubborn.pid; \
+             sleep 0.3; exit 7"
+        );
+        let mut args = run_args(&state, &store, backend);
+        args.splice(
+            args.len() - 1..args.len() - 1,
+            ["--leftover-grace".to_string(), "700ms".to_string()],
+        );
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(&args)
+            .args(["sh", "-c", &app])
+            .output()
+            .expect("run");
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{backend}: {stderr}");
+        assert!(
+            took >= Duration::from_millis(900),
+            "{backend}: SIGKILL came before the grace: {took:?}"
+        );
+        for leftover in ["polite.pid", "stubborn.pid"] {
+            let pid = fs::read_to_string(state.join(leftover)).expect("pid file");
+            assert!(!alive(&pid), "{backend}: {leftover} {pid} outlived `run`");
+        }
+        assert_eq!(
+            fs::read_to_string(state.join("bye")).expect("bye").trim(),
+            "bye",
+            "{backend}"
+        );
+        assert!(stderr.contains("SIGKILL"), "{backend}: {stderr}");
+        // Nothing wrote after the final capture.
+        assert_store_holds(&state, &store, work.path(), backend);
+    }
 }
 
 #[test]

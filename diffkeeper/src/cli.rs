@@ -331,10 +331,15 @@ pub enum Command {
     /// Replay the state, start CMD, capture while it runs, capture once more
     /// when it exits, and exit with its exit code (128 + signal if it was
     /// killed; 127 if it cannot be started). SIGTERM, SIGINT and SIGHUP are
-    /// forwarded to CMD.
+    /// forwarded to CMD. Processes CMD leaves running when it exits are
+    /// ended before the final capture, so none writes after it.
     Run {
         #[command(flatten)]
         watch: WatchArgs,
+        /// When CMD exits, processes it left running get SIGTERM, and
+        /// SIGKILL once this has passed; the final capture waits for them.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        leftover_grace: std::time::Duration,
         /// The app and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -643,13 +648,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &watch.options(),
             ))
         }
-        Command::Run { watch, command } => {
+        Command::Run {
+            watch,
+            leftover_grace,
+            command,
+        } => {
             let dirs = state_dirs(&watch.roots)?;
             runtime()?.block_on(crate::supervise::run(
                 &watch.roots.store.store,
                 &dirs,
                 &watch.options(),
                 &command,
+                leftover_grace,
             ))
         }
     }

@@ -2,12 +2,14 @@
 //! while it runs, forward signals, a final capture, its exit code) and
 //! `diffkeeper watch` (capture until told to stop).
 
-use std::os::unix::process::ExitStatusExt;
+mod family;
+
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rustix::process::Signal;
+use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::roots::StateDir;
@@ -41,11 +43,14 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
 }
 
 /// Replays, runs `command` while capturing, and returns its exit code.
+/// Processes the app leaves running are ended (SIGTERM, then SIGKILL after
+/// `leftover_grace`) before the final capture.
 pub async fn run(
     store: &Path,
     roots: &[StateDir],
     options: &WatchOptions,
     command: &[String],
+    leftover_grace: Duration,
 ) -> Result<ExitCode> {
     let Some((program, args)) = command.split_first() else {
         anyhow::bail!("no command to run: give it after `--`");
@@ -64,14 +69,20 @@ pub async fn run(
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut child = match tokio::process::Command::new(program).args(args).spawn() {
-        Ok(child) => child,
+    let mut child_exited = signal(SignalKind::child()).context("cannot handle SIGCHLD")?;
+    family::adopt_orphans();
+    // The child is reaped by `family::reap`, never through this handle.
+    let app = match std::process::Command::new(program).args(args).spawn() {
+        Ok(child) => child.id(),
         Err(e) => {
             eprintln!("error: cannot start {program}: {e}");
             return Ok(ExitCode::from(CANNOT_START));
         }
     };
-    let pid = child.id();
+    let app = i32::try_from(app)
+        .ok()
+        .and_then(Pid::from_raw)
+        .context("the app got an invalid process id")?;
 
     let (exited_tx, exited_rx) = tokio::sync::oneshot::channel::<()>();
     let capture = tokio::spawn(capture.run_until(async {
@@ -79,26 +90,30 @@ pub async fn run(
     }));
 
     let status = loop {
+        // SIGCHLD may have come before the stream was polled; reaping first
+        // never misses an exit.
+        if let Some(status) = family::reap(Some(app)) {
+            break status;
+        }
         let forward = tokio::select! {
-            status = child.wait() => break status.context("cannot wait for the app")?,
+            _ = child_exited.recv() => continue,
             _ = term.recv() => Signal::TERM,
             _ = int.recv() => Signal::INT,
             _ = hup.recv() => Signal::HUP,
         };
-        if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
-            tracing::info!(signal = ?forward, "forwarding signal to the app");
-            if let Err(e) = rustix::process::kill_process(pid, forward) {
-                tracing::warn!("cannot forward signal {forward:?}: {e}");
-            }
+        tracing::info!(signal = ?forward, "forwarding signal to the app");
+        if let Err(e) = rustix::process::kill_process(app, forward) {
+            tracing::warn!("cannot forward signal {forward:?}: {e}");
         }
     };
+    family::end_leftovers(leftover_grace).await;
     let _ = exited_tx.send(());
     match capture.await {
         Ok(Ok(summary)) => tracing::info!(batches = summary.batches, "final capture done"),
         Ok(Err(e)) => eprintln!("error: capture failed: {e:#}"),
         Err(e) => eprintln!("error: capture task failed: {e}"),
     }
-    Ok(match (status.code(), status.signal()) {
+    Ok(match (status.exit_status(), status.terminating_signal()) {
         (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
         (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
         (None, None) => ExitCode::FAILURE,
