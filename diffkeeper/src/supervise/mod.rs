@@ -37,6 +37,7 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
         batches = summary.batches,
         dropped = summary.dropped,
         notices = summary.notices,
+        failures = summary.failures,
         "stopped"
     );
     Ok(ExitCode::SUCCESS)

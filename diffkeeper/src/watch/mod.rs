@@ -9,6 +9,12 @@
 //! at the maximum latency it is taken anyway), so a committed batch is a
 //! consistent cut: a database and its journal restore as the app left them
 //! at one moment.
+//!
+//! A capture that fails (a full disk, an I/O error) is logged and retried,
+//! 1 s later and then with doubling waits up to 30 s; the directory stays
+//! dirty, so the retry takes every write made meanwhile. The loop never
+//! exits over a failed capture: a watcher that stopped would capture
+//! nothing more while the app kept writing.
 
 pub mod backend;
 
@@ -67,6 +73,11 @@ const MAX_DROPS: u32 = 3;
 const FIRST_COMPACTION: Duration = Duration::from_secs(60);
 /// How often due directories are looked for.
 const TICK: Duration = Duration::from_millis(25);
+/// Longest wait between tries of a capture that keeps failing.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
+/// Tries of the final capture at a stop, a second apart: a stop cannot
+/// wait for a full disk to be freed.
+const FINAL_TRIES: u32 = 3;
 
 /// One state directory's unsaved writes.
 #[derive(Default)]
@@ -78,6 +89,26 @@ struct Pending {
     /// Batches of this directory dropped in a row because it was written
     /// while they were read.
     drops: u32,
+    /// Captures of this directory that failed in a row (a full disk, an
+    /// I/O error), and when the next try is due.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Pending {
+    /// Keeps the unsaved writes and sets when to try again: 1 s after the
+    /// first failure, doubling up to [`MAX_RETRY_WAIT`].
+    fn failed(&mut self) -> Duration {
+        self.failures += 1;
+        let wait = Duration::from_secs(1)
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
+            .min(MAX_RETRY_WAIT);
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last.get_or_insert(now);
+        self.retry_at = Some(now + wait);
+        wait
+    }
 }
 
 /// What the loop did, for logs and tests.
@@ -87,6 +118,8 @@ pub struct LoopSummary {
     pub dropped: u64,
     pub notices: u64,
     pub compactions: u64,
+    /// Captures that failed and were retried.
+    pub failures: u64,
 }
 
 /// A started capture loop: its backend is watching and the state that was
@@ -161,28 +194,64 @@ impl CaptureLoop {
                 _ = tick.tick() => {
                     for index in due(&pending, &self.options) {
                         self.notices.before_capture(index);
-                        let outcome = capture_root(
+                        let root = &self.roots[index];
+                        let failures = pending[index].failures;
+                        match capture_root(
                             &self.store,
-                            &self.roots[index],
+                            root,
                             &mut pending[index],
                             self.notices.flag(index),
                             &self.options,
                         )
-                        .await?;
-                        self.summary.batches += u64::from(outcome.committed);
-                        self.summary.dropped += u64::from(outcome.dropped);
+                        .await
+                        {
+                            Ok(outcome) => {
+                                pending[index].failures = 0;
+                                pending[index].retry_at = None;
+                                if failures > 0 {
+                                    tracing::info!(root = %root.name, "capturing works again after {failures} failed tries");
+                                }
+                                self.summary.batches += u64::from(outcome.committed);
+                                self.summary.dropped += u64::from(outcome.dropped);
+                            }
+                            // Writes keep being noticed; the retry takes
+                            // them all, as the directory is read afresh.
+                            Err(e) => {
+                                let wait = pending[index].failed();
+                                self.summary.failures += 1;
+                                tracing::error!(
+                                    root = %root.name,
+                                    "capture of {} into store {} failed (try {}), retrying in {}: {e:#}",
+                                    root.path.display(),
+                                    self.store.display(),
+                                    pending[index].failures,
+                                    humantime::format_duration(wait)
+                                );
+                            }
+                        }
                     }
                 }
             }
         }
         // Whatever was written before the stop.
-        if capture_now(&self.store, &self.roots, None)
-            .await?
-            .batch
-            .is_some()
-        {
-            self.summary.batches += 1;
-        }
+        let mut tries = 0;
+        let last = loop {
+            tries += 1;
+            match capture_now(&self.store, &self.roots, None).await {
+                Ok(last) => break last,
+                Err(e) if tries < FINAL_TRIES => {
+                    tracing::error!(
+                        "final capture into store {} failed (try {tries} of {FINAL_TRIES}): {e:#}",
+                        self.store.display()
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    return Err(e.context(format!("final capture failed {FINAL_TRIES} times")))
+                }
+            }
+        };
+        self.summary.batches += u64::from(last.batch.is_some());
         Ok(self.summary)
     }
 }
@@ -224,6 +293,7 @@ fn due(pending: &[Pending], options: &WatchOptions) -> Vec<usize> {
     pending
         .iter()
         .enumerate()
+        .filter(|(_, p)| p.retry_at.is_none_or(|at| now >= at))
         .filter(|(_, p)| match (p.first, p.last) {
             (Some(first), Some(last)) => {
                 now.duration_since(last) >= options.debounce
