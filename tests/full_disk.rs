@@ -43,6 +43,16 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A child process killed when dropped, so a failing test leaves none behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn root_arg(dir: &Path) -> String {
     format!("data={}", s(dir))
 }
@@ -192,26 +202,29 @@ fn watch_keeps_going_through_a_full_disk_and_catches_up() {
     fs::write(&filler, rng.bytes(10 << 20)).expect("filler");
 
     let log = work.path().join("watch.log");
-    let mut child = Command::new(BIN)
-        .args([
-            "watch",
-            "--state-dir",
-            &root_arg(&state),
-            "--store",
-            s(&store),
-        ])
-        .args([
-            "--backend",
-            "inotify",
-            "--debounce",
-            "100ms",
-            "--max-latency",
-            "1s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn watch");
+    let mut watch = Reaped(
+        Command::new(BIN)
+            .args([
+                "watch",
+                "--state-dir",
+                &root_arg(&state),
+                "--store",
+                s(&store),
+            ])
+            .args([
+                "--backend",
+                "inotify",
+                "--debounce",
+                "100ms",
+                "--max-latency",
+                "1s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn watch"),
+    );
+    let child = &mut watch.0;
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !done() {
