@@ -2,9 +2,11 @@
 //! attaches them, writes, and reports what the kernel side counted. CI runs
 //! as root on a kernel with syscall tracepoints, so this never skips.
 
+mod common;
+
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
+use common::{Reaped, BIN};
 
 /// The tests share the kernel's tracefs mount: one at a time.
 static KERNEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -154,4 +156,179 @@ fn a_million_writes_to_three_files_cost_three_events() {
         counters[diffkeeper_common::counter::RINGBUF_FULL as usize],
         0
     );
+}
+
+/// `watch` with the eBPF backend: a write to existing files of a large
+/// tree is captured by looking at those files alone (the tracer names
+/// them by inode); a new file or a rename has the tree walked. Every batch
+/// is checked by restoring it.
+#[test]
+fn writes_to_existing_files_are_captured_without_walking_the_tree() {
+    use std::fs;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::time::{Duration, Instant};
+
+    let _kernel = exclusive();
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    for d in 0..30 {
+        fs::create_dir_all(state.join(format!("d{d}"))).expect("mkdir");
+        for f in 0..100 {
+            fs::write(state.join(format!("d{d}/f{f}")), format!("file {d}/{f}\n")).expect("write");
+        }
+    }
+    fs::hard_link(state.join("d0/f0"), state.join("d1/linked")).expect("hard link");
+    let files = 30 * 100 + 1;
+    let store = work.path().join("store.dk");
+    let root = format!("data={}", state.display());
+    let snapshot = Command::new(BIN)
+        .args(["snapshot", "--state-dir", &root, "--store"])
+        .arg(&store)
+        .output()
+        .expect("snapshot");
+    assert!(snapshot.status.success(), "{snapshot:?}");
+
+    let log = work.path().join("watch.log");
+    let mut watch = Reaped(
+        Command::new(BIN)
+            .args(["watch", "--state-dir", &root, "--store"])
+            .arg(&store)
+            .args([
+                "--backend",
+                "ebpf",
+                "--debounce",
+                "100ms",
+                "--max-latency",
+                "1s",
+            ])
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn watch"),
+    );
+    let batch_lines = || -> Vec<String> {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" batch ") && l.contains(" scanned"))
+            .map(String::from)
+            .collect()
+    };
+    let next_batch = |seen: usize, what: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = batch_lines();
+            if lines.len() > seen {
+                assert_eq!(
+                    lines.len(),
+                    seen + 1,
+                    "{what}: one batch expected: {lines:#?}"
+                );
+                return lines[seen].clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{what}: no batch; log: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let scanned = |line: &str| -> usize {
+        let before = line.split(" scanned").next().expect("scanned");
+        before
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line}"))
+    };
+    // Let the tracer attach and the start-up capture walk the tree.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("eBPF")
+    {
+        assert!(Instant::now() < deadline, "the tracer did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let overwrite = |rel: &str, at: u64, bytes: &[u8]| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(state.join(rel))
+            .expect("open");
+        f.seek(SeekFrom::Start(at)).expect("seek");
+        f.write_all(bytes).expect("write");
+    };
+    let assert_store_has_tree = |what: &str| {
+        let back = work
+            .path()
+            .join(format!("restored-{}", what.replace(' ', "-")));
+        let out = Command::new(BIN)
+            .args(["restore", "--store"])
+            .arg(&store)
+            .arg("--to")
+            .arg(&back)
+            .output()
+            .expect("restore");
+        assert!(out.status.success(), "{what}: {out:?}");
+        let diff = Command::new("diff")
+            .arg("-r")
+            .arg(&state)
+            .arg(&back)
+            .output()
+            .expect("diff");
+        assert!(
+            diff.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&diff.stdout)
+        );
+    };
+
+    let mut seen = batch_lines().len();
+    overwrite("d7/f42", 0, b"FILE");
+    let line = next_batch(seen, "one file written in place");
+    seen += 1;
+    assert_eq!(
+        scanned(&line),
+        1,
+        "only the written file is looked at: {line}"
+    );
+    assert!(line.contains("1 changed"), "{line}");
+    assert_store_has_tree("one file");
+
+    // Both names of a hard-linked inode are looked at and recorded.
+    overwrite("d1/linked", 2, b"LINK");
+    let line = next_batch(seen, "a hard link written");
+    seen += 1;
+    assert_eq!(scanned(&line), 2, "{line}");
+    assert!(line.contains("2 changed"), "{line}");
+    assert_store_has_tree("hard link");
+
+    fs::write(state.join("d3/new"), b"a new file").expect("create");
+    let line = next_batch(seen, "a new file");
+    seen += 1;
+    assert_eq!(
+        scanned(&line),
+        files + 30 + 1,
+        "a new file has the tree walked: {line}"
+    );
+    assert_store_has_tree("new file");
+
+    fs::rename(state.join("d4/f4"), state.join("d4/renamed")).expect("rename");
+    let line = next_batch(seen, "a rename");
+    assert!(
+        scanned(&line) > files,
+        "a rename has the tree walked: {line}"
+    );
+    assert_store_has_tree("rename");
+
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(watch.0.id() as i32).expect("pid"),
+        rustix::process::Signal::TERM,
+    )
+    .expect("SIGTERM");
+    assert!(watch.0.wait().expect("wait").success());
+    assert_store_has_tree("after stop");
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_tree, diffkeeper, ok, read_tree, s, Rng, BIN};
+use common::{assert_same_tree, diffkeeper, ok, read_tree, s, Reaped, Rng, BIN};
 
 /// A tmpfs of a fixed size, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -40,16 +40,6 @@ impl Tmpfs {
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-/// A child process killed when dropped, so a failing test leaves none behind.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -13,6 +13,16 @@ use std::process::{Command, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
 
+/// A child process killed when dropped, so a failing test leaves none behind.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs diffkeeper; fails the test if it panicked.
 pub fn diffkeeper(args: &[&str]) -> Output {
     let out = Command::new(BIN)

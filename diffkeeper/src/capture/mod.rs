@@ -25,12 +25,13 @@ use sha2::{Digest, Sha256};
 
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
-use crate::scan::{check_root, diff_root, Change, RootChanges};
+use crate::scan::{check_root, diff_root, Change, InodeIndex, RootChanges};
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
     CHUNK_MIN, MAX_DELTA_BASES,
 };
 use crate::store::{now_ms, sha256, BaseCache, Check, Reader, Store};
+use diffkeeper_common::InodeKey;
 
 /// How often a file that changes while it is read is read again before its
 /// latest read is kept anyway.
@@ -62,6 +63,10 @@ pub struct BatchSummary {
     pub disturbed: bool,
     #[serde(skip)]
     pub elapsed: Duration,
+    /// The files of each root walked whole, by inode, for later captures
+    /// of only the files the tracer reports (see [`snapshot_files`]).
+    #[serde(skip)]
+    pub inodes: HashMap<String, InodeIndex>,
 }
 
 impl std::fmt::Display for BatchSummary {
@@ -109,7 +114,28 @@ pub fn snapshot_cut(
     roots: &[StateDir],
     disturbed: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<BatchSummary> {
-    take_batch(store_path, roots, disturbed, None)
+    take_batch(store_path, roots, None, disturbed, None)
+}
+
+/// Like [`snapshot_cut`] for one root, looking only at `files` (relative
+/// path and inode, from the kernel tracer's reports and an
+/// [`InodeIndex`]) instead of walking the whole tree: the cost of a batch
+/// follows what was written, not the size of the tree. When any of them
+/// cannot be trusted to be the whole change (see
+/// [`crate::scan::diff_files`]) the tree is walked after all.
+pub fn snapshot_files(
+    store_path: &Path,
+    root: &StateDir,
+    files: &[(Vec<u8>, InodeKey)],
+    disturbed: Option<&std::sync::atomic::AtomicBool>,
+) -> Result<BatchSummary> {
+    take_batch(
+        store_path,
+        std::slice::from_ref(root),
+        Some(files),
+        disturbed,
+        None,
+    )
 }
 
 /// Like [`snapshot`], but the batch is recorded as committed at `time_ms`
@@ -117,12 +143,13 @@ pub fn snapshot_cut(
 /// history, and for tests and benchmarks of long histories. Refused when
 /// older than the store's newest batch, so batch times stay in order.
 pub fn snapshot_at(store_path: &Path, roots: &[StateDir], time_ms: i64) -> Result<BatchSummary> {
-    take_batch(store_path, roots, None, Some(time_ms))
+    take_batch(store_path, roots, None, None, Some(time_ms))
 }
 
 fn take_batch(
     store_path: &Path,
     roots: &[StateDir],
+    files: Option<&[(Vec<u8>, InodeKey)]>,
     disturbed: Option<&std::sync::atomic::AtomicBool>,
     recorded_at: Option<i64>,
 ) -> Result<BatchSummary> {
@@ -137,11 +164,12 @@ fn take_batch(
     let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
         let reader = store.reader()?;
-        let found = find_changes(store.path(), &reader, roots)?;
+        let mut found = find_changes(store.path(), &reader, roots, files)?;
         if found.iter().all(|r| r.changes.is_empty()) {
             return Ok(BatchSummary {
                 scanned: found.iter().map(|r| r.scanned).sum(),
                 elapsed: started.elapsed(),
+                inodes: take_inodes(&mut found),
                 ..BatchSummary::default()
             });
         }
@@ -162,27 +190,45 @@ fn take_batch(
         }
     }
     // The scan made read-only stands unless another writer committed since.
-    let found = match scanned {
+    let mut found = match scanned {
         Some((last, found)) if last == reader.last_batch()? => found,
-        _ => find_changes(store.path(), &reader, roots)?,
+        _ => find_changes(store.path(), &reader, roots, files)?,
     };
     let mut summary = capture(&store, &reader, &found, started_ms, recorded_at, disturbed)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
+    summary.inodes = take_inodes(&mut found);
     Ok(summary)
 }
 
-/// Diffs every root against the store's latest state.
+fn take_inodes(found: &mut [RootChanges]) -> HashMap<String, InodeIndex> {
+    found
+        .iter_mut()
+        .filter_map(|r| r.inodes.take().map(|index| (r.root.name.clone(), index)))
+        .collect()
+}
+
+/// Diffs every root against the store's latest state: only `files` when
+/// given (one root) and trustworthy, else each whole tree.
 fn find_changes(
     store_path: &Path,
     reader: &Reader,
     roots: &[StateDir],
+    files: Option<&[(Vec<u8>, InodeKey)]>,
 ) -> Result<Vec<RootChanges>> {
     let batch_started: HashMap<u64, i64> = reader
         .batches()?
         .into_iter()
         .map(|(id, batch)| (id, batch.started_ms))
         .collect();
+    if let (Some(files), [root]) = (files, roots) {
+        match crate::scan::diff_files(root, reader, &batch_started, files)? {
+            Some(changes) => return Ok(vec![changes]),
+            None => {
+                tracing::debug!(root = %root.name, "reported files do not tell the whole change: walking the tree")
+            }
+        }
+    }
     // The store may live inside a state directory; it is never captured.
     let store_canonical = std::fs::canonicalize(store_path).ok();
     roots

@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use diffkeeper_common::InodeKey;
 
 use crate::roots::{StateDir, STAGING_PREFIX};
 use crate::store::schema::{EntryKind, VersionRecord};
@@ -33,6 +34,22 @@ pub struct FsEntry {
     pub size: u64,
     /// Symlink target bytes.
     pub target: Vec<u8>,
+    /// Which inode it is, as the kernel tracer names it.
+    pub inode: InodeKey,
+}
+
+/// The regular files of a tree by inode (hard links give an inode several
+/// paths), as of its last full walk: what lets a capture look only at the
+/// files the kernel tracer reported written.
+pub type InodeIndex = HashMap<InodeKey, Vec<Vec<u8>>>;
+
+/// An inode's identity from a stat: the kernel's device encoding.
+pub fn inode_key(dev: u64, ino: u64) -> InodeKey {
+    InodeKey {
+        ino,
+        dev: InodeKey::kernel_dev(rustix::fs::major(dev), rustix::fs::minor(dev)),
+        pad: 0,
+    }
 }
 
 impl FsEntry {
@@ -70,6 +87,7 @@ impl FsEntry {
                 0
             },
             target,
+            inode: inode_key(meta.dev(), meta.ino()),
         }))
     }
 }
@@ -108,6 +126,8 @@ pub struct RootChanges {
     pub changes: Vec<Change>,
     /// Paths seen on disk (for the summary).
     pub scanned: usize,
+    /// The tree's files by inode, when the whole tree was walked.
+    pub inodes: Option<InodeIndex>,
 }
 
 /// Checks that a state directory exists and is a directory.
@@ -200,6 +220,12 @@ pub fn diff_root(
 ) -> Result<RootChanges> {
     let mut on_disk = walk(&root.path, exclude)?;
     let scanned = on_disk.len();
+    let mut inodes = InodeIndex::new();
+    for (path, entry) in &on_disk {
+        if entry.kind == EntryKind::File {
+            inodes.entry(entry.inode).or_default().push(path.clone());
+        }
+    }
     let mut changes = Vec::new();
     for stored in reader.latest(&root.name)? {
         let previous = stored.version;
@@ -233,7 +259,52 @@ pub fn diff_root(
         root: root.clone(),
         changes,
         scanned,
+        inodes: Some(inodes),
     })
+}
+
+/// Compares only `files` (relative path and the inode the tracer reported)
+/// with the store. `None` when that cannot be trusted to be the whole
+/// change, and the tree must be walked: a path that is gone, is no longer a
+/// regular file, is another inode now, or is new to the store.
+pub fn diff_files(
+    root: &StateDir,
+    reader: &Reader,
+    batch_started: &HashMap<u64, i64>,
+    files: &[(Vec<u8>, InodeKey)],
+) -> Result<Option<RootChanges>> {
+    let mut changes = Vec::new();
+    for (path, inode) in files {
+        if crate::roots::check_relative(path).is_err() {
+            return Ok(None);
+        }
+        let full = root.path.join(std::ffi::OsStr::from_bytes(path));
+        let entry = match FsEntry::read(&full) {
+            Ok(Some(entry)) if entry.kind == EntryKind::File && entry.inode == *inode => entry,
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot stat {}", full.display())),
+        };
+        let Some(stored) = reader.latest_of(&root.name, path)? else {
+            return Ok(None);
+        };
+        if stored.version.kind == EntryKind::Tombstone {
+            return Ok(None);
+        }
+        let racy = batch_started
+            .get(&stored.batch)
+            .is_none_or(|&started| is_racy(stored.version.mtime_ns, started));
+        if let Some(change) = compare(path.clone(), entry, stored.version, racy) {
+            changes.push(change);
+        }
+    }
+    changes.sort_by(|a, b| a.path().cmp(b.path()));
+    Ok(Some(RootChanges {
+        root: root.clone(),
+        changes,
+        scanned: files.len(),
+        inodes: None,
+    }))
 }
 
 fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord, racy: bool) -> Option<Change> {

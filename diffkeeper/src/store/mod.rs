@@ -399,6 +399,20 @@ impl Reader {
         Ok(out)
     }
 
+    /// The newest version of one path (a tombstone if it was deleted), or
+    /// `None` when the store never had it.
+    pub fn latest_of(&self, root: &str, path: &[u8]) -> Result<Option<LatestEntry>> {
+        let Some(batch) = self.latest.get((root, path))? else {
+            return Ok(None);
+        };
+        let batch = batch.value();
+        Ok(Some(LatestEntry {
+            path: path.to_vec(),
+            batch,
+            version: self.version(root, path, batch)?,
+        }))
+    }
+
     /// Every path of `root` as it was right after batch `batch` committed,
     /// sorted by path bytes: the newest version at or before that batch,
     /// and a tombstone (with batch 0) for a path that only appeared later,

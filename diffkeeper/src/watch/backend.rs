@@ -5,15 +5,21 @@
 //! The eBPF tracer sees data changes through descriptors and path-based
 //! changes in the kernel at almost no cost per write; what it cannot
 //! attribute there (see [`super::WatchOptions::rescan_interval`]) is caught
-//! by a rescan every --rescan-interval. `auto` uses it when it loads, and
-//! falls back to inotify, then scanning, saying why.
+//! by a rescan every --rescan-interval. It names the files written by
+//! inode, so a capture of a tree where only existing files were written
+//! looks at those files alone; anything else (a create, rename, removal,
+//! chmod by path, a shared writable mapping, a lost event) has the tree
+//! walked. `auto` uses it when it loads, and falls back to inotify, then
+//! scanning, saying why.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use diffkeeper_common::InodeKey;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -34,17 +40,39 @@ pub enum Backend {
     Scan,
 }
 
+/// What a backend knows was written under a state directory since it was
+/// last captured.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// Anything, anywhere in it: the tree must be walked.
+    pub whole: bool,
+    /// Files the kernel tracer reported written, by inode.
+    pub inodes: HashSet<InodeKey>,
+}
+
+impl Dirty {
+    /// Adds what was reported since: a batch that was dropped or failed
+    /// keeps what it was meant to take.
+    pub fn absorb(&mut self, later: Dirty) {
+        self.whole |= later.whole;
+        self.inodes.extend(later.inodes);
+    }
+}
+
 /// The sink backends report into: which state directory was written.
 #[derive(Clone)]
 pub struct Notices {
     tx: UnboundedSender<usize>,
     written: Arc<Vec<Arc<AtomicBool>>>,
+    /// Per directory: something other than a reported file changed.
+    whole: Arc<Vec<AtomicBool>>,
     /// Called before a directory is captured (the eBPF backend clears its
-    /// dirty marks there, so writes during the read are reported again).
+    /// dirty marks there, so writes during the read are reported again,
+    /// and hands over the inodes it had marked).
     before_capture: Arc<std::sync::Mutex<Option<BeforeCapture>>>,
 }
 
-type BeforeCapture = Box<dyn Fn(usize) + Send>;
+type BeforeCapture = Box<dyn Fn(usize) -> Vec<InodeKey> + Send>;
 
 impl Notices {
     pub fn new(tx: UnboundedSender<usize>, roots: usize) -> Notices {
@@ -55,16 +83,31 @@ impl Notices {
                     .map(|_| Arc::new(AtomicBool::new(false)))
                     .collect(),
             ),
+            whole: Arc::new((0..roots).map(|_| AtomicBool::new(false)).collect()),
             before_capture: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
-    /// Tells the backend that `root` is about to be read.
-    pub fn before_capture(&self, root: usize) {
-        if let Ok(hook) = self.before_capture.lock() {
-            if let Some(hook) = hook.as_ref() {
-                hook(root);
-            }
+    /// Tells the backend that `root` is about to be read; returns what it
+    /// knows was written there.
+    pub fn before_capture(&self, root: usize) -> Dirty {
+        let inodes = match self.before_capture.lock() {
+            Ok(hook) => hook.as_ref().map(|hook| hook(root)),
+            Err(_) => None,
+        };
+        let whole = self
+            .whole
+            .get(root)
+            .is_none_or(|flag| flag.swap(false, Ordering::SeqCst));
+        match inodes {
+            Some(inodes) => Dirty {
+                whole,
+                inodes: inodes.into_iter().collect(),
+            },
+            None => Dirty {
+                whole: true,
+                inodes: HashSet::new(),
+            },
         }
     }
 
@@ -74,8 +117,17 @@ impl Notices {
         }
     }
 
-    /// State directory `root` was written.
+    /// Something in state directory `root` changed: the tree is walked.
     pub fn written(&self, root: usize) {
+        if let Some(flag) = self.whole.get(root) {
+            flag.store(true, Ordering::SeqCst);
+        }
+        self.file_written(root);
+    }
+
+    /// A file the backend handed over by inode (see [`Notices::before_capture`])
+    /// was written in `root`; nothing else changed.
+    pub fn file_written(&self, root: usize) {
         if let Some(flag) = self.written.get(root) {
             flag.store(true, Ordering::SeqCst);
         }
@@ -101,6 +153,17 @@ pub enum Source {
         tracer: Arc<std::sync::Mutex<crate::events::Tracer>>,
         rescan: Box<Source>,
     },
+}
+
+impl Source {
+    /// What is watching, for the start-up log line.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Source::Ebpf { .. } => "the eBPF tracer",
+            Source::Inotify(_) => "inotify",
+            Source::Scan(_) => "periodic scans",
+        }
+    }
 }
 
 impl Drop for Source {
@@ -137,10 +200,7 @@ pub fn start(
         Backend::Inotify => inotify(roots, store, notices),
         Backend::Scan => Ok(scan(roots, options.scan_interval, notices)),
         Backend::Auto => match ebpf(roots, options.rescan_interval, notices.clone()) {
-            Ok(source) => {
-                tracing::info!("capturing with the eBPF tracer");
-                Ok(source)
-            }
+            Ok(source) => Ok(source),
             Err(e) => {
                 tracing::warn!("the eBPF tracer cannot run ({e:#}); falling back to inotify");
                 match inotify(roots, store, notices.clone()) {
@@ -165,10 +225,9 @@ const MAPPED_RECHECK: Duration = Duration::from_secs(1);
 /// events into notices (woken by the ring buffer's descriptor), and the
 /// safety-net rescan.
 fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Source> {
-    use std::collections::HashSet;
     use std::sync::Mutex;
 
-    use diffkeeper_common::{counter, InodeKey};
+    use diffkeeper_common::counter;
 
     let paths = canonical_roots(roots)?;
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
@@ -187,15 +246,16 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                     .get_mut(root)
                     .map(|d| d.drain().collect())
                     .unwrap_or_default(),
-                Err(_) => return,
+                Err(_) => return Vec::new(),
             };
             if let Ok(mut tracer) = tracer.lock() {
-                for key in keys {
-                    if let Err(e) = tracer.clear(&key) {
+                for key in &keys {
+                    if let Err(e) = tracer.clear(key) {
                         tracing::warn!("{e:#}");
                     }
                 }
             }
+            keys
         }));
     }
 
@@ -273,7 +333,11 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                         set.insert(event.key());
                     }
                 }
-                task_notices.written(event.root as usize);
+                if event.is_namespace() {
+                    task_notices.written(event.root as usize);
+                } else {
+                    task_notices.file_written(event.root as usize);
+                }
             }
         }
     });

@@ -26,9 +26,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::capture::{snapshot_cut, BatchSummary};
+use crate::capture::{snapshot_cut, snapshot_files, BatchSummary};
 use crate::roots::StateDir;
+use crate::scan::InodeIndex;
 pub use backend::Backend;
+use diffkeeper_common::InodeKey;
 
 /// How the capture loop behaves.
 #[derive(Debug, Clone)]
@@ -93,6 +95,8 @@ struct Pending {
     /// I/O error), and when the next try is due.
     failures: u32,
     retry_at: Option<Instant>,
+    /// What the backend reported written, kept until a batch takes it.
+    dirty: backend::Dirty,
 }
 
 impl Pending {
@@ -132,6 +136,8 @@ pub struct CaptureLoop {
     rx: mpsc::UnboundedReceiver<usize>,
     _source: backend::Source,
     summary: LoopSummary,
+    /// Per root, its files by inode as of its last walk.
+    inodes: Vec<Option<InodeIndex>>,
 }
 
 impl CaptureLoop {
@@ -145,10 +151,21 @@ impl CaptureLoop {
         let (tx, rx) = mpsc::unbounded_channel::<usize>();
         let notices = backend::Notices::new(tx, roots.len());
         let source = backend::start(options, roots, store, notices.clone())?;
+        tracing::info!(
+            "watching {} with {}",
+            roots
+                .iter()
+                .map(|r| format!("{}={}", r.name, r.path.display()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            source.describe()
+        );
         let mut summary = LoopSummary::default();
-        if capture_now(store, roots, None).await?.batch.is_some() {
+        let mut first = capture_now(store, roots, None, None).await?;
+        if first.batch.is_some() {
             summary.batches += 1;
         }
+        let inodes = roots.iter().map(|r| first.inodes.remove(&r.name)).collect();
         Ok(CaptureLoop {
             store: store.to_path_buf(),
             roots: roots.to_vec(),
@@ -157,6 +174,7 @@ impl CaptureLoop {
             rx,
             _source: source,
             summary,
+            inodes,
         })
     }
 
@@ -193,7 +211,9 @@ impl CaptureLoop {
                 }
                 _ = tick.tick() => {
                     for index in due(&pending, &self.options) {
-                        self.notices.before_capture(index);
+                        let reported = self.notices.before_capture(index);
+                        pending[index].dirty.absorb(reported);
+                        let files = reported_files(self.inodes[index].as_ref(), &pending[index].dirty);
                         let root = &self.roots[index];
                         let failures = pending[index].failures;
                         match capture_root(
@@ -202,10 +222,14 @@ impl CaptureLoop {
                             &mut pending[index],
                             self.notices.flag(index),
                             &self.options,
+                            files,
                         )
                         .await
                         {
-                            Ok(outcome) => {
+                            Ok(mut outcome) => {
+                                if let Some(walked) = outcome.inodes.take() {
+                                    self.inodes[index] = Some(walked);
+                                }
                                 pending[index].failures = 0;
                                 pending[index].retry_at = None;
                                 if failures > 0 {
@@ -237,7 +261,7 @@ impl CaptureLoop {
         let mut tries = 0;
         let last = loop {
             tries += 1;
-            match capture_now(&self.store, &self.roots, None).await {
+            match capture_now(&self.store, &self.roots, None, None).await {
                 Ok(last) => break last,
                 Err(e) if tries < FINAL_TRIES => {
                     tracing::error!(
@@ -308,6 +332,28 @@ fn due(pending: &[Pending], options: &WatchOptions) -> Vec<usize> {
 struct CaptureOutcome {
     committed: bool,
     dropped: bool,
+    /// The root's files by inode, when the capture walked it.
+    inodes: Option<InodeIndex>,
+}
+
+/// The files to capture, when the tracer's reports tell the whole change
+/// and each reported inode has a known path; `None` to walk the tree.
+fn reported_files(
+    index: Option<&InodeIndex>,
+    dirty: &backend::Dirty,
+) -> Option<Vec<(Vec<u8>, InodeKey)>> {
+    if dirty.whole {
+        return None;
+    }
+    let index = index?;
+    let mut files = Vec::new();
+    for inode in &dirty.inodes {
+        // Not in the last walk: a new file, so the tree has new paths.
+        for path in index.get(inode)? {
+            files.push((path.clone(), *inode));
+        }
+    }
+    Some(files)
 }
 
 /// Captures one due directory. `written` is set by the backend on every
@@ -318,18 +364,21 @@ async fn capture_root(
     pending: &mut Pending,
     written: Arc<AtomicBool>,
     options: &WatchOptions,
+    files: Option<Vec<(Vec<u8>, InodeKey)>>,
 ) -> Result<CaptureOutcome> {
     let first = pending.first.unwrap_or_else(Instant::now);
     // Under continuous writes, or after repeated drops, the batch is taken
     // even if written while read: capture at least every max latency.
     let overdue = first.elapsed() >= options.max_latency || pending.drops >= MAX_DROPS;
     written.store(false, Ordering::SeqCst);
-    let result = capture_now(
+    let mut result = capture_now(
         store,
         std::slice::from_ref(root),
+        files,
         (!overdue).then_some(written),
     )
     .await?;
+    let inodes = result.inodes.remove(&root.name);
     if result.disturbed {
         pending.drops += 1;
         // Wait for the next quiet moment; `first` stays, so the maximum
@@ -339,6 +388,7 @@ async fn capture_root(
         return Ok(CaptureOutcome {
             committed: false,
             dropped: true,
+            inodes,
         });
     }
     if result.batch.is_some() {
@@ -350,6 +400,7 @@ async fn capture_root(
     Ok(CaptureOutcome {
         committed: result.batch.is_some(),
         dropped: false,
+        inodes,
     })
 }
 
@@ -363,15 +414,19 @@ const STORE_BUSY_WARNING: Duration = Duration::from_secs(60);
 async fn capture_now(
     store: &Path,
     roots: &[StateDir],
+    files: Option<Vec<(Vec<u8>, InodeKey)>>,
     disturbed: Option<Arc<AtomicBool>>,
 ) -> Result<BatchSummary> {
     let mut last_said: Option<Instant> = None;
     loop {
         let (path, dirs, flag) = (store.to_path_buf(), roots.to_vec(), disturbed.clone());
-        let result =
-            tokio::task::spawn_blocking(move || snapshot_cut(&path, &dirs, flag.as_deref()))
-                .await
-                .context("capture task failed")?;
+        let files = files.clone();
+        let result = tokio::task::spawn_blocking(move || match (files, dirs.as_slice()) {
+            (Some(files), [root]) => snapshot_files(&path, root, &files, flag.as_deref()),
+            _ => snapshot_cut(&path, &dirs, flag.as_deref()),
+        })
+        .await
+        .context("capture task failed")?;
         match result {
             Err(e)
                 if e.chain().any(|c| {
