@@ -1,4 +1,4 @@
-//! `cargo xtask bench [delta|replay|tracer]... [--keep]`: DiffKeeper against
+//! `cargo xtask bench [delta|replay|history|tracer|tree]... [--keep]`: DiffKeeper against
 //! its peers, each measured in the same run on the same input and reported as
 //! ratios (these machines are noisy; only ratios within one run mean much).
 //! Every timed command runs [`RUNS`] times; the median time is reported,
@@ -19,6 +19,12 @@
 //! - `tracer` ([`tracer`]): an app doing 4 KiB pwrite calls into a watched
 //!   tree, at full speed and at 100k calls/s, with no agent, with `watch
 //!   --backend ebpf` and with `watch --backend inotify`.
+//! - `history` ([`history`]): a week of batches over a ~100 MB tree, then
+//!   retention: store size before and after, compaction time, restore of
+//!   the oldest kept moment against the newest.
+//! - `tree` ([`tree`]): single in-place writes in a 100,000-file tree under
+//!   `watch`: the batch time and agent CPU with eBPF (which names the
+//!   written file) against inotify (whose batches walk the tree).
 //!
 //! With no name, all run. Missing peers (`sqlite3`, `bsdiff`, `xdelta3`,
 //! `zstd`, GNU `time`) are installed with apt-get. Work files live in a
@@ -35,6 +41,7 @@ mod history;
 mod measure;
 mod replay;
 mod tracer;
+mod tree;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -50,7 +57,7 @@ pub use tracer::writer;
 pub(crate) const RUNS: usize = 3;
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 4] = ["delta", "replay", "history", "tracer"];
+const BENCHMARKS: [&str; 5] = ["delta", "replay", "history", "tracer", "tree"];
 
 /// What every benchmark gets: the binary under test and a work directory.
 pub(crate) struct Bench {
@@ -142,6 +149,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "delta" => delta::run(&bench),
             "replay" => replay::run(&bench),
             "history" => history::run(&bench),
+            "tree" => tree::run(&bench),
             _ => tracer::run(&bench),
         }
         .with_context(|| format!("benchmark {name} failed"))?;

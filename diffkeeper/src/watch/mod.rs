@@ -162,6 +162,7 @@ impl CaptureLoop {
         );
         let mut summary = LoopSummary::default();
         let mut first = capture_now(store, roots, None, None).await?;
+        tracing::info!("start-up capture: {first}");
         if first.batch.is_some() {
             summary.batches += 1;
         }
