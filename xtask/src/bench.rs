@@ -23,8 +23,9 @@
 //!   retention: store size before and after, compaction time, restore of
 //!   the oldest kept moment against the newest.
 //! - `tree` ([`tree`]): single in-place writes in a 100,000-file tree under
-//!   `watch`: the batch time and agent CPU with eBPF (which names the
-//!   written file) against inotify (whose batches walk the tree).
+//!   `watch`: the batch time and agent CPU with eBPF and inotify (which name
+//!   the written file) against the scan backend (whose batches walk the
+//!   tree).
 //!
 //! With no name, all run. Missing peers (`sqlite3`, `bsdiff`, `xdelta3`,
 //! `zstd`, GNU `time`) are installed with apt-get. Work files live in a

@@ -5,12 +5,14 @@
 //! The eBPF tracer sees data changes through descriptors and path-based
 //! changes in the kernel at almost no cost per write; what it cannot
 //! attribute there (see [`super::WatchOptions::rescan_interval`]) is caught
-//! by a rescan every --rescan-interval. It names the files written by
-//! inode, so a capture of a tree where only existing files were written
-//! looks at those files alone; anything else (a create, rename, removal,
-//! chmod by path, a shared writable mapping, a lost event) has the tree
-//! walked. `auto` uses it when it loads, and falls back to inotify, then
-//! scanning, saying why.
+//! by a rescan every --rescan-interval. `auto` uses it when it loads, and
+//! falls back to inotify, then scanning, saying why.
+//!
+//! The eBPF tracer names the files written by inode, inotify by path: a
+//! capture of a tree where only existing files were written looks at those
+//! files alone. Anything else (a create, rename, removal, chmod, a shared
+//! writable mapping, a lost event) marks the tree [`Dirty::whole`], to be
+//! walked, as every notice of the scan backend does.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -48,6 +50,8 @@ pub struct Dirty {
     pub whole: bool,
     /// Files the kernel tracer reported written, by inode.
     pub inodes: HashSet<InodeKey>,
+    /// Files inotify reported written, by path relative to the root.
+    pub paths: HashSet<Vec<u8>>,
 }
 
 impl Dirty {
@@ -56,7 +60,26 @@ impl Dirty {
     pub fn absorb(&mut self, later: Dirty) {
         self.whole |= later.whole;
         self.inodes.extend(later.inodes);
+        self.paths.extend(later.paths);
     }
+}
+
+/// What a backend reported per root and no capture has taken yet.
+type Reported = Arc<std::sync::Mutex<Vec<Dirty>>>;
+
+fn reported(roots: usize) -> Reported {
+    Arc::new(std::sync::Mutex::new(
+        (0..roots).map(|_| Dirty::default()).collect(),
+    ))
+}
+
+/// Hands over what was reported for `root`.
+fn take(reported: &Reported, root: usize) -> Dirty {
+    reported
+        .lock()
+        .ok()
+        .and_then(|mut r| r.get_mut(root).map(std::mem::take))
+        .unwrap_or_default()
 }
 
 /// The sink backends report into: which state directory was written.
@@ -72,7 +95,7 @@ pub struct Notices {
     before_capture: Arc<std::sync::Mutex<Option<BeforeCapture>>>,
 }
 
-type BeforeCapture = Box<dyn Fn(usize) -> Vec<InodeKey> + Send>;
+type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
 
 impl Notices {
     pub fn new(tx: UnboundedSender<usize>, roots: usize) -> Notices {
@@ -91,7 +114,7 @@ impl Notices {
     /// Tells the backend that `root` is about to be read; returns what it
     /// knows was written there.
     pub fn before_capture(&self, root: usize) -> Dirty {
-        let inodes = match self.before_capture.lock() {
+        let files = match self.before_capture.lock() {
             Ok(hook) => hook.as_ref().map(|hook| hook(root)),
             Err(_) => None,
         };
@@ -99,16 +122,12 @@ impl Notices {
             .whole
             .get(root)
             .is_none_or(|flag| flag.swap(false, Ordering::SeqCst));
-        match inodes {
-            Some(inodes) => Dirty {
-                whole,
-                inodes: inodes.into_iter().collect(),
-            },
-            None => Dirty {
-                whole: true,
-                inodes: HashSet::new(),
-            },
-        }
+        let mut dirty = files.unwrap_or(Dirty {
+            whole: true,
+            ..Dirty::default()
+        });
+        dirty.whole |= whole;
+        dirty
     }
 
     fn set_before_capture(&self, hook: BeforeCapture) {
@@ -125,8 +144,9 @@ impl Notices {
         self.file_written(root);
     }
 
-    /// A file the backend handed over by inode (see [`Notices::before_capture`])
-    /// was written in `root`; nothing else changed.
+    /// A file the backend hands over by inode or path (see
+    /// [`Notices::before_capture`]) was written in `root`; nothing else
+    /// changed.
     pub fn file_written(&self, root: usize) {
         if let Some(flag) = self.written.get(root) {
             flag.store(true, Ordering::SeqCst);
@@ -233,29 +253,22 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let tracer = Arc::new(Mutex::new(crate::events::Tracer::start(&refs)?));
     // Inodes reported per root and not yet taken by a capture.
-    let dirty: Arc<Mutex<Vec<HashSet<InodeKey>>>> =
-        Arc::new(Mutex::new(vec![HashSet::new(); roots.len()]));
+    let dirty = reported(roots.len());
 
     {
         // Before a root is read, its marks are cleared: a write during the
         // read is reported again and disturbs the batch.
         let (tracer, dirty) = (tracer.clone(), dirty.clone());
         notices.set_before_capture(Box::new(move |root| {
-            let keys: Vec<InodeKey> = match dirty.lock() {
-                Ok(mut dirty) => dirty
-                    .get_mut(root)
-                    .map(|d| d.drain().collect())
-                    .unwrap_or_default(),
-                Err(_) => return Vec::new(),
-            };
+            let taken = take(&dirty, root);
             if let Ok(mut tracer) = tracer.lock() {
-                for key in &keys {
+                for key in &taken.inodes {
                     if let Err(e) = tracer.clear(key) {
                         tracing::warn!("{e:#}");
                     }
                 }
             }
-            keys
+            taken
         }));
     }
 
@@ -330,7 +343,7 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                 }
                 if let Ok(mut dirty) = dirty.lock() {
                     if let Some(set) = dirty.get_mut(event.root as usize) {
-                        set.insert(event.key());
+                        set.inodes.insert(event.key());
                     }
                 }
                 if event.is_namespace() {
@@ -379,6 +392,12 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
     let canonical = canonical_roots(roots)?;
     let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
     let roots_for_events = canonical.clone();
+    // Files written in place, by path, until a capture takes them.
+    let written = reported(roots.len());
+    {
+        let written = written.clone();
+        notices.set_before_capture(Box::new(move |root| take(&written, root)));
+    }
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let event = match event {
             Ok(event) => event,
@@ -405,8 +424,26 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
                     .ok()
                     .and_then(|rel| rel.components().next())
                     .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with(STAGING_PREFIX));
-                if !inside_staging {
-                    notices.written(root);
+                if inside_staging {
+                    continue;
+                }
+                let relative = path
+                    .strip_prefix(&roots_for_events[root])
+                    .ok()
+                    .map(|rel| rel.as_os_str().as_encoded_bytes().to_vec())
+                    .filter(|rel| !rel.is_empty());
+                match relative {
+                    // Only the file's data changed: the capture may look at
+                    // it alone.
+                    Some(rel) if writes_data(&event.kind) => {
+                        if let Ok(mut written) = written.lock() {
+                            if let Some(dirty) = written.get_mut(root) {
+                                dirty.paths.insert(rel);
+                            }
+                        }
+                        notices.file_written(root);
+                    }
+                    _ => notices.written(root),
                 }
             }
         }
@@ -418,6 +455,18 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
             .with_context(|| format!("cannot watch {} ({})", root.path.display(), root.name))?;
     }
     Ok(Source::Inotify(watcher))
+}
+
+/// Whether an event says only that an existing file's data was written.
+fn writes_data(kind: &EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, DataChange, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Data(
+                DataChange::Any | DataChange::Content | DataChange::Size
+            ))
+    )
 }
 
 /// Whether an event may have changed what a capture records (our own reads

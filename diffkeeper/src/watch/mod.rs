@@ -18,6 +18,9 @@
 
 pub mod backend;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -214,7 +217,7 @@ impl CaptureLoop {
                     for index in due(&pending, &self.options) {
                         let reported = self.notices.before_capture(index);
                         pending[index].dirty.absorb(reported);
-                        let files = reported_files(self.inodes[index].as_ref(), &pending[index].dirty);
+                        let files = reported_files(&self.roots[index].path, self.inodes[index].as_ref(), &pending[index].dirty);
                         let root = &self.roots[index];
                         let failures = pending[index].failures;
                         match capture_root(
@@ -337,9 +340,13 @@ struct CaptureOutcome {
     inodes: Option<InodeIndex>,
 }
 
-/// The files to capture, when the tracer's reports tell the whole change
-/// and each reported inode has a known path; `None` to walk the tree.
+/// The files to capture, with the inode each should be: every path of each
+/// inode reported (by the tracer, or found from a path inotify reported),
+/// so a write through one hard link captures all its names. `None`, to walk
+/// the tree, when the reports do not tell the whole change or an inode is
+/// not in the last walk (a new file: the tree has new paths).
 fn reported_files(
+    root: &Path,
     index: Option<&InodeIndex>,
     dirty: &backend::Dirty,
 ) -> Option<Vec<(Vec<u8>, InodeKey)>> {
@@ -347,13 +354,19 @@ fn reported_files(
         return None;
     }
     let index = index?;
+    let mut inodes: Vec<InodeKey> = dirty.inodes.iter().copied().collect();
+    for path in &dirty.paths {
+        let meta = std::fs::symlink_metadata(root.join(OsStr::from_bytes(path))).ok()?;
+        inodes.push(crate::scan::inode_key(meta.dev(), meta.ino()));
+    }
     let mut files = Vec::new();
-    for inode in &dirty.inodes {
-        // Not in the last walk: a new file, so the tree has new paths.
-        for path in index.get(inode)? {
-            files.push((path.clone(), *inode));
+    for inode in inodes {
+        for path in index.get(&inode)? {
+            files.push((path.clone(), inode));
         }
     }
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files.dedup_by(|a, b| a.0 == b.0);
     Some(files)
 }
 
