@@ -60,8 +60,19 @@ fn wait_captured(what: &str, backend: &str, state: &Path, store: &Path, scratch:
     }
 }
 
+/// The tests here change how inotify instances are made (a global
+/// setting): one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[test]
 fn every_write_pattern_is_captured_while_watching() {
+    let _serial = serial();
     for backend in ["ebpf", "inotify", "scan"] {
         let work = tempfile::tempdir().expect("tempdir");
         let state = work.path().join("state");
@@ -174,4 +185,92 @@ fn every_write_pattern_is_captured_while_watching() {
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
         assert_eq!(watcher.wait().expect("wait").code(), Some(0), "{backend}");
     }
+}
+
+/// The kernel's limit on queued events of inotify instances created while
+/// it is set; the old value is put back when dropped.
+struct InotifyQueueLimit(String);
+
+const INOTIFY_QUEUE: &str = "/proc/sys/fs/inotify/max_queued_events";
+
+impl InotifyQueueLimit {
+    fn set(events: u32) -> InotifyQueueLimit {
+        let old = fs::read_to_string(INOTIFY_QUEUE).expect("read the inotify queue limit");
+        fs::write(INOTIFY_QUEUE, events.to_string()).expect("set the inotify queue limit");
+        InotifyQueueLimit(old)
+    }
+}
+
+impl Drop for InotifyQueueLimit {
+    fn drop(&mut self) {
+        let _ = fs::write(INOTIFY_QUEUE, self.0.trim());
+    }
+}
+
+/// When inotify's queue overflows, the events it lost named files that
+/// were written: the tree must be walked, or those writes never reach the
+/// store (the watcher names written files, and captures only those, when
+/// no event was lost).
+#[test]
+fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
+    let _serial = serial();
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let scratch = work.path().join("scratch");
+    let store = work.path().join("store.dk");
+    let log = work.path().join("watch.log");
+    fs::create_dir_all(&state).expect("mkdir");
+    const FILES: usize = 200;
+    for i in 0..FILES {
+        fs::write(
+            state.join(format!("f{i:03}")),
+            format!("version 1 of {i:03}"),
+        )
+        .expect("write");
+    }
+    let limit = InotifyQueueLimit::set(16);
+    let watcher = common::Reaped(
+        Command::new(BIN)
+            .args(["watch", "--state-dir", &format!("data={}", s(&state))])
+            .args(["--store", s(&store), "--backend", "inotify"])
+            .args(["--debounce", "50ms", "--max-latency", "1s"])
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn watch"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("start-up capture")
+    {
+        assert!(Instant::now() < deadline, "watch did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(limit);
+    wait_captured("initial state", "inotify", &state, &store, &scratch);
+
+    // Stopped, the watcher reads no events: the writes' events overflow
+    // its queue of 16.
+    let pid = rustix::process::Pid::from_raw(watcher.0.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    for i in 0..FILES {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state.join(format!("f{i:03}")))
+            .expect("open");
+        file.write_all_at(b"2", 8).expect("write in place");
+    }
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    wait_captured(
+        "writes whose events overflowed the queue",
+        "inotify",
+        &state,
+        &store,
+        &scratch,
+    );
+    let said = fs::read_to_string(&log).expect("log");
+    assert!(
+        said.contains("overflowed"),
+        "no overflow was reported: {said}"
+    );
 }

@@ -399,18 +399,22 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
         notices.set_before_capture(Box::new(move |root| take(&written, root)));
     }
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let event = match event {
-            Ok(event) => event,
-            Err(e) => {
-                // Lost events (queue overflow): treat every tree as written
-                // so the next capture rescans it.
-                tracing::warn!("inotify: {e}; rescanning every state directory");
-                for root in 0..roots_for_events.len() {
-                    notices.written(root);
-                }
-                return;
-            }
+        // Events were lost: the kernel's queue overflowed (that event
+        // names no path) or a watch could not be added. Every tree is
+        // walked.
+        let lost = match &event {
+            Ok(event) if event.need_rescan() => Some("its event queue overflowed".to_string()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
         };
+        if let Some(why) = lost {
+            tracing::warn!("inotify: {why}; rescanning every state directory");
+            for root in 0..roots_for_events.len() {
+                notices.written(root);
+            }
+            return;
+        }
+        let Ok(event) = event else { return };
         if !changes_content(&event.kind) {
             return;
         }
