@@ -708,15 +708,26 @@ fn unchanged_files_cost_no_store_writes() {
 
     // Files written just now: a snapshot right after the first one reads
     // them again (their mtimes are too recent to trust) but finds nothing;
-    // once the mtimes settle (see scan::RACY_WINDOW_NS) one metadata batch
-    // records that, and after that nothing is read or written.
+    // once the mtimes settle (see scan::RACY_WINDOW_NS) one commit records
+    // that, adding no batch and no version (the history shows only real
+    // changes), and after that nothing is read or written.
     let store = work.path().join("store-new.dk");
     let new = work.path().join("new");
     build_tree(&new, &mut Rng::new(0x5eed_0004), 40);
     snapshot(&new, &store);
+    let recorded = json(&["stats", "--store", s(&store), "--json"]);
     std::thread::sleep(Duration::from_millis(2200));
-    snapshot(&new, &store);
+    let settling = snapshot(&new, &store);
+    assert!(
+        settling["batch"].is_null() && u64_of(&settling, "settled") == files(&new).len() as u64,
+        "every file is settled, with no batch: {settling}"
+    );
     let before = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(
+        (&recorded["batches"], &recorded["versions"]),
+        (&before["batches"], &before["versions"]),
+        "settling added to the history"
+    );
     let store_bytes = fs::read(&store).expect("read store");
     for _ in 0..2 {
         let summary = snapshot(&new, &store);

@@ -958,3 +958,45 @@ fn a_same_tick_rewrite_is_still_caught_after_compaction() {
         other => panic!("f restored as {other:?}"),
     }
 }
+
+/// A file read too soon after its write is read again until its mtime can
+/// be trusted; that settling adds no batch, and compaction keeps it with
+/// the version it names, so the file is not read again afterwards.
+#[test]
+fn settling_adds_no_history_and_survives_compaction() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = (work.path().join("state"), work.path().join("s.dk"));
+    fs::create_dir_all(&state).expect("mkdir");
+    let snapshot = || {
+        json(&[
+            "snapshot",
+            "--json",
+            "--store",
+            s(&store),
+            "--state-dir",
+            &root_arg(&state),
+        ])
+    };
+    fs::write(state.join("f"), b"written just now").expect("write");
+    assert_eq!(snapshot()["batch"], 1);
+    std::thread::sleep(Duration::from_millis(2200));
+    let settling = snapshot();
+    assert!(
+        settling["batch"].is_null() && settling["settled"] == 1,
+        "{settling}"
+    );
+    assert_eq!(batch_ids(&store), [1]);
+    fs::write(state.join("g"), b"1").expect("write");
+    assert_eq!(snapshot()["batch"], 2);
+    // f's version moves into batch 2, which takes batch 1's scan start.
+    ok(&["compact", "--store", s(&store), "--keep-last", "1"]);
+    assert_eq!(batch_ids(&store), [2]);
+    std::thread::sleep(Duration::from_millis(2200));
+    let after = snapshot();
+    assert!(
+        after["batch"].is_null() && after["settled"] == 1,
+        "only g, written just before batch 2, is read again: {after}"
+    );
+    let again = snapshot();
+    assert!(again["batch"].is_null() && again["settled"] == 0, "{again}");
+}

@@ -259,6 +259,8 @@ enum Message {
         path: Vec<u8>,
         record: VersionRecord,
     },
+    /// The path's newest version was read again and found unchanged.
+    Settled { root: String, path: Vec<u8> },
 }
 
 enum Outcome {
@@ -268,7 +270,8 @@ enum Outcome {
         stored: u64,
     },
     UnchangedContent,
-    /// Unchanged, recorded again with a settled mtime.
+    /// Unchanged, and its mtime is now old enough to trust: marked
+    /// settled, no new version.
     Settled,
     Vanished,
     Failed(PathBuf, String),
@@ -344,6 +347,7 @@ fn capture(
                 Message::Version { root, path, record } => {
                     writer.put_version(&root, &path, &record)
                 }
+                Message::Settled { root, path } => writer.settle(&root, &path, started_ms),
             };
         }
         (handle.join(), write_result)
@@ -382,6 +386,11 @@ fn capture(
     }
     if disturbed.is_some_and(|d| d.load(Ordering::SeqCst)) {
         summary.disturbed = true;
+        return Ok(summary);
+    }
+    if files_changed == 0 {
+        // Only files found unchanged: no new moment in the history.
+        writer.commit_settled_only()?;
         return Ok(summary);
     }
     let record = BatchRecord {
@@ -443,17 +452,16 @@ impl Workers<'_> {
                             }
                             // Read again only because the stored version was
                             // racy: once the mtime is clearly older than this
-                            // batch, a metadata-only version makes size and
-                            // mtime trustworthy again, so it is not re-read on
-                            // every snapshot.
+                            // batch, marking it settled makes size and mtime
+                            // trustworthy again, so it is not re-read on every
+                            // snapshot.
                             FileCapture::Unchanged(now)
                                 if *recheck
                                     && !crate::scan::is_racy(now.mtime_ns, self.started_ms) =>
                             {
-                                self.send(Message::Version {
+                                self.send(Message::Settled {
                                     root: root.name.clone(),
                                     path: path.clone(),
-                                    record: now,
                                 })?;
                                 return Ok(Outcome::Settled);
                             }

@@ -18,7 +18,7 @@ use diffkeeper_common::InodeKey;
 
 use crate::roots::{StateDir, STAGING_PREFIX};
 use crate::store::schema::{EntryKind, VersionRecord};
-use crate::store::Reader;
+use crate::store::{LatestEntry, Reader};
 
 /// A file's modification time in nanoseconds since the Unix epoch.
 pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
@@ -210,6 +210,27 @@ pub fn is_racy(mtime_ns: i64, started_ms: i64) -> bool {
     mtime_ns >= started_ms.saturating_mul(1_000_000) - RACY_WINDOW_NS
 }
 
+/// Whether the size and mtime of `stored` (a version of `root`'s) cannot
+/// prove the file unchanged: every read of it so far (by the capture of its
+/// batch, or a later one that found it unchanged) started too soon after
+/// its mtime.
+fn stored_is_racy(
+    reader: &Reader,
+    root: &str,
+    stored: &LatestEntry,
+    batch_started: &HashMap<u64, i64>,
+) -> Result<bool> {
+    let captured = batch_started.get(&stored.batch).copied();
+    let mtime = stored.version.mtime_ns;
+    if captured.is_some_and(|started| !is_racy(mtime, started)) {
+        return Ok(false);
+    }
+    let settled = reader.settled_ms(root, &stored.path, stored.batch)?;
+    Ok(captured
+        .max(settled)
+        .is_none_or(|started| is_racy(mtime, started)))
+}
+
 /// Compares a root on disk with the store's latest state of it.
 /// `batch_started` maps batch ids to their scan start times.
 pub fn diff_root(
@@ -228,17 +249,14 @@ pub fn diff_root(
     }
     let mut changes = Vec::new();
     for stored in reader.latest(&root.name)? {
-        let previous = stored.version;
-        if previous.kind == EntryKind::Tombstone {
+        if stored.version.kind == EntryKind::Tombstone {
             continue;
         }
         match on_disk.remove(&stored.path) {
             None => changes.push(Change::Delete { path: stored.path }),
             Some(entry) => {
-                let racy = batch_started
-                    .get(&stored.batch)
-                    .is_none_or(|&started| is_racy(previous.mtime_ns, started));
-                if let Some(change) = compare(stored.path, entry, previous, racy) {
+                let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
+                if let Some(change) = compare(stored.path, entry, stored.version, racy) {
                     changes.push(change);
                 }
             }
@@ -291,9 +309,7 @@ pub fn diff_files(
         if stored.version.kind == EntryKind::Tombstone {
             return Ok(None);
         }
-        let racy = batch_started
-            .get(&stored.batch)
-            .is_none_or(|&started| is_racy(stored.version.mtime_ns, started));
+        let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
         if let Some(change) = compare(path.clone(), entry, stored.version, racy) {
             changes.push(change);
         }

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
     CHUNKS, CHUNK_INDEX, GAPS, LATEST, META, META_CREATED_MS, META_RETENTION, META_SCHEMA_VERSION,
-    PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, VERSIONS,
+    PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SETTLED, VERSIONS,
 };
 
 /// Typed store failures callers may want to tell apart.
@@ -207,12 +207,9 @@ impl Store {
             chunks: txn.open_table(CHUNKS)?,
             chunk_index: txn.open_table(CHUNK_INDEX)?,
             payload: txn.open_table(PAYLOAD)?,
-            // Stores that were never compacted may not have this table.
-            gaps: match txn.open_table(GAPS) {
-                Ok(table) => Some(table),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(e.into()),
-            },
+            // Tables that older stores may not have (see `schema`).
+            gaps: optional_table(&txn, GAPS)?,
+            settled: optional_table(&txn, SETTLED)?,
             path: self.path.clone(),
         })
     }
@@ -292,6 +289,18 @@ impl Store {
     }
 }
 
+/// A table that stores written by older builds may lack.
+fn optional_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<Option<ReadOnlyTable<K, V>>> {
+    match txn.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// How long opening a store waits for another process to release it.
 /// Batches commit in milliseconds; a `compact` of a large store can take
 /// seconds.
@@ -350,13 +359,17 @@ pub struct LatestEntry {
 pub struct Reader {
     batches: ReadOnlyTable<u64, &'static [u8]>,
     versions: ReadOnlyTable<(&'static str, &'static [u8], u64), &'static [u8]>,
-    latest: ReadOnlyTable<(&'static str, &'static [u8]), u64>,
+    latest: ReadOnlyTable<PathKey, u64>,
     chunks: ReadOnlyTable<u64, &'static [u8]>,
     chunk_index: ReadOnlyTable<&'static [u8; 32], u64>,
     payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
     gaps: Option<ReadOnlyTable<u64, i64>>,
+    settled: Option<ReadOnlyTable<PathKey, (u64, i64)>>,
     path: PathBuf,
 }
+
+/// A `(root, path)` key, as `latest` and `settled` have.
+type PathKey = (&'static str, &'static [u8]);
 
 impl Reader {
     /// The store file this reader reads.
@@ -487,6 +500,20 @@ impl Reader {
             Some(gaps) => Ok(gaps.get(batch)?.map(|v| v.value())),
             None => Ok(None),
         }
+    }
+
+    /// When a capture that found `root`/`path`'s version of `batch`
+    /// unchanged on disk started, if one did after that batch (see
+    /// `schema`, settled versions).
+    pub fn settled_ms(&self, root: &str, path: &[u8], batch: u64) -> Result<Option<i64>> {
+        let Some(settled) = &self.settled else {
+            return Ok(None);
+        };
+        Ok(settled
+            .get((root, path))?
+            .map(|v| v.value())
+            .filter(|&(of, _)| of == batch)
+            .map(|(_, ms)| ms))
     }
 
     /// One version record.
@@ -907,6 +934,26 @@ impl BatchWriter {
         Ok(())
     }
 
+    /// Records that `root`/`path`'s newest version was found unchanged on
+    /// disk by a capture whose scan started at `started_ms`.
+    pub fn settle(&mut self, root: &str, path: &[u8], started_ms: i64) -> Result<()> {
+        let batch = self
+            .txn
+            .open_table(LATEST)?
+            .get((root, path))?
+            .map(|b| b.value())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "{root}:{} was compared with the store but has no version",
+                    String::from_utf8_lossy(path)
+                ))
+            })?;
+        self.txn
+            .open_table(SETTLED)?
+            .insert((root, path), (batch, started_ms))?;
+        Ok(())
+    }
+
     /// Commits the batch durably. Nothing of it is visible before this returns.
     pub fn commit(self, record: &BatchRecord) -> Result<u64> {
         self.txn
@@ -914,6 +961,13 @@ impl BatchWriter {
             .insert(self.batch, encode(record).as_slice())?;
         self.txn.commit()?;
         Ok(self.batch)
+    }
+
+    /// Commits what was settled (see [`BatchWriter::settle`]) when nothing
+    /// changed: no batch is recorded, the history stays as it was.
+    pub fn commit_settled_only(self) -> Result<()> {
+        self.txn.commit()?;
+        Ok(())
     }
 }
 
@@ -928,7 +982,7 @@ pub struct HistoryEditor {
 impl HistoryEditor {
     pub fn remove_version(&mut self, root: &str, path: &[u8], batch: u64) -> Result<()> {
         self.txn.open_table(VERSIONS)?.remove((root, path, batch))?;
-        Ok(())
+        self.move_settled(root, path, batch, None)
     }
 
     /// Moves a version to another batch id, record unchanged.
@@ -944,6 +998,24 @@ impl HistoryEditor {
                 ))
             })?;
         table.insert((root, path, to), record.as_slice())?;
+        drop(table);
+        self.move_settled(root, path, from, Some(to))
+    }
+
+    /// Keeps a path's settled mark with the version it names: moved to
+    /// batch `to`, or dropped with the version.
+    fn move_settled(&mut self, root: &str, path: &[u8], from: u64, to: Option<u64>) -> Result<()> {
+        let mut settled = self.txn.open_table(SETTLED)?;
+        let Some((batch, ms)) = settled.get((root, path))?.map(|v| v.value()) else {
+            return Ok(());
+        };
+        if batch != from {
+            return Ok(());
+        }
+        match to {
+            Some(to) => settled.insert((root, path), (to, ms))?,
+            None => settled.remove((root, path))?,
+        };
         Ok(())
     }
 

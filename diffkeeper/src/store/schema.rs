@@ -18,6 +18,7 @@
 //! | `chunk_index` | `[u8; 32]` SHA-256 | `u64` chunk id | content-addressed de-duplication |
 //! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] |
 //! | `gaps` | `u64` batch id | `i64` ms | after compaction: a kept batch followed by dropped ones, and when the first dropped one committed |
+//! | `settled` | `(&str root, &[u8] path)` | `(u64 batch, i64 ms)` | a path's version of that batch, read again by a capture that started at that time and found unchanged |
 //!
 //! Paths are relative to their root, `/`-separated raw bytes (Linux names
 //! need not be UTF-8), never empty, never with `.`/`..` components; this is
@@ -99,6 +100,20 @@
 //! `gaps` appeared without a schema bump: a store without the table was
 //! never compacted.
 //!
+//! # Settled versions
+//!
+//! A file whose mtime was too close to its batch's scan start to trust
+//! (`scan::RACY_WINDOW_NS`) is read again by later captures until one that
+//! started clearly after that mtime finds it unchanged. That capture does
+//! not add a version or a batch (the file's history and the timeline stay
+//! as they were); it records in `settled` which version it checked and
+//! when its scan started, and size and mtime count from then on. An entry
+//! whose batch is not the path's newest version any more is ignored.
+//! Compaction moves or drops an entry with the version it names. `settled`
+//! appeared without a schema bump: a store without the table has nothing
+//! settled, and older builds, which ignore it, record a settled file as a
+//! metadata-only version in a batch of its own.
+//!
 //! # Batches and atomicity
 //!
 //! A batch is written in one redb write transaction: its `batches` row, the
@@ -120,6 +135,7 @@ pub const CHUNKS: TableDefinition<u64, &[u8]> = TableDefinition::new("chunks");
 pub const CHUNK_INDEX: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_index");
 pub const PAYLOAD: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("payload");
 pub const GAPS: TableDefinition<u64, i64> = TableDefinition::new("gaps");
+pub const SETTLED: TableDefinition<(&str, &[u8]), (u64, i64)> = TableDefinition::new("settled");
 
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_CREATED_MS: &str = "created_ms";
