@@ -187,23 +187,52 @@ fn every_write_pattern_is_captured_while_watching() {
     }
 }
 
-/// The kernel's limit on queued events of inotify instances created while
-/// it is set; the old value is put back when dropped.
-struct InotifyQueueLimit(String);
+/// A kernel setting under /proc/sys, put back as it was when dropped.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
 
-const INOTIFY_QUEUE: &str = "/proc/sys/fs/inotify/max_queued_events";
-
-impl InotifyQueueLimit {
-    fn set(events: u32) -> InotifyQueueLimit {
-        let old = fs::read_to_string(INOTIFY_QUEUE).expect("read the inotify queue limit");
-        fs::write(INOTIFY_QUEUE, events.to_string()).expect("set the inotify queue limit");
-        InotifyQueueLimit(old)
+impl Sysctl {
+    fn set(path: &'static str, value: u64) -> Sysctl {
+        let old = fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
+        fs::write(path, value.to_string()).unwrap_or_else(|e| panic!("set {path}: {e}"));
+        Sysctl { path, old }
     }
 }
 
-impl Drop for InotifyQueueLimit {
+impl Drop for Sysctl {
     fn drop(&mut self) {
-        let _ = fs::write(INOTIFY_QUEUE, self.0.trim());
+        let _ = fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Starts `watch --backend inotify` on `state`, logging to `log`, and
+/// waits for its start-up capture.
+fn watch_with_inotify(state: &Path, store: &Path, log: &Path) -> common::Reaped {
+    let watcher = common::Reaped(
+        Command::new(BIN)
+            .args(["watch", "--state-dir", &format!("data={}", s(state))])
+            .args(["--store", s(store), "--backend", "inotify"])
+            .args(["--debounce", "50ms", "--max-latency", "1s"])
+            .args(["--scan-interval", "300ms"])
+            .stderr(fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("spawn watch"),
+    );
+    wait_logged(log, "start-up capture");
+    watcher
+}
+
+fn wait_logged(log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !fs::read_to_string(log).unwrap_or_default().contains(what) {
+        assert!(
+            Instant::now() < deadline,
+            "`{what}` was never logged: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -228,24 +257,8 @@ fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
         )
         .expect("write");
     }
-    let limit = InotifyQueueLimit::set(16);
-    let watcher = common::Reaped(
-        Command::new(BIN)
-            .args(["watch", "--state-dir", &format!("data={}", s(&state))])
-            .args(["--store", s(&store), "--backend", "inotify"])
-            .args(["--debounce", "50ms", "--max-latency", "1s"])
-            .stderr(fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn watch"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("start-up capture")
-    {
-        assert!(Instant::now() < deadline, "watch did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let limit = Sysctl::set("/proc/sys/fs/inotify/max_queued_events", 16);
+    let watcher = watch_with_inotify(&state, &store, &log);
     drop(limit);
     wait_captured("initial state", "inotify", &state, &store, &scratch);
 
@@ -273,4 +286,74 @@ fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
         said.contains("overflowed"),
         "no overflow was reported: {said}"
     );
+}
+
+/// inotify watches each directory; once the per-user limit on watches is
+/// reached, new directories get none and report nothing, so the trees must
+/// be walked from then on.
+#[test]
+fn writes_in_directories_inotify_cannot_watch_reach_the_store() {
+    let _serial = serial();
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let scratch = work.path().join("scratch");
+    let store = work.path().join("store.dk");
+    let log = work.path().join("watch.log");
+    fs::create_dir_all(&state).expect("mkdir");
+    let watcher = watch_with_inotify(&state, &store, &log);
+    let limit = Sysctl::set(
+        "/proc/sys/fs/inotify/max_user_watches",
+        watches_in_use() + 10,
+    );
+    for d in 0..50 {
+        fs::create_dir(state.join(format!("d{d:02}"))).expect("mkdir");
+    }
+    wait_logged(&log, "cannot watch every directory");
+    drop(limit);
+    wait_captured("new directories", "inotify", &state, &store, &scratch);
+    // The walk the lost watches asked for is done by the time the debounce
+    // and the maximum latency have passed twice over.
+    std::thread::sleep(Duration::from_secs(2));
+    // A new file in the last directory, which got no watch: no event.
+    fs::write(state.join("d49/unwatched"), b"written where no watch is").expect("write");
+    wait_captured(
+        "a file in a directory without a watch",
+        "inotify",
+        &state,
+        &store,
+        &scratch,
+    );
+    drop(watcher);
+}
+
+/// inotify watches held now by root's processes (the limit is per user).
+fn watches_in_use() -> u64 {
+    let mut watches = 0;
+    for process in fs::read_dir("/proc").expect("/proc").flatten() {
+        let owned_by_root = fs::read_to_string(process.path().join("status"))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .map(|uids| uids.split_whitespace().next() == Some("0"))
+            })
+            .unwrap_or(false);
+        let Ok(fds) = fs::read_dir(process.path().join("fdinfo")) else {
+            continue;
+        };
+        if !owned_by_root {
+            continue;
+        }
+        for fd in fds.flatten() {
+            watches += fs::read_to_string(fd.path())
+                .map(|info| {
+                    info.lines()
+                        .filter(|l| l.starts_with("inotify wd:"))
+                        .count() as u64
+                })
+                .unwrap_or(0);
+        }
+    }
+    watches
 }

@@ -13,9 +13,17 @@ use common::{assert_same_tree, ok, read_tree, s, Reaped, BIN};
 
 const BACKENDS: [&str; 3] = ["ebpf", "inotify", "scan"];
 
+/// `diffkeeper run ... --` (the app's command goes after these).
 fn run_args(state: &Path, store: &Path, backend: &str) -> Vec<String> {
+    let mut args = watch_args(state, store, backend);
+    args[0] = "run".into();
+    args.push("--".into());
+    args
+}
+
+fn watch_args(state: &Path, store: &Path, backend: &str) -> Vec<String> {
     [
-        "run",
+        "watch",
         "--state-dir",
         &format!("data={}", s(state)),
         "--store",
@@ -28,7 +36,6 @@ fn run_args(state: &Path, store: &Path, backend: &str) -> Vec<String> {
         "1s",
         "--scan-interval",
         "200ms",
-        "--",
     ]
     .iter()
     .map(|a| a.to_string())
@@ -282,11 +289,8 @@ fn watch_captures_until_sigterm() {
         let state = work.path().join("state");
         fs::create_dir_all(&state).expect("mkdir");
         let store = work.path().join("store.dk");
-        let mut args = run_args(&state, &store, backend);
-        args[0] = "watch".into();
-        args.pop(); // no `--`
         let mut child = Command::new(BIN)
-            .args(&args)
+            .args(watch_args(&state, &store, backend))
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn watch");
@@ -333,29 +337,18 @@ fn in_place_writes(backend: &str) {
     // Files and directories the tree holds.
     let total = 30 * 100 + 1 + 30;
     let store = work.path().join("store.dk");
-    let root = format!("data={}", state.display());
-    let snapshot = Command::new(BIN)
-        .args(["snapshot", "--state-dir", &root, "--store"])
-        .arg(&store)
-        .output()
-        .expect("snapshot");
-    assert!(snapshot.status.success(), "{snapshot:?}");
+    ok(&[
+        "snapshot",
+        "--state-dir",
+        &format!("data={}", s(&state)),
+        "--store",
+        s(&store),
+    ]);
 
     let log = work.path().join("watch.log");
     let mut watch = Reaped(
         Command::new(BIN)
-            .args(["watch", "--state-dir", &root, "--store"])
-            .arg(&store)
-            .args([
-                "--backend",
-                backend,
-                "--debounce",
-                "100ms",
-                "--max-latency",
-                "1s",
-                "--scan-interval",
-                "200ms",
-            ])
+            .args(watch_args(&state, &store, backend))
             .stderr(fs::File::create(&log).expect("log"))
             .spawn()
             .expect("spawn watch"),

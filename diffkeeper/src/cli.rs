@@ -128,7 +128,8 @@ pub struct WatchArgs {
     /// Longest a write waits to be captured, even under continuous writes.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub max_latency: std::time::Duration,
-    /// How often the scan backend walks the directories.
+    /// How often the scan backend walks the directories (and the inotify
+    /// backend, once it cannot add a watch for every directory).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     pub scan_interval: std::time::Duration,
     /// How often the eBPF backend walks them anyway, as a safety net for

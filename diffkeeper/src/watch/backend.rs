@@ -12,7 +12,9 @@
 //! capture of a tree where only existing files were written looks at those
 //! files alone. Anything else (a create, rename, removal, chmod, a shared
 //! writable mapping, a lost event) marks the tree [`Dirty::whole`], to be
-//! walked, as every notice of the scan backend does.
+//! walked, as every notice of the scan backend does. inotify has no safety
+//! net until the kernel's limit on watches leaves a directory unwatched;
+//! from then on the trees are walked every --scan-interval.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -166,7 +168,13 @@ impl Notices {
 
 /// A running backend; dropping it stops it.
 pub enum Source {
-    Inotify(notify::RecommendedWatcher),
+    Inotify {
+        watcher: notify::RecommendedWatcher,
+        /// Walks the trees every --scan-interval once inotify could not
+        /// add a watch (its limit reached): directories without one report
+        /// nothing.
+        rescan: Box<Source>,
+    },
     Scan(tokio::task::JoinHandle<()>),
     Ebpf {
         task: tokio::task::JoinHandle<()>,
@@ -180,7 +188,7 @@ impl Source {
     pub fn describe(&self) -> &'static str {
         match self {
             Source::Ebpf { .. } => "the eBPF tracer",
-            Source::Inotify(_) => "inotify",
+            Source::Inotify { .. } => "inotify",
             Source::Scan(_) => "periodic scans",
         }
     }
@@ -203,7 +211,7 @@ impl Drop for Source {
                     }
                 }
             }
-            Source::Inotify(_) => {}
+            Source::Inotify { .. } => {}
         }
     }
 }
@@ -217,20 +225,20 @@ pub fn start(
 ) -> Result<Source> {
     match options.backend {
         Backend::Ebpf => ebpf(roots, options.rescan_interval, notices),
-        Backend::Inotify => inotify(roots, store, notices),
-        Backend::Scan => Ok(scan(roots, options.scan_interval, notices)),
+        Backend::Inotify => inotify(roots, store, options.scan_interval, notices),
+        Backend::Scan => Ok(scan(roots, options.scan_interval, notices, None)),
         Backend::Auto => match ebpf(roots, options.rescan_interval, notices.clone()) {
             Ok(source) => Ok(source),
             Err(e) => {
                 tracing::warn!("the eBPF tracer cannot run ({e:#}); falling back to inotify");
-                match inotify(roots, store, notices.clone()) {
+                match inotify(roots, store, options.scan_interval, notices.clone()) {
                     Ok(source) => Ok(source),
                     Err(e) => {
                         tracing::warn!(
                             "inotify cannot watch the state directories ({e:#}); falling back to scanning every {:?}",
                             options.scan_interval
                         );
-                        Ok(scan(roots, options.scan_interval, notices))
+                        Ok(scan(roots, options.scan_interval, notices, None))
                     }
                 }
             }
@@ -357,19 +365,31 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     Ok(Source::Ebpf {
         task,
         tracer,
-        rescan: Box::new(scan(roots, interval, notices)),
+        rescan: Box::new(scan(roots, interval, notices, None)),
     })
 }
 
-/// Marks every directory written each interval; capture then finds what
-/// changed by size and mtime.
-fn scan(roots: &[StateDir], interval: Duration, notices: Notices) -> Source {
+/// Marks every directory written each interval, so capture walks it and
+/// finds what changed by size and mtime; with `only_after`, only once that
+/// flag is set.
+fn scan(
+    roots: &[StateDir],
+    interval: Duration,
+    notices: Notices,
+    only_after: Option<Arc<AtomicBool>>,
+) -> Source {
     let count = roots.len();
     Source::Scan(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.tick().await;
         loop {
             tick.tick().await;
+            if only_after
+                .as_ref()
+                .is_some_and(|flag| !flag.load(Ordering::SeqCst))
+            {
+                continue;
+            }
             for root in 0..count {
                 notices.written(root);
             }
@@ -388,7 +408,12 @@ fn canonical_roots(roots: &[StateDir]) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source> {
+fn inotify(
+    roots: &[StateDir],
+    store: &Path,
+    scan_interval: Duration,
+    notices: Notices,
+) -> Result<Source> {
     let canonical = canonical_roots(roots)?;
     let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
     let roots_for_events = canonical.clone();
@@ -398,7 +423,26 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
         let written = written.clone();
         notices.set_before_capture(Box::new(move |root| take(&written, root)));
     }
+    let unwatched = Arc::new(AtomicBool::new(false));
+    let rescan = scan(
+        roots,
+        scan_interval,
+        notices.clone(),
+        Some(unwatched.clone()),
+    );
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Err(e) = &event {
+            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+                && !unwatched.swap(true, Ordering::SeqCst)
+            {
+                tracing::warn!(
+                    "inotify cannot watch every directory (raise the sysctl \
+                     fs.inotify.max_user_watches): the state directories are walked every {} \
+                     from now on",
+                    humantime::format_duration(scan_interval)
+                );
+            }
+        }
         // Events were lost: the kernel's queue overflowed (that event
         // names no path) or a watch could not be added. Every tree is
         // walked.
@@ -458,7 +502,10 @@ fn inotify(roots: &[StateDir], store: &Path, notices: Notices) -> Result<Source>
             .watch(path, RecursiveMode::Recursive)
             .with_context(|| format!("cannot watch {} ({})", root.path.display(), root.name))?;
     }
-    Ok(Source::Inotify(watcher))
+    Ok(Source::Inotify {
+        watcher,
+        rescan: Box::new(rescan),
+    })
 }
 
 /// Whether an event says only that an existing file's data was written.

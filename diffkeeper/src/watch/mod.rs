@@ -44,7 +44,8 @@ pub struct WatchOptions {
     /// Longest time a write may wait to be captured, even under continuous
     /// writes.
     pub max_latency: Duration,
-    /// How often the scan backend walks the directories.
+    /// How often the scan backend walks the directories, and the inotify
+    /// backend once the kernel's limit on watches left some unwatched.
     pub scan_interval: Duration,
     /// How often the eBPF backend walks them as a safety net, for what it
     /// cannot attribute in the kernel (a relative path descending into a
