@@ -32,6 +32,9 @@ use crate::store::schema::EntryKind;
 use crate::store::{LatestEntry, Reader, Store};
 use beneath::{Present, Root};
 
+/// Directories in the staging directory (see [`Root::create_staging`]).
+const STAGING_SHARDS: usize = 16;
+
 /// What replay did to one root.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct ReplaySummary {
@@ -245,21 +248,24 @@ pub fn replay_root(
     // core instead of queueing behind each other in one worker's half.
     to_write.sort_by_key(|(_, e)| std::cmp::Reverse(e.version.size));
     let staging_name = format!("{STAGING_PREFIX}{}", std::process::id());
-    let staging = target
-        .create_staging(&staging_name)
+    let shards = target
+        .create_staging(&staging_name, STAGING_SHARDS)
         .with_context(|| format!("cannot create staging directory in {}", root.path.display()))?;
+    // Where entry `i` is staged, as `i` in that directory.
+    let staging = |i: usize| &shards[i % shards.len()];
     let progress = Progress::new(to_write.len() as u64, "replaying");
     let staged: Result<Vec<u64>> = to_write
         .par_iter()
         .with_max_len(1)
         .map(|(i, entry)| {
-            let written = stage_file(reader, &staging, &i.to_string(), entry).with_context(|| {
-                format!(
-                    "cannot rebuild {} from store {}",
-                    crate::roots::join(&root.path, &entry.path).display(),
-                    reader.store_path().display()
-                )
-            });
+            let written =
+                stage_file(reader, staging(*i), &i.to_string(), entry).with_context(|| {
+                    format!(
+                        "cannot rebuild {} from store {}",
+                        crate::roots::join(&root.path, &entry.path).display(),
+                        reader.store_path().display()
+                    )
+                });
             progress.inc();
             written
         })
@@ -291,13 +297,13 @@ pub fn replay_root(
             }
             Action::Write => target
                 .ensure_parents(&entry.path)
-                .and_then(|_| target.install(&staging, &i.to_string(), &entry.path)),
+                .and_then(|_| target.install(staging(i), &i.to_string(), &entry.path)),
             Action::Symlink => {
                 summary.symlinks += 1;
                 let name = format!("l{i}");
                 target.ensure_parents(&entry.path).and_then(|_| {
-                    beneath::create_symlink(&staging, &name, &v.target)?;
-                    target.install(&staging, &name, &entry.path)
+                    beneath::create_symlink(staging(i), &name, &v.target)?;
+                    target.install(staging(i), &name, &entry.path)
                 })
             }
             Action::Meta => {
