@@ -8,7 +8,7 @@ mod common;
 use std::fs::{self, OpenOptions};
 use std::io::{IoSlice, Write};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -236,6 +236,29 @@ fn wait_logged(log: &Path, what: &str) {
     }
 }
 
+/// A state directory (empty), where its store and the watcher's log go,
+/// and a scratch directory to replay into.
+struct Scene {
+    _work: tempfile::TempDir,
+    state: PathBuf,
+    scratch: PathBuf,
+    store: PathBuf,
+    log: PathBuf,
+}
+
+fn scene() -> Scene {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    Scene {
+        scratch: work.path().join("scratch"),
+        store: work.path().join("store.dk"),
+        log: work.path().join("watch.log"),
+        state,
+        _work: work,
+    }
+}
+
 /// When inotify's queue overflows, the events it lost named files that
 /// were written: the tree must be walked, or those writes never reach the
 /// store (the watcher names written files, and captures only those, when
@@ -243,12 +266,13 @@ fn wait_logged(log: &Path, what: &str) {
 #[test]
 fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
     let _serial = serial();
-    let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
-    let scratch = work.path().join("scratch");
-    let store = work.path().join("store.dk");
-    let log = work.path().join("watch.log");
-    fs::create_dir_all(&state).expect("mkdir");
+    let Scene {
+        _work,
+        state,
+        scratch,
+        store,
+        log,
+    } = scene();
     const FILES: usize = 200;
     for i in 0..FILES {
         fs::write(
@@ -294,12 +318,13 @@ fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
 #[test]
 fn writes_in_directories_inotify_cannot_watch_reach_the_store() {
     let _serial = serial();
-    let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
-    let scratch = work.path().join("scratch");
-    let store = work.path().join("store.dk");
-    let log = work.path().join("watch.log");
-    fs::create_dir_all(&state).expect("mkdir");
+    let Scene {
+        _work,
+        state,
+        scratch,
+        store,
+        log,
+    } = scene();
     let watcher = watch_with_inotify(&state, &store, &log);
     let limit = Sysctl::set(
         "/proc/sys/fs/inotify/max_user_watches",
