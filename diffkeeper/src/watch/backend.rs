@@ -431,25 +431,25 @@ fn inotify(
         Some(unwatched.clone()),
     );
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Err(e) = &event {
-            if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
-                && !unwatched.swap(true, Ordering::SeqCst)
-            {
-                tracing::warn!(
-                    "inotify cannot watch every directory (raise the sysctl \
-                     fs.inotify.max_user_watches): the state directories are walked every {} \
-                     from now on",
-                    humantime::format_duration(scan_interval)
-                );
-            }
-        }
         // Events were lost: the kernel's queue overflowed (that event
         // names no path) or a watch could not be added. Every tree is
         // walked.
         let lost = match &event {
             Ok(event) if event.need_rescan() => Some("its event queue overflowed".to_string()),
             Ok(_) => None,
-            Err(e) => Some(e.to_string()),
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+                    && !unwatched.swap(true, Ordering::SeqCst)
+                {
+                    tracing::warn!(
+                        "inotify cannot watch every directory (raise the sysctl \
+                         fs.inotify.max_user_watches): the state directories are walked every \
+                         {} from now on",
+                        humantime::format_duration(scan_interval)
+                    );
+                }
+                Some(e.to_string())
+            }
         };
         if let Some(why) = lost {
             tracing::warn!("inotify: {why}; rescanning every state directory");
@@ -466,33 +466,32 @@ fn inotify(
             if *path == store {
                 continue;
             }
-            if let Some(root) = roots_for_events.iter().position(|r| path.starts_with(r)) {
-                let inside_staging = path
-                    .strip_prefix(&roots_for_events[root])
-                    .ok()
-                    .and_then(|rel| rel.components().next())
-                    .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with(STAGING_PREFIX));
-                if inside_staging {
-                    continue;
-                }
-                let relative = path
-                    .strip_prefix(&roots_for_events[root])
-                    .ok()
-                    .map(|rel| rel.as_os_str().as_encoded_bytes().to_vec())
-                    .filter(|rel| !rel.is_empty());
-                match relative {
-                    // Only the file's data changed: the capture may look at
-                    // it alone.
-                    Some(rel) if writes_data(&event.kind) => {
-                        if let Ok(mut written) = written.lock() {
-                            if let Some(dirty) = written.get_mut(root) {
-                                dirty.paths.insert(rel);
-                            }
-                        }
-                        notices.file_written(root);
+            let Some((root, relative)) = roots_for_events
+                .iter()
+                .enumerate()
+                .find_map(|(i, r)| path.strip_prefix(r).ok().map(|rel| (i, rel)))
+            else {
+                continue;
+            };
+            let inside_staging = relative
+                .components()
+                .next()
+                .is_some_and(|c| c.as_os_str().to_string_lossy().starts_with(STAGING_PREFIX));
+            if inside_staging {
+                continue;
+            }
+            let relative = relative.as_os_str().as_encoded_bytes();
+            // Only an existing file's data changed: the capture may look at
+            // it alone.
+            if !relative.is_empty() && writes_data(&event.kind) {
+                if let Ok(mut written) = written.lock() {
+                    if let Some(dirty) = written.get_mut(root) {
+                        dirty.paths.insert(relative.to_vec());
                     }
-                    _ => notices.written(root),
                 }
+                notices.file_written(root);
+            } else {
+                notices.written(root);
             }
         }
     })
