@@ -237,8 +237,9 @@ fn wait_logged(log: &Path, what: &str) {
 }
 
 /// A state directory (empty), where its store and the watcher's log go,
-/// and a scratch directory to replay into.
+/// and a scratch directory to replay into; held, no other test here runs.
 struct Scene {
+    _serial: std::sync::MutexGuard<'static, ()>,
     _work: tempfile::TempDir,
     state: PathBuf,
     scratch: PathBuf,
@@ -247,6 +248,7 @@ struct Scene {
 }
 
 fn scene() -> Scene {
+    let serial = serial();
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     fs::create_dir_all(&state).expect("mkdir");
@@ -256,6 +258,7 @@ fn scene() -> Scene {
         log: work.path().join("watch.log"),
         state,
         _work: work,
+        _serial: serial,
     }
 }
 
@@ -265,8 +268,8 @@ fn scene() -> Scene {
 /// no event was lost).
 #[test]
 fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
-    let _serial = serial();
     let Scene {
+        _serial,
         _work,
         state,
         scratch,
@@ -317,8 +320,8 @@ fn writes_lost_to_an_inotify_queue_overflow_reach_the_store() {
 /// be walked from then on.
 #[test]
 fn writes_in_directories_inotify_cannot_watch_reach_the_store() {
-    let _serial = serial();
     let Scene {
+        _serial,
         _work,
         state,
         scratch,

@@ -218,8 +218,8 @@ impl CaptureLoop {
                     for index in due(&pending, &self.options) {
                         let reported = self.notices.before_capture(index);
                         pending[index].dirty.absorb(reported);
-                        let files = reported_files(&self.roots[index].path, self.inodes[index].as_ref(), &pending[index].dirty);
                         let root = &self.roots[index];
+                        let files = reported_files(&root.path, self.inodes[index].as_ref(), &pending[index].dirty);
                         let failures = pending[index].failures;
                         match capture_root(
                             &self.store,
