@@ -37,6 +37,9 @@ impl InodeKey {
 pub const PATH_BYTES: usize = 256;
 /// Roots whose paths the kernel side compares absolute paths against.
 pub const MAX_PATH_ROOTS: u32 = 8;
+/// Roots with a change counter of their own in `ROOT_CHANGES` (a root
+/// beyond them shares the last slot).
+pub const MAX_COUNTED_ROOTS: u32 = 64;
 
 /// A watched root's absolute path, or a path argument being read.
 #[repr(C)]
@@ -158,6 +161,11 @@ pub mod names {
     pub const WATCHED_DIRS: &str = "WATCHED_DIRS";
     pub const DIRTY: &str = "DIRTY";
     pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU count of changes under each root (writes and namespace
+    /// changes, each counted even when its inode is already dirty), by root
+    /// index: what tells a capture exactly whether its tree was written
+    /// while it was read.
+    pub const ROOT_CHANGES: &str = "ROOT_CHANGES";
     pub const EVENTS: &str = "EVENTS";
     pub const ROOT_PATHS: &str = "ROOT_PATHS";
     /// Tracepoint programs; each attaches to `syscalls/<its name>`.

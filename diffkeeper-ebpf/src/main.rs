@@ -26,7 +26,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use diffkeeper_common::{
-    counter, InodeKey, Membership, RootPath, WriteEvent, MAX_PATH_ROOTS, MAX_WALK_DEPTH, PATH_BYTES,
+    counter, InodeKey, Membership, RootPath, WriteEvent, MAX_COUNTED_ROOTS, MAX_PATH_ROOTS,
+    MAX_WALK_DEPTH, PATH_BYTES,
 };
 
 /// Offsets of syscall arguments in `syscalls:sys_enter_*` records: 8 bytes
@@ -92,6 +93,9 @@ static DIRTY: LruHashMap<InodeKey, u8> = LruHashMap::with_max_entries(65_536, 0)
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map(name = "ROOT_CHANGES")]
+static ROOT_CHANGES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_COUNTED_ROOTS, 0);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -449,6 +453,7 @@ fn root_of_absolute(path: &[u8; PATH_BYTES], len: usize) -> Option<u32> {
 fn namespace_change(ctx: &TracePointContext, dirfd: i64, path: u64) {
     if let Some(root) = root_of_path(dirfd, path) {
         bump(counter::NAMESPACE, 1);
+        count_change(root);
         report(ctx, InodeKey::namespace(root), root, 0, 0, 0);
     }
 }
@@ -475,6 +480,7 @@ fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64, flags: u32) {
     };
     bump(counter::WRITES, 1);
     bump(counter::BYTES, bytes);
+    count_change(root);
     if flags & WriteEvent::MAPPED != 0 {
         // Userspace must learn of every writable mapping, even of a file
         // already dirty, to keep watching it while the mapping lives.
@@ -526,6 +532,19 @@ fn bump(slot: u32, n: u64) {
         // SAFETY: a per-CPU slot is only touched by programs on this CPU,
         // and BPF programs are not preempted by one another on one CPU.
         unsafe { *value += n };
+    }
+}
+
+/// Counts a change under `root`, dirty mark or not.
+fn count_change(root: u32) {
+    let slot = if root < MAX_COUNTED_ROOTS {
+        root
+    } else {
+        MAX_COUNTED_ROOTS - 1
+    };
+    if let Some(value) = ROOT_CHANGES.get_ptr_mut(slot) {
+        // SAFETY: as in `bump`, a per-CPU slot.
+        unsafe { *value += 1 };
     }
 }
 

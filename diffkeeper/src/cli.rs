@@ -144,6 +144,24 @@ pub struct WatchArgs {
     /// How often the retention policy is applied.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub compact_interval: std::time::Duration,
+    /// How each batch is made a crash-consistent cut (the tree at one
+    /// instant). auto: read with the app running, and if it was written
+    /// meanwhile, take the batch again with the app's writers frozen
+    /// (cgroup v2 freezer) while the changed bytes are copied; freeze:
+    /// freeze for every batch; none: never pause (a batch written while
+    /// read waits for a quiet moment, and past --max-latency is committed
+    /// marked torn). `log --batches` shows each batch's cut.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub consistency: crate::watch::Consistency,
+    /// Longest the writers stay frozen for one batch: past it they are
+    /// thawed, the rest is read live and the batch is marked torn.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub max_pause: std::time::Duration,
+    /// A cgroup v2 directory whose processes write the state directories,
+    /// to freeze for a consistent cut (`watch` beside an app; `run` also
+    /// freezes the cgroup it starts its app in). Repeat for several.
+    #[arg(long = "freeze-cgroup", value_name = "PATH")]
+    pub freeze_cgroups: Vec<PathBuf>,
 }
 
 impl WatchArgs {
@@ -156,6 +174,9 @@ impl WatchArgs {
             rescan_interval: self.rescan_interval,
             retention: self.retention.policy(),
             compact_interval: self.compact_interval,
+            consistency: self.consistency,
+            max_pause: self.max_pause,
+            freeze_cgroups: self.freeze_cgroups.clone(),
         }
     }
 }
@@ -717,7 +738,7 @@ fn demo() -> Result<ExitCode> {
     };
     let options = crate::watch::WatchOptions::default();
     let summary = runtime()?.block_on(async {
-        let watching = crate::watch::CaptureLoop::start(&store_path, &dirs, &options).await?;
+        let watching = crate::watch::CaptureLoop::start(&store_path, &dirs, &options, None).await?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let capture = tokio::spawn(watching.run_until(async {
             let _ = stop_rx.await;

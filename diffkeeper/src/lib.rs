@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | kernel events | [`events`] | the embedded eBPF programs and their userspace half |
 //! | coalescing | [`watch`] | write notices (eBPF, inotify, scanning) into batches, and scheduled retention at quiet, consistent moments |
+//! | consistent cuts | [`freeze`] | freezing the app's cgroups while a batch is read, and the watchdog that always thaws them |
 //! | change detection | [`scan`] | walking a state directory and diffing it with the store |
 //! | capture / delta | [`capture`] | chunking, hashing, de-duplication, delta and compression, one batch per transaction |
 //! | store | [`store`] | the redb file; its format is documented in [`store::schema`] |
@@ -22,6 +23,7 @@
 pub mod capture;
 pub mod cli;
 pub mod events;
+pub mod freeze;
 pub mod history;
 pub mod progress;
 pub mod replay;

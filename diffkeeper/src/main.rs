@@ -7,6 +7,12 @@ use diffkeeper::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // DiffKeeper's own helper process, never typed by a user.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(diffkeeper::freeze::watchdog::ARG))
+    {
+        return diffkeeper::freeze::watchdog::serve();
+    }
     let cli = Cli::parse();
     let default = match cli.verbose {
         0 => "diffkeeper=info",

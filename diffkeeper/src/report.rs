@@ -222,6 +222,17 @@ pub struct BatchLine {
     pub stored_bytes: u64,
     /// Batches before this one were dropped by compaction.
     pub after_dropped: bool,
+    /// How the batch's cut was taken: `quiet`, `frozen`, `torn`, or
+    /// `unchecked` (a `snapshot`, or a store written before cuts were
+    /// recorded).
+    pub consistency: &'static str,
+    /// How long the writers were frozen for it, in microseconds.
+    pub pause_us: Option<u64>,
+    /// Content bytes read while they were.
+    pub frozen_bytes: Option<u64>,
+    /// Why a torn batch is torn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub torn_why: Option<String>,
 }
 
 /// The timeline: one line per batch committed in `[since, until]` (ms).
@@ -266,7 +277,15 @@ pub fn timeline(
         if since.is_some_and(|s| record.time_ms < s) || until.is_some_and(|u| record.time_ms > u) {
             continue;
         }
+        let cut = reader.cut(id)?;
         out.push(BatchLine {
+            consistency: cut.as_ref().map_or("unchecked", |c| c.kind.name()),
+            pause_us: cut.as_ref().filter(|c| c.pause_us > 0).map(|c| c.pause_us),
+            frozen_bytes: cut
+                .as_ref()
+                .filter(|c| c.pause_us > 0)
+                .map(|c| c.frozen_bytes),
+            torn_why: cut.filter(|c| !c.why.is_empty()).map(|c| c.why),
             batch: id,
             time: time_millis(record.time_ms),
             time_ms: record.time_ms,
@@ -283,23 +302,31 @@ pub fn timeline(
 /// Renders `log --batches` for a terminal.
 pub fn timeline_text(lines: &[BatchLine]) -> String {
     let mut out = format!(
-        "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  roots\n",
-        "batch", "time (UTC)", "files", "changed", "stored"
+        "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  {:<17}  roots\n",
+        "batch", "time (UTC)", "files", "changed", "stored", "cut"
     );
     for l in lines {
         if l.after_dropped {
             out.push_str("         (earlier batches dropped by compaction)\n");
         }
+        let cut = match l.pause_us {
+            Some(us) => format!("{} {:.1}ms", l.consistency, us as f64 / 1000.0),
+            None => l.consistency.to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  {}",
+            "{:>7}  {:<24}  {:>7}  {:>11}  {:>11}  {:<17}  {}",
             l.batch,
             l.time,
             l.files_changed,
             bytes(l.bytes_changed),
             bytes(l.stored_bytes),
+            cut,
             l.roots.join(",")
         );
+        if let Some(why) = &l.torn_why {
+            let _ = writeln!(out, "         torn: {why}");
+        }
     }
     out
 }

@@ -8,14 +8,15 @@
 //! worker whatever the file sizes, and the batch commits whole or not at all.
 
 pub mod codec;
+pub mod stage;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -23,15 +24,17 @@ use fastcdc::v2020::{ChunkData, StreamCDC};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::freeze::{FreezeError, FreezeSet};
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
 use crate::scan::{check_root, diff_root, Change, InodeIndex, RootChanges};
 use crate::store::schema::{
-    BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, CHUNK_AVG, CHUNK_MAX,
-    CHUNK_MIN, MAX_DELTA_BASES,
+    BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, VersionRecord,
+    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
 };
 use crate::store::{now_ms, sha256, BaseCache, Check, Reader, Store};
 use diffkeeper_common::InodeKey;
+use stage::Staged;
 
 /// How often a file that changes while it is read is read again before its
 /// latest read is kept anyway.
@@ -58,9 +61,14 @@ pub struct BatchSummary {
     pub stored_bytes: u64,
     /// Paths that could not be read, with the reason; the rest was captured.
     pub failures: Vec<(PathBuf, String)>,
-    /// The tree was written to while this batch was read, so the batch was
-    /// dropped rather than committed as a torn cut (see [`snapshot_cut`]).
+    /// The tree was written to while this batch was read: the batch was
+    /// dropped, or committed marked torn (see [`Cut::accept_torn`]).
     pub disturbed: bool,
+    /// How the committed batch's cut was taken; `None` when not checked.
+    pub cut: Option<CutRecord>,
+    /// How long the writers were frozen, when they were.
+    #[serde(skip)]
+    pub pause: Option<Duration>,
     #[serde(skip)]
     pub elapsed: Duration,
     /// The files of each root walked whole, by inode, for later captures
@@ -93,6 +101,16 @@ impl std::fmt::Display for BatchSummary {
         if !self.failures.is_empty() {
             write!(f, "; {} unreadable", self.failures.len())?;
         }
+        match &self.cut {
+            Some(cut) if cut.kind == CutKind::Frozen => write!(
+                f,
+                "; frozen {:.1?} ({} read)",
+                Duration::from_micros(cut.pause_us),
+                crate::report::bytes(cut.frozen_bytes)
+            )?,
+            Some(cut) if cut.kind == CutKind::Torn => write!(f, "; TORN: {}", cut.why)?,
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -100,42 +118,46 @@ impl std::fmt::Display for BatchSummary {
 /// Scans every root and records all changes since the last batch as one
 /// batch in the store at `store_path`, creating it if needed. When nothing
 /// changed the store is only read, never opened for writing, so an idle
-/// snapshot leaves the file exactly as it was.
+/// snapshot leaves the file exactly as it was. Nothing checks that the tree
+/// stood still meanwhile: such a batch has no cut record.
 pub fn snapshot(store_path: &Path, roots: &[StateDir]) -> Result<BatchSummary> {
-    snapshot_cut(store_path, roots, None)
+    take_batch(store_path, roots, &Cut::default(), None)
 }
 
-/// Like [`snapshot`], for a caller that learns of writes while the batch is
-/// read: when `disturbed` is set by the time the batch would commit, the
-/// batch is dropped (nothing is written) and the summary says so, so that
-/// every committed batch is a consistent cut of its trees.
-pub fn snapshot_cut(
-    store_path: &Path,
-    roots: &[StateDir],
-    disturbed: Option<&std::sync::atomic::AtomicBool>,
-) -> Result<BatchSummary> {
-    take_batch(store_path, roots, None, disturbed, None)
+/// How a batch's cut is taken and checked (see `store::schema`, cuts).
+#[derive(Clone, Copy, Default)]
+pub struct Cut<'a> {
+    /// Set by the backend on every write notice for the trees (one flag a
+    /// tree); cleared when the read starts.
+    pub written: &'a [Arc<AtomicBool>],
+    /// The kernel's own count of changes under the trees (the eBPF tracer's
+    /// counters), exact where `written` lags behind: preferred when there.
+    pub clock: Option<&'a (dyn Fn() -> Option<u64> + Sync)>,
+    /// Freeze these writers while the changes are found and read.
+    pub freeze: Option<&'a FreezeSet>,
+    /// Longest freeze: past it the writers are thawed, the rest is read
+    /// live and the batch is torn.
+    pub max_pause: Duration,
+    /// Commit a batch written while read, marked torn, instead of dropping
+    /// it (the summary then says `disturbed`).
+    pub accept_torn: bool,
+    /// The files to look at instead of walking (one root; relative path
+    /// and inode, from the kernel tracer's reports and an [`InodeIndex`]),
+    /// asked for when the read starts (`true`: frozen); `None` from it, or
+    /// no function, walks the trees.
+    pub files: Option<&'a ReportedFn<'a>>,
 }
 
-/// Like [`snapshot_cut`] for one root, looking only at `files` (relative
-/// path and inode, from the kernel tracer's reports and an
-/// [`InodeIndex`]) instead of walking the whole tree: the cost of a batch
-/// follows what was written, not the size of the tree. When any of them
-/// cannot be trusted to be the whole change (see
-/// [`crate::scan::diff_files`]) the tree is walked after all.
-pub fn snapshot_files(
-    store_path: &Path,
-    root: &StateDir,
-    files: &[(Vec<u8>, InodeKey)],
-    disturbed: Option<&std::sync::atomic::AtomicBool>,
-) -> Result<BatchSummary> {
-    take_batch(
-        store_path,
-        std::slice::from_ref(root),
-        Some(files),
-        disturbed,
-        None,
-    )
+/// See [`Cut::files`].
+pub type ReportedFn<'a> = dyn Fn(bool) -> Option<Vec<(Vec<u8>, InodeKey)>> + Sync + 'a;
+
+/// Records the changes under `roots` as one batch, its cut taken and
+/// checked as `cut` says. With [`Cut::files`] the batch looks only at the
+/// files reported written, so its cost follows what was written, not the
+/// size of the tree; when any of them cannot be trusted to be the whole
+/// change (see [`crate::scan::diff_files`]) the tree is walked after all.
+pub fn capture_cut(store_path: &Path, roots: &[StateDir], cut: &Cut) -> Result<BatchSummary> {
+    take_batch(store_path, roots, cut, None)
 }
 
 /// Like [`snapshot`], but the batch is recorded as committed at `time_ms`
@@ -143,24 +165,117 @@ pub fn snapshot_files(
 /// history, and for tests and benchmarks of long histories. Refused when
 /// older than the store's newest batch, so batch times stay in order.
 pub fn snapshot_at(store_path: &Path, roots: &[StateDir], time_ms: i64) -> Result<BatchSummary> {
-    take_batch(store_path, roots, None, None, Some(time_ms))
+    take_batch(store_path, roots, &Cut::default(), Some(time_ms))
+}
+
+/// Watches the trees for writes from the start of a read: the kernel's
+/// count when there is one, else the backend's flag.
+struct Disturbance<'a> {
+    cut: &'a Cut<'a>,
+    clock_at_start: Option<u64>,
+}
+
+impl<'a> Disturbance<'a> {
+    fn start(cut: &'a Cut<'a>) -> Disturbance<'a> {
+        for flag in cut.written {
+            flag.store(false, Ordering::SeqCst);
+        }
+        Disturbance {
+            cut,
+            clock_at_start: cut.clock.and_then(|clock| clock()),
+        }
+    }
+
+    /// Whether anything can tell.
+    fn checked(&self) -> bool {
+        self.clock_at_start.is_some() || !self.cut.written.is_empty()
+    }
+
+    fn disturbed(&self) -> bool {
+        match (
+            self.clock_at_start,
+            self.cut.clock.and_then(|clock| clock()),
+        ) {
+            (Some(before), Some(now)) => before != now,
+            _ => self
+                .cut
+                .written
+                .iter()
+                .any(|flag| flag.load(Ordering::SeqCst)),
+        }
+    }
+}
+
+/// What the batch's cut record says, decided before the commit (a frozen
+/// cut) or at it (an optimistic one, which may still be disturbed by then).
+enum Verdict<'a> {
+    Known(Option<CutRecord>),
+    AtCommit(&'a Disturbance<'a>, bool),
+}
+
+fn torn(why: String, pause: Duration, frozen_bytes: u64) -> CutRecord {
+    CutRecord {
+        kind: CutKind::Torn,
+        pause_us: pause.as_micros() as u64,
+        frozen_bytes,
+        why,
+    }
 }
 
 fn take_batch(
     store_path: &Path,
     roots: &[StateDir],
-    files: Option<&[(Vec<u8>, InodeKey)]>,
-    disturbed: Option<&std::sync::atomic::AtomicBool>,
+    cut: &Cut,
+    recorded_at: Option<i64>,
+) -> Result<BatchSummary> {
+    // Before the store is created, so a typo does not leave an empty store.
+    for root in roots {
+        check_root(&root.path)?;
+    }
+    if let Some(set) = cut.freeze {
+        match take_frozen(store_path, roots, cut, set) {
+            Err(e) if e.downcast_ref::<FreezeError>().is_some() => {
+                tracing::warn!("cannot freeze the writers of {}: {e:#}; reading without a freeze, a batch written meanwhile is marked torn", names(roots));
+                let unfrozen = Cut {
+                    freeze: None,
+                    accept_torn: true,
+                    ..*cut
+                };
+                let mut summary = take_optimistic(store_path, roots, &unfrozen, None)?;
+                if let Some(record) = summary.cut.as_mut().filter(|c| c.kind == CutKind::Torn) {
+                    record.why = format!("{}; freezing failed: {e}", record.why);
+                }
+                return Ok(summary);
+            }
+            other => return other,
+        }
+    }
+    take_optimistic(store_path, roots, cut, recorded_at)
+}
+
+fn names(roots: &[StateDir]) -> String {
+    roots
+        .iter()
+        .map(|r| r.path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads the batch with the app running: a write during the read
+/// disturbs it (see [`Cut::accept_torn`]).
+fn take_optimistic(
+    store_path: &Path,
+    roots: &[StateDir],
+    cut: &Cut,
     recorded_at: Option<i64>,
 ) -> Result<BatchSummary> {
     let started = Instant::now();
     // The real clock even for a recorded time: it decides which mtimes are
     // too recent to prove a file unchanged.
     let started_ms = now_ms();
-    // Before the store is created, so a typo does not leave an empty store.
-    for root in roots {
-        check_root(&root.path)?;
-    }
+    let watch = Disturbance::start(cut);
+    let files = cut.files.and_then(|files| files(false));
+    let files = files.as_deref();
     let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
         let reader = store.reader()?;
@@ -194,11 +309,127 @@ fn take_batch(
         Some((last, found)) if last == reader.last_batch()? => found,
         _ => find_changes(store.path(), &reader, roots, files)?,
     };
-    let mut summary = capture(&store, &reader, &found, started_ms, recorded_at, disturbed)?;
+    let verdict = Verdict::AtCommit(&watch, cut.accept_torn);
+    let batch = Batch {
+        started_ms,
+        recorded_at,
+        staged: None,
+    };
+    let mut summary = capture(&store, &reader, &found, &batch, verdict)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
     summary.inodes = take_inodes(&mut found);
     Ok(summary)
+}
+
+/// Tries of a frozen cut when another process commits to the store between
+/// the cut and its commit (the cut was diffed against an older state).
+const FROZEN_TRIES: usize = 3;
+
+/// Freezes the writers, finds the changes and copies the changed bytes
+/// ([`stage`]), thaws, then encodes and commits from the copy.
+fn take_frozen(
+    store_path: &Path,
+    roots: &[StateDir],
+    cut: &Cut,
+    set: &FreezeSet,
+) -> Result<BatchSummary> {
+    let started = Instant::now();
+    let started_ms = now_ms();
+    // Opening may wait for another writer: never while frozen.
+    if Store::open_read_only(store_path)?.is_none() {
+        drop(Store::create_or_open(store_path)?);
+    }
+    let spill_dir = store_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    for _ in 0..FROZEN_TRIES {
+        let store = Store::open_read_only(store_path)?
+            .with_context(|| format!("store {} vanished", store_path.display()))?;
+        let reader = store.reader()?;
+        let last = reader.last_batch()?;
+        let frozen = set.freeze(cut.max_pause)?;
+        let watch = Disturbance::start(cut);
+        let deadline = Instant::now() + cut.max_pause.saturating_sub(frozen.elapsed());
+        let files = cut.files.and_then(|files| files(true));
+        let found = find_changes(store.path(), &reader, roots, files.as_deref());
+        let staged = match &found {
+            Ok(found) if found.iter().any(|r| !r.changes.is_empty()) => {
+                Some(stage::stage(found, spill_dir, deadline))
+            }
+            _ => None,
+        };
+        // Judged before the thaw: the app writes again right after it.
+        let disturbed = watch.disturbed();
+        let pause = frozen.thaw();
+        let mut found = found?;
+        let staged = staged.transpose()?;
+        drop((reader, store));
+        let Some(staged) = staged else {
+            return Ok(BatchSummary {
+                scanned: found.iter().map(|r| r.scanned).sum(),
+                elapsed: started.elapsed(),
+                inodes: take_inodes(&mut found),
+                pause: Some(pause),
+                ..BatchSummary::default()
+            });
+        };
+        let record = if staged.left_bytes > 0 || pause > cut.max_pause {
+            let why = format!(
+                "the frozen read took longer than --max-pause ({}): {} of {} read frozen",
+                humantime::format_duration(cut.max_pause),
+                crate::report::bytes(staged.bytes),
+                crate::report::bytes(staged.bytes + staged.left_bytes),
+            );
+            tracing::warn!("{}: {why}; the batch is marked torn", names(roots));
+            torn(why, pause, staged.bytes)
+        } else if disturbed || staged.changed_while_read {
+            let why = format!(
+                "written while frozen, by a process outside the frozen cgroups ({})",
+                set.describe()
+            );
+            tracing::warn!("{}: {why}; the batch is marked torn", names(roots));
+            torn(why, pause, staged.bytes)
+        } else {
+            CutRecord {
+                kind: CutKind::Frozen,
+                pause_us: pause.as_micros() as u64,
+                frozen_bytes: staged.bytes,
+                why: String::new(),
+            }
+        };
+        let store = Store::create_or_open(store_path)?;
+        let reader = store.reader()?;
+        if reader.last_batch()? != last {
+            tracing::debug!(
+                "another process committed to {} during the cut; taking it again",
+                store_path.display()
+            );
+            continue;
+        }
+        let batch = Batch {
+            started_ms,
+            recorded_at: None,
+            staged: Some(&staged),
+        };
+        let mut summary = capture(
+            &store,
+            &reader,
+            &found,
+            &batch,
+            Verdict::Known(Some(record)),
+        )?;
+        summary.scanned = found.iter().map(|r| r.scanned).sum();
+        summary.elapsed = started.elapsed();
+        summary.inodes = take_inodes(&mut found);
+        summary.pause = Some(pause);
+        return Ok(summary);
+    }
+    bail!(
+        "store {} kept being written by another process during {FROZEN_TRIES} frozen cuts",
+        store_path.display()
+    )
 }
 
 fn take_inodes(found: &mut [RootChanges]) -> HashMap<String, InodeIndex> {
@@ -281,6 +512,8 @@ struct Workers<'a> {
     reader: &'a Reader,
     /// When this batch's scan started.
     started_ms: i64,
+    /// The changed files' bytes as read frozen, if they were.
+    staged: Option<&'a Staged>,
     next_chunk: AtomicU64,
     /// Chunks first stored in this batch, by hash, so two files with the
     /// same new chunk store it once.
@@ -288,16 +521,26 @@ struct Workers<'a> {
     tx: SyncSender<Message>,
 }
 
+/// One batch in the making.
+struct Batch<'a> {
+    /// When its scan started.
+    started_ms: i64,
+    /// The commit time to record instead of now.
+    recorded_at: Option<i64>,
+    staged: Option<&'a Staged>,
+}
+
 /// Records `roots`' changes as one batch. Returns an empty summary (and
-/// writes nothing) when there is nothing to record.
+/// writes nothing) when there is nothing to record, or when `verdict`
+/// finds it disturbed and torn batches are not accepted.
 fn capture(
     store: &Store,
     reader: &Reader,
     roots: &[RootChanges],
-    started_ms: i64,
-    recorded_at: Option<i64>,
-    disturbed: Option<&std::sync::atomic::AtomicBool>,
+    batch: &Batch,
+    verdict: Verdict,
 ) -> Result<BatchSummary> {
+    let started_ms = batch.started_ms;
     let mut summary = BatchSummary::default();
     let total: usize = roots.iter().map(|r| r.changes.len()).sum();
     if total == 0 {
@@ -308,6 +551,7 @@ fn capture(
     let workers = Workers {
         reader,
         started_ms,
+        staged: batch.staged,
         next_chunk: AtomicU64::new(writer.next_chunk_id()),
         fresh: Mutex::new(HashMap::new()),
         tx,
@@ -384,17 +628,33 @@ fn capture(
         // Nothing to record: the transaction is dropped, which aborts it.
         return Ok(summary);
     }
-    if disturbed.is_some_and(|d| d.load(Ordering::SeqCst)) {
-        summary.disturbed = true;
-        return Ok(summary);
-    }
+    let cut = match verdict {
+        Verdict::Known(cut) => cut,
+        Verdict::AtCommit(watch, accept_torn) if watch.disturbed() => {
+            summary.disturbed = true;
+            if !accept_torn {
+                return Ok(summary);
+            }
+            Some(torn(
+                "written while read (no freeze)".into(),
+                Duration::ZERO,
+                0,
+            ))
+        }
+        Verdict::AtCommit(watch, _) => watch.checked().then(|| CutRecord {
+            kind: CutKind::Quiet,
+            pause_us: 0,
+            frozen_bytes: 0,
+            why: String::new(),
+        }),
+    };
     if files_changed == 0 {
         // Only files found unchanged: no new moment in the history.
         writer.commit_settled_only()?;
         return Ok(summary);
     }
     let record = BatchRecord {
-        time_ms: recorded_at.unwrap_or_else(now_ms),
+        time_ms: batch.recorded_at.unwrap_or_else(now_ms),
         started_ms,
         roots: roots
             .iter()
@@ -405,7 +665,8 @@ fn capture(
         logical_bytes: summary.logical_bytes,
         stored_bytes: summary.stored_bytes,
     };
-    summary.batch = Some(writer.commit(&record)?);
+    summary.batch = Some(writer.commit_cut(&record, cut.as_ref())?);
+    summary.cut = cut;
     Ok(summary)
 }
 
@@ -438,7 +699,7 @@ impl Workers<'_> {
             } => {
                 let record = match entry.kind {
                     EntryKind::File if *content => {
-                        match self.capture_file(full, previous.as_ref())? {
+                        match self.capture_file(&root.name, path, full, previous.as_ref())? {
                             FileCapture::Vanished => return Ok(Outcome::Vanished),
                             // Same content, new mtime: a metadata-only
                             // version (no chunk written), so replay restores
@@ -522,9 +783,27 @@ impl Workers<'_> {
         })
     }
 
-    fn capture_file(&self, full: &Path, previous: Option<&VersionRecord>) -> Result<FileCapture> {
+    fn capture_file(
+        &self,
+        root: &str,
+        path: &[u8],
+        full: &Path,
+        previous: Option<&VersionRecord>,
+    ) -> Result<FileCapture> {
         let mut references =
             References::new(self.reader, previous.filter(|p| p.kind == EntryKind::File))?;
+        if let Some((staged, file)) = self
+            .staged
+            .and_then(|staged| staged.get(root, path).map(|file| (staged, file)))
+        {
+            if file.vanished() {
+                return Ok(FileCapture::Vanished);
+            }
+            let content = self
+                .read_content(staged.reader(file), full, &mut references)
+                .with_context(|| format!("staged copy of {}", full.display()))?;
+            return Ok(content.record(file.mode, file.mtime_ns, previous));
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -542,29 +821,13 @@ impl Workers<'_> {
             let before = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
-            let mut hasher = Sha256::new();
-            let mut chunks = Vec::new();
-            let mut size = 0u64;
-            let mut stored = 0u64;
-            // Reading, cutting and the whole-file hash are sequential; chunk
-            // hashes and encoding run in parallel a window at a time.
-            let mut window: Vec<ChunkData> = Vec::with_capacity(ENCODE_WINDOW);
-            for chunk in StreamCDC::new(&file, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
-                let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
-                hasher.update(&chunk.data);
-                size += chunk.data.len() as u64;
-                window.push(chunk);
-                if window.len() >= ENCODE_WINDOW {
-                    stored += self.store_window(&mut window, &mut references, &mut chunks)?;
-                }
-            }
-            stored += self.store_window(&mut window, &mut references, &mut chunks)?;
+            let content = self.read_content(&file, full, &mut references)?;
             let after = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
             let steady = before.len() == after.len()
                 && crate::scan::mtime_ns(&before) == crate::scan::mtime_ns(&after)
-                && size == after.len();
+                && content.size == after.len();
             if !steady && attempt < READ_ATTEMPTS {
                 tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
                 continue;
@@ -572,25 +835,39 @@ impl Workers<'_> {
             if !steady {
                 tracing::warn!(path = %full.display(), "file kept changing while read; keeping the last read");
             }
-            let hash: [u8; 32] = hasher.finalize().into();
-            let mode = before.mode() & 0o7777;
-            let record = VersionRecord {
-                kind: EntryKind::File,
-                mode,
-                mtime_ns: crate::scan::mtime_ns(&before),
-                size,
-                hash,
-                chunks,
-                target: Vec::new(),
-                stored_bytes: stored,
-            };
-            if previous
-                .is_some_and(|p| p.kind == EntryKind::File && p.hash == hash && p.mode == mode)
-            {
-                return Ok(FileCapture::Unchanged(record));
-            }
-            return Ok(FileCapture::Version(record));
+            return Ok(content.record(
+                before.mode() & 0o7777,
+                crate::scan::mtime_ns(&before),
+                previous,
+            ));
         }
+    }
+
+    /// Cuts, hashes and stores the bytes `from` gives. Reading, cutting and
+    /// the whole-file hash are sequential; chunk hashes and encoding run in
+    /// parallel a window at a time.
+    fn read_content(
+        &self,
+        from: impl std::io::Read,
+        full: &Path,
+        references: &mut References,
+    ) -> Result<Content> {
+        let mut hasher = Sha256::new();
+        let mut content = Content::default();
+        let mut window: Vec<ChunkData> = Vec::with_capacity(ENCODE_WINDOW);
+        for chunk in StreamCDC::new(from, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+            let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
+            hasher.update(&chunk.data);
+            content.size += chunk.data.len() as u64;
+            window.push(chunk);
+            if window.len() >= ENCODE_WINDOW {
+                content.stored +=
+                    self.store_window(&mut window, references, &mut content.chunks)?;
+            }
+        }
+        content.stored += self.store_window(&mut window, references, &mut content.chunks)?;
+        content.hash = hasher.finalize().into();
+        Ok(content)
     }
 
     /// Stores a window of consecutive chunks of one file, appending their
@@ -725,6 +1002,40 @@ struct NewChunk {
     offset: u64,
     /// Base chunks to try a delta against.
     bases: Vec<u64>,
+}
+
+/// A file's content as stored by [`Workers::read_content`].
+#[derive(Default)]
+struct Content {
+    hash: [u8; 32],
+    chunks: Vec<u64>,
+    size: u64,
+    /// Payload bytes its new chunks added.
+    stored: u64,
+}
+
+impl Content {
+    /// The version this content makes with `mode` and `mtime_ns`: unchanged
+    /// when content and mode are the previous version's.
+    fn record(self, mode: u32, mtime_ns: i64, previous: Option<&VersionRecord>) -> FileCapture {
+        let unchanged = previous
+            .is_some_and(|p| p.kind == EntryKind::File && p.hash == self.hash && p.mode == mode);
+        let record = VersionRecord {
+            kind: EntryKind::File,
+            mode,
+            mtime_ns,
+            size: self.size,
+            hash: self.hash,
+            chunks: self.chunks,
+            target: Vec::new(),
+            stored_bytes: self.stored,
+        };
+        if unchanged {
+            FileCapture::Unchanged(record)
+        } else {
+            FileCapture::Version(record)
+        }
+    }
 }
 
 enum FileCapture {

@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
-    CHUNKS, CHUNK_INDEX, GAPS, LATEST, META, META_CREATED_MS, META_RETENTION, META_SCHEMA_VERSION,
-    PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SETTLED, VERSIONS,
+    CHUNKS, CHUNK_INDEX, CUTS, GAPS, LATEST, META, META_CREATED_MS, META_RETENTION,
+    META_SCHEMA_VERSION, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SETTLED, VERSIONS,
 };
 
 /// Typed store failures callers may want to tell apart.
@@ -210,6 +210,7 @@ impl Store {
             // Tables that older stores may not have (see `schema`).
             gaps: optional_table(&txn, GAPS)?,
             settled: optional_table(&txn, SETTLED)?,
+            cuts: optional_table(&txn, CUTS)?,
             path: self.path.clone(),
         })
     }
@@ -365,6 +366,7 @@ pub struct Reader {
     payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
     gaps: Option<ReadOnlyTable<u64, i64>>,
     settled: Option<ReadOnlyTable<PathKey, (u64, i64)>>,
+    cuts: Option<ReadOnlyTable<u64, &'static [u8]>>,
     path: PathBuf,
 }
 
@@ -489,6 +491,18 @@ impl Reader {
     pub fn batch(&self, id: u64) -> Result<Option<BatchRecord>> {
         match self.batches.get(id)? {
             Some(raw) => Ok(Some(decode(raw.value(), "batch record")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// How `batch`'s cut was taken; `None` when it was not checked (see
+    /// `schema`, cuts).
+    pub fn cut(&self, batch: u64) -> Result<Option<schema::CutRecord>> {
+        let Some(cuts) = &self.cuts else {
+            return Ok(None);
+        };
+        match cuts.get(batch)? {
+            Some(raw) => Ok(Some(decode(raw.value(), "cut record")?)),
             None => Ok(None),
         }
     }
@@ -954,11 +968,23 @@ impl BatchWriter {
         Ok(())
     }
 
-    /// Commits the batch durably. Nothing of it is visible before this returns.
+    /// Commits the batch durably, with no record of how its cut was taken.
+    /// Nothing of it is visible before this returns.
     pub fn commit(self, record: &BatchRecord) -> Result<u64> {
+        self.commit_cut(record, None)
+    }
+
+    /// Commits the batch durably with how its cut was taken (`None`: not
+    /// checked). Nothing of it is visible before this returns.
+    pub fn commit_cut(self, record: &BatchRecord, cut: Option<&schema::CutRecord>) -> Result<u64> {
         self.txn
             .open_table(BATCHES)?
             .insert(self.batch, encode(record).as_slice())?;
+        if let Some(cut) = cut {
+            self.txn
+                .open_table(CUTS)?
+                .insert(self.batch, encode(cut).as_slice())?;
+        }
         self.txn.commit()?;
         Ok(self.batch)
     }
@@ -1073,6 +1099,7 @@ impl HistoryEditor {
     pub fn remove_batch(&mut self, id: u64) -> Result<()> {
         self.txn.open_table(BATCHES)?.remove(id)?;
         self.txn.open_table(GAPS)?.remove(id)?;
+        self.txn.open_table(CUTS)?.remove(id)?;
         Ok(())
     }
 

@@ -19,6 +19,7 @@
 //! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] |
 //! | `gaps` | `u64` batch id | `i64` ms | after compaction: a kept batch followed by dropped ones, and when the first dropped one committed |
 //! | `settled` | `(&str root, &[u8] path)` | `(u64 batch, i64 ms)` | a path's version of that batch, read again by a capture that started at that time and found unchanged |
+//! | `cuts` | `u64` batch id | [`CutRecord`] | how the batch's cut was taken: quiet, frozen (and for how long) or torn (and why) |
 //!
 //! Paths are relative to their root, `/`-separated raw bytes (Linux names
 //! need not be UTF-8), never empty, never with `.`/`..` components; this is
@@ -114,6 +115,19 @@
 //! settled, and older builds, which ignore it, record a settled file as a
 //! metadata-only version in a batch of its own.
 //!
+//! # Cuts
+//!
+//! A batch is meant to be a crash-consistent cut: the tree as it was at one
+//! instant. `cuts` says, per batch, whether it is one and how that is known
+//! ([`CutKind`]): `quiet` (nothing under the trees was written while the batch
+//! was read, as the tracer or inotify saw it), `frozen` (the app's cgroups were
+//! frozen while the changes were found and read; the pause and the bytes read
+//! then are kept) or `torn` (written while read, with the reason). A batch with
+//! no row was taken without a check (`snapshot`, or a build older than the
+//! table). Compaction drops a dropped batch's row; a kept batch keeps its own,
+//! since the state at a kept moment is that batch's cut. `cuts` appeared
+//! without a schema bump: older builds ignore it.
+//!
 //! # Batches and atomicity
 //!
 //! A batch is written in one redb write transaction: its `batches` row, the
@@ -136,6 +150,7 @@ pub const CHUNK_INDEX: TableDefinition<&[u8; 32], u64> = TableDefinition::new("c
 pub const PAYLOAD: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("payload");
 pub const GAPS: TableDefinition<u64, i64> = TableDefinition::new("gaps");
 pub const SETTLED: TableDefinition<(&str, &[u8]), (u64, i64)> = TableDefinition::new("settled");
+pub const CUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("cuts");
 
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_CREATED_MS: &str = "created_ms";
@@ -170,6 +185,40 @@ pub struct BatchRecord {
     pub logical_bytes: u64,
     /// Payload bytes this batch added to the store.
     pub stored_bytes: u64,
+}
+
+/// How a batch's cut was taken (the `cuts` table).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum CutKind {
+    /// Nothing wrote under the trees while the batch was read.
+    Quiet,
+    /// The writers were frozen while the batch's changes were found and read.
+    Frozen,
+    /// Written while read: not the tree of one instant.
+    Torn,
+}
+
+impl CutKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CutKind::Quiet => "quiet",
+            CutKind::Frozen => "frozen",
+            CutKind::Torn => "torn",
+        }
+    }
+}
+
+/// A batch's cut, as recorded in `cuts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CutRecord {
+    pub kind: CutKind,
+    /// How long the writers were stopped, in microseconds (0 unless a
+    /// freeze was tried).
+    pub pause_us: u64,
+    /// Content bytes read while they were.
+    pub frozen_bytes: u64,
+    /// Why a torn batch is torn; empty otherwise.
+    pub why: String,
 }
 
 /// The store's own retention policy (`compact --save`), applied by

@@ -53,8 +53,14 @@ pub fn reap(app: Option<Pid>) -> Option<WaitStatus> {
 
 /// Ends the processes the app left running: SIGTERM, then SIGKILL once
 /// `grace` has passed. Returns when none is left, or when killed ones still
-/// have not died after a while.
-pub async fn end_leftovers(grace: Duration) {
+/// have not died after a while. `spare` are DiffKeeper's own helpers (the
+/// thaw watchdog), which are children too but not the app's.
+pub async fn end_leftovers(grace: Duration, spare: &[Pid]) {
+    let descendants = || {
+        let mut left = descendants();
+        left.retain(|pid| !spare.contains(pid));
+        left
+    };
     reap(None);
     let left = descendants();
     if left.is_empty() {

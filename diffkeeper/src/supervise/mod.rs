@@ -29,7 +29,7 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
         }
         tracing::info!("stopping: capturing what is left");
     };
-    let summary = CaptureLoop::start(store, roots, options)
+    let summary = CaptureLoop::start(store, roots, options, None)
         .await?
         .run_until(stop)
         .await?;
@@ -64,8 +64,31 @@ pub async fn run(
             }
         }
     }
+    // The app gets a cgroup of its own, so a consistent cut can freeze
+    // exactly the app and everything it forks.
+    let app_cgroup = match options.consistency {
+        crate::watch::Consistency::None => None,
+        _ => match crate::freeze::AppCgroup::create() {
+            Ok(cgroup) => Some(cgroup),
+            Err(e) => {
+                tracing::warn!("cannot start the app in a cgroup of its own: {e}");
+                None
+            }
+        },
+    };
     // Watching starts before the app, so none of its writes goes unnoticed.
-    let capture = CaptureLoop::start(store, roots, options).await?;
+    let capture = CaptureLoop::start(
+        store,
+        roots,
+        options,
+        app_cgroup.as_ref().map(|c| c.cgroup()),
+    )
+    .await?;
+    let spare: Vec<Pid> = capture
+        .watchdog_pid()
+        .and_then(|pid| Pid::from_raw(pid as i32))
+        .into_iter()
+        .collect();
     // Signals are taken over before the app starts, so none is lost.
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -73,10 +96,23 @@ pub async fn run(
     let mut child_exited = signal(SignalKind::child()).context("cannot handle SIGCHLD")?;
     family::adopt_orphans();
     // The child is reaped by `family::reap`, never through this handle.
-    let app = match std::process::Command::new(program).args(args).spawn() {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    if let Some(cgroup) = &app_cgroup {
+        // SAFETY: the function is one write(2) on an open descriptor, which
+        // is async-signal-safe, and `app_cgroup` outlives the spawn.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, cgroup.enter_fn()) };
+    }
+    let app = match command.spawn() {
         Ok(child) => child.id(),
         Err(e) => {
-            eprintln!("error: cannot start {program}: {e}");
+            match &app_cgroup {
+                Some(cgroup) => eprintln!(
+                    "error: cannot start {program} in cgroup {}: {e}",
+                    cgroup.cgroup().path().display()
+                ),
+                None => eprintln!("error: cannot start {program}: {e}"),
+            }
             return Ok(ExitCode::from(CANNOT_START));
         }
     };
@@ -107,7 +143,7 @@ pub async fn run(
             tracing::warn!("cannot forward signal {forward:?}: {e}");
         }
     };
-    family::end_leftovers(leftover_grace).await;
+    family::end_leftovers(leftover_grace, &spare).await;
     let _ = exited_tx.send(());
     match capture.await {
         Ok(Ok(summary)) => tracing::info!(batches = summary.batches, "final capture done"),

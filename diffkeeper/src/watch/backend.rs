@@ -95,9 +95,13 @@ pub struct Notices {
     /// dirty marks there, so writes during the read are reported again,
     /// and hands over the inodes it had marked).
     before_capture: Arc<std::sync::Mutex<Option<BeforeCapture>>>,
+    /// The kernel's count of changes under some roots (the eBPF tracer's
+    /// `ROOT_CHANGES`), when the backend has one.
+    clock: Arc<std::sync::Mutex<Option<Clock>>>,
 }
 
 type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
+type Clock = Box<dyn Fn(&[usize]) -> Option<u64> + Send>;
 
 impl Notices {
     pub fn new(tx: UnboundedSender<usize>, roots: usize) -> Notices {
@@ -110,6 +114,33 @@ impl Notices {
             ),
             whole: Arc::new((0..roots).map(|_| AtomicBool::new(false)).collect()),
             before_capture: Arc::new(std::sync::Mutex::new(None)),
+            clock: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// The kernel's count of changes under `roots` so far, exact and
+    /// immediate where notices lag behind: `None` unless the eBPF tracer
+    /// runs. Two equal readings mean nothing under those roots changed in
+    /// between (what the tracer attributes in the kernel).
+    pub fn clock(&self, roots: &[usize]) -> Option<u64> {
+        self.clock
+            .lock()
+            .ok()?
+            .as_ref()
+            .and_then(|clock| clock(roots))
+    }
+
+    /// Whether [`Notices::before_capture`] hands over every file changed
+    /// before the call (the eBPF tracer takes its ring buffer first), so a
+    /// frozen cut may look at those files alone. inotify's queue may still
+    /// hold events then: its frozen cuts walk the tree.
+    pub fn exact(&self) -> bool {
+        self.clock.lock().is_ok_and(|clock| clock.is_some())
+    }
+
+    fn set_clock(&self, clock: Clock) {
+        if let Ok(mut slot) = self.clock.lock() {
+            *slot = Some(clock);
         }
     }
 
@@ -263,20 +294,51 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     // Inodes reported per root and not yet taken by a capture.
     let dirty = reported(roots.len());
 
+    // Processes holding shared writable mappings into a tree, by (tgid,
+    // root): their writes need no syscall, so the tree is looked at every
+    // MAPPED_RECHECK while they live, and its clock never stands still.
+    let mapped: Arc<Mutex<HashSet<(u32, usize)>>> = Arc::default();
     {
-        // Before a root is read, its marks are cleared: a write during the
-        // read is reported again and disturbs the batch.
-        let (tracer, dirty) = (tracer.clone(), dirty.clone());
+        // Before a root is read, the ring buffer is taken (so every change
+        // made before now is handed over) and the root's marks are cleared:
+        // a write during the read is reported again and disturbs the batch.
+        let (tracer, dirty, mapped, notices_for_hook) = (
+            tracer.clone(),
+            dirty.clone(),
+            mapped.clone(),
+            notices.clone(),
+        );
         notices.set_before_capture(Box::new(move |root| {
+            let Ok(mut tracer) = tracer.lock() else {
+                return Dirty {
+                    whole: true,
+                    ..Dirty::default()
+                };
+            };
+            take_events(&mut tracer, &dirty, &mapped, &notices_for_hook);
             let taken = take(&dirty, root);
-            if let Ok(mut tracer) = tracer.lock() {
-                for key in &taken.inodes {
-                    if let Err(e) = tracer.clear(key) {
-                        tracing::warn!("{e:#}");
-                    }
+            for key in &taken.inodes {
+                if let Err(e) = tracer.clear(key) {
+                    tracing::warn!("{e:#}");
                 }
             }
             taken
+        }));
+    }
+    {
+        let (tracer, mapped) = (tracer.clone(), mapped.clone());
+        // Reading a mapped tree's clock twice never gives the same value.
+        let reads = std::sync::atomic::AtomicU64::new(0);
+        notices.set_clock(Box::new(move |roots| {
+            let count = tracer.lock().ok()?.root_changes(roots).ok()?;
+            let live_mapping = mapped
+                .lock()
+                .is_ok_and(|m| m.iter().any(|(_, root)| roots.contains(root)));
+            Some(if live_mapping {
+                count.wrapping_add(reads.fetch_add(1, Ordering::Relaxed) << 32)
+            } else {
+                count
+            })
         }));
     }
 
@@ -293,13 +355,10 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     .map_err(|e| anyhow::anyhow!("cannot wait on the ring buffer: {e}"))?;
     let task_notices = notices.clone();
     let task_tracer = tracer.clone();
+    let (task_dirty, task_mapped) = (dirty.clone(), mapped.clone());
     let count = roots.len();
     let task = tokio::spawn(async move {
         let mut ringbuf_full = 0;
-        // Processes holding shared writable mappings into a tree: their
-        // writes need no syscall, so the tree is looked at every
-        // MAPPED_RECHECK while they live.
-        let mut mapped: HashSet<(u32, usize)> = HashSet::new();
         let mut last_mapped_check = std::time::Instant::now();
         // Also wakes the loop now and then, for the lost-event counter and
         // for events that arrived between a drain and clearing readiness.
@@ -315,25 +374,25 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                 },
                 _ = tick.tick() => {}
             }
-            if !mapped.is_empty() && last_mapped_check.elapsed() >= MAPPED_RECHECK {
+            if last_mapped_check.elapsed() >= MAPPED_RECHECK {
                 last_mapped_check = std::time::Instant::now();
-                mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
-                for (_, root) in &mapped {
-                    task_notices.written(*root);
+                if let Ok(mut mapped) = task_mapped.lock() {
+                    mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
+                    for (_, root) in mapped.iter() {
+                        task_notices.written(*root);
+                    }
                 }
             }
-            let (events, full) = match task_tracer.lock() {
+            let full = match task_tracer.lock() {
                 Ok(mut tracer) => {
                     tracer.flush_logs();
-                    let events = tracer.drain_events().unwrap_or_else(|e| {
-                        tracing::warn!("{e:#}");
-                        Vec::new()
-                    });
-                    let full = tracer
+                    // Taken and handed over under the lock, so a capture
+                    // that takes the lock next sees every event before it.
+                    take_events(&mut tracer, &task_dirty, &task_mapped, &task_notices);
+                    tracer
                         .counters()
                         .map(|c| c[counter::RINGBUF_FULL as usize])
-                        .unwrap_or(0);
-                    (events, full)
+                        .unwrap_or(0)
                 }
                 Err(_) => return,
             };
@@ -345,21 +404,6 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
                     task_notices.written(root);
                 }
             }
-            for event in events {
-                if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
-                    mapped.insert((event.tgid, event.root as usize));
-                }
-                if let Ok(mut dirty) = dirty.lock() {
-                    if let Some(set) = dirty.get_mut(event.root as usize) {
-                        set.inodes.insert(event.key());
-                    }
-                }
-                if event.is_namespace() {
-                    task_notices.written(event.root as usize);
-                } else {
-                    task_notices.file_written(event.root as usize);
-                }
-            }
         }
     });
     Ok(Source::Ebpf {
@@ -367,6 +411,38 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
         tracer,
         rescan: Box::new(scan(roots, interval, notices, None)),
     })
+}
+
+/// Takes the events waiting in the tracer's ring buffer and hands them
+/// over: inodes into `dirty`, a notice per event, mapping processes into
+/// `mapped`.
+fn take_events(
+    tracer: &mut crate::events::Tracer,
+    dirty: &Reported,
+    mapped: &std::sync::Mutex<HashSet<(u32, usize)>>,
+    notices: &Notices,
+) {
+    let events = tracer.drain_events().unwrap_or_else(|e| {
+        tracing::warn!("{e:#}");
+        Vec::new()
+    });
+    for event in events {
+        if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
+            if let Ok(mut mapped) = mapped.lock() {
+                mapped.insert((event.tgid, event.root as usize));
+            }
+        }
+        if let Ok(mut dirty) = dirty.lock() {
+            if let Some(set) = dirty.get_mut(event.root as usize) {
+                set.inodes.insert(event.key());
+            }
+        }
+        if event.is_namespace() {
+            notices.written(event.root as usize);
+        } else {
+            notices.file_written(event.root as usize);
+        }
+    }
 }
 
 /// Marks every directory written each interval, so capture walks it and

@@ -22,14 +22,15 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::capture::{snapshot_cut, snapshot_files, BatchSummary};
+use crate::capture::{capture_cut, BatchSummary, Cut};
+use crate::freeze::{Cgroup, FreezeSet};
 use crate::roots::StateDir;
 use crate::scan::InodeIndex;
 pub use backend::Backend;
@@ -56,6 +57,27 @@ pub struct WatchOptions {
     /// policy is, if it has one.
     pub retention: crate::retention::Policy,
     pub compact_interval: Duration,
+    /// How a batch's cut is made consistent.
+    pub consistency: Consistency,
+    /// Longest the writers stay frozen for one batch; past it they are
+    /// thawed and the batch is marked torn.
+    pub max_pause: Duration,
+    /// cgroups to freeze besides the one `run` starts its app in.
+    pub freeze_cgroups: Vec<PathBuf>,
+}
+
+/// How a batch's cut is made consistent (`--consistency`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Consistency {
+    /// Read with the app running; a batch written while read is taken
+    /// again at once with the app's writers frozen.
+    Auto,
+    /// Freeze the writers for every batch.
+    Freeze,
+    /// Never pause: a batch written while read is dropped and taken again
+    /// at the next quiet moment, and past --max-latency committed marked
+    /// torn.
+    None,
 }
 
 impl Default for WatchOptions {
@@ -68,6 +90,9 @@ impl Default for WatchOptions {
             rescan_interval: Duration::from_secs(30),
             retention: crate::retention::Policy::default(),
             compact_interval: Duration::from_secs(3600),
+            consistency: Consistency::Auto,
+            max_pause: Duration::from_millis(200),
+            freeze_cgroups: Vec::new(),
         }
     }
 }
@@ -128,6 +153,8 @@ pub struct LoopSummary {
     pub compactions: u64,
     /// Captures that failed and were retried.
     pub failures: u64,
+    /// Batches committed marked torn.
+    pub torn: u64,
 }
 
 /// A started capture loop: its backend is watching and the state that was
@@ -141,16 +168,20 @@ pub struct CaptureLoop {
     _source: backend::Source,
     summary: LoopSummary,
     /// Per root, its files by inode as of its last walk.
-    inodes: Vec<Option<InodeIndex>>,
+    inodes: Vec<Option<Arc<InodeIndex>>>,
+    /// What a consistent cut freezes, when it can.
+    freeze: Option<Arc<FreezeSet>>,
 }
 
 impl CaptureLoop {
     /// Starts the backend, then captures changes made while DiffKeeper was
-    /// not running. Writes from then on are noticed.
+    /// not running. Writes from then on are noticed. `app` is the cgroup
+    /// `run` starts its app in, frozen with --freeze-cgroup's.
     pub async fn start(
         store: &Path,
         roots: &[StateDir],
         options: &WatchOptions,
+        app: Option<&Cgroup>,
     ) -> Result<CaptureLoop> {
         let (tx, rx) = mpsc::unbounded_channel::<usize>();
         let notices = backend::Notices::new(tx, roots.len());
@@ -164,23 +195,34 @@ impl CaptureLoop {
                 .join(", "),
             source.describe()
         );
-        let mut summary = LoopSummary::default();
-        let mut first = capture_now(store, roots, None, None).await?;
-        tracing::info!("start-up capture: {first}");
-        if first.batch.is_some() {
-            summary.batches += 1;
-        }
-        let inodes = roots.iter().map(|r| first.inodes.remove(&r.name)).collect();
-        Ok(CaptureLoop {
+        let freeze = freeze_set(options, app).map(Arc::new);
+        let mut capture = CaptureLoop {
             store: store.to_path_buf(),
             roots: roots.to_vec(),
             options: options.clone(),
             notices,
             rx,
             _source: source,
-            summary,
-            inodes,
-        })
+            summary: LoopSummary::default(),
+            inodes: roots.iter().map(|_| None).collect(),
+            freeze,
+        };
+        let mut first = capture.capture_all().await?;
+        tracing::info!("start-up capture: {first}");
+        if first.batch.is_some() {
+            capture.summary.batches += 1;
+        }
+        capture.inodes = roots
+            .iter()
+            .map(|r| first.inodes.remove(&r.name).map(Arc::new))
+            .collect();
+        Ok(capture)
+    }
+
+    /// The watchdog's process id, which `run` must not end as a leftover
+    /// of the app.
+    pub fn watchdog_pid(&self) -> Option<u32> {
+        self.freeze.as_ref().and_then(|f| f.watchdog_pid())
     }
 
     /// Captures as writes come until `stop` resolves, then once more so
@@ -216,24 +258,12 @@ impl CaptureLoop {
                 }
                 _ = tick.tick() => {
                     for index in due(&pending, &self.options) {
-                        let reported = self.notices.before_capture(index);
-                        pending[index].dirty.absorb(reported);
-                        let root = &self.roots[index];
-                        let files = reported_files(&root.path, self.inodes[index].as_ref(), &pending[index].dirty);
+                        let root = self.roots[index].clone();
                         let failures = pending[index].failures;
-                        match capture_root(
-                            &self.store,
-                            root,
-                            &mut pending[index],
-                            self.notices.flag(index),
-                            &self.options,
-                            files,
-                        )
-                        .await
-                        {
-                            Ok(mut outcome) => {
-                                if let Some(walked) = outcome.inodes.take() {
-                                    self.inodes[index] = Some(walked);
+                        match self.capture_root(index, &mut pending[index]).await {
+                            Ok(outcome) => {
+                                if let Some(walked) = outcome.inodes {
+                                    self.inodes[index] = Some(Arc::new(walked));
                                 }
                                 pending[index].failures = 0;
                                 pending[index].retry_at = None;
@@ -242,6 +272,7 @@ impl CaptureLoop {
                                 }
                                 self.summary.batches += u64::from(outcome.committed);
                                 self.summary.dropped += u64::from(outcome.dropped);
+                                self.summary.torn += u64::from(outcome.torn);
                             }
                             // Writes keep being noticed; the retry takes
                             // them all, as the directory is read afresh.
@@ -266,7 +297,7 @@ impl CaptureLoop {
         let mut tries = 0;
         let last = loop {
             tries += 1;
-            match capture_now(&self.store, &self.roots, None, None).await {
+            match self.capture_all().await {
                 Ok(last) => break last,
                 Err(e) if tries < FINAL_TRIES => {
                     tracing::error!(
@@ -280,8 +311,169 @@ impl CaptureLoop {
                 }
             }
         };
+        if last.batch.is_some() {
+            tracing::info!("final capture: {last}");
+        }
         self.summary.batches += u64::from(last.batch.is_some());
         Ok(self.summary)
+    }
+
+    /// The plan for a cut of the roots `indices`.
+    fn plan(&self, indices: &[usize]) -> CutPlan {
+        CutPlan {
+            written: indices.iter().map(|&i| self.notices.flag(i)).collect(),
+            notices: self.notices.clone(),
+            indices: indices.to_vec(),
+            freeze: None,
+            max_pause: self.options.max_pause,
+            accept_torn: false,
+            files: None,
+        }
+    }
+
+    /// Every root at once, walked (at start and at a stop), as the
+    /// consistency mode says.
+    async fn capture_all(&self) -> Result<BatchSummary> {
+        let indices: Vec<usize> = (0..self.roots.len()).collect();
+        let plan = self.plan(&indices);
+        self.capture_planned(&self.roots, plan, false).await
+    }
+
+    /// Takes a batch of `roots` as the consistency mode says: frozen, or
+    /// optimistic and (in `auto`) frozen again if written while read. With
+    /// `overdue`, an optimistic batch that cannot be frozen is committed
+    /// marked torn rather than dropped.
+    async fn capture_planned(
+        &self,
+        roots: &[StateDir],
+        plan: CutPlan,
+        overdue: bool,
+    ) -> Result<BatchSummary> {
+        let frozen = |plan: &CutPlan| CutPlan {
+            freeze: self.freeze.clone(),
+            accept_torn: true,
+            ..plan.clone()
+        };
+        match (self.options.consistency, &self.freeze) {
+            (Consistency::Freeze, Some(_)) => capture_now(&self.store, roots, frozen(&plan)).await,
+            (Consistency::Auto, Some(_)) => {
+                let first = capture_now(&self.store, roots, plan.clone()).await?;
+                if !first.disturbed {
+                    return Ok(first);
+                }
+                tracing::debug!("batch written while read: taking it again frozen");
+                capture_now(&self.store, roots, frozen(&plan)).await
+            }
+            _ => {
+                let plan = CutPlan {
+                    accept_torn: overdue,
+                    ..plan
+                };
+                capture_now(&self.store, roots, plan).await
+            }
+        }
+    }
+
+    /// Captures one due directory. The backend's flag for it is set on
+    /// every write notice, including those that arrive while it is read.
+    async fn capture_root(&self, index: usize, pending: &mut Pending) -> Result<CaptureOutcome> {
+        let root = &self.roots[index];
+        let first = pending.first.unwrap_or_else(Instant::now);
+        // Under continuous writes, or after repeated drops, a batch that
+        // cannot be frozen is taken even if written while read (marked
+        // torn): capture at least every max latency.
+        let overdue = first.elapsed() >= self.options.max_latency || pending.drops >= MAX_DROPS;
+        // What the backend reported is handed to the cut, which takes what
+        // is new when its read starts; it comes back if no batch takes it.
+        let dirty = Arc::new(Mutex::new(std::mem::take(&mut pending.dirty)));
+        let files = ReportedFiles {
+            notices: self.notices.clone(),
+            index,
+            root: root.path.clone(),
+            inodes: self.inodes[index].clone(),
+            dirty: dirty.clone(),
+        };
+        let plan = CutPlan {
+            files: Some(Arc::new(files)),
+            ..self.plan(&[index])
+        };
+        let result = self
+            .capture_planned(std::slice::from_ref(root), plan, overdue)
+            .await;
+        let give_back = |pending: &mut Pending| {
+            if let Ok(mut dirty) = dirty.lock() {
+                pending.dirty.absorb(std::mem::take(&mut *dirty));
+            }
+        };
+        let mut result = match result {
+            Ok(result) => result,
+            Err(e) => {
+                give_back(pending);
+                return Err(e);
+            }
+        };
+        let inodes = result.inodes.remove(&root.name);
+        if result.disturbed && result.batch.is_none() {
+            give_back(pending);
+            pending.drops += 1;
+            // Wait for the next quiet moment; `first` stays, so the maximum
+            // latency still counts from the first unsaved write.
+            pending.last = Some(Instant::now());
+            tracing::debug!(root = %root.name, drops = pending.drops, "batch dropped: written while read");
+            return Ok(CaptureOutcome {
+                committed: false,
+                dropped: true,
+                torn: false,
+                inodes,
+            });
+        }
+        if result.batch.is_some() {
+            tracing::info!(root = %root.name, "{result}");
+        }
+        // Notices that arrived during the capture are still in the channel and
+        // will mark the directory dirty again; the next batch takes them.
+        *pending = Pending::default();
+        Ok(CaptureOutcome {
+            committed: result.batch.is_some(),
+            dropped: false,
+            torn: result
+                .cut
+                .as_ref()
+                .is_some_and(|c| c.kind == crate::store::schema::CutKind::Torn),
+            inodes,
+        })
+    }
+}
+
+/// The freezer for `options`, if its consistency mode freezes and the
+/// machine lets it; otherwise says what is missing (batches written while
+/// read are then marked torn).
+fn freeze_set(options: &WatchOptions, app: Option<&Cgroup>) -> Option<FreezeSet> {
+    if options.consistency == Consistency::None {
+        return None;
+    }
+    let mut cgroups: Vec<Cgroup> = app.into_iter().cloned().collect();
+    for path in &options.freeze_cgroups {
+        match Cgroup::open(path) {
+            Ok(cgroup) => cgroups.push(cgroup),
+            Err(e) => tracing::warn!("--freeze-cgroup {}: {e}; not frozen", path.display()),
+        }
+    }
+    if cgroups.is_empty() {
+        tracing::warn!(
+            "no cgroup to freeze (`run` starts its app in one; `watch` needs --freeze-cgroup):              batches written while read are dropped and retaken, and past --max-latency marked torn"
+        );
+        return None;
+    }
+    match FreezeSet::new(cgroups) {
+        Ok(set) => {
+            tracing::info!("consistent cuts freeze {set:?} while they are read");
+            Some(set)
+        }
+        Err(e) => {
+            tracing::warn!("{e}: batches written while read are marked torn");
+            None
+        }
     }
 }
 
@@ -337,6 +529,8 @@ fn due(pending: &[Pending], options: &WatchOptions) -> Vec<usize> {
 struct CaptureOutcome {
     committed: bool,
     dropped: bool,
+    /// Committed, marked torn.
+    torn: bool,
     /// The root's files by inode, when the capture walked it.
     inodes: Option<InodeIndex>,
 }
@@ -371,52 +565,45 @@ fn reported_files(
     Some(files)
 }
 
-/// Captures one due directory. `written` is set by the backend on every
-/// write notice for it, including those that arrive while it is read.
-async fn capture_root(
-    store: &Path,
-    root: &StateDir,
-    pending: &mut Pending,
-    written: Arc<AtomicBool>,
-    options: &WatchOptions,
-    files: Option<Vec<(Vec<u8>, InodeKey)>>,
-) -> Result<CaptureOutcome> {
-    let first = pending.first.unwrap_or_else(Instant::now);
-    // Under continuous writes, or after repeated drops, the batch is taken
-    // even if written while read: capture at least every max latency.
-    let overdue = first.elapsed() >= options.max_latency || pending.drops >= MAX_DROPS;
-    written.store(false, Ordering::SeqCst);
-    let mut result = capture_now(
-        store,
-        std::slice::from_ref(root),
-        files,
-        (!overdue).then_some(written),
-    )
-    .await?;
-    let inodes = result.inodes.remove(&root.name);
-    if result.disturbed {
-        pending.drops += 1;
-        // Wait for the next quiet moment; `first` stays, so the maximum
-        // latency still counts from the first unsaved write.
-        pending.last = Some(Instant::now());
-        tracing::debug!(root = %root.name, drops = pending.drops, "batch dropped: written while read");
-        return Ok(CaptureOutcome {
-            committed: false,
-            dropped: true,
-            inodes,
-        });
+/// What the backend reported for one root, turned into the files a cut
+/// looks at when its read starts (after the freeze, for a frozen cut).
+struct ReportedFiles {
+    notices: backend::Notices,
+    index: usize,
+    root: PathBuf,
+    inodes: Option<Arc<InodeIndex>>,
+    /// Reported so far and not yet in a batch.
+    dirty: Arc<Mutex<backend::Dirty>>,
+}
+
+impl ReportedFiles {
+    /// Takes what the backend learnt since, and lists the files to look
+    /// at; `None` to walk the tree. A frozen cut walks unless the backend
+    /// hands over every change made before the call (see
+    /// [`backend::Notices::exact`]).
+    fn take(&self, frozen: bool) -> Option<Vec<(Vec<u8>, InodeKey)>> {
+        let reported = self.notices.before_capture(self.index);
+        let mut dirty = self.dirty.lock().ok()?;
+        dirty.absorb(reported);
+        if frozen && !self.notices.exact() {
+            return None;
+        }
+        reported_files(&self.root, self.inodes.as_deref(), &dirty)
     }
-    if result.batch.is_some() {
-        tracing::info!(root = %root.name, "{result}");
-    }
-    // Notices that arrived during the capture are still in the channel and
-    // will mark the directory dirty again; the next batch takes them.
-    *pending = Pending::default();
-    Ok(CaptureOutcome {
-        committed: result.batch.is_some(),
-        dropped: false,
-        inodes,
-    })
+}
+
+/// A cut to take, in a form that can move to a blocking thread.
+#[derive(Clone)]
+struct CutPlan {
+    written: Vec<Arc<AtomicBool>>,
+    notices: backend::Notices,
+    /// The roots' indices, for the kernel's change counts.
+    indices: Vec<usize>,
+    freeze: Option<Arc<FreezeSet>>,
+    max_pause: Duration,
+    accept_torn: bool,
+    /// One root's reported files; `None` walks every root.
+    files: Option<Arc<ReportedFiles>>,
 }
 
 /// How often a capture still waiting for the store says so.
@@ -426,19 +613,26 @@ const STORE_BUSY_WARNING: Duration = Duration::from_secs(60);
 /// diffkeeper process holds the store, waits and retries: writes keep
 /// being noticed meanwhile and are all in the batch taken afterwards. It
 /// never gives up: a watcher that exited would capture nothing more.
-async fn capture_now(
-    store: &Path,
-    roots: &[StateDir],
-    files: Option<Vec<(Vec<u8>, InodeKey)>>,
-    disturbed: Option<Arc<AtomicBool>>,
-) -> Result<BatchSummary> {
+async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<BatchSummary> {
     let mut last_said: Option<Instant> = None;
     loop {
-        let (path, dirs, flag) = (store.to_path_buf(), roots.to_vec(), disturbed.clone());
-        let files = files.clone();
-        let result = tokio::task::spawn_blocking(move || match (files, dirs.as_slice()) {
-            (Some(files), [root]) => snapshot_files(&path, root, &files, flag.as_deref()),
-            _ => snapshot_cut(&path, &dirs, flag.as_deref()),
+        let (path, dirs, plan) = (store.to_path_buf(), roots.to_vec(), plan.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let clock = |notices: &backend::Notices, indices: &[usize]| notices.clock(indices);
+            let clock = || clock(&plan.notices, &plan.indices);
+            let files = plan
+                .files
+                .as_ref()
+                .map(|files| move |frozen: bool| files.take(frozen));
+            let cut = Cut {
+                written: &plan.written,
+                clock: Some(&clock),
+                freeze: plan.freeze.as_deref(),
+                max_pause: plan.max_pause,
+                accept_torn: plan.accept_torn,
+                files: files.as_ref().map(|f| f as &crate::capture::ReportedFn),
+            };
+            capture_cut(&path, &dirs, &cut)
         })
         .await
         .context("capture task failed")?;

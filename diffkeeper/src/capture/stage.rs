@@ -1,0 +1,274 @@
+//! Staging: the changed files' bytes copied while the writers are frozen,
+//! so that only this copy, not hashing, chunking, delta encoding or the
+//! commit, has to happen during the pause.
+//!
+//! Small files are read into memory (up to [`MEMORY_BUDGET`] in all);
+//! larger ones are copied with `copy_file_range(2)` into one unnamed spill
+//! file beside the store (`O_TMPFILE`, so a crash leaves nothing behind).
+//! That is a copy inside the kernel at page-cache speed, or a reflink on a
+//! file system that shares extents; no byte passes through DiffKeeper's
+//! memory. Files are staged in parallel. Staging stops once the pause
+//! reaches its limit; the rest is then read live, and the batch is torn.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use crate::roots::join;
+use crate::scan::{Change, RootChanges};
+use crate::store::schema::EntryKind;
+
+/// Bytes of small files kept in memory in all; the rest goes to the spill
+/// file.
+const MEMORY_BUDGET: u64 = 16 << 20;
+/// Largest file read into memory.
+const SMALL_FILE: u64 = 1 << 20;
+
+/// A file as it was while the writers were stopped.
+#[derive(Debug)]
+pub struct StagedFile {
+    pub len: u64,
+    pub mtime_ns: i64,
+    /// Permission bits.
+    pub mode: u32,
+    place: Place,
+}
+
+#[derive(Debug)]
+enum Place {
+    Memory(Vec<u8>),
+    Spill {
+        offset: u64,
+    },
+    /// Not there any more when it was to be read.
+    Vanished,
+}
+
+impl StagedFile {
+    pub fn vanished(&self) -> bool {
+        matches!(self.place, Place::Vanished)
+    }
+}
+
+/// What was staged for one batch.
+#[derive(Default)]
+pub struct Staged {
+    files: HashMap<(String, Vec<u8>), StagedFile>,
+    spill: Option<File>,
+    /// Content bytes copied.
+    pub bytes: u64,
+    /// Bytes of the files left to be read live (staging ran out of time).
+    pub left_bytes: u64,
+    /// A staged file changed while it was copied: something outside the
+    /// frozen cgroups writes the tree.
+    pub changed_while_read: bool,
+}
+
+impl Staged {
+    pub fn get(&self, root: &str, path: &[u8]) -> Option<&StagedFile> {
+        // A lookup by borrowed parts would need a custom key type; the
+        // allocation is small beside reading the file.
+        self.files.get(&(root.to_owned(), path.to_vec()))
+    }
+
+    /// The staged bytes of `file`.
+    pub fn reader<'a>(&'a self, file: &'a StagedFile) -> Box<dyn Read + 'a> {
+        match (&file.place, &self.spill) {
+            (Place::Memory(bytes), _) => Box::new(&bytes[..]),
+            (Place::Spill { offset }, Some(spill)) => Box::new(SpillReader {
+                file: spill,
+                at: *offset,
+                end: offset + file.len,
+            }),
+            _ => Box::new(std::io::empty()),
+        }
+    }
+}
+
+/// Reads a range of the spill file with `pread`, so readers share it.
+struct SpillReader<'a> {
+    file: &'a File,
+    at: u64,
+    end: u64,
+}
+
+impl Read for SpillReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = (self.end - self.at).min(buf.len() as u64) as usize;
+        if left == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..left], self.at)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the staging file is shorter than what was copied into it",
+            ));
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Copies the content of every changed file of `found` while the writers
+/// are stopped, until `deadline`. `spill_dir` is where the spill file goes
+/// (the store's directory).
+pub fn stage(found: &[RootChanges], spill_dir: &Path, deadline: Instant) -> Result<Staged> {
+    let jobs: Vec<(&str, &[u8], std::path::PathBuf, u64)> = found
+        .iter()
+        .flat_map(|r| {
+            r.changes.iter().filter_map(move |c| match c {
+                Change::Write {
+                    path,
+                    entry,
+                    content: true,
+                    ..
+                } if entry.kind == EntryKind::File => Some((
+                    r.root.name.as_str(),
+                    path.as_slice(),
+                    join(&r.root.path, path),
+                    entry.size,
+                )),
+                _ => None,
+            })
+        })
+        .collect();
+    let needs_spill = jobs.iter().any(|j| j.3 > SMALL_FILE)
+        || jobs.iter().map(|j| j.3).sum::<u64>() > MEMORY_BUDGET;
+    let spill = if needs_spill {
+        Some(tempfile::tempfile_in(spill_dir).with_context(|| {
+            format!(
+                "cannot create a staging file in {} for the frozen read",
+                spill_dir.display()
+            )
+        })?)
+    } else {
+        None
+    };
+    let memory = AtomicU64::new(0);
+    let spill_end = AtomicU64::new(0);
+    let copied = AtomicU64::new(0);
+    let left = AtomicU64::new(0);
+    let changed = AtomicBool::new(false);
+    let files = Mutex::new(HashMap::with_capacity(jobs.len()));
+    jobs.par_iter().for_each(|(root, path, full, size)| {
+        if Instant::now() >= deadline {
+            left.fetch_add(*size, Ordering::Relaxed);
+            return;
+        }
+        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end) {
+            Ok(Some((file, steady))) => {
+                if !steady {
+                    changed.store(true, Ordering::Relaxed);
+                }
+                copied.fetch_add(file.len, Ordering::Relaxed);
+                file
+            }
+            // Unreadable: capture reads it live and reports why.
+            Ok(None) | Err(_) => return,
+        };
+        if let Ok(mut files) = files.lock() {
+            files.insert((root.to_string(), path.to_vec()), staged);
+        }
+    });
+    Ok(Staged {
+        files: files
+            .into_inner()
+            .map_err(|_| anyhow::anyhow!("staging table lock poisoned"))?,
+        spill,
+        bytes: copied.into_inner(),
+        left_bytes: left.into_inner(),
+        changed_while_read: changed.into_inner(),
+    })
+}
+
+/// Copies one file; returns it with whether it stayed the same while read.
+fn stage_file(
+    full: &Path,
+    spill: Option<&File>,
+    memory: &AtomicU64,
+    spill_end: &AtomicU64,
+) -> Result<Option<(StagedFile, bool)>> {
+    let file = match File::options()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(full)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Some((
+                StagedFile {
+                    len: 0,
+                    mtime_ns: 0,
+                    mode: 0,
+                    place: Place::Vanished,
+                },
+                true,
+            )))
+        }
+        Err(_) => return Ok(None),
+    };
+    let before = file.metadata()?;
+    if !before.is_file() {
+        return Ok(None);
+    }
+    let len = before.len();
+    let in_memory = len <= SMALL_FILE
+        && memory
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + len <= MEMORY_BUDGET).then_some(used + len)
+            })
+            .is_ok();
+    // What was read counts, should the file have shrunk meanwhile.
+    let (place, read) = match spill {
+        Some(spill) if !in_memory => {
+            let offset = spill_end.fetch_add(len, Ordering::Relaxed);
+            (
+                Place::Spill { offset },
+                copy_range(&file, spill, offset, len)?,
+            )
+        }
+        _ => {
+            let mut bytes = Vec::with_capacity(len as usize);
+            (&file).take(len).read_to_end(&mut bytes)?;
+            let read = bytes.len() as u64;
+            (Place::Memory(bytes), read)
+        }
+    };
+    let after = file.metadata()?;
+    let steady = read == len
+        && after.len() == len
+        && crate::scan::mtime_ns(&after) == crate::scan::mtime_ns(&before);
+    Ok(Some((
+        StagedFile {
+            len: read,
+            mtime_ns: crate::scan::mtime_ns(&before),
+            mode: before.mode() & 0o7777,
+            place,
+        },
+        steady,
+    )))
+}
+
+/// Copies `len` bytes of `from` into `to` at `offset`, in the kernel;
+/// returns how many it copied (fewer if the file shrank).
+fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> Result<u64> {
+    let (mut off_in, mut off_out) = (0u64, offset);
+    while off_in < len {
+        let want = (len - off_in).min(1 << 30) as usize;
+        let n = rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
+            .context("cannot copy into the staging file")?;
+        if n == 0 {
+            break;
+        }
+    }
+    Ok(off_in)
+}
