@@ -132,7 +132,7 @@ pub struct Cut<'a> {
     pub written: &'a [Arc<AtomicBool>],
     /// The kernel's own count of changes under the trees (the eBPF tracer's
     /// counters), exact where `written` lags behind: preferred when there.
-    pub clock: Option<&'a (dyn Fn() -> Option<u64> + Sync)>,
+    pub clock: Option<&'a (dyn Fn() -> Option<Changes> + Sync)>,
     /// Freeze these writers while the changes are found and read.
     pub freeze: Option<&'a FreezeSet>,
     /// Longest freeze: past it the writers are thawed, the rest is read
@@ -146,6 +146,17 @@ pub struct Cut<'a> {
     /// asked for when the read starts (`true`: frozen); `None` from it, or
     /// no function, walks the trees.
     pub files: Option<&'a ReportedFn<'a>>,
+}
+
+/// A reading of [`Cut::clock`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// Changes counted so far.
+    pub count: u64,
+    /// A process holds a shared writable mapping of a file there: it can
+    /// write with no syscall, so no count proves the tree stood still
+    /// unless that process is frozen.
+    pub mapped: bool,
 }
 
 /// See [`Cut::files`].
@@ -172,17 +183,20 @@ pub fn snapshot_at(store_path: &Path, roots: &[StateDir], time_ms: i64) -> Resul
 /// count when there is one, else the backend's flag.
 struct Disturbance<'a> {
     cut: &'a Cut<'a>,
-    clock_at_start: Option<u64>,
+    clock_at_start: Option<Changes>,
+    /// The writers are frozen: a mapping of theirs writes nothing.
+    frozen: bool,
 }
 
 impl<'a> Disturbance<'a> {
-    fn start(cut: &'a Cut<'a>) -> Disturbance<'a> {
+    fn start(cut: &'a Cut<'a>, frozen: bool) -> Disturbance<'a> {
         for flag in cut.written {
             flag.store(false, Ordering::SeqCst);
         }
         Disturbance {
             cut,
             clock_at_start: cut.clock.and_then(|clock| clock()),
+            frozen,
         }
     }
 
@@ -196,7 +210,9 @@ impl<'a> Disturbance<'a> {
             self.clock_at_start,
             self.cut.clock.and_then(|clock| clock()),
         ) {
-            (Some(before), Some(now)) => before != now,
+            (Some(before), Some(now)) => {
+                before.count != now.count || (!self.frozen && (before.mapped || now.mapped))
+            }
             _ => self
                 .cut
                 .written
@@ -273,7 +289,7 @@ fn take_optimistic(
     // The real clock even for a recorded time: it decides which mtimes are
     // too recent to prove a file unchanged.
     let started_ms = now_ms();
-    let watch = Disturbance::start(cut);
+    let watch = Disturbance::start(cut, false);
     let files = cut.files.and_then(|files| files(false));
     let files = files.as_deref();
     let mut scanned = None;
@@ -350,7 +366,7 @@ fn take_frozen(
         let reader = store.reader()?;
         let last = reader.last_batch()?;
         let frozen = set.freeze(cut.max_pause)?;
-        let watch = Disturbance::start(cut);
+        let watch = Disturbance::start(cut, true);
         let deadline = Instant::now() + cut.max_pause.saturating_sub(frozen.elapsed());
         let files = cut.files.and_then(|files| files(true));
         let found = find_changes(store.path(), &reader, roots, files.as_deref());

@@ -6,13 +6,15 @@
 //! to the pipe, after each thaw `T <cgroup>` lines. A write to a pipe is in
 //! the kernel once `write(2)` returns, so a freeze is announced before it
 //! happens, even if DiffKeeper is killed right after. When the pipe closes
-//! (DiffKeeper exited, cleanly or by SIGKILL) the watchdog thaws every
-//! cgroup announced frozen and not thawed since, and exits. It runs in a
+//! (DiffKeeper exited, cleanly or by SIGKILL), or DiffKeeper's main thread
+//! is seen dead (looked at every 20 ms: a killed process whose other thread
+//! waits on the disk closes the pipe only seconds later), the watchdog
+//! thaws every cgroup announced frozen and not thawed since, and exits. It runs in a
 //! session of its own, so a terminal's Ctrl-C or a signal to DiffKeeper's
 //! process group does not take it down with DiffKeeper.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -91,29 +93,77 @@ impl Drop for Watchdog {
     }
 }
 
-/// The watchdog's main loop: reads announcements until the pipe closes,
-/// then thaws what is still frozen. Returns the process's exit code.
+/// How often the watchdog looks whether DiffKeeper is dying.
+const LOOK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Whether process `pid` is gone or dying: its main thread has exited (a
+/// zombie) though other threads may still be finishing. A process killed
+/// while one of its threads waits on the disk (an fsync, or the page cache
+/// of a large file being freed) closes its descriptors, and so the pipe,
+/// only once that wait is over, which can take seconds; its main thread
+/// dies at once.
+fn dying(pid: rustix::process::Pid) -> bool {
+    let stat = match std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw_nonzero())) {
+        Ok(stat) => stat,
+        Err(_) => return true,
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().next());
+    matches!(state, Some("Z" | "X" | "x") | None)
+}
+
+/// The watchdog's main loop: reads announcements until the pipe closes or
+/// DiffKeeper (its parent) is dying, then thaws what is still frozen.
+/// Returns the process's exit code.
 pub fn serve() -> std::process::ExitCode {
+    use std::os::fd::AsFd;
+
+    let parent = rustix::process::getppid();
     let mut frozen: BTreeSet<PathBuf> = BTreeSet::new();
+    // Read unbuffered, so what poll(2) says waits is all there is.
     let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let mut line = Vec::new();
+    let input = stdin.as_fd();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
     loop {
-        line.clear();
-        match input.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        let ready = {
+            let mut fds = [rustix::event::PollFd::new(
+                &input,
+                rustix::event::PollFlags::IN | rustix::event::PollFlags::HUP,
+            )];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: LOOK.as_nanos() as i64,
+            };
+            matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+        };
+        if !ready {
+            if parent.is_none_or(dying) || rustix::process::getppid() != parent {
+                break;
+            }
+            continue;
         }
-        let text = line.strip_suffix(b"\n").unwrap_or(&line);
-        let path = |rest: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(rest));
-        match text.split_first() {
-            Some((b'F', rest)) => {
-                frozen.insert(path(rest.strip_prefix(b" ").unwrap_or(rest)));
+        let n = match rustix::io::read(input, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let text = &line[..line.len() - 1];
+            let path = |rest: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(rest));
+            match text.split_first() {
+                Some((b'F', rest)) => {
+                    frozen.insert(path(rest.strip_prefix(b" ").unwrap_or(rest)));
+                }
+                Some((b'T', rest)) => {
+                    frozen.remove(&path(rest.strip_prefix(b" ").unwrap_or(rest)));
+                }
+                _ => {}
             }
-            Some((b'T', rest)) => {
-                frozen.remove(&path(rest.strip_prefix(b" ").unwrap_or(rest)));
-            }
-            _ => {}
         }
     }
     let mut code = std::process::ExitCode::SUCCESS;

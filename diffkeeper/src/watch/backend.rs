@@ -101,7 +101,7 @@ pub struct Notices {
 }
 
 type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
-type Clock = Box<dyn Fn(&[usize]) -> Option<u64> + Send>;
+type Clock = Box<dyn Fn(&[usize]) -> Option<crate::capture::Changes> + Send>;
 
 impl Notices {
     pub fn new(tx: UnboundedSender<usize>, roots: usize) -> Notices {
@@ -122,7 +122,7 @@ impl Notices {
     /// immediate where notices lag behind: `None` unless the eBPF tracer
     /// runs. Two equal readings mean nothing under those roots changed in
     /// between (what the tracer attributes in the kernel).
-    pub fn clock(&self, roots: &[usize]) -> Option<u64> {
+    pub fn clock(&self, roots: &[usize]) -> Option<crate::capture::Changes> {
         self.clock
             .lock()
             .ok()?
@@ -296,7 +296,7 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
 
     // Processes holding shared writable mappings into a tree, by (tgid,
     // root): their writes need no syscall, so the tree is looked at every
-    // MAPPED_RECHECK while they live, and its clock never stands still.
+    // MAPPED_RECHECK while they live, and no unfrozen read of it is quiet.
     let mapped: Arc<Mutex<HashSet<(u32, usize)>>> = Arc::default();
     {
         // Before a root is read, the ring buffer is taken (so every change
@@ -327,18 +327,12 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     }
     {
         let (tracer, mapped) = (tracer.clone(), mapped.clone());
-        // Reading a mapped tree's clock twice never gives the same value.
-        let reads = std::sync::atomic::AtomicU64::new(0);
         notices.set_clock(Box::new(move |roots| {
             let count = tracer.lock().ok()?.root_changes(roots).ok()?;
-            let live_mapping = mapped
+            let mapped = mapped
                 .lock()
                 .is_ok_and(|m| m.iter().any(|(_, root)| roots.contains(root)));
-            Some(if live_mapping {
-                count.wrapping_add(reads.fetch_add(1, Ordering::Relaxed) << 32)
-            } else {
-                count
-            })
+            Some(crate::capture::Changes { count, mapped })
         }));
     }
 

@@ -1,0 +1,527 @@
+//! Every batch is a crash-consistent cut while the app never stops writing:
+//! real apps (a two-file invariant writer, git, SQLite in rollback-journal
+//! and WAL mode) run under `diffkeeper run --backend ebpf`, app and agent
+//! are killed with SIGKILL together at seeded random moments, and what the
+//! store kept is checked by the apps' own integrity tools. With
+//! `--consistency none` the same writer must leave torn batches, each
+//! marked as such, which shows these tests can fail. A watchdog thaws the
+//! app when the agent is killed mid-freeze.
+
+mod common;
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{ok, s, Reaped, Rng, BIN};
+use rustix::process::{Pid, Signal};
+use serde_json::Value;
+
+/// Starts `diffkeeper run` on `state` with `mode`, the app `script` run by
+/// `sh -c` in `state`, in a process group of its own so app and agent can
+/// be killed at once.
+fn start(state: &Path, store: &Path, mode: &str, extra: &[&str], script: &str) -> Reaped {
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "run",
+            "--backend",
+            "ebpf",
+            "--consistency",
+            mode,
+            "--debounce",
+            "50ms",
+            "--max-latency",
+            "400ms",
+            "--state-dir",
+            &format!("data={}", s(state)),
+            "--store",
+            s(store),
+        ])
+        .args(extra)
+        .args(["--", "sh", "-c", script])
+        .current_dir(state)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.org")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.org")
+        .stdout(Stdio::null())
+        // A file, not a pipe nobody reads: a full pipe would stall the agent.
+        .stderr(log_file(store))
+        .process_group(0);
+    Reaped(command.spawn().expect("spawn diffkeeper run"))
+}
+
+/// The agent's log, beside its store.
+fn log_file(store: &Path) -> fs::File {
+    fs::File::create(store.with_extension("log")).expect("create the agent's log")
+}
+
+/// A node crash: SIGKILL to the agent and every process of the app at
+/// once (their process group). The thaw watchdog runs in a session of its
+/// own and outlives them.
+fn crash(agent: &mut Reaped) {
+    let group = pid(agent.0.id());
+    rustix::process::kill_process_group(group, Signal::KILL).expect("SIGKILL the process group");
+    agent.0.wait().expect("wait for the killed agent");
+}
+
+fn pid(id: u32) -> Pid {
+    Pid::from_raw(id as i32).expect("a process id")
+}
+
+/// The batches of the store's timeline (none before it exists).
+fn batches(store: &Path) -> Vec<Value> {
+    if !store.exists() {
+        return Vec::new();
+    }
+    let out = ok(&["log", "--batches", "--json", "--store", s(store)]);
+    serde_json::from_str::<Vec<Value>>(&out).expect("log --batches --json")
+}
+
+/// Restores batch `n` (or the latest) into a fresh directory.
+fn restore(store: &Path, batch: Option<u64>, to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    let mut args = vec!["restore", "--store", s(store), "--to", s(to)];
+    let n = batch.map(|b| b.to_string());
+    if let Some(n) = &n {
+        args.extend(["--batch", n]);
+    }
+    ok(&args);
+}
+
+/// Lets the app run for a seeded random time, at least until a batch
+/// after the start-up one committed, then crashes app and agent.
+fn run_until_crash(agent: &mut Reaped, store: &Path, rng: &mut Rng, min_ms: u64, max_ms: u64) {
+    let started = Instant::now();
+    let wait = Duration::from_millis(min_ms + rng.below(max_ms - min_ms));
+    while started.elapsed() < wait || (batches(store).len() < 2 && started.elapsed().as_secs() < 20)
+    {
+        if let Some(status) = agent.0.try_wait().expect("try_wait") {
+            panic!("diffkeeper run exited early ({status})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    crash(agent);
+}
+
+/// Asserts that no batch of the store is torn and that at least one was
+/// taken frozen, returning the batch ids.
+fn assert_consistent_cuts(store: &Path, what: &str) -> Vec<u64> {
+    let timeline = batches(store);
+    for b in &timeline {
+        assert_ne!(
+            b["consistency"], "torn",
+            "{what}: batch {} is torn: {}",
+            b["batch"], b
+        );
+    }
+    timeline
+        .iter()
+        .map(|b| b["batch"].as_u64().expect("batch id"))
+        .collect()
+}
+
+/// A writer that keeps `b <= a <= b + 1` at every instant: counter n into
+/// file a, then into file b, each in place, never pausing.
+const INVARIANT_WRITER: &str =
+    "n=0; while :; do n=$((n+1)); printf '%012d' $n 1<> a; printf '%012d' $n 1<> b; done";
+
+fn counters(dir: &Path) -> (u64, u64) {
+    let read = |name: &str| -> u64 {
+        let text = fs::read_to_string(dir.join(name)).expect("counter file");
+        text.trim().parse().expect("a counter")
+    };
+    (read("a"), read("b"))
+}
+
+fn fresh_invariant_state(work: &Path) -> (PathBuf, PathBuf) {
+    let state = work.join("state");
+    let _ = fs::remove_dir_all(&state);
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("a"), format!("{:012}", 0)).expect("a");
+    fs::write(state.join("b"), format!("{:012}", 0)).expect("b");
+    let store = work.join("store.dk");
+    let _ = fs::remove_file(&store);
+    (state, store)
+}
+
+#[test]
+fn an_invariant_across_two_files_holds_in_every_batch_of_every_crash() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng::new(8);
+    let mut frozen = 0;
+    // Ten crash moments in auto mode, four with every batch frozen.
+    for (trial, mode) in std::iter::repeat_n("auto", 10)
+        .chain(std::iter::repeat_n("freeze", 4))
+        .enumerate()
+    {
+        let (state, store) = fresh_invariant_state(work.path());
+        let mut agent = start(&state, &store, mode, &[], INVARIANT_WRITER);
+        run_until_crash(&mut agent, &store, &mut rng, 700, 2000);
+        let what = format!("trial {trial} ({mode})");
+        for batch in assert_consistent_cuts(&store, &what) {
+            let to = work.path().join("restored");
+            restore(&store, Some(batch), &to);
+            let (a, b) = counters(&to);
+            assert!(
+                b <= a && a <= b + 1,
+                "{what}: batch {batch} is not the tree of one instant: a={a} b={b}"
+            );
+        }
+        frozen += batches(&store)
+            .iter()
+            .filter(|b| b["consistency"] == "frozen")
+            .count();
+    }
+    assert!(frozen >= 10, "only {frozen} batches were taken frozen");
+}
+
+#[test]
+fn without_freezing_torn_batches_are_marked_torn() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = fresh_invariant_state(work.path());
+    let mut agent = start(&state, &store, "none", &[], INVARIANT_WRITER);
+    // Until a batch broke the invariant (the tests above could fail).
+    let started = Instant::now();
+    let mut violated = 0;
+    let mut checked = std::collections::HashSet::new();
+    while violated == 0 && started.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(300));
+        for b in batches(&store) {
+            let id = b["batch"].as_u64().expect("batch id");
+            if !checked.insert(id) {
+                continue;
+            }
+            let to = work.path().join("restored");
+            restore(&store, Some(id), &to);
+            let (a, bb) = counters(&to);
+            if !(bb <= a && a <= bb + 1) {
+                violated += 1;
+                assert_eq!(
+                    b["consistency"], "torn",
+                    "batch {id} (a={a} b={bb}) breaks the invariant and is not marked torn: {b}"
+                );
+                assert!(
+                    b["torn_why"].as_str().is_some_and(|w| !w.is_empty()),
+                    "a torn batch says why: {b}"
+                );
+            }
+        }
+    }
+    crash(&mut agent);
+    assert!(
+        violated > 0,
+        "with --consistency none no batch was torn in 15 s of continuous writes"
+    );
+    let text = ok(&["log", "--batches", "--store", s(&store)]);
+    assert!(
+        text.contains("torn"),
+        "log --batches shows torn batches:\n{text}"
+    );
+}
+
+#[test]
+fn git_survives_a_crash_in_the_middle_of_a_commit_loop() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng::new(9);
+    for trial in 0..10 {
+        let state = work.path().join(format!("repo{trial}"));
+        fs::create_dir_all(&state).expect("mkdir");
+        let git = |dir: &Path, args: &[&str]| {
+            Command::new("git")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run git")
+        };
+        assert!(git(&state, &["init", "-q"]).status.success());
+        // No background gc: only the commit loop writes.
+        assert!(git(&state, &["config", "gc.auto", "0"]).status.success());
+        let store = work.path().join(format!("repo{trial}.dk"));
+        let script = "i=0; while :; do i=$((i+1)); echo $i > f$((i % 7)); \
+                      git add -A && git commit -qm c$i; done";
+        let mut agent = start(&state, &store, "auto", &[], script);
+        run_until_crash(&mut agent, &store, &mut rng, 1000, 3000);
+        assert_consistent_cuts(&store, &format!("git trial {trial}"));
+        let restored = work.path().join(format!("restored{trial}"));
+        restore(&store, None, &restored);
+        let fsck = git(&restored, &["fsck", "--full"]);
+        assert!(
+            fsck.status.success(),
+            "git trial {trial}: git fsck --full failed on the restored repository: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
+        let head = git(&restored, &["cat-file", "-t", "HEAD"]);
+        let kind = String::from_utf8_lossy(&head.stdout);
+        // A store taken before the first commit has no HEAD commit yet.
+        if head.status.success() {
+            assert_eq!(kind.trim(), "commit", "git trial {trial}: HEAD is a commit");
+        }
+        let _ = fs::remove_dir_all(&state);
+        let _ = fs::remove_dir_all(&restored);
+    }
+}
+
+/// SQLite under a continuous insert loop (rows 1, 2, 3... each its own
+/// transaction), in `journal` mode; kill -9 at random moments.
+fn sqlite_trials(journal: &str, seed: u64) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut rng = Rng::new(seed);
+    for trial in 0..10 {
+        let state = work.path().join(format!("db{trial}"));
+        fs::create_dir_all(&state).expect("mkdir");
+        let db = state.join("app.db");
+        let init = Command::new("sqlite3")
+            .arg(&db)
+            .arg(format!(
+                "PRAGMA journal_mode={journal}; \
+                 CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB);"
+            ))
+            .output()
+            .expect("run sqlite3");
+        assert!(init.status.success(), "{init:?}");
+        let store = work.path().join(format!("db{trial}.dk"));
+        let script = "yes 'INSERT INTO t(v) VALUES(randomblob(300));' | sqlite3 app.db";
+        let mut agent = start(&state, &store, "auto", &[], script);
+        run_until_crash(&mut agent, &store, &mut rng, 800, 2500);
+        let what = format!("sqlite {journal} trial {trial}");
+        assert_consistent_cuts(&store, &what);
+        let restored = work.path().join(format!("restored{trial}"));
+        restore(&store, None, &restored);
+        let query = |sql: &str| {
+            let out = Command::new("sqlite3")
+                .arg(restored.join("app.db"))
+                .arg(sql)
+                .output()
+                .expect("run sqlite3");
+            assert!(out.status.success(), "{what}: {sql}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(query("PRAGMA integrity_check;"), "ok", "{what}");
+        // Rows 1..=n, each committed on its own: any committed state has
+        // count = max id.
+        let rows = query("SELECT count(*) || ' ' || ifnull(max(id), 0) FROM t;");
+        let (count, max) = rows.split_once(' ').expect("count and max");
+        assert_eq!(
+            count, max,
+            "{what}: rows are not a committed prefix: {rows}"
+        );
+        let _ = fs::remove_dir_all(&state);
+        let _ = fs::remove_dir_all(&restored);
+    }
+}
+
+#[test]
+fn sqlite_in_rollback_journal_mode_survives_crashes() {
+    sqlite_trials("DELETE", 10);
+}
+
+#[test]
+fn sqlite_in_wal_mode_survives_crashes() {
+    sqlite_trials("WAL", 11);
+}
+
+/// `cgroup.events` of the cgroup `run` (process `agent`) put its app in.
+fn app_cgroup(agent: u32) -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mount = info
+        .lines()
+        .find_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            after
+                .starts_with("cgroup2 ")
+                .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("a cgroup2 mount");
+    let own = fs::read_to_string(format!("/proc/{agent}/cgroup")).expect("agent's cgroup");
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    mount
+        .join(rel.trim_start_matches('/'))
+        .join(format!("diffkeeper-app-{agent}"))
+}
+
+fn frozen(cgroup: &Path) -> bool {
+    fs::read_to_string(cgroup.join("cgroup.events"))
+        .map(|e| e.lines().any(|l| l == "frozen 1"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    // A large file rewritten in pieces: copying it frozen takes long enough
+    // to be caught.
+    fs::write(state.join("big"), Rng::new(3).bytes(96 << 20)).expect("big file");
+    let beat = work.path().join("beat");
+    let store = work.path().join("store.dk");
+    let script = format!(
+        "i=0; while :; do i=$(((i + 37) % 96)); \
+         dd if=/dev/urandom of=big bs=1M count=1 seek=$i conv=notrunc status=none; \
+         echo x >> {}; done",
+        s(&beat)
+    );
+    let mut agent = start(&state, &store, "freeze", &["--max-pause", "10s"], &script);
+    let agent_pid = agent.0.id();
+    let cgroup = app_cgroup(agent_pid);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The start-up capture freezes the app's cgroup before the app is in it.
+    while !beat.exists() {
+        assert!(Instant::now() < deadline, "the app never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    while !frozen(&cgroup) {
+        assert!(
+            Instant::now() < deadline,
+            "the app's cgroup {} was never seen frozen",
+            cgroup.display()
+        );
+        assert!(
+            agent.0.try_wait().expect("try_wait").is_none(),
+            "run exited"
+        );
+    }
+    rustix::process::kill_process(pid(agent_pid), Signal::KILL).expect("SIGKILL the agent");
+    let killed = Instant::now();
+    while frozen(&cgroup) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "the app was still frozen 1 s after the agent died"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let thawed_after = killed.elapsed();
+    agent.0.wait().expect("wait");
+    // And it really runs: its heartbeat grows.
+    let before = fs::metadata(&beat).map(|m| m.len()).unwrap_or(0);
+    let grows = Instant::now() + Duration::from_secs(1);
+    let mut grew = false;
+    while Instant::now() < grows && !grew {
+        std::thread::sleep(Duration::from_millis(10));
+        grew = fs::metadata(&beat).map(|m| m.len()).unwrap_or(0) > before;
+    }
+    // The app outlives the killed agent; end it.
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    assert!(grew, "the app did not run again after the agent was killed");
+    eprintln!("thawed {thawed_after:?} after the agent was killed");
+    let verify = ok(&["verify", "--store", s(&store)]);
+    assert!(!verify.is_empty());
+}
+
+/// A cgroup of the test's own (removed when dropped, once empty).
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(name: &str) -> TestCgroup {
+        let path = app_cgroup(std::process::id())
+            .with_file_name(format!("dk-test-{name}-{}", std::process::id()));
+        fs::create_dir_all(&path).expect("create a test cgroup");
+        TestCgroup(path)
+    }
+
+    /// `sh -c` that moves itself into this cgroup, then runs `script`.
+    fn shell(&self, script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(format!(
+            "echo $$ > {} && exec {script}",
+            s(&self.0.join("cgroup.procs"))
+        ));
+        command
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.0.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::remove_dir(&self.0).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn watch_freezes_a_named_cgroup_and_refuses_its_own() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = fresh_invariant_state(work.path());
+    let writer_cgroup = TestCgroup::new("writer");
+    let agent_cgroup = TestCgroup::new("agent");
+    let script = work.path().join("writer.sh");
+    fs::write(&script, INVARIANT_WRITER).expect("writer script");
+    let _writer = Reaped(
+        writer_cgroup
+            .shell(&format!("sh {}", s(&script)))
+            .current_dir(&state)
+            .spawn()
+            .expect("start the writer"),
+    );
+    let root = app_cgroup(std::process::id());
+    let hierarchy_root = root
+        .ancestors()
+        .find(|p| p.join("cgroup.controllers").exists() && !p.join("cgroup.freeze").exists());
+    let mut args = format!(
+        "{BIN} watch --backend ebpf --debounce 50ms --max-latency 300ms \
+         --state-dir data={} --store {} --freeze-cgroup {} --freeze-cgroup {}",
+        s(&state),
+        s(&store),
+        s(&writer_cgroup.0),
+        // The watcher runs in it: refused.
+        s(&agent_cgroup.0),
+    );
+    if let Some(root) = hierarchy_root {
+        // The root cgroup cannot be frozen: refused.
+        args.push_str(&format!(" --freeze-cgroup {}", s(root)));
+    }
+    let mut watch = Reaped(
+        agent_cgroup
+            .shell(&args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start watch"),
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    // SIGTERM: a final capture, then exit.
+    rustix::process::kill_process(pid(watch.0.id()), Signal::TERM).expect("SIGTERM watch");
+    let stderr = String::from_utf8_lossy(&wait_output(&mut watch.0)).into_owned();
+    drop(_writer);
+    assert!(
+        stderr.contains("DiffKeeper itself runs in it"),
+        "freezing the watcher's own cgroup is refused by name: {stderr}"
+    );
+    if hierarchy_root.is_some() {
+        assert!(
+            stderr.contains("not a cgroup v2 directory that can be frozen"),
+            "freezing the root cgroup is refused: {stderr}"
+        );
+    }
+    let ids = assert_consistent_cuts(&store, "watch --freeze-cgroup");
+    let timeline = batches(&store);
+    assert!(
+        timeline.iter().any(|b| b["consistency"] == "frozen"),
+        "watch froze the named cgroup: {timeline:?}"
+    );
+    for batch in ids {
+        let to = work.path().join("restored");
+        restore(&store, Some(batch), &to);
+        let (a, b) = counters(&to);
+        assert!(b <= a && a <= b + 1, "batch {batch}: a={a} b={b}");
+    }
+}
+
+fn wait_output(child: &mut Child) -> Vec<u8> {
+    use std::io::Read;
+    let mut err = Vec::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_end(&mut err);
+    }
+    let _ = child.wait();
+    err
+}
