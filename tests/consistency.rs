@@ -525,3 +525,66 @@ fn wait_output(child: &mut Child) -> Vec<u8> {
     let _ = child.wait();
     err
 }
+
+#[test]
+fn a_rollback_records_the_live_state_as_a_frozen_cut() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = fresh_invariant_state(work.path());
+    let data = format!("data={}", s(&state));
+    ok(&["snapshot", "--state-dir", &data, "--store", s(&store)]);
+    let writer_cgroup = TestCgroup::new("rollback-writer");
+    let script = work.path().join("writer.sh");
+    fs::write(&script, INVARIANT_WRITER).expect("writer script");
+    let writer = Reaped(
+        writer_cgroup
+            .shell(&format!("sh {}", s(&script)))
+            .current_dir(&state)
+            .spawn()
+            .expect("start the writer"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let cgroup = s(&writer_cgroup.0).to_string();
+    ok(&[
+        "replay",
+        "--state-dir",
+        &data,
+        "--store",
+        s(&store),
+        "--batch",
+        "1",
+        "--freeze-cgroup",
+        &cgroup,
+    ]);
+    drop(writer);
+    let timeline = batches(&store);
+    let recorded = timeline.last().expect("the recorded live state");
+    assert_eq!(
+        recorded["consistency"], "frozen",
+        "the live state recorded before the rollback is a frozen cut: {recorded}"
+    );
+    let to = work.path().join("restored");
+    restore(&store, recorded["batch"].as_u64(), &to);
+    let (a, b) = counters(&to);
+    assert!(b <= a && a <= b + 1, "the recorded live state: a={a} b={b}");
+    assert!(a > 0, "the writer had written before the rollback");
+    // A cgroup that cannot be frozen is refused before anything changes.
+    let before = batches(&store).len();
+    let refused = common::diffkeeper(&[
+        "replay",
+        "--state-dir",
+        &data,
+        "--store",
+        s(&store),
+        "--batch",
+        "1",
+        "--freeze-cgroup",
+        s(&work.path().join("no-such-cgroup")),
+    ]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("no-such-cgroup"),
+        "names the path: {stderr}"
+    );
+    assert_eq!(batches(&store).len(), before, "nothing was recorded");
+}

@@ -218,6 +218,15 @@ pub enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// With --at/--ago/--batch on a directory an app still writes: the
+        /// cgroup v2 directory of that app, frozen while the current state
+        /// is recorded, so that record is a consistent cut. Repeat for
+        /// several.
+        #[arg(long = "freeze-cgroup", value_name = "PATH")]
+        freeze_cgroups: Vec<PathBuf>,
+        /// Longest the app stays frozen for that record.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        max_pause: std::time::Duration,
     },
     /// Show each file's versions: time, batch, kind (base, delta, chunks,
     /// same, dir, symlink, deleted), logical size and stored bytes. With
@@ -448,11 +457,28 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             moment,
             sync,
             json,
+            freeze_cgroups,
+            max_pause,
         } => {
             let dirs = state_dirs(&roots)?;
             let mut moment = moment.moment()?;
             if moment != crate::history::Moment::Latest {
-                let kept = crate::replay::keep_current_state(&roots.store.store, &dirs, moment)?;
+                let freeze = if freeze_cgroups.is_empty() {
+                    None
+                } else {
+                    let cgroups = freeze_cgroups
+                        .iter()
+                        .map(|path| crate::freeze::Cgroup::open(path))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Some(crate::freeze::FreezeSet::new(cgroups)?)
+                };
+                let kept = crate::replay::keep_current_state(
+                    &roots.store.store,
+                    &dirs,
+                    moment,
+                    freeze.as_ref(),
+                    max_pause,
+                )?;
                 if let Some(current) = kept.recorded {
                     eprintln!(
                         "recorded the current state as batch {current} before rolling back to batch {} (undo: replay --batch {current})",

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [delta|replay|history|tracer|tree]... [--keep]`: DiffKeeper against
+//! `cargo xtask bench [delta|replay|history|tracer|tree|consistency]... [--keep]`: DiffKeeper against
 //! its peers, each measured in the same run on the same input and reported as
 //! ratios (these machines are noisy; only ratios within one run mean much).
 //! Every timed command runs [`RUNS`] times; the median time is reported,
@@ -26,6 +26,12 @@
 //!   `watch`: the batch time and agent CPU with eBPF and inotify (which name
 //!   the written file) against the scan backend (whose batches walk the
 //!   tree).
+//! - `consistency` ([`consistency`]): a SQLite insert loop beside a 100 MB
+//!   file rewritten in 1 MiB pieces, never pausing, with no agent and under
+//!   `run --consistency auto|freeze|none`: the app's throughput against no
+//!   agent, the pauses (p50/p99/max) and torn batches per mode; and the
+//!   pause of batches of up to 8 MiB across up to 1,000 files (target: p99
+//!   at most 20 ms).
 //!
 //! With no name, all run. Missing peers (`sqlite3`, `bsdiff`, `xdelta3`,
 //! `zstd`, GNU `time`) are installed with apt-get. Work files live in a
@@ -37,6 +43,7 @@
 //! is reported, not an error: the command fails only when something cannot
 //! be run or a result is wrong (a replay that does not reproduce its input).
 
+mod consistency;
 mod delta;
 mod history;
 mod measure;
@@ -58,7 +65,14 @@ pub use tracer::writer;
 pub(crate) const RUNS: usize = 3;
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 5] = ["delta", "replay", "history", "tracer", "tree"];
+const BENCHMARKS: [&str; 6] = [
+    "delta",
+    "replay",
+    "history",
+    "tracer",
+    "tree",
+    "consistency",
+];
 
 /// What every benchmark gets: the binary under test and a work directory.
 pub(crate) struct Bench {
@@ -151,6 +165,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "replay" => replay::run(&bench),
             "history" => history::run(&bench),
             "tree" => tree::run(&bench),
+            "consistency" => consistency::run(&bench),
             _ => tracer::run(&bench),
         }
         .with_context(|| format!("benchmark {name} failed"))?;
@@ -230,6 +245,9 @@ fn target_dir(root: &Path) -> PathBuf {
 /// `apt-get update` only when installing fails without it.
 fn install_peers(which: &[&str]) -> Result<()> {
     let mut needed = vec![("/usr/bin/time", "time")];
+    if which.contains(&"consistency") {
+        needed.push(("sqlite3", "sqlite3"));
+    }
     if which.contains(&"delta") {
         needed.extend([
             ("sqlite3", "sqlite3"),

@@ -6,6 +6,12 @@
 //! position ([`codec`]). Workers stream chunks to a single writer that owns
 //! the redb write transaction, so memory stays bounded by a few chunks per
 //! worker whatever the file sizes, and the batch commits whole or not at all.
+//!
+//! How the batch's cut is taken is the caller's [`Cut`]: read with the app
+//! running and checked for writes meanwhile, or with the writers frozen
+//! ([`crate::freeze`]) while the changes are found and the changed bytes
+//! copied ([`stage`]), everything else after the thaw. The outcome is
+//! recorded with the batch (`store::schema`, cuts).
 
 pub mod codec;
 pub mod stage;
@@ -226,7 +232,13 @@ impl<'a> Disturbance<'a> {
 /// cut) or at it (an optimistic one, which may still be disturbed by then).
 enum Verdict<'a> {
     Known(Option<CutRecord>),
-    AtCommit(&'a Disturbance<'a>, bool),
+    AtCommit {
+        watch: &'a Disturbance<'a>,
+        accept_torn: bool,
+        /// Why the writers could not be frozen for this batch, if that was
+        /// tried.
+        freeze_failed: Option<String>,
+    },
 }
 
 fn torn(why: String, pause: Duration, frozen_bytes: u64) -> CutRecord {
@@ -257,16 +269,12 @@ fn take_batch(
                     accept_torn: true,
                     ..*cut
                 };
-                let mut summary = take_optimistic(store_path, roots, &unfrozen, None)?;
-                if let Some(record) = summary.cut.as_mut().filter(|c| c.kind == CutKind::Torn) {
-                    record.why = format!("{}; freezing failed: {e}", record.why);
-                }
-                return Ok(summary);
+                return take_optimistic(store_path, roots, &unfrozen, None, Some(format!("{e:#}")));
             }
             other => return other,
         }
     }
-    take_optimistic(store_path, roots, cut, recorded_at)
+    take_optimistic(store_path, roots, cut, recorded_at, None)
 }
 
 fn names(roots: &[StateDir]) -> String {
@@ -284,6 +292,7 @@ fn take_optimistic(
     roots: &[StateDir],
     cut: &Cut,
     recorded_at: Option<i64>,
+    freeze_failed: Option<String>,
 ) -> Result<BatchSummary> {
     let started = Instant::now();
     // The real clock even for a recorded time: it decides which mtimes are
@@ -325,7 +334,11 @@ fn take_optimistic(
         Some((last, found)) if last == reader.last_batch()? => found,
         _ => find_changes(store.path(), &reader, roots, files)?,
     };
-    let verdict = Verdict::AtCommit(&watch, cut.accept_torn);
+    let verdict = Verdict::AtCommit {
+        watch: &watch,
+        accept_torn: cut.accept_torn,
+        freeze_failed,
+    };
     let batch = Batch {
         started_ms,
         recorded_at,
@@ -646,23 +659,37 @@ fn capture(
     }
     let cut = match verdict {
         Verdict::Known(cut) => cut,
-        Verdict::AtCommit(watch, accept_torn) if watch.disturbed() => {
+        Verdict::AtCommit {
+            watch,
+            accept_torn,
+            freeze_failed,
+        } if watch.disturbed() => {
             summary.disturbed = true;
             if !accept_torn {
                 return Ok(summary);
             }
-            Some(torn(
-                "written while read (no freeze)".into(),
-                Duration::ZERO,
-                0,
-            ))
+            let why = match freeze_failed {
+                Some(e) => format!("written while read (freezing failed: {e})"),
+                None => "written while read (no freeze)".into(),
+            };
+            Some(torn(why, Duration::ZERO, 0))
         }
-        Verdict::AtCommit(watch, _) => watch.checked().then(|| CutRecord {
+        Verdict::AtCommit { watch, .. } if watch.checked() => Some(CutRecord {
             kind: CutKind::Quiet,
             pause_us: 0,
             frozen_bytes: 0,
             why: String::new(),
         }),
+        // Nothing can tell whether it was written meanwhile.
+        Verdict::AtCommit {
+            freeze_failed: Some(e),
+            ..
+        } => Some(torn(
+            format!("not frozen ({e}), and nothing tells whether it was written while read"),
+            Duration::ZERO,
+            0,
+        )),
+        Verdict::AtCommit { .. } => None,
     };
     if files_changed == 0 {
         // Only files found unchanged: no new moment in the history.

@@ -118,13 +118,27 @@ pub struct KeptState {
 /// Before rolling live directories to `moment`: checks that the store can
 /// show it, then captures the directories as they are now, so that nothing
 /// written since the last capture is lost and the rollback can be undone.
-/// The moment comes back as a batch id, which the new batch cannot shift.
-pub fn keep_current_state(store: &Path, dirs: &[StateDir], moment: Moment) -> Result<KeptState> {
+/// With `freeze` (the app's cgroups) that capture is a consistent cut taken
+/// with the app frozen for at most `max_pause`. The moment comes back as a
+/// batch id, which the new batch cannot shift.
+pub fn keep_current_state(
+    store: &Path,
+    dirs: &[StateDir],
+    moment: Moment,
+    freeze: Option<&crate::freeze::FreezeSet>,
+    max_pause: std::time::Duration,
+) -> Result<KeptState> {
     let target = {
         let opened = Store::open_existing(store)?;
         history::moment::resolve(&opened.reader()?, moment)?
     };
-    let summary = crate::capture::snapshot(store, dirs).with_context(|| {
+    let cut = crate::capture::Cut {
+        freeze,
+        max_pause,
+        accept_torn: true,
+        ..crate::capture::Cut::default()
+    };
+    let summary = crate::capture::capture_cut(store, dirs, &cut).with_context(|| {
         format!(
             "cannot record the current state in {} before rolling back; nothing was changed",
             store.display()

@@ -4,11 +4,18 @@
 //! A backend ([`backend`]) reports which state directory was written. Per
 //! directory, a batch is captured once the directory has been quiet for the
 //! debounce window, or once the maximum latency since its first unsaved
-//! write has passed, whichever comes first. A batch read while the directory
-//! is written again is dropped and retried (a bounded number of times, then
-//! at the maximum latency it is taken anyway), so a committed batch is a
-//! consistent cut: a database and its journal restore as the app left them
-//! at one moment.
+//! write has passed, whichever comes first.
+//!
+//! Each batch is meant to be a consistent cut, so a database and its
+//! journal restore as the app left them at one moment ([`Consistency`]):
+//! in `auto` a batch is read with the app running and, if its tree was
+//! written meanwhile (the eBPF tracer's per-tree counts say so exactly),
+//! taken again at once with the app's cgroups frozen ([`crate::freeze`]);
+//! in `freeze` every batch is frozen; in `none`, or when nothing can be
+//! frozen, a disturbed batch is dropped and retried at the next quiet
+//! moment, and once the maximum latency has passed committed marked torn.
+//! The files a cut looks at are asked of the backend when its read starts
+//! (after the freeze), so a write made just before it is in the cut.
 //!
 //! A capture that fails (a full disk, an I/O error) is logged and retried,
 //! 1 s later and then with doubling waits up to 30 s; the directory stays
@@ -336,18 +343,22 @@ impl CaptureLoop {
     async fn capture_all(&self) -> Result<BatchSummary> {
         let indices: Vec<usize> = (0..self.roots.len()).collect();
         let plan = self.plan(&indices);
-        self.capture_planned(&self.roots, plan, false).await
+        self.capture_planned(&self.roots, plan, false, false).await
     }
 
     /// Takes a batch of `roots` as the consistency mode says: frozen, or
-    /// optimistic and (in `auto`) frozen again if written while read. With
-    /// `overdue`, an optimistic batch that cannot be frozen is committed
-    /// marked torn rather than dropped.
+    /// optimistic and (in `auto`) frozen again if written while read. In
+    /// `auto` a tree still being written (`busy`: due by --max-latency, not
+    /// by a quiet --debounce) is frozen at once: reading it with the app
+    /// running would be disturbed, and reading it twice costs the app more
+    /// than the pause. With `overdue`, an optimistic batch that cannot be
+    /// frozen is committed marked torn rather than dropped.
     async fn capture_planned(
         &self,
         roots: &[StateDir],
         plan: CutPlan,
         overdue: bool,
+        busy: bool,
     ) -> Result<BatchSummary> {
         let frozen = |plan: &CutPlan| CutPlan {
             freeze: self.freeze.clone(),
@@ -356,6 +367,9 @@ impl CaptureLoop {
         };
         match (self.options.consistency, &self.freeze) {
             (Consistency::Freeze, Some(_)) => capture_now(&self.store, roots, frozen(&plan)).await,
+            (Consistency::Auto, Some(_)) if busy => {
+                capture_now(&self.store, roots, frozen(&plan)).await
+            }
             (Consistency::Auto, Some(_)) => {
                 let first = capture_now(&self.store, roots, plan.clone()).await?;
                 if !first.disturbed {
@@ -383,6 +397,9 @@ impl CaptureLoop {
         // cannot be frozen is taken even if written while read (marked
         // torn): capture at least every max latency.
         let overdue = first.elapsed() >= self.options.max_latency || pending.drops >= MAX_DROPS;
+        let busy = pending
+            .last
+            .is_some_and(|last| last.elapsed() < self.options.debounce);
         // What the backend reported is handed to the cut, which takes what
         // is new when its read starts; it comes back if no batch takes it.
         let dirty = Arc::new(Mutex::new(std::mem::take(&mut pending.dirty)));
@@ -398,7 +415,7 @@ impl CaptureLoop {
             ..self.plan(&[index])
         };
         let result = self
-            .capture_planned(std::slice::from_ref(root), plan, overdue)
+            .capture_planned(std::slice::from_ref(root), plan, overdue, busy)
             .await;
         let give_back = |pending: &mut Pending| {
             if let Ok(mut dirty) = dirty.lock() {
