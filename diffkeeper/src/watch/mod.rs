@@ -133,6 +133,11 @@ struct Pending {
     retry_at: Option<Instant>,
     /// What the backend reported written, kept until a batch takes it.
     dirty: backend::Dirty,
+    /// The kernel's change count for the directory at the last tick (eBPF
+    /// only): the tracer reports a file once until it is captured, so it
+    /// is this count, not the notices, that tells whether the directory
+    /// is still being written.
+    changes: Option<u64>,
 }
 
 impl Pending {
@@ -264,6 +269,16 @@ impl CaptureLoop {
                     }
                 }
                 _ = tick.tick() => {
+                    for (index, p) in pending.iter_mut().enumerate() {
+                        if p.first.is_none() {
+                            continue;
+                        }
+                        let Some(now) = self.notices.clock(&[index]) else { break };
+                        if p.changes.is_some_and(|seen| seen != now.count) {
+                            p.last = Some(Instant::now());
+                        }
+                        p.changes = Some(now.count);
+                    }
                     for index in due(&pending, &self.options) {
                         let root = self.roots[index].clone();
                         let failures = pending[index].failures;
