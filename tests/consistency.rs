@@ -448,38 +448,31 @@ impl Drop for TestCgroup {
     }
 }
 
-#[test]
-fn watch_freezes_a_named_cgroup_and_refuses_its_own() {
+/// Runs the invariant writer in a cgroup of its own under `watch --backend
+/// ebpf` (itself in another cgroup) with `freeze_args` for 2.5 s; returns
+/// the watcher's log and checks every batch: none torn, at least one
+/// frozen, each the tree of one instant.
+fn watch_the_writer(freeze_args: impl Fn(&TestCgroup, &TestCgroup) -> String) -> String {
     let work = tempfile::tempdir().expect("tempdir");
     let (state, store) = fresh_invariant_state(work.path());
     let writer_cgroup = TestCgroup::new("writer");
     let agent_cgroup = TestCgroup::new("agent");
     let script = work.path().join("writer.sh");
     fs::write(&script, INVARIANT_WRITER).expect("writer script");
-    let _writer = Reaped(
+    let writer = Reaped(
         writer_cgroup
             .shell(&format!("sh {}", s(&script)))
             .current_dir(&state)
             .spawn()
             .expect("start the writer"),
     );
-    let root = app_cgroup(std::process::id());
-    let hierarchy_root = root
-        .ancestors()
-        .find(|p| p.join("cgroup.controllers").exists() && !p.join("cgroup.freeze").exists());
-    let mut args = format!(
+    let args = format!(
         "{BIN} watch --backend ebpf --debounce 50ms --max-latency 300ms \
-         --state-dir data={} --store {} --freeze-cgroup {} --freeze-cgroup {}",
+         --state-dir data={} --store {} {}",
         s(&state),
         s(&store),
-        s(&writer_cgroup.0),
-        // The watcher runs in it: refused.
-        s(&agent_cgroup.0),
+        freeze_args(&writer_cgroup, &agent_cgroup),
     );
-    if let Some(root) = hierarchy_root {
-        // The root cgroup cannot be frozen: refused.
-        args.push_str(&format!(" --freeze-cgroup {}", s(root)));
-    }
     let mut watch = Reaped(
         agent_cgroup
             .shell(&args)
@@ -491,7 +484,42 @@ fn watch_freezes_a_named_cgroup_and_refuses_its_own() {
     // SIGTERM: a final capture, then exit.
     rustix::process::kill_process(pid(watch.0.id()), Signal::TERM).expect("SIGTERM watch");
     let stderr = String::from_utf8_lossy(&wait_output(&mut watch.0)).into_owned();
-    drop(_writer);
+    drop(writer);
+    let ids = assert_consistent_cuts(&store, "watch");
+    let timeline = batches(&store);
+    assert!(
+        timeline.iter().any(|b| b["consistency"] == "frozen"),
+        "watch froze the writer's cgroup: {timeline:?}\n{stderr}"
+    );
+    for batch in ids {
+        let to = work.path().join("restored");
+        restore(&store, Some(batch), &to);
+        let (a, b) = counters(&to);
+        assert!(b <= a && a <= b + 1, "batch {batch}: a={a} b={b}");
+    }
+    stderr
+}
+
+#[test]
+fn watch_freezes_a_named_cgroup_and_refuses_its_own() {
+    let root = app_cgroup(std::process::id());
+    let hierarchy_root = root
+        .ancestors()
+        .find(|p| p.join("cgroup.controllers").exists() && !p.join("cgroup.freeze").exists())
+        .map(Path::to_path_buf);
+    let stderr = watch_the_writer(|writer, agent| {
+        let mut args = format!(
+            "--freeze-cgroup {} --freeze-cgroup {}",
+            s(&writer.0),
+            // The watcher runs in it: refused.
+            s(&agent.0)
+        );
+        if let Some(root) = &hierarchy_root {
+            // The root cgroup cannot be frozen: refused.
+            args.push_str(&format!(" --freeze-cgroup {}", s(root)));
+        }
+        args
+    });
     assert!(
         stderr.contains("DiffKeeper itself runs in it"),
         "freezing the watcher's own cgroup is refused by name: {stderr}"
@@ -502,18 +530,15 @@ fn watch_freezes_a_named_cgroup_and_refuses_its_own() {
             "freezing the root cgroup is refused: {stderr}"
         );
     }
-    let ids = assert_consistent_cuts(&store, "watch --freeze-cgroup");
-    let timeline = batches(&store);
+}
+
+#[test]
+fn watch_finds_and_freezes_the_cgroup_of_the_processes_that_write() {
+    let stderr = watch_the_writer(|_, _| String::new());
     assert!(
-        timeline.iter().any(|b| b["consistency"] == "frozen"),
-        "watch froze the named cgroup: {timeline:?}"
+        stderr.contains("is frozen for consistent cuts"),
+        "the writer's cgroup was found from the tracer's events: {stderr}"
     );
-    for batch in ids {
-        let to = work.path().join("restored");
-        restore(&store, Some(batch), &to);
-        let (a, b) = counters(&to);
-        assert!(b <= a && a <= b + 1, "batch {batch}: a={a} b={b}");
-    }
 }
 
 fn wait_output(child: &mut Child) -> Vec<u8> {

@@ -149,8 +149,8 @@ pub struct Cut<'a> {
     pub accept_torn: bool,
     /// The files to look at instead of walking (one root; relative path
     /// and inode, from the kernel tracer's reports and an [`InodeIndex`]),
-    /// asked for when the read starts (`true`: frozen); `None` from it, or
-    /// no function, walks the trees.
+    /// asked for when the read starts ([`Ask`]); `None` from it, or no
+    /// function, walks the trees.
     pub files: Option<&'a ReportedFn<'a>>,
 }
 
@@ -166,7 +166,20 @@ pub struct Changes {
 }
 
 /// See [`Cut::files`].
-pub type ReportedFn<'a> = dyn Fn(bool) -> Option<Vec<(Vec<u8>, InodeKey)>> + Sync + 'a;
+pub type ReportedFn<'a> = dyn Fn(Ask) -> Option<Vec<(Vec<u8>, InodeKey)>> + Sync + 'a;
+
+/// When [`Cut::files`] is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// The read starts with the app running.
+    Live,
+    /// A freeze is about to start: take what is reported so far (clearing
+    /// the tracer's marks costs a syscall a file, better spent before the
+    /// pause); the answer is not used.
+    BeforeFreeze,
+    /// The writers are frozen: everything changed before now is reported.
+    Frozen,
+}
 
 /// Records the changes under `roots` as one batch, its cut taken and
 /// checked as `cut` says. With [`Cut::files`] the batch looks only at the
@@ -299,7 +312,7 @@ fn take_optimistic(
     // too recent to prove a file unchanged.
     let started_ms = now_ms();
     let watch = Disturbance::start(cut, false);
-    let files = cut.files.and_then(|files| files(false));
+    let files = cut.files.and_then(|files| files(Ask::Live));
     let files = files.as_deref();
     let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
@@ -378,20 +391,37 @@ fn take_frozen(
             .with_context(|| format!("store {} vanished", store_path.display()))?;
         let reader = store.reader()?;
         let last = reader.last_batch()?;
+        if let Some(files) = cut.files {
+            files(Ask::BeforeFreeze);
+        }
         let frozen = set.freeze(cut.max_pause)?;
+        let freeze_took = frozen.elapsed();
         let watch = Disturbance::start(cut, true);
         let deadline = Instant::now() + cut.max_pause.saturating_sub(frozen.elapsed());
-        let files = cut.files.and_then(|files| files(true));
+        let files = cut.files.and_then(|files| files(Ask::Frozen));
+        let listed = frozen.elapsed();
         let found = find_changes(store.path(), &reader, roots, files.as_deref());
+        let diffed = frozen.elapsed();
         let staged = match &found {
-            Ok(found) if found.iter().any(|r| !r.changes.is_empty()) => {
-                Some(stage::stage(found, spill_dir, deadline))
-            }
+            Ok(found) if found.iter().any(|r| !r.changes.is_empty()) => Some(stage::stage(
+                found,
+                spill_dir,
+                deadline,
+                watch.clock_at_start.is_none(),
+            )),
             _ => None,
         };
         // Judged before the thaw: the app writes again right after it.
         let disturbed = watch.disturbed();
         let pause = frozen.thaw();
+        tracing::debug!(
+            ?freeze_took,
+            files = ?files.as_ref().map(Vec::len),
+            listed = ?listed.saturating_sub(freeze_took),
+            diffed = ?diffed.saturating_sub(listed),
+            staged = ?pause.saturating_sub(diffed),
+            "frozen cut"
+        );
         let mut found = found?;
         let staged = staged.transpose()?;
         drop((reader, store));

@@ -120,8 +120,15 @@ impl Read for SpillReader<'_> {
 
 /// Copies the content of every changed file of `found` while the writers
 /// are stopped, until `deadline`. `spill_dir` is where the spill file goes
-/// (the store's directory).
-pub fn stage(found: &[RootChanges], spill_dir: &Path, deadline: Instant) -> Result<Staged> {
+/// (the store's directory). With `verify`, each file is stat-ed again after
+/// the copy, to catch a writer outside the freeze; the eBPF tracer's
+/// change counts catch one without that syscall a file.
+pub fn stage(
+    found: &[RootChanges],
+    spill_dir: &Path,
+    deadline: Instant,
+    verify: bool,
+) -> Result<Staged> {
     let jobs: Vec<(&str, &[u8], std::path::PathBuf, u64)> = found
         .iter()
         .flat_map(|r| {
@@ -164,7 +171,7 @@ pub fn stage(found: &[RootChanges], spill_dir: &Path, deadline: Instant) -> Resu
             left.fetch_add(*size, Ordering::Relaxed);
             return;
         }
-        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end) {
+        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end, verify) {
             Ok(Some((file, steady))) => {
                 if !steady {
                     changed.store(true, Ordering::Relaxed);
@@ -196,6 +203,7 @@ fn stage_file(
     spill: Option<&File>,
     memory: &AtomicU64,
     spill_end: &AtomicU64,
+    verify: bool,
 ) -> Result<Option<(StagedFile, bool)>> {
     let file = match File::options()
         .read(true)
@@ -237,16 +245,26 @@ fn stage_file(
             )
         }
         _ => {
-            let mut bytes = Vec::with_capacity(len as usize);
-            (&file).take(len).read_to_end(&mut bytes)?;
-            let read = bytes.len() as u64;
-            (Place::Memory(bytes), read)
+            // Exactly `len` bytes, with no read(2) more to find the end.
+            let mut bytes = vec![0u8; len as usize];
+            let mut read = 0;
+            while read < bytes.len() {
+                match (&file).read(&mut bytes[read..]) {
+                    Ok(0) => break,
+                    Ok(n) => read += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            bytes.truncate(read);
+            (Place::Memory(bytes), read as u64)
         }
     };
-    let after = file.metadata()?;
     let steady = read == len
-        && after.len() == len
-        && crate::scan::mtime_ns(&after) == crate::scan::mtime_ns(&before);
+        && (!verify || {
+            let after = file.metadata()?;
+            after.len() == len && crate::scan::mtime_ns(&after) == crate::scan::mtime_ns(&before)
+        });
     Ok(Some((
         StagedFile {
             len: read,

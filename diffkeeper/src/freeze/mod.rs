@@ -118,13 +118,24 @@ fn unescape_octal(text: &str) -> String {
 
 /// The cgroup v2 directory this process runs in.
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf> {
-    let text = fs::read_to_string("/proc/self/cgroup")
-        .map_err(io("read", Path::new("/proc/self/cgroup")))?;
+    cgroup_of("self", mount)
+}
+
+/// The cgroup v2 directory process `pid` (or `self`) runs in, under the
+/// hierarchy mounted at `mount`.
+fn cgroup_of(pid: &str, mount: &Path) -> Result<PathBuf> {
+    let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
+    let text = fs::read_to_string(&file).map_err(io("read", &file))?;
     let rel = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
         .ok_or_else(|| FreezeError::OwnCgroup("no `0::` line".into()))?;
     Ok(mount.join(rel.trim_start_matches('/')))
+}
+
+/// The cgroup v2 directory of process `pid` (a writer the tracer saw).
+pub fn cgroup_of_process(pid: u32) -> Result<PathBuf> {
+    cgroup_of(&pid.to_string(), &hierarchy()?)
 }
 
 /// A cgroup that may be frozen.
@@ -198,17 +209,17 @@ impl Cgroup {
 }
 
 /// The cgroups a capture loop freezes, with the watchdog that thaws them
-/// if DiffKeeper dies mid-freeze.
+/// if DiffKeeper dies mid-freeze. Cgroups can be added while it is used
+/// (`watch` learns of its writers as they write); one whose directory is
+/// gone (its container ended) is dropped.
 pub struct FreezeSet {
-    cgroups: Vec<Cgroup>,
+    cgroups: Mutex<Vec<Cgroup>>,
     watchdog: Mutex<Option<watchdog::Watchdog>>,
 }
 
 impl std::fmt::Debug for FreezeSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.cgroups.iter().map(|c| c.path.display()))
-            .finish()
+        f.write_str(&self.describe())
     }
 }
 
@@ -217,9 +228,28 @@ impl FreezeSet {
     pub fn new(cgroups: Vec<Cgroup>) -> Result<FreezeSet> {
         let dog = watchdog::Watchdog::spawn()?;
         Ok(FreezeSet {
-            cgroups,
+            cgroups: Mutex::new(cgroups),
             watchdog: Mutex::new(Some(dog)),
         })
+    }
+
+    /// Adds `cgroup`; false when it is in the set already.
+    pub fn add(&self, cgroup: Cgroup) -> bool {
+        let Ok(mut cgroups) = self.cgroups.lock() else {
+            return false;
+        };
+        if cgroups.iter().any(|c| c.path == cgroup.path) {
+            return false;
+        }
+        cgroups.push(cgroup);
+        true
+    }
+
+    /// Whether `path` is in the set.
+    pub fn contains(&self, path: &Path) -> bool {
+        self.cgroups
+            .lock()
+            .is_ok_and(|cgroups| cgroups.iter().any(|c| c.path == path))
     }
 
     /// The watchdog's process id, so `run` does not end it as a leftover.
@@ -227,13 +257,18 @@ impl FreezeSet {
         self.watchdog.lock().ok()?.as_ref().map(|w| w.pid())
     }
 
-    /// The frozen cgroups' paths, for messages.
+    /// The cgroups' paths, for messages.
     pub fn describe(&self) -> String {
         self.cgroups
-            .iter()
-            .map(|c| c.path.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+            .lock()
+            .map(|cgroups| {
+                cgroups
+                    .iter()
+                    .map(|c| c.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
     }
 
     /// Freezes every cgroup of the set and waits until each is frozen, at
@@ -241,6 +276,20 @@ impl FreezeSet {
     /// them should this process die from here on.
     pub fn freeze(&self, wait: Duration) -> Result<Frozen<'_>> {
         let started = Instant::now();
+        let cgroups: Vec<Cgroup> = {
+            let mut all = self
+                .cgroups
+                .lock()
+                .map_err(|_| FreezeError::Watchdog("the cgroup list's lock is poisoned".into()))?;
+            all.retain(|c| {
+                let there = c.path.join("cgroup.freeze").exists();
+                if !there {
+                    tracing::info!("cgroup {} is gone; no longer frozen", c.path.display());
+                }
+                there
+            });
+            all.clone()
+        };
         {
             let mut slot = self
                 .watchdog
@@ -248,27 +297,28 @@ impl FreezeSet {
                 .map_err(|_| FreezeError::Watchdog("its lock is poisoned".into()))?;
             let alive = slot
                 .as_mut()
-                .map(|dog| dog.announce(&self.cgroups, true))
+                .map(|dog| dog.announce(&cgroups, true))
                 .transpose();
             match alive {
                 Ok(Some(())) => {}
                 // It died (killed by someone): a new one, once.
                 Ok(None) | Err(_) => {
                     let mut dog = watchdog::Watchdog::spawn()?;
-                    dog.announce(&self.cgroups, true)?;
+                    dog.announce(&cgroups, true)?;
                     *slot = Some(dog);
                 }
             }
         }
         let frozen = Frozen {
             set: self,
+            cgroups,
             since: started,
         };
         let deadline = started + wait;
-        for cgroup in &self.cgroups {
+        for cgroup in &frozen.cgroups {
             cgroup.set_frozen(true)?;
         }
-        for cgroup in &self.cgroups {
+        for cgroup in &frozen.cgroups {
             cgroup.wait_frozen(deadline).map_err(|e| match e {
                 FreezeError::Timeout { path, .. } => FreezeError::Timeout { path, waited: wait },
                 other => other,
@@ -277,15 +327,15 @@ impl FreezeSet {
         Ok(frozen)
     }
 
-    fn thaw(&self) {
-        for cgroup in &self.cgroups {
+    fn thaw(&self, cgroups: &[Cgroup]) {
+        for cgroup in cgroups {
             if let Err(e) = cgroup.set_frozen(false) {
                 tracing::error!("{e}; the watchdog will try again");
             }
         }
         if let Ok(mut slot) = self.watchdog.lock() {
             if let Some(dog) = slot.as_mut() {
-                let _ = dog.announce(&self.cgroups, false);
+                let _ = dog.announce(cgroups, false);
             }
         }
     }
@@ -294,6 +344,7 @@ impl FreezeSet {
 /// Frozen cgroups; dropping it thaws them.
 pub struct Frozen<'a> {
     set: &'a FreezeSet,
+    cgroups: Vec<Cgroup>,
     since: Instant,
 }
 
@@ -314,7 +365,7 @@ impl Frozen<'_> {
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        self.set.thaw();
+        self.set.thaw(&self.cgroups);
     }
 }
 

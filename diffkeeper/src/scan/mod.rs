@@ -291,8 +291,11 @@ pub fn diff_files(
     batch_started: &HashMap<u64, i64>,
     files: &[(Vec<u8>, InodeKey)],
 ) -> Result<Option<RootChanges>> {
-    let mut changes = Vec::new();
-    for (path, inode) in files {
+    use rayon::prelude::*;
+
+    // One file's outcome: `None` when the reports do not tell the whole
+    // change and the tree must be walked.
+    let look = |(path, inode): &(Vec<u8>, InodeKey)| -> Result<Option<Option<Change>>> {
         if crate::roots::check_relative(path).is_err() {
             return Ok(None);
         }
@@ -310,10 +313,14 @@ pub fn diff_files(
             return Ok(None);
         }
         let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
-        if let Some(change) = compare(path.clone(), entry, stored.version, racy) {
-            changes.push(change);
-        }
-    }
+        Ok(Some(compare(path.clone(), entry, stored.version, racy)))
+    };
+    // In parallel: a frozen cut looks at these files while the app waits.
+    let looked: Vec<Option<Option<Change>>> = files.par_iter().map(look).collect::<Result<_>>()?;
+    let Some(found) = looked.into_iter().collect::<Option<Vec<Option<Change>>>>() else {
+        return Ok(None);
+    };
+    let mut changes: Vec<Change> = found.into_iter().flatten().collect();
     changes.sort_by(|a, b| a.path().cmp(b.path()));
     Ok(Some(RootChanges {
         root: root.clone(),

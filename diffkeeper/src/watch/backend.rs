@@ -98,6 +98,9 @@ pub struct Notices {
     /// The kernel's count of changes under some roots (the eBPF tracer's
     /// `ROOT_CHANGES`), when the backend has one.
     clock: Arc<std::sync::Mutex<Option<Clock>>>,
+    /// Processes the backend saw write the trees (the eBPF tracer's
+    /// events name them), not yet taken by [`Notices::take_writers`].
+    writers: Arc<std::sync::Mutex<HashSet<u32>>>,
 }
 
 type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
@@ -115,6 +118,22 @@ impl Notices {
             whole: Arc::new((0..roots).map(|_| AtomicBool::new(false)).collect()),
             before_capture: Arc::new(std::sync::Mutex::new(None)),
             clock: Arc::new(std::sync::Mutex::new(None)),
+            writers: Arc::default(),
+        }
+    }
+
+    /// The processes seen writing the trees since the last call (eBPF
+    /// only: inotify does not say who wrote).
+    pub fn take_writers(&self) -> Vec<u32> {
+        self.writers
+            .lock()
+            .map(|mut w| w.drain().collect())
+            .unwrap_or_default()
+    }
+
+    fn wrote(&self, tgid: u32) {
+        if let Ok(mut writers) = self.writers.lock() {
+            writers.insert(tgid);
         }
     }
 
@@ -421,6 +440,7 @@ fn take_events(
         Vec::new()
     });
     for event in events {
+        notices.wrote(event.tgid);
         if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
             if let Ok(mut mapped) = mapped.lock() {
                 mapped.insert((event.tgid, event.root as usize));

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::capture::{capture_cut, BatchSummary, Cut};
+use crate::capture::{capture_cut, Ask, BatchSummary, Cut};
 use crate::freeze::{Cgroup, FreezeSet};
 use crate::roots::StateDir;
 use crate::scan::InodeIndex;
@@ -183,6 +183,11 @@ pub struct CaptureLoop {
     inodes: Vec<Option<Arc<InodeIndex>>>,
     /// What a consistent cut freezes, when it can.
     freeze: Option<Arc<FreezeSet>>,
+    /// Add the cgroups of the processes seen writing the trees to
+    /// `freeze` (`watch`; `run` freezes its app's cgroup alone).
+    discover: bool,
+    /// Writers' cgroups already looked at (frozen or refused).
+    seen_cgroups: std::collections::HashSet<PathBuf>,
 }
 
 impl CaptureLoop {
@@ -207,7 +212,8 @@ impl CaptureLoop {
                 .join(", "),
             source.describe()
         );
-        let freeze = freeze_set(options, app).map(Arc::new);
+        let discover = app.is_none() && options.consistency != Consistency::None;
+        let freeze = freeze_set(options, app, discover).map(Arc::new);
         let mut capture = CaptureLoop {
             store: store.to_path_buf(),
             roots: roots.to_vec(),
@@ -218,6 +224,8 @@ impl CaptureLoop {
             summary: LoopSummary::default(),
             inodes: roots.iter().map(|_| None).collect(),
             freeze,
+            discover,
+            seen_cgroups: Default::default(),
         };
         let mut first = capture.capture_all().await?;
         tracing::info!("start-up capture: {first}");
@@ -269,6 +277,9 @@ impl CaptureLoop {
                     }
                 }
                 _ = tick.tick() => {
+                    if self.discover {
+                        self.freeze_writers();
+                    }
                     for (index, p) in pending.iter_mut().enumerate() {
                         if p.first.is_none() {
                             continue;
@@ -477,10 +488,52 @@ impl CaptureLoop {
     }
 }
 
+impl CaptureLoop {
+    /// Adds the cgroups of the processes the tracer saw writing the trees
+    /// to what consistent cuts freeze, each once; one that holds DiffKeeper
+    /// itself, or the root cgroup, is refused with a warning, once.
+    fn freeze_writers(&mut self) {
+        let me = std::process::id();
+        for pid in self.notices.take_writers() {
+            if pid == me {
+                continue;
+            }
+            // Gone already: nothing to freeze.
+            let Ok(path) = crate::freeze::cgroup_of_process(pid) else {
+                continue;
+            };
+            if !self.seen_cgroups.insert(path.clone()) {
+                continue;
+            }
+            match Cgroup::open(&path) {
+                Ok(cgroup) => match &self.freeze {
+                    Some(set) => {
+                        if set.add(cgroup) {
+                            tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
+                        }
+                    }
+                    None => match FreezeSet::new(vec![cgroup]) {
+                        Ok(set) => {
+                            tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
+                            self.freeze = Some(Arc::new(set));
+                        }
+                        Err(e) => tracing::warn!("{e}: batches written while read are marked torn"),
+                    },
+                },
+                Err(e) => tracing::warn!(
+                    "process {pid} writes the state directories but its cgroup cannot be frozen: {e}; \
+                     batches it writes while they are read are dropped, and past --max-latency marked torn"
+                ),
+            }
+        }
+    }
+}
+
 /// The freezer for `options`, if its consistency mode freezes and the
 /// machine lets it; otherwise says what is missing (batches written while
-/// read are then marked torn).
-fn freeze_set(options: &WatchOptions, app: Option<&Cgroup>) -> Option<FreezeSet> {
+/// read are then marked torn). With `discover`, writers' cgroups are added
+/// later, so having none yet is no reason to warn.
+fn freeze_set(options: &WatchOptions, app: Option<&Cgroup>, discover: bool) -> Option<FreezeSet> {
     if options.consistency == Consistency::None {
         return None;
     }
@@ -490,6 +543,9 @@ fn freeze_set(options: &WatchOptions, app: Option<&Cgroup>) -> Option<FreezeSet>
             Ok(cgroup) => cgroups.push(cgroup),
             Err(e) => tracing::warn!("--freeze-cgroup {}: {e}; not frozen", path.display()),
         }
+    }
+    if cgroups.is_empty() && discover {
+        return None;
     }
     if cgroups.is_empty() {
         tracing::warn!(
@@ -613,12 +669,14 @@ impl ReportedFiles {
     /// at; `None` to walk the tree. A frozen cut walks unless the backend
     /// hands over every change made before the call (see
     /// [`backend::Notices::exact`]).
-    fn take(&self, frozen: bool) -> Option<Vec<(Vec<u8>, InodeKey)>> {
+    fn take(&self, ask: Ask) -> Option<Vec<(Vec<u8>, InodeKey)>> {
         let reported = self.notices.before_capture(self.index);
         let mut dirty = self.dirty.lock().ok()?;
         dirty.absorb(reported);
-        if frozen && !self.notices.exact() {
-            return None;
+        match ask {
+            Ask::BeforeFreeze => return None,
+            Ask::Frozen if !self.notices.exact() => return None,
+            Ask::Frozen | Ask::Live => {}
         }
         reported_files(&self.root, self.inodes.as_deref(), &dirty)
     }
@@ -655,7 +713,7 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
             let files = plan
                 .files
                 .as_ref()
-                .map(|files| move |frozen: bool| files.take(frozen));
+                .map(|files| move |ask: Ask| files.take(ask));
             let cut = Cut {
                 written: &plan.written,
                 clock: Some(&clock),
