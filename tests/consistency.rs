@@ -353,16 +353,16 @@ fn frozen(cgroup: &Path) -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
+/// Starts `run --consistency freeze` on a 96 MiB file the app rewrites in
+/// 1 MiB pieces (copying it frozen takes long enough to be caught), and
+/// returns once the app's cgroup is seen frozen, with the app's heartbeat
+/// file.
+fn frozen_app(work: &Path) -> (Reaped, PathBuf, PathBuf) {
+    let state = work.join("state");
     fs::create_dir_all(&state).expect("mkdir");
-    // A large file rewritten in pieces: copying it frozen takes long enough
-    // to be caught.
     fs::write(state.join("big"), Rng::new(3).bytes(96 << 20)).expect("big file");
-    let beat = work.path().join("beat");
-    let store = work.path().join("store.dk");
+    let beat = work.join("beat");
+    let store = work.join("store.dk");
     let script = format!(
         "i=0; while :; do i=$(((i + 37) % 96)); \
          dd if=/dev/urandom of=big bs=1M count=1 seek=$i conv=notrunc status=none; \
@@ -370,8 +370,7 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
         s(&beat)
     );
     let mut agent = start(&state, &store, "freeze", &["--max-pause", "10s"], &script);
-    let agent_pid = agent.0.id();
-    let cgroup = app_cgroup(agent_pid);
+    let cgroup = app_cgroup(agent.0.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     // The start-up capture freezes the app's cgroup before the app is in it.
     while !beat.exists() {
@@ -389,7 +388,28 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
             "run exited"
         );
     }
-    rustix::process::kill_process(pid(agent_pid), Signal::KILL).expect("SIGKILL the agent");
+    (agent, cgroup, beat)
+}
+
+/// Whether `beat` grows within a second.
+fn beats(beat: &Path) -> bool {
+    let before = fs::metadata(beat).map(|m| m.len()).unwrap_or(0);
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+        if fs::metadata(beat).map(|m| m.len()).unwrap_or(0) > before {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut agent, cgroup, beat) = frozen_app(work.path());
+    let store = work.path().join("store.dk");
+    rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
     let killed = Instant::now();
     while frozen(&cgroup) {
         assert!(
@@ -400,20 +420,49 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
     }
     let thawed_after = killed.elapsed();
     agent.0.wait().expect("wait");
-    // And it really runs: its heartbeat grows.
-    let before = fs::metadata(&beat).map(|m| m.len()).unwrap_or(0);
-    let grows = Instant::now() + Duration::from_secs(1);
-    let mut grew = false;
-    while Instant::now() < grows && !grew {
-        std::thread::sleep(Duration::from_millis(10));
-        grew = fs::metadata(&beat).map(|m| m.len()).unwrap_or(0) > before;
-    }
+    let runs = beats(&beat);
     // The app outlives the killed agent; end it.
     let _ = fs::write(cgroup.join("cgroup.kill"), "1");
-    assert!(grew, "the app did not run again after the agent was killed");
+    assert!(runs, "the app did not run again after the agent was killed");
     eprintln!("thawed {thawed_after:?} after the agent was killed");
-    let verify = ok(&["verify", "--store", s(&store)]);
-    assert!(!verify.is_empty());
+    ok(&["verify", "--store", s(&store)]);
+}
+
+#[test]
+fn sigterm_while_the_app_is_frozen_thaws_it_and_stops_cleanly() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut agent, cgroup, _) = frozen_app(work.path());
+    let store = work.path().join("store.dk");
+    rustix::process::kill_process(pid(agent.0.id()), Signal::TERM).expect("SIGTERM run");
+    // The frozen read ends, the app is thawed and gets the SIGTERM, its
+    // leftovers are ended, a final capture is taken and run exits.
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = agent.0.try_wait().expect("try_wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run did not stop within 60 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // sh killed by the forwarded SIGTERM: 128 + 15.
+    assert_eq!(status.code(), Some(143), "run's exit status: {status:?}");
+    assert!(
+        !frozen(&cgroup),
+        "run left the app's cgroup {} frozen",
+        cgroup.display()
+    );
+    assert!(
+        !cgroup.exists(),
+        "run removed the app's cgroup {} at exit",
+        cgroup.display()
+    );
+    ok(&["verify", "--store", s(&store)]);
+    assert_consistent_cuts(&store, "sigterm while frozen");
 }
 
 /// A cgroup of the test's own (removed when dropped, once empty).

@@ -158,8 +158,10 @@ pub struct WatchArgs {
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub max_pause: std::time::Duration,
     /// A cgroup v2 directory whose processes write the state directories,
-    /// to freeze for a consistent cut (`watch` beside an app; `run` also
-    /// freezes the cgroup it starts its app in). Repeat for several.
+    /// to freeze for a consistent cut. `run` freezes the cgroup it starts
+    /// its app in; `watch` also finds the cgroups of the processes the eBPF
+    /// tracer sees writing the trees. One that holds DiffKeeper itself, and
+    /// the root cgroup, are refused. Repeat for several.
     #[arg(long = "freeze-cgroup", value_name = "PATH")]
     pub freeze_cgroups: Vec<PathBuf>,
 }

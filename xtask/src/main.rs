@@ -66,7 +66,8 @@ enum Task {
     },
 }
 
-/// Debian packages the eBPF build needs.
+/// Debian packages the eBPF build needs, and the real apps the crash
+/// tests check with their own integrity tools (git, sqlite3).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -75,6 +76,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libpolly-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
+    "git",
+    "sqlite3",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
