@@ -353,11 +353,9 @@ fn frozen(cgroup: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Starts `run --consistency freeze` on a 96 MiB file the app rewrites in
-/// 1 MiB pieces (copying it frozen takes long enough to be caught), and
-/// returns once the app's cgroup is seen frozen, with the app's heartbeat
-/// file.
-fn frozen_app(work: &Path) -> (Reaped, PathBuf, PathBuf) {
+/// Starts `run --consistency freeze` (with `extra` options) on a 96 MiB
+/// file the app rewrites in 1 MiB pieces, with the app's heartbeat file.
+fn big_file_app(work: &Path, extra: &[&str]) -> (Reaped, PathBuf) {
     let state = work.join("state");
     fs::create_dir_all(&state).expect("mkdir");
     fs::write(state.join("big"), Rng::new(3).bytes(96 << 20)).expect("big file");
@@ -369,7 +367,14 @@ fn frozen_app(work: &Path) -> (Reaped, PathBuf, PathBuf) {
          echo x >> {}; done",
         s(&beat)
     );
-    let mut agent = start(&state, &store, "freeze", &["--max-pause", "10s"], &script);
+    (start(&state, &store, "freeze", extra, &script), beat)
+}
+
+/// [`big_file_app`] with a long --max-pause (copying the file frozen takes
+/// long enough to be caught), returned once the app's cgroup is seen
+/// frozen, with that cgroup and the heartbeat file.
+fn frozen_app(work: &Path) -> (Reaped, PathBuf, PathBuf) {
+    let (mut agent, beat) = big_file_app(work, &["--max-pause", "10s"]);
     let cgroup = app_cgroup(agent.0.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     // The start-up capture freezes the app's cgroup before the app is in it.
@@ -429,6 +434,48 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
 }
 
 #[test]
+fn a_freeze_longer_than_max_pause_is_cut_short_and_marked_torn() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // Copying 96 MiB takes tens of milliseconds.
+    let (mut agent, beat) = big_file_app(work.path(), &["--max-pause", "3ms"]);
+    let store = work.path().join("store.dk");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let over = loop {
+        let found = beat
+            .exists()
+            .then(|| batches(&store))
+            .unwrap_or_default()
+            .into_iter()
+            .find(|b| {
+                b["torn_why"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("--max-pause"))
+            });
+        if let Some(batch) = found {
+            break batch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no batch was cut short by --max-pause"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    crash(&mut agent);
+    assert_eq!(over["consistency"], "torn", "{over}");
+    let pause = over["pause_us"].as_u64().expect("its pause");
+    assert!(
+        pause < 100_000,
+        "the app was thawed soon after --max-pause, not after the whole copy: {pause} µs"
+    );
+    let log = fs::read_to_string(store.with_extension("log")).expect("the agent's log");
+    assert!(
+        log.contains("--max-pause") && log.contains(s(&work.path().join("state"))),
+        "the warning names the tree: {log}"
+    );
+    ok(&["verify", "--store", s(&store)]);
+}
+
+#[test]
 fn sigterm_while_the_app_is_frozen_thaws_it_and_stops_cleanly() {
     let work = tempfile::tempdir().expect("tempdir");
     let (mut agent, cgroup, _) = frozen_app(work.path());
@@ -476,6 +523,18 @@ impl TestCgroup {
         TestCgroup(path)
     }
 
+    /// The invariant writer, in this cgroup, writing `state`.
+    fn invariant_writer(&self, work: &Path, state: &Path) -> Reaped {
+        let script = work.join("writer.sh");
+        fs::write(&script, INVARIANT_WRITER).expect("writer script");
+        Reaped(
+            self.shell(&format!("sh {}", s(&script)))
+                .current_dir(state)
+                .spawn()
+                .expect("start the writer"),
+        )
+    }
+
     /// `sh -c` that moves itself into this cgroup, then runs `script`.
     fn shell(&self, script: &str) -> Command {
         let mut command = Command::new("sh");
@@ -506,15 +565,7 @@ fn watch_the_writer(freeze_args: impl Fn(&TestCgroup, &TestCgroup) -> String) ->
     let (state, store) = fresh_invariant_state(work.path());
     let writer_cgroup = TestCgroup::new("writer");
     let agent_cgroup = TestCgroup::new("agent");
-    let script = work.path().join("writer.sh");
-    fs::write(&script, INVARIANT_WRITER).expect("writer script");
-    let writer = Reaped(
-        writer_cgroup
-            .shell(&format!("sh {}", s(&script)))
-            .current_dir(&state)
-            .spawn()
-            .expect("start the writer"),
-    );
+    let writer = writer_cgroup.invariant_writer(work.path(), &state);
     let args = format!(
         "{BIN} watch --backend ebpf --debounce 50ms --max-latency 300ms \
          --state-dir data={} --store {} {}",
@@ -607,15 +658,7 @@ fn a_rollback_records_the_live_state_as_a_frozen_cut() {
     let data = format!("data={}", s(&state));
     ok(&["snapshot", "--state-dir", &data, "--store", s(&store)]);
     let writer_cgroup = TestCgroup::new("rollback-writer");
-    let script = work.path().join("writer.sh");
-    fs::write(&script, INVARIANT_WRITER).expect("writer script");
-    let writer = Reaped(
-        writer_cgroup
-            .shell(&format!("sh {}", s(&script)))
-            .current_dir(&state)
-            .spawn()
-            .expect("start the writer"),
-    );
+    let writer = writer_cgroup.invariant_writer(work.path(), &state);
     std::thread::sleep(Duration::from_millis(300));
     let cgroup = s(&writer_cgroup.0).to_string();
     ok(&[

@@ -880,11 +880,7 @@ impl Workers<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let file = match File::options()
-                .read(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                .open(full)
-            {
+            let file = match open_no_follow(full) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(FileCapture::Vanished)
@@ -1075,6 +1071,15 @@ struct NewChunk {
     offset: u64,
     /// Base chunks to try a delta against.
     bases: Vec<u64>,
+}
+
+/// Opens a file to read it, never through a symlink (one planted in the
+/// tree must not make capture read what lies outside it).
+fn open_no_follow(path: &Path) -> std::io::Result<File> {
+    File::options()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
 }
 
 /// A file's content as stored by [`Workers::read_content`].

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -50,11 +50,17 @@ enum Place {
     },
     /// Not there any more when it was to be read.
     Vanished,
+    /// The pause ran out while it was copied.
+    OutOfTime,
 }
 
 impl StagedFile {
     pub fn vanished(&self) -> bool {
         matches!(self.place, Place::Vanished)
+    }
+
+    fn out_of_time(&self) -> bool {
+        matches!(self.place, Place::OutOfTime)
     }
 }
 
@@ -171,7 +177,12 @@ pub fn stage(
             left.fetch_add(*size, Ordering::Relaxed);
             return;
         }
-        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end, verify) {
+        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end, verify, deadline) {
+            // Out of time in the middle: read live, like the rest.
+            Ok(Some((file, _))) if file.out_of_time() => {
+                left.fetch_add(*size, Ordering::Relaxed);
+                return;
+            }
             Ok(Some((file, steady))) => {
                 if !steady {
                     changed.store(true, Ordering::Relaxed);
@@ -204,12 +215,9 @@ fn stage_file(
     memory: &AtomicU64,
     spill_end: &AtomicU64,
     verify: bool,
+    deadline: Instant,
 ) -> Result<Option<(StagedFile, bool)>> {
-    let file = match File::options()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(full)
-    {
+    let file = match super::open_no_follow(full) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Some((
@@ -239,10 +247,10 @@ fn stage_file(
     let (place, read) = match spill {
         Some(spill) if !in_memory => {
             let offset = spill_end.fetch_add(len, Ordering::Relaxed);
-            (
-                Place::Spill { offset },
-                copy_range(&file, spill, offset, len)?,
-            )
+            match copy_range(&file, spill, offset, len, deadline)? {
+                Some(copied) => (Place::Spill { offset }, copied),
+                None => (Place::OutOfTime, 0),
+            }
         }
         _ => {
             // Exactly `len` bytes, with no read(2) more to find the end.
@@ -276,17 +284,30 @@ fn stage_file(
     )))
 }
 
+/// Bytes copied between looks at the deadline.
+const COPY_SLICE: u64 = 4 << 20;
+
 /// Copies `len` bytes of `from` into `to` at `offset`, in the kernel;
-/// returns how many it copied (fewer if the file shrank).
-fn copy_range(from: &File, to: &File, offset: u64, len: u64) -> Result<u64> {
+/// returns how many it copied (fewer if the file shrank), or `None` when
+/// `deadline` passed first.
+fn copy_range(
+    from: &File,
+    to: &File,
+    offset: u64,
+    len: u64,
+    deadline: Instant,
+) -> Result<Option<u64>> {
     let (mut off_in, mut off_out) = (0u64, offset);
     while off_in < len {
-        let want = (len - off_in).min(1 << 30) as usize;
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        let want = (len - off_in).min(COPY_SLICE) as usize;
         let n = rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
             .context("cannot copy into the staging file")?;
         if n == 0 {
             break;
         }
     }
-    Ok(off_in)
+    Ok(Some(off_in))
 }
