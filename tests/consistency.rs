@@ -441,16 +441,11 @@ fn a_freeze_longer_than_max_pause_is_cut_short_and_marked_torn() {
     let store = work.path().join("store.dk");
     let deadline = Instant::now() + Duration::from_secs(30);
     let over = loop {
-        let found = beat
-            .exists()
-            .then(|| batches(&store))
-            .unwrap_or_default()
-            .into_iter()
-            .find(|b| {
-                b["torn_why"]
-                    .as_str()
-                    .is_some_and(|w| w.contains("--max-pause"))
-            });
+        let found = batches(&store).into_iter().find(|b| {
+            b["torn_why"]
+                .as_str()
+                .is_some_and(|w| w.contains("--max-pause"))
+        });
         if let Some(batch) = found {
             break batch;
         }
