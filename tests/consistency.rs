@@ -437,7 +437,7 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
 fn a_freeze_longer_than_max_pause_is_cut_short_and_marked_torn() {
     let work = tempfile::tempdir().expect("tempdir");
     // Copying 96 MiB takes tens of milliseconds.
-    let (mut agent, beat) = big_file_app(work.path(), &["--max-pause", "3ms"]);
+    let (mut agent, _) = big_file_app(work.path(), &["--max-pause", "3ms"]);
     let store = work.path().join("store.dk");
     let deadline = Instant::now() + Duration::from_secs(30);
     let over = loop {
