@@ -36,6 +36,7 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
     tracing::info!(
         batches = summary.batches,
         dropped = summary.dropped,
+        torn = summary.torn,
         notices = summary.notices,
         failures = summary.failures,
         "stopped"
@@ -146,7 +147,11 @@ pub async fn run(
     family::end_leftovers(leftover_grace, &spare).await;
     let _ = exited_tx.send(());
     match capture.await {
-        Ok(Ok(summary)) => tracing::info!(batches = summary.batches, "final capture done"),
+        Ok(Ok(summary)) => tracing::info!(
+            batches = summary.batches,
+            torn = summary.torn,
+            "final capture done"
+        ),
         Ok(Err(e)) => eprintln!("error: capture failed: {e:#}"),
         Err(e) => eprintln!("error: capture task failed: {e}"),
     }
