@@ -575,6 +575,13 @@ fn watch_the_writer(freeze_args: impl Fn(&TestCgroup, &TestCgroup) -> String) ->
             .spawn()
             .expect("start watch"),
     );
+    // Loading the tracer takes a while on a busy machine: from the
+    // start-up capture on.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while batches(&store).is_empty() {
+        assert!(Instant::now() < deadline, "watch never captured");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::thread::sleep(Duration::from_millis(2500));
     // SIGTERM: a final capture, then exit.
     rustix::process::kill_process(pid(watch.0.id()), Signal::TERM).expect("SIGTERM watch");

@@ -385,3 +385,145 @@ fn watches_in_use() -> u64 {
     }
     watches
 }
+
+/// Writes into existing files that no write-family syscall names: through
+/// io_uring (inline and from an io-wq worker), sendfile and splice; and
+/// changes made from another mount namespace, through a bind mount at
+/// another path. The eBPF tracer sees them in the kernel by the ctime
+/// the kernel stamps on the inodes; its rescan is pushed out of reach.
+#[test]
+fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_store() {
+    use std::os::fd::AsRawFd;
+
+    let _serial = serial();
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let scratch = work.path().join("scratch");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("sub")).expect("mkdir");
+    for name in [
+        "uring",
+        "uring-async",
+        "sendfile",
+        "splice",
+        "gone",
+        "moved",
+        "mode",
+    ] {
+        fs::write(state.join(name), vec![b'.'; 64 * 1024]).expect("write");
+    }
+    let _watcher = common::Reaped(
+        Command::new(BIN)
+            .args([
+                "watch",
+                "--state-dir",
+                &format!("data={}", s(&state)),
+                "--store",
+                s(&store),
+                "--backend",
+                "ebpf",
+                "--debounce",
+                "50ms",
+                "--max-latency",
+                "1s",
+                "--rescan-interval",
+                "1h",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watch"),
+    );
+    wait_captured("initial state", "ebpf", &state, &store, &scratch);
+    let check = |what: &str| wait_captured(what, "ebpf", &state, &store, &scratch);
+
+    let mut ring = io_uring::IoUring::new(8).expect("io_uring");
+    for (name, flags) in [
+        ("uring", io_uring::squeue::Flags::empty()),
+        ("uring-async", io_uring::squeue::Flags::ASYNC),
+    ] {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state.join(name))
+            .expect("open");
+        let text = format!("written by io_uring into {name}");
+        let sqe = io_uring::opcode::Write::new(
+            io_uring::types::Fd(file.as_raw_fd()),
+            text.as_ptr(),
+            text.len() as u32,
+        )
+        .offset(4096)
+        .build()
+        .flags(flags);
+        // SAFETY: `text` and `file` outlive the submission, which is waited for.
+        unsafe { ring.submission().push(&sqe) }.expect("queue the write");
+        ring.submit_and_wait(1).expect("submit");
+        let done = ring.completion().next().expect("a completion");
+        assert_eq!(done.result(), text.len() as i32, "io_uring write of {name}");
+        check(&format!("io_uring write ({name})"));
+    }
+
+    let source = work.path().join("source");
+    fs::write(&source, b"sent by sendfile and spliced by splice").expect("source");
+    {
+        let from = fs::File::open(&source).expect("open source");
+        let to = OpenOptions::new()
+            .write(true)
+            .open(state.join("sendfile"))
+            .expect("open");
+        let mut at = 0u64;
+        rustix::fs::seek(&to, rustix::fs::SeekFrom::Start(1000)).expect("seek");
+        let sent = rustix::fs::sendfile(&to, &from, Some(&mut at), 38).expect("sendfile");
+        assert_eq!(sent, 38);
+    }
+    check("sendfile into an existing file");
+    {
+        let from = fs::File::open(&source).expect("open source");
+        let to = OpenOptions::new()
+            .write(true)
+            .open(state.join("splice"))
+            .expect("open");
+        let (read_end, write_end) = rustix::pipe::pipe().expect("pipe");
+        let mut at_in = 0u64;
+        let moved = rustix::pipe::splice(
+            &from,
+            Some(&mut at_in),
+            &write_end,
+            None,
+            38,
+            rustix::pipe::SpliceFlags::empty(),
+        )
+        .expect("splice into the pipe");
+        let mut at_out = 2000u64;
+        let landed = rustix::pipe::splice(
+            &read_end,
+            None,
+            &to,
+            Some(&mut at_out),
+            moved,
+            rustix::pipe::SpliceFlags::empty(),
+        )
+        .expect("splice into the file");
+        assert_eq!(landed, 38);
+    }
+    check("splice into an existing file");
+
+    // Another mount namespace that sees the tree at another path only.
+    let elsewhere = work.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).expect("mkdir");
+    let script = format!(
+        "mount --bind {state} {at} && cd {at} && rm gone && mv moved sub/moved && \
+         chmod 600 mode && mkdir -p new/deeper && echo made > new/deeper/file",
+        state = s(&state),
+        at = s(&elsewhere)
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !state.join("gone").exists() && state.join("sub/moved").exists(),
+        "the other namespace changed the tree"
+    );
+    check("rm, mv, chmod, mkdir and a new file from another mount namespace");
+}

@@ -168,6 +168,9 @@ pub mod names {
     pub const ROOT_CHANGES: &str = "ROOT_CHANGES";
     pub const EVENTS: &str = "EVENTS";
     pub const ROOT_PATHS: &str = "ROOT_PATHS";
+    /// BTF tracepoint programs, each attached to the tracepoint of its
+    /// name: the kernel stamping a new ctime on an inode.
+    pub const BTF_PROGRAMS: [&str; 2] = ["ctime_ns_xchg", "inode_set_ctime_to_ts"];
     /// Tracepoint programs; each attaches to `syscalls/<its name>`.
     pub const PROGRAMS: [&str; 32] = [
         "sys_enter_write",

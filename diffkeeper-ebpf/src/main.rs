@@ -8,7 +8,11 @@
 //! parents, cached per inode and invalidated by renames and removals, which
 //! free inode numbers for reuse), and report each
 //! dirty inode once through the `EVENTS` ring buffer until userspace clears
-//! its mark in `DIRTY`. Writes anywhere else cost a few map lookups and no
+//! its mark in `DIRTY`. BTF tracepoints on the kernel's ctime stamping
+//! (`timestamp:ctime_ns_xchg`, `timestamp:inode_set_ctime_to_ts`) catch what
+//! no syscall names: io_uring, sendfile, splice, O_DIRECT, stores through a
+//! mapping, and entries created or removed from any mount namespace (see
+//! [`on_ctime`]). Writes anywhere else cost a few map lookups and no
 //! ring buffer traffic; a million writes to one file between two captures
 //! cost one event.
 #![no_std]
@@ -20,9 +24,10 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
         bpf_probe_read_user_str_bytes,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
+    EbpfContext,
 };
 use aya_log_ebpf::warn;
 use diffkeeper_common::{
@@ -63,6 +68,16 @@ static OFF_SB_DEV: u32 = 0;
 static OFF_TASK_FS: u32 = 0;
 #[no_mangle]
 static OFF_FS_PWD_DENTRY: u32 = 0;
+#[no_mangle]
+static OFF_INODE_DENTRY: u32 = 0;
+#[no_mangle]
+static OFF_DENTRY_ALIAS: u32 = 0;
+#[no_mangle]
+static OFF_INODE_MODE: u32 = 0;
+
+/// `S_IFMT` and `S_IFDIR` of `inode.i_mode`.
+const S_IFMT: u16 = 0o170_000;
+const S_IFDIR: u16 = 0o040_000;
 
 const AT_FDCWD: i64 = -100;
 
@@ -132,6 +147,51 @@ changes_fd!(sys_enter_pwritev2, ARG0);
 changes_fd!(sys_enter_ftruncate, ARG0);
 changes_fd!(sys_enter_fallocate, ARG0);
 changes_fd!(sys_enter_copy_file_range, ARG2);
+
+/// The kernel stamped a new ctime on `inode` (the first argument of both
+/// `timestamp:` tracepoints): its data, size, mode or entries changed,
+/// whatever made the change: the write family, io_uring (inline or from
+/// an io-wq worker), sendfile, splice, copy_file_range, O_DIRECT, a store
+/// through a shared mapping after writeback made its page read-only again,
+/// fallocate, truncate, in any mount namespace, on ext4 and tmpfs alike.
+/// A directory's ctime moves when an entry in it is created, removed or
+/// renamed, so these also report namespace changes made from anywhere. The
+/// kernel stamps at most once per clock tick unless the time was looked at
+/// (a stat) since: enough, as the mark in DIRTY stays until a capture,
+/// which stats what it reads. Atime updates do not touch ctime, so
+/// DiffKeeper's own reads report nothing.
+fn on_ctime(ctx: &BtfTracePointContext) {
+    // Argument 0 of both tracepoints is the `struct inode *`.
+    let inode: u64 = ctx.arg(0);
+    let Some(key) = key_of_inode(inode) else {
+        return;
+    };
+    let Some(root) = root_of_inode(inode, &key) else {
+        return;
+    };
+    count_change(root);
+    // A directory's entries changed: a namespace change of its tree, one
+    // mark with those the path-based calls report.
+    let mode: u16 = read(inode, offset(&OFF_INODE_MODE)).unwrap_or(0);
+    let key = if mode & S_IFMT == S_IFDIR {
+        InodeKey::namespace(root)
+    } else {
+        key
+    };
+    report(ctx, key, root, 0, 0, 0);
+}
+
+#[btf_tracepoint(function = "ctime_ns_xchg")]
+pub fn ctime_ns_xchg(ctx: BtfTracePointContext) -> i32 {
+    on_ctime(&ctx);
+    0
+}
+
+#[btf_tracepoint(function = "inode_set_ctime_to_ts")]
+pub fn inode_set_ctime_to_ts(ctx: BtfTracePointContext) -> i32 {
+    on_ctime(&ctx);
+    0
+}
 
 /// Invalidates every cached membership. Renames move inodes between
 /// trees; removals free inode numbers that a new file, anywhere, may get.
@@ -354,6 +414,22 @@ fn key_of_inode(inode: u64) -> Option<InodeKey> {
 /// Which watched root `file` is under, if any: a walk up its dentry's
 /// parents, cached in MEMBERSHIP until the next rename.
 fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
+    cached_root(key, || read(file, offset(&OFF_FILE_DENTRY)))
+}
+
+/// Which watched root `inode` is under, if any, from one of its dentries
+/// (`i_dentry`, a list of `dentry.d_u.d_alias`), cached like [`root_of`].
+/// An inode with no dentry (unlinked) is under none.
+fn root_of_inode(inode: u64, key: &InodeKey) -> Option<u32> {
+    cached_root(key, || {
+        let first: u64 = read(inode, offset(&OFF_INODE_DENTRY))?;
+        first.checked_sub(offset(&OFF_DENTRY_ALIAS) as u64)
+    })
+}
+
+/// The cached root of `key`, or else the walk from `dentry()`, cached.
+#[inline(always)]
+fn cached_root(key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u32> {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
     // SAFETY: copied out at once.
     if let Some(m) = unsafe { MEMBERSHIP.get(key) } {
@@ -361,7 +437,7 @@ fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
             return m.root_plus_one.checked_sub(1);
         }
     }
-    let dentry: u64 = read(file, offset(&OFF_FILE_DENTRY))?;
+    let dentry = dentry()?;
     let found = root_of_dentry(dentry).map_or(0, |root| root + 1);
     let _ = MEMBERSHIP.insert(
         key,
@@ -490,7 +566,7 @@ fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64, flags: u32) {
 }
 
 /// Reports `key` (dirty under `root`) unless it already is.
-fn report(ctx: &TracePointContext, key: InodeKey, root: u32, fd: u64, bytes: u64, flags: u32) {
+fn report<C: EbpfContext>(ctx: &C, key: InodeKey, root: u32, fd: u64, bytes: u64, flags: u32) {
     // SAFETY: a presence check only.
     if unsafe { DIRTY.get(&key) }.is_some() {
         return;

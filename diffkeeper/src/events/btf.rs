@@ -226,6 +226,13 @@ pub fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>> {
             "OFF_FS_PWD_DENTRY",
             btf.offset_of("fs_struct", &["pwd", "dentry"])?,
         ),
+        ("OFF_INODE_MODE", btf.offset_of("inode", &["i_mode"])?),
+        // The list of an inode's dentries, linked through `d_u.d_alias`.
+        ("OFF_INODE_DENTRY", btf.offset_of("inode", &["i_dentry"])?),
+        (
+            "OFF_DENTRY_ALIAS",
+            btf.offset_of("dentry", &["d_u", "d_alias"])?,
+        ),
     ])
 }
 

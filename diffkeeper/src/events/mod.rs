@@ -94,6 +94,38 @@ fn key_of_stat(st: &rustix::fs::Stat) -> InodeKey {
     }
 }
 
+/// Loads and attaches the BTF tracepoints on ctime stamping, which see data
+/// changes no syscall tracepoint names (io_uring, sendfile, splice, mapped
+/// stores) and entries changed from any mount namespace. A kernel without
+/// them (before 6.13, or without BTF tracepoints) still runs the syscall
+/// tracepoints; what only these would see is left to the rescan.
+fn attach_ctime_hooks(ebpf: &mut aya::Ebpf) {
+    let btf = match aya::Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(e) => {
+            tracing::warn!("cannot read the kernel's BTF for BTF tracepoints ({e}): writes through io_uring, sendfile and splice are caught by the rescan only");
+            return;
+        }
+    };
+    for program in names::BTF_PROGRAMS {
+        let attached = (|| -> Result<()> {
+            let hook: &mut aya::programs::BtfTracePoint = ebpf
+                .program_mut(program)
+                .with_context(|| format!("the eBPF object has no program {program}"))?
+                .try_into()
+                .with_context(|| format!("{program} is not a BTF tracepoint program"))?;
+            hook.load(program, &btf)
+                .with_context(|| format!("the kernel refused BTF tracepoint {program}"))?;
+            hook.attach()
+                .with_context(|| format!("cannot attach BTF tracepoint {program}"))?;
+            Ok(())
+        })();
+        if let Err(e) = attached {
+            tracing::warn!("{e:#}: changes only it would see (io_uring, sendfile, splice, mapped stores, other mount namespaces) are caught by the rescan");
+        }
+    }
+}
+
 impl Tracer {
     /// Loads the programs with this kernel's struct offsets, watches the
     /// trees under `roots` (root `i` is `roots[i]`), and attaches every
@@ -172,6 +204,7 @@ impl Tracer {
                 )
             })?;
         }
+        attach_ctime_hooks(&mut ebpf);
         Ok(Tracer {
             ebpf,
             logger,

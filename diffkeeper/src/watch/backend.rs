@@ -3,7 +3,9 @@
 //! [`Notices`], so the coalescer and capture do not care which one runs.
 //!
 //! The eBPF tracer sees data changes through descriptors and path-based
-//! changes in the kernel at almost no cost per write; what it cannot
+//! changes in the kernel at almost no cost per write, and every other change
+//! by the ctime the kernel stamps on the inode (a directory's, for entries
+//! made or removed in it: the tree is then walked); what it cannot
 //! attribute there (see [`super::WatchOptions::rescan_interval`]) is caught
 //! by a rescan every --rescan-interval. `auto` uses it when it loads, and
 //! falls back to inotify, then scanning, saying why.

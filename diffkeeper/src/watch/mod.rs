@@ -56,9 +56,8 @@ pub struct WatchOptions {
     /// backend once the kernel's limit on watches left some unwatched.
     pub scan_interval: Duration,
     /// How often the eBPF backend walks them as a safety net, for what it
-    /// cannot attribute in the kernel (a relative path descending into a
-    /// tree from outside it, paths through symlinks or longer than 255
-    /// bytes).
+    /// cannot attribute in the kernel (a file more than 32 directories
+    /// deep, a hard link whose first name is outside the tree).
     pub rescan_interval: Duration,
     /// Applied every `compact_interval`; without rules, the store's saved
     /// policy is, if it has one.
@@ -365,11 +364,13 @@ impl CaptureLoop {
     }
 
     /// Every root at once, walked (at start and at a stop), as the
-    /// consistency mode says.
+    /// consistency mode says. No later batch would take what these miss,
+    /// so one that cannot be frozen and was written while read is
+    /// committed marked torn, never dropped.
     async fn capture_all(&self) -> Result<BatchSummary> {
         let indices: Vec<usize> = (0..self.roots.len()).collect();
         let plan = self.plan(&indices);
-        self.capture_planned(&self.roots, plan, false, false).await
+        self.capture_planned(&self.roots, plan, true, false).await
     }
 
     /// Takes a batch of `roots` as the consistency mode says: frozen, or
