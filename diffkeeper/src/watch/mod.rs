@@ -226,7 +226,14 @@ impl CaptureLoop {
             discover,
             seen_cgroups: Default::default(),
         };
-        let mut first = capture.capture_all().await?;
+        // Writers already at work are learnt from the tracer's events: a
+        // start-up batch they disturb is taken again once their cgroups
+        // are known, frozen.
+        let mut first = capture.capture_all(capture.discover).await?;
+        if first.disturbed && first.batch.is_none() {
+            capture.freeze_writers();
+            first = capture.capture_all(false).await?;
+        }
         tracing::info!("start-up capture: {first}");
         if first.batch.is_some() {
             capture.summary.batches += 1;
@@ -329,7 +336,7 @@ impl CaptureLoop {
         let mut tries = 0;
         let last = loop {
             tries += 1;
-            match self.capture_all().await {
+            match self.capture_all(false).await {
                 Ok(last) => break last,
                 Err(e) if tries < FINAL_TRIES => {
                     tracing::error!(
@@ -366,11 +373,12 @@ impl CaptureLoop {
     /// Every root at once, walked (at start and at a stop), as the
     /// consistency mode says. No later batch would take what these miss,
     /// so one that cannot be frozen and was written while read is
-    /// committed marked torn, never dropped.
-    async fn capture_all(&self) -> Result<BatchSummary> {
+    /// committed marked torn (unless `may_drop`), never dropped.
+    async fn capture_all(&self, may_drop: bool) -> Result<BatchSummary> {
         let indices: Vec<usize> = (0..self.roots.len()).collect();
         let plan = self.plan(&indices);
-        self.capture_planned(&self.roots, plan, true, false).await
+        self.capture_planned(&self.roots, plan, !may_drop, false)
+            .await
     }
 
     /// Takes a batch of `roots` as the consistency mode says: frozen, or
