@@ -13,9 +13,10 @@
 //! it is a controller that a hybrid host's runtime may already own.
 //!
 //! What is frozen is named, never guessed: the cgroup `run` starts the app
-//! in ([`AppCgroup`]: every process the app forks stays in it), or cgroups
-//! given with `--freeze-cgroup`. A cgroup that holds DiffKeeper itself (its
-//! own, or an ancestor of it) and the root cgroup are refused.
+//! in ([`AppCgroup`]: every process the app forks stays in it), the cgroups
+//! of the processes the eBPF tracer saw writing the trees (`watch`), and
+//! cgroups given with `--freeze-cgroup`. A cgroup that holds DiffKeeper
+//! itself (its own, or an ancestor of it) and the root cgroup are refused.
 //!
 //! A freeze is always undone: [`Frozen`] thaws when dropped (every error
 //! path, a panic's unwinding), and a watchdog process ([`watchdog`]) that
@@ -43,8 +44,8 @@ pub enum FreezeError {
          freezing needs one: `mount -t cgroup2 none /sys/fs/cgroup/unified` on a hybrid host"
     )]
     NoHierarchy,
-    #[error("cannot tell this process's cgroup v2 from /proc/self/cgroup: {0}")]
-    OwnCgroup(String),
+    #[error("{0} has no cgroup v2 line (`0::`): the process is in no cgroup v2")]
+    NoV2Line(PathBuf),
     #[error("{path} is not a cgroup v2 directory that can be frozen (no cgroup.freeze: the root cgroup, or not under {mount})")]
     NotFreezable { path: PathBuf, mount: PathBuf },
     #[error(
@@ -129,7 +130,7 @@ fn cgroup_of(pid: &str, mount: &Path) -> Result<PathBuf> {
     let rel = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))
-        .ok_or_else(|| FreezeError::OwnCgroup("no `0::` line".into()))?;
+        .ok_or_else(|| FreezeError::NoV2Line(file.clone()))?;
     Ok(mount.join(rel.trim_start_matches('/')))
 }
 
