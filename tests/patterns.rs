@@ -387,7 +387,8 @@ fn watches_in_use() -> u64 {
 }
 
 /// Writes into existing files that no write-family syscall names: through
-/// io_uring (inline and from an io-wq worker), sendfile and splice; and
+/// io_uring (inline and from an io-wq worker), sendfile and splice; an
+/// O_DIRECT write, which bypasses the page cache; and
 /// changes made from another mount namespace, through a bind mount at
 /// another path. The eBPF tracer sees them in the kernel by the ctime
 /// the kernel stamps on the inodes; its rescan is pushed out of reach.
@@ -406,6 +407,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         "uring-async",
         "sendfile",
         "splice",
+        "direct",
         "gone",
         "moved",
         "mode",
@@ -506,6 +508,23 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         assert_eq!(landed, 38);
     }
     check("splice into an existing file");
+
+    {
+        // O_DIRECT: around the page cache; a 4 KiB-aligned buffer and offset.
+        let file = rustix::fs::open(
+            state.join("direct"),
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::DIRECT,
+            rustix::fs::Mode::empty(),
+        )
+        .expect("open O_DIRECT");
+        let mut buffer = vec![0u8; 3 * 4096];
+        let start = buffer.as_ptr().align_offset(4096);
+        let block = &mut buffer[start..start + 4096];
+        block.fill(b'D');
+        let wrote = rustix::io::pwrite(&file, block, 8192).expect("O_DIRECT pwrite");
+        assert_eq!(wrote, 4096);
+    }
+    check("O_DIRECT write");
 
     // Another mount namespace that sees the tree at another path only.
     let elsewhere = work.path().join("elsewhere");
