@@ -512,8 +512,13 @@ struct TestCgroup(PathBuf);
 
 impl TestCgroup {
     fn new(name: &str) -> TestCgroup {
+        // Tests of one binary run in parallel in one process: each cgroup
+        // gets a number of its own, or two tests would freeze (and kill)
+        // each other's writers.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = app_cgroup(std::process::id())
-            .with_file_name(format!("dk-test-{name}-{}", std::process::id()));
+            .with_file_name(format!("dk-test-{name}-{}-{n}", std::process::id()));
         fs::create_dir_all(&path).expect("create a test cgroup");
         TestCgroup(path)
     }
