@@ -667,18 +667,21 @@ fn a_rollback_records_the_live_state_as_a_frozen_cut() {
     let writer_cgroup = TestCgroup::new("rollback-writer");
     let writer = writer_cgroup.invariant_writer(work.path(), &state);
     std::thread::sleep(Duration::from_millis(300));
-    let cgroup = s(&writer_cgroup.0).to_string();
-    ok(&[
-        "replay",
-        "--state-dir",
-        &data,
-        "--store",
-        s(&store),
-        "--batch",
-        "1",
-        "--freeze-cgroup",
-        &cgroup,
-    ]);
+    let roll_back = |cgroup: &Path| {
+        common::diffkeeper(&[
+            "replay",
+            "--state-dir",
+            &data,
+            "--store",
+            s(&store),
+            "--batch",
+            "1",
+            "--freeze-cgroup",
+            s(cgroup),
+        ])
+    };
+    let rolled = roll_back(&writer_cgroup.0);
+    assert!(rolled.status.success(), "{rolled:?}");
     drop(writer);
     let timeline = batches(&store);
     let recorded = timeline.last().expect("the recorded live state");
@@ -693,17 +696,7 @@ fn a_rollback_records_the_live_state_as_a_frozen_cut() {
     assert!(a > 0, "the writer had written before the rollback");
     // A cgroup that cannot be frozen is refused before anything changes.
     let before = batches(&store).len();
-    let refused = common::diffkeeper(&[
-        "replay",
-        "--state-dir",
-        &data,
-        "--store",
-        s(&store),
-        "--batch",
-        "1",
-        "--freeze-cgroup",
-        s(&work.path().join("no-such-cgroup")),
-    ]);
+    let refused = roll_back(&work.path().join("no-such-cgroup"));
     assert!(!refused.status.success(), "{refused:?}");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(
