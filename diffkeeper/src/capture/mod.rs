@@ -72,9 +72,6 @@ pub struct BatchSummary {
     pub disturbed: bool,
     /// How the committed batch's cut was taken; `None` when not checked.
     pub cut: Option<CutRecord>,
-    /// How long the writers were frozen, when they were.
-    #[serde(skip)]
-    pub pause: Option<Duration>,
     #[serde(skip)]
     pub elapsed: Duration,
     /// The files of each root walked whole, by inode, for later captures
@@ -430,7 +427,6 @@ fn take_frozen(
                 scanned: found.iter().map(|r| r.scanned).sum(),
                 elapsed: started.elapsed(),
                 inodes: take_inodes(&mut found),
-                pause: Some(pause),
                 ..BatchSummary::default()
             });
         };
@@ -482,7 +478,6 @@ fn take_frozen(
         summary.scanned = found.iter().map(|r| r.scanned).sum();
         summary.elapsed = started.elapsed();
         summary.inodes = take_inodes(&mut found);
-        summary.pause = Some(pause);
         return Ok(summary);
     }
     bail!(

@@ -246,13 +246,6 @@ impl FreezeSet {
         true
     }
 
-    /// Whether `path` is in the set.
-    pub fn contains(&self, path: &Path) -> bool {
-        self.cgroups
-            .lock()
-            .is_ok_and(|cgroups| cgroups.iter().any(|c| c.path == path))
-    }
-
     /// The watchdog's process id, so `run` does not end it as a leftover.
     pub fn watchdog_pid(&self) -> Option<u32> {
         self.watchdog.lock().ok()?.as_ref().map(|w| w.pid())
