@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+use diffkeeper::events::{Hooks, SyscallHooks, Tracer};
+use diffkeeper_common::{counter, WriteEvent};
+
 const BIN: &str = env!("CARGO_BIN_EXE_diffkeeper");
 
 /// The tests share the kernel's tracefs mount: one at a time.
@@ -17,8 +20,24 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 
 /// Runs `diffkeeper doctor --json` and returns its report.
 fn doctor() -> serde_json::Value {
+    doctor_with(&[])
+}
+
+fn field(report: &serde_json::Value, name: &str) -> u64 {
+    report[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("doctor --json has no number {name}: {report}"))
+}
+
+/// Runs `diffkeeper doctor --json` with `args` and returns its report.
+fn doctor_with(args: &[&str]) -> serde_json::Value {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "the eBPF tests load programs into the kernel and must run as root (cargo xtask test does)"
+    );
     let out = Command::new(BIN)
         .args(["doctor", "--json"])
+        .args(args)
         .output()
         .expect("run diffkeeper doctor");
     assert!(
@@ -29,21 +48,49 @@ fn doctor() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON")
 }
 
-fn field(report: &serde_json::Value, name: &str) -> u64 {
-    report[name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("doctor --json has no number {name}: {report}"))
+/// What every doctor run must show, whichever hooks report: one event per
+/// dirty file and round, none for the file outside, one for the entries.
+fn assert_coalesced_and_attributed(report: &serde_json::Value) {
+    // 500 writes to each of three files (one in a directory made after the
+    // watch started, one renamed in from outside) give one event each;
+    // after their marks are cleared, two files written again give one
+    // event each. Outside: nothing.
+    assert_eq!(field(report, "events_first_round"), 3, "{report}");
+    assert_eq!(field(report, "events_after_clear"), 2, "{report}");
+    assert_eq!(field(report, "events_outside"), 0, "{report}");
+    // Two mkdirs, two creates and a rename into the tree: one event.
+    assert!(field(report, "namespace_seen") >= 2, "{report}");
+    assert_eq!(field(report, "namespace_events"), 1, "{report}");
+    assert_eq!(field(report, "events"), 6, "{report}");
+    assert_eq!(field(report, "ringbuf_full"), 0, "{report}");
+    // Each file was stamped at least once a round (a, b, d, then a, b),
+    // and never more than once a write.
+    let stamps = field(report, "stamps_seen");
+    assert!(
+        (5..=field(report, "writes_made")).contains(&stamps),
+        "{report}"
+    );
+    // The programs resolved each file's inode, device and root with
+    // offsets read from this kernel's BTF.
+    assert_eq!(report["inodes_match"], true, "{report}");
 }
 
 #[test]
-fn only_watched_trees_count_and_each_dirty_file_is_reported_once() {
+fn on_ext4_the_ctime_hooks_alone_see_each_dirty_file_once() {
     let _kernel = exclusive();
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "the eBPF tests load programs into the kernel and must run as root (cargo xtask test does)"
-    );
     let report = doctor();
+    // The doctor's tree is in /tmp, on ext4 here: no syscall tracepoint is
+    // attached, so no syscall of any process is slowed.
+    assert_eq!(report["hooks"], "ctime", "{report}");
+    assert_eq!(field(&report, "writes_seen"), 0, "{report}");
+    assert_coalesced_and_attributed(&report);
+}
 
+#[test]
+fn with_the_syscall_tracepoints_exactly_the_writes_under_the_tree_are_counted() {
+    let _kernel = exclusive();
+    let report = doctor_with(&["--syscall-hooks"]);
+    assert_eq!(report["hooks"], "ctime-and-syscalls", "{report}");
     // Exactly the writes to files under the watched tree are counted:
     // nothing else on this machine (other tests, the system) and not the
     // file the test writes outside the tree.
@@ -58,38 +105,27 @@ fn only_watched_trees_count_and_each_dirty_file_is_reported_once() {
         "{report}"
     );
     assert_eq!(field(&report, "writes_made"), 2502, "{report}");
-    // In-kernel coalescing: 500 writes to each of three files (one in a
-    // directory made after the watch started, one renamed in from outside)
-    // give one event each; after their marks are cleared, two files
-    // written again give one event each. Outside: nothing.
-    assert_eq!(field(&report, "events_first_round"), 3, "{report}");
-    assert_eq!(field(&report, "events_after_clear"), 2, "{report}");
-    assert_eq!(field(&report, "events_outside"), 0, "{report}");
-    // Two mkdirs and a rename into the tree, reported by one event.
-    assert_eq!(field(&report, "namespace_seen"), 3, "{report}");
-    assert_eq!(field(&report, "namespace_events"), 1, "{report}");
-    assert_eq!(field(&report, "events"), 6, "{report}");
-    assert_eq!(field(&report, "ringbuf_full"), 0, "{report}");
-    // The programs resolved each file's inode, device and root from its
-    // descriptor with offsets read from this kernel's BTF.
-    assert_eq!(report["inodes_match"], true, "{report}");
+    assert_coalesced_and_attributed(&report);
 }
 
 #[test]
-fn tracefs_is_mounted_when_missing() {
+fn tracefs_is_mounted_when_missing_and_only_for_syscall_tracepoints() {
     let _kernel = exclusive();
-    // Unmount tracefs if it is there (other tests may have mounted it);
-    // doctor must mount it again by itself.
+    let tracing_mounted = || {
+        std::fs::read_to_string("/proc/self/mounts")
+            .expect("mounts")
+            .lines()
+            .any(|l| l.contains(" /sys/kernel/tracing tracefs "))
+    };
+    // Unmount tracefs if it is there (other tests may have mounted it).
     let _ = Command::new("umount").arg("/sys/kernel/tracing").status();
     let report = doctor();
+    assert_eq!(report["mounted_tracefs"], false, "{report}");
+    assert!(!tracing_mounted(), "the ctime hooks need no tracefs");
+    // The syscall tracepoints do: doctor mounts it by itself.
+    let report = doctor_with(&["--syscall-hooks"]);
     assert_eq!(field(&report, "writes_seen"), 2502, "{report}");
-    let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
-    assert!(
-        mounts
-            .lines()
-            .any(|l| l.contains(" /sys/kernel/tracing tracefs ")),
-        "tracefs is not mounted after doctor ran"
-    );
+    assert!(tracing_mounted(), "tracefs is not mounted after doctor ran");
 }
 
 #[test]
@@ -116,11 +152,12 @@ fn without_privileges_doctor_names_what_is_missing() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-#[test]
-fn a_million_writes_to_three_files_cost_three_events() {
+/// A million pwrite calls to three files under a tracer started with
+/// `hooks`: what the kernel counted, and the events.
+fn million_writes(hooks: SyscallHooks) -> (u64, [u64; counter::COUNT as usize], Vec<WriteEvent>) {
     let _kernel = exclusive();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut tracer = diffkeeper::events::Tracer::start(&[dir.path()]).expect("start the tracer");
+    let mut tracer = Tracer::start(&[dir.path()], hooks).expect("start the tracer");
     let files: Vec<std::fs::File> = (0..3)
         .map(|i| std::fs::File::create(dir.path().join(format!("hot{i}"))).expect("create"))
         .collect();
@@ -139,17 +176,22 @@ fn a_million_writes_to_three_files_cost_three_events() {
     let counters = tracer.counters().expect("counters");
     let writes = (rounds * files.len()) as u64;
     eprintln!(
-        "{writes} pwrite calls in {elapsed:.2?} ({:.0}/s): kernel counted {}, {} events",
+        "{:?}: {writes} pwrite calls in {elapsed:.2?} ({:.0}/s): syscall tracepoints counted {}, {} ctime stamps, {} events",
+        tracer.hooks(),
         writes as f64 / elapsed.as_secs_f64(),
-        counters[diffkeeper_common::counter::WRITES as usize],
+        counters[counter::WRITES as usize],
+        counters[counter::STAMPS as usize],
         events.len()
     );
-    // The three creating opens count as changes too.
-    assert_eq!(
-        counters[diffkeeper_common::counter::WRITES as usize],
-        writes + 3
-    );
-    let (namespace, files): (Vec<&diffkeeper_common::WriteEvent>, Vec<_>) =
+    (writes, counters, events)
+}
+
+/// One event per dirty file, one for the directory, and no lost event.
+fn assert_three_files_one_directory(
+    counters: &[u64; counter::COUNT as usize],
+    events: &[WriteEvent],
+) {
+    let (namespace, files): (Vec<&WriteEvent>, Vec<_>) =
         events.iter().partition(|e| e.is_namespace());
     assert_eq!(files.len(), 3, "one event per dirty file: {events:?}");
     // Creating the three files changed the directory: one event for it.
@@ -158,8 +200,136 @@ fn a_million_writes_to_three_files_cost_three_events() {
         1,
         "one event for the directory: {events:?}"
     );
-    assert_eq!(
-        counters[diffkeeper_common::counter::RINGBUF_FULL as usize],
-        0
-    );
+    assert_eq!(counters[counter::RINGBUF_FULL as usize], 0);
+}
+
+#[test]
+fn a_million_writes_to_three_files_cost_three_events() {
+    let (writes, counters, events) = million_writes(SyscallHooks::Auto);
+    assert_three_files_one_directory(&counters, &events);
+    // No syscall tracepoint ran; the kernel stamped a ctime at most once
+    // per clock tick, far fewer than the writes.
+    assert_eq!(counters[counter::WRITES as usize], 0);
+    let stamps = counters[counter::STAMPS as usize];
+    assert!((3..writes / 100).contains(&stamps), "{stamps} stamps");
+}
+
+#[test]
+fn a_million_writes_seen_by_the_syscall_tracepoints_cost_three_events() {
+    let (writes, counters, events) = million_writes(SyscallHooks::Always);
+    assert_three_files_one_directory(&counters, &events);
+    // The three creating opens count as changes too.
+    assert_eq!(counters[counter::WRITES as usize], writes + 3);
+}
+
+/// Rounds of the clock-tick race test: far more than fit in one tick.
+const RACE_ROUNDS: usize = 3000;
+
+#[test]
+fn after_a_capture_stats_a_file_its_next_change_is_reported_even_in_the_same_clock_tick() {
+    let _kernel = exclusive();
+    // ext4 and tmpfs, the file systems state lives on here.
+    for parent in ["/var/tmp", "/dev/shm"] {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
+        let mut tracer =
+            Tracer::start(&[dir.path()], SyscallHooks::Auto).expect("start the tracer");
+        assert_eq!(tracer.hooks(), Hooks::Ctime, "{parent}");
+        let path = dir.path().join("file");
+        let file = std::fs::File::create(&path).expect("create");
+        let key = diffkeeper::events::inode_key(&path).expect("key");
+        tracer.drain_events().expect("drain");
+        let namespace = diffkeeper_common::InodeKey::namespace(0);
+        tracer.clear(&namespace).expect("clear");
+        // What a capture does, then a write at once: clear the mark, stat,
+        // (read), and the app writes again within microseconds.
+        let mut unreported = 0;
+        for round in 0..RACE_ROUNDS {
+            use std::os::unix::fs::FileExt;
+            tracer.clear(&key).expect("clear");
+            rustix::fs::fstat(&file).expect("fstat");
+            file.write_all_at(&round.to_ne_bytes(), 0).expect("pwrite");
+            let events = tracer.drain_events().expect("drain");
+            if !events.iter().any(|e| e.key() == key) {
+                unreported += 1;
+            }
+        }
+        assert_eq!(
+            unreported, 0,
+            "{parent}: writes after a stat went unreported"
+        );
+        // The same for entries: after a stat of the directory (the walk
+        // stats each directory before listing it), a create is reported.
+        for round in 0..RACE_ROUNDS / 10 {
+            tracer.clear(&namespace).expect("clear");
+            rustix::fs::stat(dir.path()).expect("stat");
+            std::fs::File::create(dir.path().join(format!("new-{round}"))).expect("create");
+            let events = tracer.drain_events().expect("drain");
+            if !events.iter().any(|e| e.key() == namespace) {
+                unreported += 1;
+            }
+        }
+        assert_eq!(
+            unreported, 0,
+            "{parent}: creates after a stat went unreported"
+        );
+        // Without the stat, the kernel stamps at most once a tick, so most
+        // of these go unreported: why a capture stats before it reads.
+        for round in 0..RACE_ROUNDS {
+            use std::os::unix::fs::FileExt;
+            tracer.clear(&key).expect("clear");
+            file.write_all_at(&round.to_ne_bytes(), 0).expect("pwrite");
+            if !tracer
+                .drain_events()
+                .expect("drain")
+                .iter()
+                .any(|e| e.key() == key)
+            {
+                unreported += 1;
+            }
+        }
+        assert!(
+            unreported > RACE_ROUNDS / 2,
+            "{parent}: only {unreported} of {RACE_ROUNDS} unstat-ed writes unreported: the test no longer shows the race"
+        );
+    }
+}
+
+#[test]
+fn a_tree_on_a_file_system_with_coarse_ctimes_gets_the_syscall_tracepoints() {
+    let _kernel = exclusive();
+    // ramfs stamps ctimes once per tick whatever was read.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let status = Command::new("mount")
+        .args(["-t", "ramfs", "ramfs"])
+        .arg(dir.path())
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "cannot mount ramfs");
+    struct Unmount<'a>(&'a std::path::Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.path());
+    let mut tracer = Tracer::start(&[dir.path()], SyscallHooks::Auto).expect("start the tracer");
+    assert_eq!(tracer.hooks(), Hooks::CtimeAndSyscalls);
+    let path = dir.path().join("file");
+    let file = std::fs::File::create(&path).expect("create");
+    let key = diffkeeper::events::inode_key(&path).expect("key");
+    tracer.drain_events().expect("drain");
+    // Every write right after a clear is reported, stat or no stat.
+    for round in 0..RACE_ROUNDS {
+        use std::os::unix::fs::FileExt;
+        tracer.clear(&key).expect("clear");
+        file.write_all_at(&round.to_ne_bytes(), 0).expect("pwrite");
+        assert!(
+            tracer
+                .drain_events()
+                .expect("drain")
+                .iter()
+                .any(|e| e.key() == key),
+            "round {round}: a write on ramfs went unreported"
+        );
+    }
 }

@@ -149,11 +149,15 @@ pub mod counter {
     /// Ring buffer reservations that failed (the buffer was full). The dirty
     /// mark is dropped with it, so the next write tries again.
     pub const RINGBUF_FULL: u32 = 3;
-    /// Path-based changes (create, delete, rename, link, chmod, truncate)
-    /// under a watched tree.
+    /// Entries changed under a watched tree: path-based calls (create,
+    /// delete, rename, link, chmod, truncate) and new ctimes of its
+    /// directories.
     pub const NAMESPACE: u32 = 4;
+    /// New ctimes the kernel stamped on files under a watched tree (data,
+    /// size or mode changed), whatever made the change.
+    pub const STAMPS: u32 = 5;
     /// Number of slots.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// Map and program names, as both sides spell them.
@@ -168,6 +172,8 @@ pub mod names {
     pub const ROOT_CHANGES: &str = "ROOT_CHANGES";
     pub const EVENTS: &str = "EVENTS";
     pub const ROOT_PATHS: &str = "ROOT_PATHS";
+    /// Bumped to make every cached membership stale.
+    pub const GENERATION: &str = "GENERATION";
     /// BTF tracepoint programs, each attached to the tracepoint of its
     /// name: the kernel stamping a new ctime on an inode.
     pub const BTF_PROGRAMS: [&str; 2] = ["ctime_ns_xchg", "inode_set_ctime_to_ts"];

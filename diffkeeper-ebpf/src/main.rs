@@ -98,6 +98,10 @@ static OFF_INODE_DENTRY: u32 = 0;
 static OFF_DENTRY_ALIAS: u32 = 0;
 #[no_mangle]
 static OFF_INODE_MODE: u32 = 0;
+#[no_mangle]
+static OFF_INODE_MAPPING: u32 = 0;
+#[no_mangle]
+static OFF_MAPPING_WRITABLE: u32 = 0;
 
 /// `S_IFMT` and `S_IFDIR` of `inode.i_mode`.
 const S_IFMT: u16 = 0o170_000;
@@ -187,22 +191,42 @@ changes_fd!(sys_enter_copy_file_range, ARG2);
 fn on_ctime(ctx: &BtfTracePointContext) {
     // Argument 0 of both tracepoints is the `struct inode *`.
     let inode: u64 = ctx.arg(0);
+    let mode: u16 = read(inode, offset(&OFF_INODE_MODE)).unwrap_or(0);
+    if mode & S_IFMT == S_IFDIR {
+        // A directory's entries changed: a namespace change of its tree,
+        // one mark with those the path-based calls report. Directories are
+        // walked each time, never cached: a renamed directory's ctime is
+        // stamped before the rename moves its dentry, so a cached place
+        // would already be stale.
+        let Some(root) = first_dentry(inode).and_then(root_of_dentry) else {
+            return;
+        };
+        bump(counter::NAMESPACE, 1);
+        count_change(root);
+        report(ctx, InodeKey::namespace(root), root, 0, 0, 0);
+        return;
+    }
     let Some(key) = key_of_inode(inode) else {
         return;
     };
     let Some(root) = root_of_inode(inode, &key) else {
         return;
     };
+    bump(counter::STAMPS, 1);
     count_change(root);
-    // A directory's entries changed: a namespace change of its tree, one
-    // mark with those the path-based calls report.
-    let mode: u16 = read(inode, offset(&OFF_INODE_MODE)).unwrap_or(0);
-    let key = if mode & S_IFMT == S_IFDIR {
-        InodeKey::namespace(root)
+    // A file with shared writable mappings (`i_mapping->i_mmap_writable`)
+    // is reported at every stamp, as each page it dirties through them
+    // stamps it: userspace must learn of the mapping even when the file is
+    // already marked.
+    let mapping: u64 = read(inode, offset(&OFF_INODE_MAPPING)).unwrap_or(0);
+    let writable_maps: i32 = read(mapping, offset(&OFF_MAPPING_WRITABLE)).unwrap_or(0);
+    let flags = if writable_maps > 0 {
+        let _ = DIRTY.remove(&key);
+        WriteEvent::MAPPED
     } else {
-        key
+        0
     };
-    report(ctx, key, root, 0, 0, 0);
+    report(ctx, key, root, 0, 0, flags);
 }
 
 #[btf_tracepoint(function = "ctime_ns_xchg")]
@@ -441,14 +465,20 @@ fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
     cached_root(key, || read(file, offset(&OFF_FILE_DENTRY)))
 }
 
-/// Which watched root `inode` is under, if any, from one of its dentries
-/// (`i_dentry`, a list of `dentry.d_u.d_alias`), cached like [`root_of`].
-/// An inode with no dentry (unlinked) is under none.
+/// Which watched root `inode` is under, if any, from one of its dentries,
+/// cached like [`root_of`]. An inode with no dentry (unlinked, or not yet
+/// given its name) is under none, and nothing is cached for it.
 fn root_of_inode(inode: u64, key: &InodeKey) -> Option<u32> {
-    cached_root(key, || {
-        let first: u64 = read(inode, offset(&OFF_INODE_DENTRY))?;
-        first.checked_sub(offset(&OFF_DENTRY_ALIAS) as u64)
-    })
+    cached_root(key, || first_dentry(inode))
+}
+
+/// One of `inode`'s dentries (`i_dentry`, a list of `dentry.d_u.d_alias`).
+fn first_dentry(inode: u64) -> Option<u64> {
+    let first: u64 = read(inode, offset(&OFF_INODE_DENTRY))?;
+    if first == 0 {
+        return None;
+    }
+    first.checked_sub(offset(&OFF_DENTRY_ALIAS) as u64)
 }
 
 /// The cached root of `key`, or else the walk from `dentry()`, cached.

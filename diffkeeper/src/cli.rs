@@ -136,6 +136,13 @@ pub struct WatchArgs {
     /// changes it cannot attribute in the kernel.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub rescan_interval: std::time::Duration,
+    /// Attach the eBPF backend's 32 syscall tracepoints even where the
+    /// kernel's ctime hooks see every change alone (trees on ext4, XFS,
+    /// Btrfs or tmpfs, Linux 6.13 or later). Any syscall tracepoint slows
+    /// every syscall of every process on the node; without this flag they
+    /// are attached only for trees on other file systems.
+    #[arg(long)]
+    pub syscall_hooks: bool,
     /// Retention applied while running: the store is compacted to these
     /// rules (or, without --keep-* options, to the store's saved policy)
     /// a minute after start and then every --compact-interval.
@@ -166,6 +173,14 @@ pub struct WatchArgs {
     pub freeze_cgroups: Vec<PathBuf>,
 }
 
+fn syscall_hooks(always: bool) -> crate::events::SyscallHooks {
+    if always {
+        crate::events::SyscallHooks::Always
+    } else {
+        crate::events::SyscallHooks::Auto
+    }
+}
+
 impl WatchArgs {
     fn options(&self) -> crate::watch::WatchOptions {
         crate::watch::WatchOptions {
@@ -174,6 +189,7 @@ impl WatchArgs {
             max_latency: self.max_latency,
             scan_interval: self.scan_interval,
             rescan_interval: self.rescan_interval,
+            syscall_hooks: syscall_hooks(self.syscall_hooks),
             retention: self.retention.policy(),
             compact_interval: self.compact_interval,
             consistency: self.consistency,
@@ -383,6 +399,10 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Test with the syscall tracepoints attached too (see `watch
+        /// --syscall-hooks`).
+        #[arg(long)]
+        syscall_hooks: bool,
     },
     /// Run a small built-in demo in a temporary directory: watch an app
     /// write (eBPF when it loads), then wipe, replay, show the history and
@@ -680,8 +700,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Doctor { json } => {
-            let report = crate::events::self_test()?;
+        Command::Doctor {
+            json,
+            syscall_hooks: always,
+        } => {
+            let report = crate::events::self_test(syscall_hooks(always))?;
             if json {
                 print_json(&report)?;
             } else {

@@ -233,6 +233,12 @@ pub fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>> {
             "OFF_DENTRY_ALIAS",
             btf.offset_of("dentry", &["d_u", "d_alias"])?,
         ),
+        // How many shared writable mappings the file has (an `atomic_t`).
+        ("OFF_INODE_MAPPING", btf.offset_of("inode", &["i_mapping"])?),
+        (
+            "OFF_MAPPING_WRITABLE",
+            btf.offset_of("address_space", &["i_mmap_writable"])?,
+        ),
     ])
 }
 

@@ -39,6 +39,7 @@ pub struct Tracer {
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     /// Whether tracefs had to be mounted for this.
     pub mounted_tracefs: bool,
+    hooks: Hooks,
 }
 
 /// Capabilities that matter for loading tracing programs.
@@ -94,21 +95,17 @@ fn key_of_stat(st: &rustix::fs::Stat) -> InodeKey {
     }
 }
 
-/// Loads and attaches the BTF tracepoints on ctime stamping, which see data
-/// changes no syscall tracepoint names (io_uring, sendfile, splice, mapped
-/// stores) and entries changed from any mount namespace. A kernel without
-/// them (before 6.13, or without BTF tracepoints) still runs the syscall
-/// tracepoints; what only these would see is left to the rescan.
-fn attach_ctime_hooks(ebpf: &mut aya::Ebpf) {
-    let btf = match aya::Btf::from_sys_fs() {
-        Ok(btf) => btf,
-        Err(e) => {
-            tracing::warn!("cannot read the kernel's BTF for BTF tracepoints ({e}): writes through io_uring, sendfile and splice are caught by the rescan only");
-            return;
-        }
-    };
+/// Loads and attaches the BTF tracepoints on ctime stamping, which see every
+/// change to a file's data, mode or entries, whatever made it (the write
+/// family, io_uring, sendfile, splice, mapped stores) and from any mount
+/// namespace. A kernel without them (before 6.13, or without BTF
+/// tracepoints) gets the syscall tracepoints instead: the reason is
+/// returned.
+fn attach_ctime_hooks(ebpf: &mut aya::Ebpf) -> std::result::Result<(), String> {
+    let btf = aya::Btf::from_sys_fs()
+        .map_err(|e| format!("cannot read the kernel's BTF for BTF tracepoints ({e})"))?;
     for program in names::BTF_PROGRAMS {
-        let attached = (|| -> Result<()> {
+        (|| -> Result<()> {
             let hook: &mut aya::programs::BtfTracePoint = ebpf
                 .program_mut(program)
                 .with_context(|| format!("the eBPF object has no program {program}"))?
@@ -119,19 +116,135 @@ fn attach_ctime_hooks(ebpf: &mut aya::Ebpf) {
             hook.attach()
                 .with_context(|| format!("cannot attach BTF tracepoint {program}"))?;
             Ok(())
-        })();
-        if let Err(e) = attached {
-            tracing::warn!("{e:#}: changes only it would see (io_uring, sendfile, splice, mapped stores, other mount namespaces) are caught by the rescan");
+        })()
+        .map_err(|e| format!("{e:#}"))?;
+    }
+    Ok(())
+}
+
+/// Whether the syscall tracepoints are attached beside the ctime hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallHooks {
+    /// Only where the ctime hooks alone could miss a change: a tree on a
+    /// file system without fine-grained ctimes, or a kernel without the
+    /// hooks.
+    Auto,
+    /// Always (to compare their cost, or to distrust the ctime hooks).
+    Always,
+}
+
+/// The kernel hooks a started [`Tracer`] reports through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hooks {
+    /// The ctime stamping alone: no syscall of any task takes a slower path.
+    Ctime,
+    /// The ctime stamping and 32 syscall tracepoints.
+    CtimeAndSyscalls,
+    /// The syscall tracepoints alone (the kernel has no ctime hooks): what
+    /// no syscall names (io_uring, sendfile, splice, other mount
+    /// namespaces) is left to the rescan.
+    Syscalls,
+}
+
+impl fmt::Display for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hooks::Ctime => "ctime stamping",
+            Hooks::CtimeAndSyscalls => "ctime stamping and syscall tracepoints",
+            Hooks::Syscalls => "syscall tracepoints",
+        })
+    }
+}
+
+/// File systems (`statfs` types) that give an inode a fresh ctime for every
+/// change made after its ctime was read (multigrain timestamps, Linux 6.13).
+/// Elsewhere the kernel stamps at most once per clock tick, so a change in
+/// the tick of a capture's read would stamp nothing and no ctime hook would
+/// fire. DiffKeeper stats every file before it reads it.
+const FINE_CTIME_FILE_SYSTEMS: [(i64, &str); 4] = [
+    (0xEF53, "ext4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683E, "btrfs"),
+    (0x0102_1994, "tmpfs"),
+];
+
+/// Why the ctime hooks alone may miss changes under `root`, if they may.
+fn coarse_ctime(root: &Path) -> Result<Option<String>> {
+    let fs =
+        rustix::fs::statfs(root).with_context(|| format!("cannot statfs {}", root.display()))?;
+    let kind = fs.f_type as i64;
+    if FINE_CTIME_FILE_SYSTEMS
+        .iter()
+        .any(|&(magic, _)| magic == kind)
+    {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} is on a file system (type {kind:#x}) without fine-grained ctimes",
+        root.display()
+    )))
+}
+
+/// Fills the roots' absolute paths (for the path-based calls), mounts
+/// tracefs if it is missing, and attaches the syscall tracepoints. Returns
+/// whether tracefs had to be mounted.
+fn attach_syscall_hooks(ebpf: &mut aya::Ebpf, roots: &[&Path]) -> Result<bool> {
+    let mounted_tracefs = tracefs::ensure_mounted()?;
+    {
+        let map = ebpf
+            .map_mut(names::ROOT_PATHS)
+            .context("the eBPF object has no ROOT_PATHS map")?;
+        let mut paths: aya::maps::Array<&mut MapData, RootPath> = aya::maps::Array::try_from(map)?;
+        if roots.len() > MAX_PATH_ROOTS as usize {
+            tracing::warn!("the syscall tracepoints compare absolute paths against the first {MAX_PATH_ROOTS} roots only: absolute-path changes under the others are left to the ctime hooks and the rescan");
+        }
+        for (index, root) in roots.iter().enumerate().take(MAX_PATH_ROOTS as usize) {
+            let canonical = std::fs::canonicalize(root)
+                .with_context(|| format!("cannot resolve {}", root.display()))?;
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
+            if bytes.len() >= PATH_BYTES {
+                tracing::warn!(root = %canonical.display(), "path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the ctime hooks and the rescan");
+                continue;
+            }
+            let mut entry = RootPath {
+                len: bytes.len() as u32,
+                pad: 0,
+                bytes: [0; PATH_BYTES],
+            };
+            entry.bytes[..bytes.len()].copy_from_slice(bytes);
+            paths
+                .set(index as u32, entry, 0)
+                .context("cannot fill ROOT_PATHS")?;
         }
     }
+    for program in names::PROGRAMS {
+        let tracepoint: &mut TracePoint = ebpf
+            .program_mut(program)
+            .with_context(|| format!("the eBPF object has no program {program}"))?
+            .try_into()
+            .with_context(|| format!("{program} is not a tracepoint program"))?;
+        tracepoint.load().with_context(|| {
+            format!(
+                "the kernel refused program {program}: {}",
+                privileges_hint()
+            )
+        })?;
+        tracepoint.attach("syscalls", program).with_context(|| {
+            format!(
+                "cannot attach to tracepoint syscalls/{program} (is {}/events/syscalls/{program} present?)",
+                tracefs::TRACEFS
+            )
+        })?;
+    }
+    Ok(mounted_tracefs)
 }
 
 impl Tracer {
     /// Loads the programs with this kernel's struct offsets, watches the
-    /// trees under `roots` (root `i` is `roots[i]`), and attaches every
-    /// tracepoint.
-    pub fn start(roots: &[&Path]) -> Result<Tracer> {
-        let mounted_tracefs = tracefs::ensure_mounted()?;
+    /// trees under `roots` (root `i` is `roots[i]`), and attaches the ctime
+    /// hooks, and the syscall tracepoints where `syscalls` asks for them.
+    pub fn start(roots: &[&Path], syscalls: SyscallHooks) -> Result<Tracer> {
         let offsets = btf::kernel_offsets(&btf::Btf::from_kernel()?)?;
         let mut loader = EbpfLoader::new();
         for (name, value) in &offsets {
@@ -159,57 +272,58 @@ impl Tracer {
                     .with_context(|| format!("cannot watch {}", root.display()))?;
             }
         }
-        {
-            // Absolute paths of the roots, for path-based calls.
-            let map = ebpf
-                .map_mut(names::ROOT_PATHS)
-                .context("the eBPF object has no ROOT_PATHS map")?;
-            let mut paths: aya::maps::Array<&mut MapData, RootPath> =
-                aya::maps::Array::try_from(map)?;
-            for (index, root) in roots.iter().enumerate().take(MAX_PATH_ROOTS as usize) {
-                let canonical = std::fs::canonicalize(root)
-                    .with_context(|| format!("cannot resolve {}", root.display()))?;
-                let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
-                if bytes.len() >= PATH_BYTES {
-                    tracing::warn!(root = %canonical.display(), "path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the periodic rescan");
-                    continue;
-                }
-                let mut entry = RootPath {
-                    len: bytes.len() as u32,
-                    pad: 0,
-                    bytes: [0; PATH_BYTES],
-                };
-                entry.bytes[..bytes.len()].copy_from_slice(bytes);
-                paths
-                    .set(index as u32, entry, 0)
-                    .context("cannot fill ROOT_PATHS")?;
+        let ctime = attach_ctime_hooks(&mut ebpf);
+        let mut coarse = Vec::new();
+        for root in roots {
+            coarse.extend(coarse_ctime(root)?);
+        }
+        let hooks = match (&ctime, syscalls) {
+            (Err(why), _) => {
+                tracing::warn!("{why}: attaching syscall tracepoints instead; writes through io_uring, sendfile and splice, and changes made from other mount namespaces, are caught by the rescan only");
+                Hooks::Syscalls
             }
-        }
-        for program in names::PROGRAMS {
-            let tracepoint: &mut TracePoint = ebpf
-                .program_mut(program)
-                .with_context(|| format!("the eBPF object has no program {program}"))?
-                .try_into()
-                .with_context(|| format!("{program} is not a tracepoint program"))?;
-            tracepoint.load().with_context(|| {
-                format!(
-                    "the kernel refused program {program}: {}",
-                    privileges_hint()
-                )
-            })?;
-            tracepoint.attach("syscalls", program).with_context(|| {
-                format!(
-                    "cannot attach to tracepoint syscalls/{program} (is {}/events/syscalls/{program} present?)",
-                    tracefs::TRACEFS
-                )
-            })?;
-        }
-        attach_ctime_hooks(&mut ebpf);
+            (Ok(()), SyscallHooks::Always) => Hooks::CtimeAndSyscalls,
+            (Ok(()), SyscallHooks::Auto) if !coarse.is_empty() => {
+                tracing::info!(
+                    "{}: attaching syscall tracepoints too, for writes in the clock tick of a capture",
+                    coarse.join("; ")
+                );
+                Hooks::CtimeAndSyscalls
+            }
+            (Ok(()), SyscallHooks::Auto) => Hooks::Ctime,
+        };
+        let mounted_tracefs = if hooks == Hooks::Ctime {
+            false
+        } else {
+            attach_syscall_hooks(&mut ebpf, roots)?
+        };
         Ok(Tracer {
             ebpf,
             logger,
             mounted_tracefs,
+            hooks,
         })
+    }
+
+    /// The hooks this tracer reports through.
+    pub fn hooks(&self) -> Hooks {
+        self.hooks
+    }
+
+    /// Makes the programs walk up the dentries again for every file's
+    /// membership: called before a tree whose entries changed is walked,
+    /// as renames and links may have moved files into it that were cached
+    /// as outside every tree (directories are never cached).
+    pub fn forget_memberships(&mut self) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(names::GENERATION)
+            .context("the eBPF object has no GENERATION map")?;
+        let mut generation: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(map)?;
+        let now = generation.get(&0, 0).context("cannot read GENERATION")?;
+        generation
+            .set(0, now.wrapping_add(1), 0)
+            .context("cannot bump GENERATION")
     }
 
     /// Clears an inode's dirty mark, so its next write is reported again.
@@ -221,6 +335,12 @@ impl Tracer {
         let mut dirty: HashMap<&mut MapData, InodeKey, u8> = HashMap::try_from(map)?;
         match dirty.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Not marked (never reported, or taken already): nothing to do.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e).context("cannot clear a DIRTY mark"),
         }
     }
@@ -297,15 +417,21 @@ impl Tracer {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SelfTestReport {
     pub kernel: String,
+    /// The hooks the tracer reported through.
+    pub hooks: Hooks,
     pub mounted_tracefs: bool,
     /// Data-changing calls the test made on files under the watched tree
     /// (two creating opens and the writes), and the bytes write/pwrite64
     /// asked for.
     pub writes_made: u64,
     pub bytes_made: u64,
-    /// What the kernel counters saw on watched files.
+    /// What the syscall tracepoints counted on watched files (0 when only
+    /// the ctime hooks are attached).
     pub writes_seen: u64,
     pub bytes_seen: u64,
+    /// New ctimes stamped on watched files: at least one per file and
+    /// round, at most one per write.
+    pub stamps_seen: u64,
     pub events: u64,
     pub ringbuf_full: u64,
     /// Events in the first round (three watched files, one of them moved
@@ -327,8 +453,8 @@ impl fmt::Display for SelfTestReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "kernel {}: eBPF tracepoints load and attach",
-            self.kernel
+            "kernel {}: eBPF programs load and attach; changes reported through {}",
+            self.kernel, self.hooks
         )?;
         if self.mounted_tracefs {
             writeln!(
@@ -339,8 +465,8 @@ impl fmt::Display for SelfTestReport {
         }
         writeln!(
             f,
-            "writes under the watched tree: made {} ({} bytes), kernel saw {} ({} bytes)",
-            self.writes_made, self.bytes_made, self.writes_seen, self.bytes_seen
+            "writes under the watched tree: made {} ({} bytes); syscall tracepoints saw {} ({} bytes); the kernel stamped {} new ctimes",
+            self.writes_made, self.bytes_made, self.writes_seen, self.bytes_seen, self.stamps_seen
         )?;
         writeln!(
             f,
@@ -349,7 +475,7 @@ impl fmt::Display for SelfTestReport {
         )?;
         writeln!(
             f,
-            "path-based changes under the tree: {} seen (3 made), reported by {} event",
+            "entry changes under the tree: {} seen (3 made), reported by {} event",
             self.namespace_seen, self.namespace_events
         )?;
         write!(
@@ -370,14 +496,16 @@ const SELF_TEST_WRITE_BYTES: usize = 100;
 
 /// Watches a temporary tree, writes inside it (in a subdirectory made after
 /// the watch started, and to a file renamed in from outside) and outside
-/// it, and checks what the kernel side counted and reported.
-pub fn self_test() -> Result<SelfTestReport> {
+/// it, and checks what the kernel side counted and reported. Between rounds
+/// it does what a capture does: forgets memberships after entries changed,
+/// clears the marks it took, and stats the files before the next writes.
+pub fn self_test(syscalls: SyscallHooks) -> Result<SelfTestReport> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let watched = dir.path().join("watched");
     let outside = dir.path().join("outside");
     std::fs::create_dir(&watched).context("cannot create a test directory")?;
     std::fs::create_dir(&outside).context("cannot create a test directory")?;
-    let mut tracer = Tracer::start(&[&watched])?;
+    let mut tracer = Tracer::start(&[&watched], syscalls)?;
 
     let create = |path: &Path| {
         File::create(path).with_context(|| format!("cannot create {}", path.display()))
@@ -404,16 +532,33 @@ pub fn self_test() -> Result<SelfTestReport> {
         Ok(())
     };
 
+    // As a capture does: entries changed, so memberships are forgotten,
+    // and the walk stats each file before reading it (after which the
+    // kernel stamps the next change with a new ctime, even in this tick).
+    let mut first = tracer.drain_events()?;
+    let settle = |tracer: &mut Tracer, events: &[WriteEvent], files: &[&File]| -> Result<()> {
+        if events.iter().any(WriteEvent::is_namespace) {
+            tracer.forget_memberships()?;
+        }
+        for file in files {
+            rustix::fs::fstat(file).context("cannot stat a test file")?;
+        }
+        Ok(())
+    };
+    settle(&mut tracer, &first, &[&a, &b, &c, &d])?;
     writes(&mut a)?;
     pwrites(&b)?;
     writes(&mut c)?;
     writes(&mut d)?; // outside: not counted
     std::fs::rename(outside.join("d"), watched.join("d")).context("cannot rename a test file")?;
+    first.extend(tracer.drain_events()?);
+    settle(&mut tracer, &first, &[&d])?;
     writes(&mut d)?; // now inside
-    let first = tracer.drain_events()?;
+    first.extend(tracer.drain_events()?);
     for event in &first {
         tracer.clear(&event.key())?;
     }
+    settle(&mut tracer, &[], &[&a, &b])?;
     writes(&mut a)?;
     pwrites(&b)?;
     let second = tracer.drain_events()?;
@@ -436,12 +581,14 @@ pub fn self_test() -> Result<SelfTestReport> {
     let kernel = rustix::system::uname();
     Ok(SelfTestReport {
         kernel: kernel.release().to_string_lossy().into_owned(),
+        hooks: tracer.hooks(),
         mounted_tracefs: tracer.mounted_tracefs,
         // The two creating opens inside the tree count as changes too.
         writes_made: 5 * SELF_TEST_WRITES + 2,
         bytes_made: 5 * SELF_TEST_WRITES * SELF_TEST_WRITE_BYTES as u64,
         writes_seen: counters[counter::WRITES as usize],
         bytes_seen: counters[counter::BYTES as usize],
+        stamps_seen: counters[counter::STAMPS as usize],
         events: counters[counter::EVENTS as usize],
         ringbuf_full: counters[counter::RINGBUF_FULL as usize],
         events_first_round: first.len() as u64,

@@ -276,10 +276,10 @@ pub fn start(
     notices: Notices,
 ) -> Result<Source> {
     match options.backend {
-        Backend::Ebpf => ebpf(roots, options.rescan_interval, notices),
+        Backend::Ebpf => ebpf(roots, options, notices),
         Backend::Inotify => inotify(roots, store, options.scan_interval, notices),
         Backend::Scan => Ok(scan(roots, options.scan_interval, notices, None)),
-        Backend::Auto => match ebpf(roots, options.rescan_interval, notices.clone()) {
+        Backend::Auto => match ebpf(roots, options, notices.clone()) {
             Ok(source) => Ok(source),
             Err(e) => {
                 tracing::warn!("the eBPF tracer cannot run ({e:#}); falling back to inotify");
@@ -304,14 +304,16 @@ const MAPPED_RECHECK: Duration = Duration::from_secs(1);
 /// Starts the eBPF tracer on the trees, a task that turns its ring buffer's
 /// events into notices (woken by the ring buffer's descriptor), and the
 /// safety-net rescan.
-fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Source> {
+fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<Source> {
     use std::sync::Mutex;
 
     use diffkeeper_common::counter;
 
     let paths = canonical_roots(roots)?;
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
-    let tracer = Arc::new(Mutex::new(crate::events::Tracer::start(&refs)?));
+    let tracer = crate::events::Tracer::start(&refs, options.syscall_hooks)?;
+    tracing::info!("eBPF tracer reports through {}", tracer.hooks());
+    let tracer = Arc::new(Mutex::new(tracer));
     // Inodes reported per root and not yet taken by a capture.
     let dirty = reported(roots.len());
 
@@ -338,6 +340,17 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
             };
             take_events(&mut tracer, &dirty, &mapped, &notices_for_hook);
             let taken = take(&dirty, root);
+            if taken
+                .inodes
+                .iter()
+                .any(|key| *key == InodeKey::namespace(root as u32))
+            {
+                // Entries changed: files may have moved in that the
+                // kernel cached as outside every tree.
+                if let Err(e) = tracer.forget_memberships() {
+                    tracing::warn!("{e:#}");
+                }
+            }
             for key in &taken.inodes {
                 if let Err(e) = tracer.clear(key) {
                     tracing::warn!("{e:#}");
@@ -424,7 +437,7 @@ fn ebpf(roots: &[StateDir], interval: Duration, notices: Notices) -> Result<Sour
     Ok(Source::Ebpf {
         task,
         tracer,
-        rescan: Box::new(scan(roots, interval, notices, None)),
+        rescan: Box::new(scan(roots, options.rescan_interval, notices, None)),
     })
 }
 

@@ -59,6 +59,8 @@ pub struct WatchOptions {
     /// cannot attribute in the kernel (a file more than 32 directories
     /// deep, a hard link whose first name is outside the tree).
     pub rescan_interval: Duration,
+    /// Where the eBPF backend attaches its syscall tracepoints.
+    pub syscall_hooks: crate::events::SyscallHooks,
     /// Applied every `compact_interval`; without rules, the store's saved
     /// policy is, if it has one.
     pub retention: crate::retention::Policy,
@@ -94,6 +96,7 @@ impl Default for WatchOptions {
             max_latency: Duration::from_secs(3),
             scan_interval: Duration::from_secs(2),
             rescan_interval: Duration::from_secs(30),
+            syscall_hooks: crate::events::SyscallHooks::Auto,
             retention: crate::retention::Policy::default(),
             compact_interval: Duration::from_secs(3600),
             consistency: Consistency::Auto,
