@@ -48,7 +48,7 @@ mod delta;
 mod history;
 mod measure;
 mod replay;
-mod tracer;
+pub mod tracer;
 mod tree;
 
 use std::fs;
@@ -58,8 +58,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-
-pub use tracer::writer;
 
 /// Timed runs per measurement; the median is reported.
 pub(crate) const RUNS: usize = 3;

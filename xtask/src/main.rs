@@ -51,12 +51,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The tracer benchmark's load: 4 KiB pwrite calls to FILES files in
-    /// DIR for SECONDS, as fast as possible or at RATE calls per second;
-    /// prints the calls made and the rate reached as JSON.
+    /// The tracer benchmark's app: 4 KiB pwrite calls to FILES files in
+    /// DIR, getpid calls, or creates and unlinks in DIR (--mode), for
+    /// SECONDS, as fast as possible or at RATE calls per second; prints the
+    /// calls made and the rate reached as JSON.
     #[command(hide = true)]
     BenchWriter {
         dir: PathBuf,
+        #[arg(long, value_enum, default_value = "pwrite")]
+        mode: bench::tracer::Mode,
         #[arg(long, default_value_t = 4)]
         files: usize,
         #[arg(long, default_value_t = 0)]
@@ -93,10 +96,11 @@ fn main() -> ExitCode {
         Task::Bench { args } => build().and_then(|_| bench::run(&workspace_root(), &args)),
         Task::BenchWriter {
             dir,
+            mode,
             files,
             rate,
             seconds,
-        } => bench::writer(&dir, files, rate, seconds),
+        } => bench::tracer::writer(&dir, mode, files, rate, seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
