@@ -50,7 +50,26 @@ fn store_matches(state: &Path, store: &Path, scratch: &Path) -> bool {
 }
 
 fn wait_captured(what: &str, backend: &str, state: &Path, store: &Path, scratch: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    wait_captured_within(
+        Duration::from_secs(15),
+        what,
+        backend,
+        state,
+        store,
+        scratch,
+    )
+}
+
+/// [`wait_captured`], failing after `within`.
+fn wait_captured_within(
+    within: Duration,
+    what: &str,
+    backend: &str,
+    state: &Path,
+    store: &Path,
+    scratch: &Path,
+) {
+    let deadline = Instant::now() + within;
     while !store_matches(state, store, scratch) {
         assert!(
             Instant::now() < deadline,
@@ -387,11 +406,16 @@ fn watches_in_use() -> u64 {
 }
 
 /// Writes into existing files that no write-family syscall names: through
-/// io_uring (inline and from an io-wq worker), sendfile and splice; an
-/// O_DIRECT write, which bypasses the page cache; and
-/// changes made from another mount namespace, through a bind mount at
-/// another path. The eBPF tracer sees them in the kernel by the ctime
-/// the kernel stamps on the inodes; its rescan is pushed out of reach.
+/// io_uring (inline and from an io-wq worker), sendfile, splice and
+/// copy_file_range; an O_DIRECT write, which bypasses the page cache; a
+/// long-lived shared mapping written page by page; and changes made from
+/// another mount namespace through a bind mount at another path, from a
+/// chroot, through a symlinked path and by a relative path from a working
+/// directory outside the tree. The eBPF tracer sees them in the kernel by
+/// the ctime the kernel stamps on the inodes (the default hooks on ext4:
+/// no syscall tracepoint); its rescan is pushed out of reach. Each must be
+/// in the store within the maximum latency (1 s) plus a second and the
+/// time to check.
 #[test]
 fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_store() {
     use std::os::fd::AsRawFd;
@@ -408,9 +432,13 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         "sendfile",
         "splice",
         "direct",
+        "copied",
+        "mapped",
         "gone",
         "moved",
         "mode",
+        "jailed",
+        "linked",
     ] {
         fs::write(state.join(name), vec![b'.'; 64 * 1024]).expect("write");
     }
@@ -436,7 +464,16 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
             .expect("spawn watch"),
     );
     wait_captured("initial state", "ebpf", &state, &store, &scratch);
-    let check = |what: &str| wait_captured(what, "ebpf", &state, &store, &scratch);
+    let check = |what: &str| {
+        wait_captured_within(
+            Duration::from_secs(3),
+            what,
+            "ebpf",
+            &state,
+            &store,
+            &scratch,
+        )
+    };
 
     let mut ring = io_uring::IoUring::new(8).expect("io_uring");
     for (name, flags) in [
@@ -508,6 +545,52 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         assert_eq!(landed, 38);
     }
     check("splice into an existing file");
+    {
+        let from = fs::File::open(&source).expect("open source");
+        let to = OpenOptions::new()
+            .write(true)
+            .open(state.join("copied"))
+            .expect("open");
+        let (mut at_in, mut at_out) = (0u64, 3000u64);
+        let copied =
+            rustix::fs::copy_file_range(&from, Some(&mut at_in), &to, Some(&mut at_out), 38)
+                .expect("copy_file_range");
+        assert_eq!(copied, 38);
+    }
+    check("copy_file_range into an existing file");
+    {
+        // One mapping for the whole sequence, each store to a page the
+        // mapping had not dirtied since the last capture.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(state.join("mapped"))
+            .expect("open");
+        let len = 64 * 1024;
+        // SAFETY: a fresh shared mapping of a 64 KiB file this test owns,
+        // unmapped below; nothing else maps it.
+        let map = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &file,
+                0,
+            )
+        }
+        .expect("mmap");
+        for page in [0usize, 5, 9, 15] {
+            // SAFETY: inside the mapping (16 pages of 4 KiB).
+            let bytes = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), len) };
+            bytes[page * 4096..page * 4096 + 20].copy_from_slice(b"stored through a map");
+            check(&format!(
+                "a store to page {page} of a long-lived shared mapping"
+            ));
+        }
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { rustix::mm::munmap(map, len) }.expect("munmap");
+    }
 
     {
         // O_DIRECT: around the page cache; a 4 KiB-aligned buffer and offset.
@@ -545,4 +628,45 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         "the other namespace changed the tree"
     );
     check("rm, mv, chmod, mkdir and a new file from another mount namespace");
+
+    // A chroot whose only view of the tree is a bind mount at /data.
+    let jail = work.path().join("jail");
+    fs::create_dir_all(jail.join("usr")).expect("mkdir");
+    fs::create_dir_all(jail.join("data")).expect("mkdir");
+    for dir in ["bin", "lib", "lib64", "sbin"] {
+        std::os::unix::fs::symlink(format!("usr/{dir}"), jail.join(dir)).expect("symlink");
+    }
+    let script = format!(
+        "mount --bind /usr {jail}/usr && mount --bind {state} {jail}/data && \
+         chroot {jail} /bin/sh -c 'echo jailed >> /data/jailed && mkdir /data/from-jail && \
+         echo x > /data/from-jail/file && rm /data/sub/moved'",
+        jail = s(&jail),
+        state = s(&state)
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("run unshare");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        state.join("from-jail/file").exists(),
+        "the chroot changed the tree"
+    );
+    check("an append, a mkdir, a new file and a removal from a chroot");
+
+    // Through a symlink to the tree, and by a relative path from outside.
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&state, &link).expect("symlink");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo linked >> {link}/linked && mv {link}/linked {link}/relinked && \
+             cd {work} && echo relative > state/relative && chmod 640 state/relative",
+            link = s(&link),
+            work = s(work.path())
+        ))
+        .output()
+        .expect("run sh");
+    assert!(out.status.success(), "{out:?}");
+    check("changes through a symlinked path and a relative path from outside the tree");
 }

@@ -501,19 +501,19 @@ fn find_changes(
     roots: &[StateDir],
     files: Option<&[(Vec<u8>, InodeKey)]>,
 ) -> Result<Vec<RootChanges>> {
-    let batch_started: HashMap<u64, i64> = reader
-        .batches()?
-        .into_iter()
-        .map(|(id, batch)| (id, batch.started_ms))
-        .collect();
     if let (Some(files), [root]) = (files, roots) {
-        match crate::scan::diff_files(root, reader, &batch_started, files)? {
+        match crate::scan::diff_files(root, reader, files)? {
             Some(changes) => return Ok(vec![changes]),
             None => {
                 tracing::debug!(root = %root.name, "reported files do not tell the whole change: walking the tree")
             }
         }
     }
+    let batch_started: HashMap<u64, i64> = reader
+        .batches()?
+        .into_iter()
+        .map(|(id, batch)| (id, batch.started_ms))
+        .collect();
     // The store may live inside a state directory; it is never captured.
     let store_canonical = std::fs::canonicalize(store_path).ok();
     roots

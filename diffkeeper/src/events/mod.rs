@@ -3,8 +3,9 @@
 //!
 //! This module owns the [`Tracer`]: loading the embedded object with this
 //! kernel's struct offsets ([`btf`]), telling it which directory trees to
-//! watch, attaching its syscall tracepoints (mounting tracefs first when it
-//! is missing), routing the programs' `aya-log` records into `tracing`, and
+//! watch, attaching its ctime hooks, and its syscall tracepoints only where
+//! those alone could miss a change ([`Hooks`]; mounting tracefs first when
+//! it is missing), routing the programs' `aya-log` records into `tracing`, and
 //! reading and clearing its maps. The `ebpf` backend of [`crate::watch`]
 //! runs it; [`self_test`] (`diffkeeper doctor`) proves on the running kernel
 //! that it filters, resolves and coalesces as it should.

@@ -281,14 +281,16 @@ pub fn diff_root(
     })
 }
 
-/// Compares only `files` (relative path and the inode the tracer reported)
-/// with the store. `None` when that cannot be trusted to be the whole
-/// change, and the tree must be walked: a path that is gone, is no longer a
-/// regular file, is another inode now, or is new to the store.
+/// Compares only `files` (relative path and the inode the backend reported)
+/// with the store. Each is read whatever its size and mtime say: it was
+/// reported changed, and a change can keep both (a store through a shared
+/// mapping whose page is already writable, a write in the clock tick of
+/// the last read, `touch -r`). `None` when that cannot be trusted to be the
+/// whole change, and the tree must be walked: a path that is gone, is no
+/// longer a regular file, is another inode now, or is new to the store.
 pub fn diff_files(
     root: &StateDir,
     reader: &Reader,
-    batch_started: &HashMap<u64, i64>,
     files: &[(Vec<u8>, InodeKey)],
 ) -> Result<Option<RootChanges>> {
     use rayon::prelude::*;
@@ -312,8 +314,7 @@ pub fn diff_files(
         if stored.version.kind == EntryKind::Tombstone {
             return Ok(None);
         }
-        let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
-        Ok(Some(compare(path.clone(), entry, stored.version, racy)))
+        Ok(Some(compare(path.clone(), entry, stored.version, true)))
     };
     // In parallel: a frozen cut looks at these files while the app waits.
     let looked: Vec<Option<Option<Change>>> = files.par_iter().map(look).collect::<Result<_>>()?;

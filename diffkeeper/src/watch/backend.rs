@@ -2,19 +2,23 @@
 //! `notify` crate) or periodic scanning. Every backend feeds the same
 //! [`Notices`], so the coalescer and capture do not care which one runs.
 //!
-//! The eBPF tracer sees data changes through descriptors and path-based
-//! changes in the kernel at almost no cost per write, and every other change
-//! by the ctime the kernel stamps on the inode (a directory's, for entries
-//! made or removed in it: the tree is then walked); what it cannot
-//! attribute there (see [`super::WatchOptions::rescan_interval`]) is caught
-//! by a rescan every --rescan-interval. `auto` uses it when it loads, and
-//! falls back to inotify, then scanning, saying why.
+//! The eBPF tracer sees every change in the kernel by the ctime the kernel
+//! stamps on the inode (a directory's, for entries made or removed in it:
+//! the tree is then walked), from any interface and mount namespace, at a
+//! few ns per write and nothing for other syscalls; on file systems with
+//! coarse ctimes it adds syscall tracepoints (see `events`). What it
+//! cannot attribute there (see [`super::WatchOptions::rescan_interval`]) is
+//! caught by a rescan every --rescan-interval. `auto` uses it when it
+//! loads, and falls back to inotify, then scanning, saying why.
 //!
 //! The eBPF tracer names the files written by inode, inotify by path: a
 //! capture of a tree where only existing files were written looks at those
-//! files alone. Anything else (a create, rename, removal, chmod, a shared
-//! writable mapping, a lost event) marks the tree [`Dirty::whole`], to be
-//! walked, as every notice of the scan backend does. inotify has no safety
+//! files alone, and reads each (a report is a change, even one that kept
+//! size and mtime). Anything else (a create, rename, removal, a lost
+//! event) marks the tree [`Dirty::whole`], to be walked, as every notice of
+//! the scan backend does. A file with a shared writable mapping is read
+//! again every second while its mapper lives, as a store to a page already
+//! writable reaches no hook. inotify has no safety
 //! net until the kernel's limit on watches leaves a directory unwatched;
 //! from then on the trees are walked every --scan-interval.
 
@@ -298,8 +302,11 @@ pub fn start(
     }
 }
 
-/// How often a tree with live shared writable mappings is looked at.
+/// How often a file with live shared writable mappings is read.
 const MAPPED_RECHECK: Duration = Duration::from_secs(1);
+
+/// Files with shared writable mappings, by (tgid, root) of their mapper.
+type Mapped = std::collections::HashMap<(u32, usize), HashSet<InodeKey>>;
 
 /// Starts the eBPF tracer on the trees, a task that turns its ring buffer's
 /// events into notices (woken by the ring buffer's descriptor), and the
@@ -317,10 +324,11 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
     // Inodes reported per root and not yet taken by a capture.
     let dirty = reported(roots.len());
 
-    // Processes holding shared writable mappings into a tree, by (tgid,
-    // root): their writes need no syscall, so the tree is looked at every
-    // MAPPED_RECHECK while they live, and no unfrozen read of it is quiet.
-    let mapped: Arc<Mutex<HashSet<(u32, usize)>>> = Arc::default();
+    // Files with shared writable mappings, by the (tgid, root) of the
+    // process seen storing through them: a store to a page already writable
+    // reaches no hook, so those files are read every MAPPED_RECHECK while
+    // the process lives, and no unfrozen read of their tree is quiet.
+    let mapped: Arc<Mutex<Mapped>> = Arc::default();
     {
         // Before a root is read, the ring buffer is taken (so every change
         // made before now is handed over) and the root's marks are cleared:
@@ -365,7 +373,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
             let count = tracer.lock().ok()?.root_changes(roots).ok()?;
             let mapped = mapped
                 .lock()
-                .is_ok_and(|m| m.iter().any(|(_, root)| roots.contains(root)));
+                .is_ok_and(|m| m.keys().any(|(_, root)| roots.contains(root)));
             Some(crate::capture::Changes { count, mapped })
         }));
     }
@@ -405,9 +413,14 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
             if last_mapped_check.elapsed() >= MAPPED_RECHECK {
                 last_mapped_check = std::time::Instant::now();
                 if let Ok(mut mapped) = task_mapped.lock() {
-                    mapped.retain(|(tgid, _)| Path::new(&format!("/proc/{tgid}")).exists());
-                    for (_, root) in mapped.iter() {
-                        task_notices.written(*root);
+                    mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
+                    for ((_, root), files) in mapped.iter() {
+                        if let Ok(mut dirty) = task_dirty.lock() {
+                            if let Some(set) = dirty.get_mut(*root) {
+                                set.inodes.extend(files.iter().copied());
+                            }
+                        }
+                        task_notices.file_written(*root);
                     }
                 }
             }
@@ -447,7 +460,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
 fn take_events(
     tracer: &mut crate::events::Tracer,
     dirty: &Reported,
-    mapped: &std::sync::Mutex<HashSet<(u32, usize)>>,
+    mapped: &std::sync::Mutex<Mapped>,
     notices: &Notices,
 ) {
     let events = tracer.drain_events().unwrap_or_else(|e| {
@@ -458,7 +471,10 @@ fn take_events(
         notices.wrote(event.tgid);
         if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
             if let Ok(mut mapped) = mapped.lock() {
-                mapped.insert((event.tgid, event.root as usize));
+                mapped
+                    .entry((event.tgid, event.root as usize))
+                    .or_default()
+                    .insert(event.key());
             }
         }
         if let Ok(mut dirty) = dirty.lock() {
