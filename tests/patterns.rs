@@ -405,8 +405,79 @@ fn watches_in_use() -> u64 {
     watches
 }
 
+/// A `struct iocb` of the kernel's AIO interface (little-endian layout).
+#[repr(C)]
+#[derive(Default)]
+struct Iocb {
+    aio_data: u64,
+    aio_key: u32,
+    aio_rw_flags: i32,
+    aio_lio_opcode: u16,
+    aio_reqprio: i16,
+    aio_fildes: u32,
+    aio_buf: u64,
+    aio_nbytes: u64,
+    aio_offset: i64,
+    aio_reserved2: u64,
+    aio_flags: u32,
+    aio_resfd: u32,
+}
+
+/// A `struct io_event`.
+#[repr(C)]
+#[derive(Default)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+/// Writes `bytes` at `offset` of the existing file `path` through the
+/// kernel's AIO syscalls (what libaio wraps): io_setup, io_submit,
+/// io_getevents.
+fn libaio_write(path: &Path, bytes: &[u8], offset: i64) {
+    use std::os::fd::AsRawFd;
+    const IOCB_CMD_PWRITE: u16 = 1;
+    let file = OpenOptions::new().write(true).open(path).expect("open");
+    let mut context: libc::c_ulong = 0;
+    // SAFETY: io_setup writes the new context into `context`.
+    let rc = unsafe { libc::syscall(libc::SYS_io_setup, 8, &mut context) };
+    assert_eq!(rc, 0, "io_setup: {}", std::io::Error::last_os_error());
+    let mut iocb = Iocb {
+        aio_lio_opcode: IOCB_CMD_PWRITE,
+        aio_fildes: file.as_raw_fd() as u32,
+        aio_buf: bytes.as_ptr() as u64,
+        aio_nbytes: bytes.len() as u64,
+        aio_offset: offset,
+        ..Iocb::default()
+    };
+    let mut list = [&mut iocb as *mut Iocb];
+    // SAFETY: one valid iocb whose buffer and descriptor outlive the
+    // request, which is waited for below.
+    let rc = unsafe { libc::syscall(libc::SYS_io_submit, context, 1, list.as_mut_ptr()) };
+    assert_eq!(rc, 1, "io_submit: {}", std::io::Error::last_os_error());
+    let mut event = IoEvent::default();
+    // SAFETY: room for one event; no timeout.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_getevents,
+            context,
+            1,
+            1,
+            &mut event,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
+    assert_eq!(rc, 1, "io_getevents: {}", std::io::Error::last_os_error());
+    assert_eq!(event.res, bytes.len() as i64, "the AIO write's result");
+    // SAFETY: the context made above, with nothing in flight.
+    unsafe { libc::syscall(libc::SYS_io_destroy, context) };
+}
+
 /// Writes into existing files that no write-family syscall names: through
-/// io_uring (inline and from an io-wq worker), sendfile, splice and
+/// io_uring (inline, from an io-wq worker, from a fixed buffer, and by an
+/// SQPOLL thread), libaio, sendfile, splice and
 /// copy_file_range; an O_DIRECT write, which bypasses the page cache; a
 /// long-lived shared mapping written page by page; and changes made from
 /// another mount namespace through a bind mount at another path, from a
@@ -429,6 +500,9 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
     for name in [
         "uring",
         "uring-async",
+        "uring-fixed",
+        "uring-sqpoll",
+        "libaio",
         "sendfile",
         "splice",
         "direct",
@@ -500,6 +574,70 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         assert_eq!(done.result(), text.len() as i32, "io_uring write of {name}");
         check(&format!("io_uring write ({name})"));
     }
+
+    {
+        // From a registered (fixed) buffer.
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state.join("uring-fixed"))
+            .expect("open");
+        let text = b"written by io_uring from a fixed buffer".to_vec();
+        let iovec = libc::iovec {
+            iov_base: text.as_ptr() as *mut libc::c_void,
+            iov_len: text.len(),
+        };
+        // SAFETY: `text` outlives the registration, which ends with `ring`.
+        unsafe { ring.submitter().register_buffers(&[iovec]) }.expect("register buffers");
+        let sqe = io_uring::opcode::WriteFixed::new(
+            io_uring::types::Fd(file.as_raw_fd()),
+            text.as_ptr(),
+            text.len() as u32,
+            0,
+        )
+        .offset(4096)
+        .build();
+        // SAFETY: `text` and `file` outlive the submission, which is waited for.
+        unsafe { ring.submission().push(&sqe) }.expect("queue the write");
+        ring.submit_and_wait(1).expect("submit");
+        let done = ring.completion().next().expect("a completion");
+        assert_eq!(
+            done.result(),
+            text.len() as i32,
+            "io_uring fixed-buffer write"
+        );
+        check("io_uring write from a fixed buffer");
+    }
+    {
+        // SQPOLL: a kernel thread polls the queue; no syscall submits.
+        let mut polled: io_uring::IoUring = io_uring::IoUring::builder()
+            .setup_sqpoll(2000)
+            .build(8)
+            .expect("io_uring with SQPOLL");
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state.join("uring-sqpoll"))
+            .expect("open");
+        let text = b"written by io_uring's SQPOLL thread";
+        let sqe = io_uring::opcode::Write::new(
+            io_uring::types::Fd(file.as_raw_fd()),
+            text.as_ptr(),
+            text.len() as u32,
+        )
+        .offset(4096)
+        .build();
+        // SAFETY: `text` and `file` outlive the submission, which is waited for.
+        unsafe { polled.submission().push(&sqe) }.expect("queue the write");
+        polled.submit_and_wait(1).expect("submit");
+        let done = polled.completion().next().expect("a completion");
+        assert_eq!(done.result(), text.len() as i32, "io_uring SQPOLL write");
+        check("io_uring write by the SQPOLL thread");
+    }
+    libaio_write(
+        &state.join("libaio"),
+        b"written through libaio's io_submit",
+        4096,
+    );
+    check("libaio (io_submit) write");
 
     let source = work.path().join("source");
     fs::write(&source, b"sent by sendfile and spliced by splice").expect("source");
