@@ -333,3 +333,67 @@ fn a_tree_on_a_file_system_with_coarse_ctimes_gets_the_syscall_tracepoints() {
         );
     }
 }
+
+#[test]
+fn hundreds_of_roots_come_and_go_while_the_programs_stay_loaded() {
+    use std::os::unix::fs::FileExt;
+    let _kernel = exclusive();
+    let parent = tempfile::tempdir().expect("tempdir");
+    let mut tracer = Tracer::start(&[], SyscallHooks::Auto).expect("start the tracer");
+    // 300 trees, with sparse ids as a node daemon would give them.
+    let id = |i: u32| 1000 + 7 * i;
+    let files: Vec<(u32, std::fs::File, diffkeeper_common::InodeKey)> = (0..300)
+        .map(|i| {
+            let root = parent.path().join(format!("volume-{i}"));
+            std::fs::create_dir(&root).expect("mkdir");
+            let path = root.join("data");
+            let file = std::fs::File::create(&path).expect("create");
+            tracer.watch(id(i), &root).expect("watch");
+            let key = diffkeeper::events::inode_key(&path).expect("key");
+            (id(i), file, key)
+        })
+        .collect();
+    assert_eq!(tracer.hooks(), Hooks::Ctime);
+    // Each tree's write is reported under its own id (after the stat a
+    // capture makes, so a write in this clock tick is stamped too).
+    let write_all = |tracer: &mut Tracer, files: &[(u32, std::fs::File, _)]| {
+        for (_, file, key) in files {
+            tracer.clear(key).expect("clear");
+            rustix::fs::fstat(file).expect("fstat");
+            file.write_all_at(b"changed", 0).expect("pwrite");
+        }
+        tracer.drain_events().expect("drain")
+    };
+    let events = write_all(&mut tracer, &files);
+    for (root, _, key) in &files {
+        assert!(
+            events.iter().any(|e| e.key() == *key && e.root == *root),
+            "no event for root {root}: {} events",
+            events.len()
+        );
+    }
+    // Half of them go away: their writes are no longer reported, the
+    // others' still are.
+    for (root, _, _) in files.iter().step_by(2) {
+        tracer.unwatch(*root).expect("unwatch");
+    }
+    let events = write_all(&mut tracer, &files);
+    for (i, (root, _, key)) in files.iter().enumerate() {
+        let reported = events.iter().any(|e| e.key() == *key);
+        assert_eq!(
+            reported,
+            i % 2 == 1,
+            "root {root} after half were unwatched"
+        );
+    }
+    // And one comes back under a new id.
+    let again = parent.path().join("volume-0");
+    tracer.watch(5, &again).expect("watch again");
+    let events = write_all(&mut tracer, &files[..1]);
+    assert!(
+        events.iter().any(|e| e.key() == files[0].2 && e.root == 5),
+        "{events:?}"
+    );
+    assert!(tracer.unwatch(4242).is_err(), "an unknown root is refused");
+    assert!(tracer.watch(5, &again).is_err(), "an id in use is refused");
+}

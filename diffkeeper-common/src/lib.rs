@@ -39,7 +39,10 @@ pub const PATH_BYTES: usize = 256;
 pub const MAX_PATH_ROOTS: u32 = 8;
 /// Roots with a change counter of their own in `ROOT_CHANGES` (a root
 /// beyond them shares the last slot).
-pub const MAX_COUNTED_ROOTS: u32 = 64;
+pub const MAX_COUNTED_ROOTS: u32 = 1024;
+/// Directories (roots) the programs can watch at once: one per container
+/// volume on a busy node, with room to spare.
+pub const MAX_WATCHED_DIRS: u32 = 16_384;
 
 /// A watched root's absolute path, or a path argument being read.
 #[repr(C)]

@@ -88,6 +88,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use diffkeeper_common::{
     counter, InodeKey, Membership, RootPath, WriteEvent, MAX_COUNTED_ROOTS, MAX_PATH_ROOTS,
+    MAX_WATCHED_DIRS,
     MAX_WALK_DEPTH, PATH_BYTES,
 };
 
@@ -151,7 +152,7 @@ static SCRATCH: PerCpuArray<RootPath> = PerCpuArray::with_max_entries(1, 0);
 
 /// Watched directories (the roots) by inode, to their root index.
 #[map(name = "WATCHED_DIRS")]
-static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(256, 0);
+static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(MAX_WATCHED_DIRS, 0);
 
 /// Per file inode: which root it is under, as of a rename generation.
 #[map(name = "MEMBERSHIP")]

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
@@ -41,6 +41,8 @@ pub struct Tracer {
     /// Whether tracefs had to be mounted for this.
     pub mounted_tracefs: bool,
     hooks: Hooks,
+    /// The watched roots' directories, by id.
+    roots: std::collections::HashMap<u32, InodeKey>,
 }
 
 /// Capabilities that matter for loading tracing programs.
@@ -187,38 +189,10 @@ fn coarse_ctime(root: &Path) -> Result<Option<String>> {
     )))
 }
 
-/// Fills the roots' absolute paths (for the path-based calls), mounts
-/// tracefs if it is missing, and attaches the syscall tracepoints. Returns
-/// whether tracefs had to be mounted.
-fn attach_syscall_hooks(ebpf: &mut aya::Ebpf, roots: &[&Path]) -> Result<bool> {
+/// Mounts tracefs if it is missing and attaches the syscall tracepoints.
+/// Returns whether tracefs had to be mounted.
+fn attach_syscall_hooks(ebpf: &mut aya::Ebpf) -> Result<bool> {
     let mounted_tracefs = tracefs::ensure_mounted()?;
-    {
-        let map = ebpf
-            .map_mut(names::ROOT_PATHS)
-            .context("the eBPF object has no ROOT_PATHS map")?;
-        let mut paths: aya::maps::Array<&mut MapData, RootPath> = aya::maps::Array::try_from(map)?;
-        if roots.len() > MAX_PATH_ROOTS as usize {
-            tracing::warn!("the syscall tracepoints compare absolute paths against the first {MAX_PATH_ROOTS} roots only: absolute-path changes under the others are left to the ctime hooks and the rescan");
-        }
-        for (index, root) in roots.iter().enumerate().take(MAX_PATH_ROOTS as usize) {
-            let canonical = std::fs::canonicalize(root)
-                .with_context(|| format!("cannot resolve {}", root.display()))?;
-            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
-            if bytes.len() >= PATH_BYTES {
-                tracing::warn!(root = %canonical.display(), "path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the ctime hooks and the rescan");
-                continue;
-            }
-            let mut entry = RootPath {
-                len: bytes.len() as u32,
-                pad: 0,
-                bytes: [0; PATH_BYTES],
-            };
-            entry.bytes[..bytes.len()].copy_from_slice(bytes);
-            paths
-                .set(index as u32, entry, 0)
-                .context("cannot fill ROOT_PATHS")?;
-        }
-    }
     for program in names::PROGRAMS {
         let tracepoint: &mut TracePoint = ebpf
             .program_mut(program)
@@ -241,10 +215,14 @@ fn attach_syscall_hooks(ebpf: &mut aya::Ebpf, roots: &[&Path]) -> Result<bool> {
     Ok(mounted_tracefs)
 }
 
+/// Trees the programs can watch at once (the size of `WATCHED_DIRS`).
+pub const MAX_ROOTS: usize = diffkeeper_common::MAX_WATCHED_DIRS as usize;
+
 impl Tracer {
-    /// Loads the programs with this kernel's struct offsets, watches the
-    /// trees under `roots` (root `i` is `roots[i]`), and attaches the ctime
-    /// hooks, and the syscall tracepoints where `syscalls` asks for them.
+    /// Loads the programs with this kernel's struct offsets, attaches the
+    /// ctime hooks, and the syscall tracepoints where `syscalls` asks for
+    /// them, and watches the trees under `roots` (root `i` is `roots[i]`;
+    /// more can be added and removed while it runs, see [`Tracer::watch`]).
     pub fn start(roots: &[&Path], syscalls: SyscallHooks) -> Result<Tracer> {
         let offsets = btf::kernel_offsets(&btf::Btf::from_kernel()?)?;
         let mut loader = EbpfLoader::new();
@@ -262,48 +240,30 @@ impl Tracer {
                 None
             }
         };
-        {
-            let map = ebpf
-                .map_mut(names::WATCHED_DIRS)
-                .context("the eBPF object has no WATCHED_DIRS map")?;
-            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
-            for (index, root) in roots.iter().enumerate() {
-                watched
-                    .insert(inode_key(root)?, index as u32, 0)
-                    .with_context(|| format!("cannot watch {}", root.display()))?;
-            }
-        }
-        let ctime = attach_ctime_hooks(&mut ebpf);
-        let mut coarse = Vec::new();
-        for root in roots {
-            coarse.extend(coarse_ctime(root)?);
-        }
-        let hooks = match (&ctime, syscalls) {
+        let hooks = match (attach_ctime_hooks(&mut ebpf), syscalls) {
             (Err(why), _) => {
                 tracing::warn!("{why}: attaching syscall tracepoints instead; writes through io_uring, sendfile and splice, and changes made from other mount namespaces, are caught by the rescan only");
                 Hooks::Syscalls
             }
             (Ok(()), SyscallHooks::Always) => Hooks::CtimeAndSyscalls,
-            (Ok(()), SyscallHooks::Auto) if !coarse.is_empty() => {
-                tracing::info!(
-                    "{}: attaching syscall tracepoints too, for writes in the clock tick of a capture",
-                    coarse.join("; ")
-                );
-                Hooks::CtimeAndSyscalls
-            }
             (Ok(()), SyscallHooks::Auto) => Hooks::Ctime,
         };
         let mounted_tracefs = if hooks == Hooks::Ctime {
             false
         } else {
-            attach_syscall_hooks(&mut ebpf, roots)?
+            attach_syscall_hooks(&mut ebpf)?
         };
-        Ok(Tracer {
+        let mut tracer = Tracer {
             ebpf,
             logger,
             mounted_tracefs,
             hooks,
-        })
+            roots: std::collections::HashMap::new(),
+        };
+        for (index, root) in roots.iter().enumerate() {
+            tracer.watch(index as u32, root)?;
+        }
+        Ok(tracer)
     }
 
     /// The hooks this tracer reports through.
@@ -311,10 +271,108 @@ impl Tracer {
         self.hooks
     }
 
+    /// Starts watching the tree at `path` as root `id` (an id of the
+    /// caller's choosing, carried by its events), with the programs
+    /// running. A tree on a file system with coarse ctimes gets the syscall
+    /// tracepoints attached, if they are not yet.
+    pub fn watch(&mut self, id: u32, path: &Path) -> Result<()> {
+        if self.roots.contains_key(&id) {
+            bail!("root {id} is already watched");
+        }
+        if self.roots.len() >= MAX_ROOTS {
+            bail!(
+                "cannot watch {}: the tracer watches {MAX_ROOTS} trees at most",
+                path.display()
+            );
+        }
+        let key = inode_key(path)?;
+        if self.hooks == Hooks::Ctime {
+            if let Some(why) = coarse_ctime(path)? {
+                tracing::info!(
+                    "{why}: attaching syscall tracepoints too, for writes in the clock tick of a capture"
+                );
+                self.mounted_tracefs |= attach_syscall_hooks(&mut self.ebpf)?;
+                self.hooks = Hooks::CtimeAndSyscalls;
+            }
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(names::WATCHED_DIRS)
+                .context("the eBPF object has no WATCHED_DIRS map")?;
+            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
+            watched
+                .insert(key, id, 0)
+                .with_context(|| format!("cannot watch {}", path.display()))?;
+        }
+        self.roots.insert(id, key);
+        if let Err(e) = self.set_root_path(id, Some(path)) {
+            tracing::warn!("{e:#}");
+        }
+        // Files under the new tree may be cached as outside every tree.
+        self.forget_memberships()
+    }
+
+    /// Stops watching root `id`; its later changes are not reported.
+    pub fn unwatch(&mut self, id: u32) -> Result<()> {
+        let Some(key) = self.roots.remove(&id) else {
+            bail!("root {id} is not watched");
+        };
+        {
+            let map = self
+                .ebpf
+                .map_mut(names::WATCHED_DIRS)
+                .context("the eBPF object has no WATCHED_DIRS map")?;
+            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
+            match watched.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context(format!("cannot stop watching root {id}")),
+            }
+        }
+        self.set_root_path(id, None)?;
+        self.clear(&InodeKey::namespace(id))?;
+        // Files cached as under it are not any more.
+        self.forget_memberships()
+    }
+
+    /// Sets (or clears) root `id`'s absolute path for the syscall
+    /// tracepoints' path-based calls; only the first [`MAX_PATH_ROOTS`]
+    /// ids have one.
+    fn set_root_path(&mut self, id: u32, path: Option<&Path>) -> Result<()> {
+        if id >= MAX_PATH_ROOTS {
+            if self.hooks != Hooks::Ctime && path.is_some() {
+                tracing::warn!("the syscall tracepoints compare absolute paths for roots 0 to {} only: absolute-path changes under root {id} are left to the ctime hooks and the rescan", MAX_PATH_ROOTS - 1);
+            }
+            return Ok(());
+        }
+        let mut entry = RootPath {
+            len: 0,
+            pad: 0,
+            bytes: [0; PATH_BYTES],
+        };
+        if let Some(path) = path {
+            let canonical = std::fs::canonicalize(path)
+                .with_context(|| format!("cannot resolve {}", path.display()))?;
+            let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
+            if bytes.len() >= PATH_BYTES {
+                bail!("{}: path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the ctime hooks and the rescan", canonical.display());
+            }
+            entry.len = bytes.len() as u32;
+            entry.bytes[..bytes.len()].copy_from_slice(bytes);
+        }
+        let map = self
+            .ebpf
+            .map_mut(names::ROOT_PATHS)
+            .context("the eBPF object has no ROOT_PATHS map")?;
+        let mut paths: aya::maps::Array<&mut MapData, RootPath> = aya::maps::Array::try_from(map)?;
+        paths.set(id, entry, 0).context("cannot fill ROOT_PATHS")
+    }
+
     /// Makes the programs walk up the dentries again for every file's
     /// membership: called before a tree whose entries changed is walked,
     /// as renames and links may have moved files into it that were cached
-    /// as outside every tree (directories are never cached).
+    /// as outside every tree (directories are never cached), and when
+    /// trees are added or removed.
     pub fn forget_memberships(&mut self) -> Result<()> {
         let map = self
             .ebpf
