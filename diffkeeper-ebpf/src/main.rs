@@ -88,8 +88,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use diffkeeper_common::{
     counter, InodeKey, Membership, RootPath, WriteEvent, MAX_COUNTED_ROOTS, MAX_PATH_ROOTS,
-    MAX_WATCHED_DIRS,
-    MAX_WALK_DEPTH, PATH_BYTES,
+    MAX_WALK_DEPTH, MAX_WATCHED_DIRS, PATH_BYTES,
 };
 
 /// Offsets of syscall arguments in `syscalls:sys_enter_*` records: 8 bytes
