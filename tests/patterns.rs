@@ -405,6 +405,26 @@ fn watches_in_use() -> u64 {
     watches
 }
 
+/// Submits the write `sqe` on `ring`, waits for it, and checks it wrote
+/// all `len` bytes (into the file `name`).
+///
+/// # Safety
+/// The buffer and the descriptor `sqe` names must stay valid until it
+/// returns.
+unsafe fn uring_write(
+    ring: &mut io_uring::IoUring,
+    sqe: &io_uring::squeue::Entry,
+    len: usize,
+    name: &str,
+) {
+    // SAFETY: the caller keeps the buffer and descriptor valid until the
+    // completion, which is waited for here.
+    unsafe { ring.submission().push(sqe) }.expect("queue the write");
+    ring.submit_and_wait(1).expect("submit");
+    let done = ring.completion().next().expect("a completion");
+    assert_eq!(done.result(), len as i32, "io_uring write of {name}");
+}
+
 /// A `struct iocb` of the kernel's AIO interface (little-endian layout).
 #[repr(C)]
 #[derive(Default)]
@@ -567,11 +587,8 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         .offset(4096)
         .build()
         .flags(flags);
-        // SAFETY: `text` and `file` outlive the submission, which is waited for.
-        unsafe { ring.submission().push(&sqe) }.expect("queue the write");
-        ring.submit_and_wait(1).expect("submit");
-        let done = ring.completion().next().expect("a completion");
-        assert_eq!(done.result(), text.len() as i32, "io_uring write of {name}");
+        // SAFETY: `text` and `file` outlive the call.
+        unsafe { uring_write(&mut ring, &sqe, text.len(), name) };
         check(&format!("io_uring write ({name})"));
     }
 
@@ -596,15 +613,8 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         )
         .offset(4096)
         .build();
-        // SAFETY: `text` and `file` outlive the submission, which is waited for.
-        unsafe { ring.submission().push(&sqe) }.expect("queue the write");
-        ring.submit_and_wait(1).expect("submit");
-        let done = ring.completion().next().expect("a completion");
-        assert_eq!(
-            done.result(),
-            text.len() as i32,
-            "io_uring fixed-buffer write"
-        );
+        // SAFETY: `text` and `file` outlive the call.
+        unsafe { uring_write(&mut ring, &sqe, text.len(), "uring-fixed") };
         check("io_uring write from a fixed buffer");
     }
     {
@@ -625,11 +635,8 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         )
         .offset(4096)
         .build();
-        // SAFETY: `text` and `file` outlive the submission, which is waited for.
-        unsafe { polled.submission().push(&sqe) }.expect("queue the write");
-        polled.submit_and_wait(1).expect("submit");
-        let done = polled.completion().next().expect("a completion");
-        assert_eq!(done.result(), text.len() as i32, "io_uring SQPOLL write");
+        // SAFETY: `text` and `file` outlive the call.
+        unsafe { uring_write(&mut polled, &sqe, text.len(), "uring-sqpoll") };
         check("io_uring write by the SQPOLL thread");
     }
     libaio_write(
