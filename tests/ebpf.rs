@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+mod common;
+use common::Mounted;
+
 use diffkeeper::events::{Hooks, SyscallHooks, Tracer};
 use diffkeeper_common::{counter, WriteEvent};
 
@@ -299,19 +302,7 @@ fn a_tree_on_a_file_system_with_coarse_ctimes_gets_the_syscall_tracepoints() {
     let _kernel = exclusive();
     // ramfs stamps ctimes once per tick whatever was read.
     let dir = tempfile::tempdir().expect("tempdir");
-    let status = Command::new("mount")
-        .args(["-t", "ramfs", "ramfs"])
-        .arg(dir.path())
-        .status()
-        .expect("run mount");
-    assert!(status.success(), "cannot mount ramfs");
-    struct Unmount<'a>(&'a std::path::Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(dir.path());
+    let _unmount = Mounted::new("ramfs", None, "ramfs", dir.path());
     let mut tracer = Tracer::start(&[dir.path()], SyscallHooks::Auto).expect("start the tracer");
     assert_eq!(tracer.hooks(), Hooks::CtimeAndSyscalls);
     let path = dir.path().join("file");
@@ -396,4 +387,58 @@ fn hundreds_of_roots_come_and_go_while_the_programs_stay_loaded() {
     );
     assert!(tracer.unwatch(4242).is_err(), "an unknown root is refused");
     assert!(tracer.watch(5, &again).is_err(), "an id in use is refused");
+}
+
+#[test]
+fn a_tree_on_overlayfs_is_watched_through_its_upper_directory() {
+    use std::os::unix::fs::FileExt;
+    let _kernel = exclusive();
+    let base = tempfile::tempdir().expect("tempdir");
+    // `data` is in both layers (a file only in the lower one); `lowonly`
+    // is only in the lower layer.
+    let overlay = Mounted::overlay(base.path(), |lower, upper| {
+        std::fs::create_dir_all(lower.join("data")).expect("mkdir");
+        std::fs::write(lower.join("data/old"), b"from the image").expect("write");
+        std::fs::create_dir_all(upper.join("data")).expect("mkdir");
+        std::fs::create_dir_all(lower.join("lowonly")).expect("mkdir");
+    });
+    let merged = overlay.0.clone();
+    let upper = base.path().join("upper");
+    let mut tracer =
+        Tracer::start(&[&merged.join("data")], SyscallHooks::Auto).expect("start the tracer");
+    assert_eq!(
+        tracer.hooks(),
+        Hooks::Ctime,
+        "the upper directory is on ext4"
+    );
+    // Writing the lower file copies it up: an entry appears in the upper
+    // directory, reported as a change of the tree.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(merged.join("data/old"))
+        .expect("open for writing");
+    file.write_all_at(b"changed", 0).expect("pwrite");
+    let events = tracer.drain_events().expect("drain");
+    assert!(
+        events.iter().any(|e| e.root == 0),
+        "the copy-up was not reported: {events:?}"
+    );
+    // Then each write after a stat is reported by its upper inode.
+    let key = diffkeeper::events::inode_key(&upper.join("data/old")).expect("key");
+    for round in 0..RACE_ROUNDS / 10 {
+        tracer.clear(&key).expect("clear");
+        rustix::fs::fstat(&file).expect("fstat");
+        file.write_all_at(&round.to_ne_bytes(), 0).expect("pwrite");
+        let events = tracer.drain_events().expect("drain");
+        assert!(
+            events.iter().any(|e| e.key() == key && e.root == 0),
+            "round {round}: a write through the overlay went unreported: {events:?}"
+        );
+    }
+    drop(tracer);
+    // A tree only in the lower layer has no upper directory to watch yet:
+    // the syscall tracepoints see its writes.
+    let tracer =
+        Tracer::start(&[&merged.join("lowonly")], SyscallHooks::Auto).expect("start the tracer");
+    assert_eq!(tracer.hooks(), Hooks::CtimeAndSyscalls);
 }

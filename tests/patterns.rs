@@ -411,7 +411,7 @@ fn watches_in_use() -> u64 {
 /// # Safety
 /// The buffer and the descriptor `sqe` names must stay valid until it
 /// returns.
-unsafe fn uring_write(
+unsafe fn uring_submit(
     ring: &mut io_uring::IoUring,
     sqe: &io_uring::squeue::Entry,
     len: usize,
@@ -423,6 +423,78 @@ unsafe fn uring_write(
     ring.submit_and_wait(1).expect("submit");
     let done = ring.completion().next().expect("a completion");
     assert_eq!(done.result(), len as i32, "io_uring write of {name}");
+}
+
+/// Starts `watch` with the eBPF backend on `state` (as root `data`), its
+/// rescan out of reach, waits for the initial state to be stored, and
+/// returns the watcher with a check that fails unless the tree is in the
+/// store within the maximum latency (1 s) plus a second and the time to
+/// check.
+fn watch_tracer_alone<'a>(
+    state: &'a Path,
+    store: &'a Path,
+    scratch: &'a Path,
+) -> (common::Reaped, impl Fn(&str) + 'a) {
+    let watcher = common::Reaped(
+        Command::new(BIN)
+            .args([
+                "watch",
+                "--state-dir",
+                &format!("data={}", s(state)),
+                "--store",
+                s(store),
+                "--backend",
+                "ebpf",
+                "--debounce",
+                "50ms",
+                "--max-latency",
+                "1s",
+                "--rescan-interval",
+                "1h",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watch"),
+    );
+    wait_captured("initial state", "ebpf", state, store, scratch);
+    let check = move |what: &str| {
+        wait_captured_within(Duration::from_secs(3), what, "ebpf", state, store, scratch)
+    };
+    (watcher, check)
+}
+
+/// Writes `text` at `offset` of `file` through `ring` (IORING_OP_WRITE with
+/// `flags`), waits for it and checks it wrote everything.
+fn uring_write(
+    ring: &mut io_uring::IoUring,
+    file: &fs::File,
+    text: &[u8],
+    offset: u64,
+    flags: io_uring::squeue::Flags,
+    name: &str,
+) {
+    use std::os::fd::AsRawFd;
+    let sqe = io_uring::opcode::Write::new(
+        io_uring::types::Fd(file.as_raw_fd()),
+        text.as_ptr(),
+        text.len() as u32,
+    )
+    .offset(offset)
+    .build()
+    .flags(flags);
+    // SAFETY: `text` and `file` are borrowed for the whole call, which
+    // waits for the completion.
+    unsafe { uring_submit(ring, &sqe, text.len(), name) };
+}
+
+/// Runs shell `script` in a mount namespace of its own (its mounts vanish
+/// with it) and checks it succeeded.
+fn in_own_mount_namespace(script: &str) {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .output()
+        .expect("run unshare");
+    assert!(out.status.success(), "{out:?}");
 }
 
 /// A `struct iocb` of the kernel's AIO interface (little-endian layout).
@@ -536,38 +608,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
     ] {
         fs::write(state.join(name), vec![b'.'; 64 * 1024]).expect("write");
     }
-    let _watcher = common::Reaped(
-        Command::new(BIN)
-            .args([
-                "watch",
-                "--state-dir",
-                &format!("data={}", s(&state)),
-                "--store",
-                s(&store),
-                "--backend",
-                "ebpf",
-                "--debounce",
-                "50ms",
-                "--max-latency",
-                "1s",
-                "--rescan-interval",
-                "1h",
-            ])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn watch"),
-    );
-    wait_captured("initial state", "ebpf", &state, &store, &scratch);
-    let check = |what: &str| {
-        wait_captured_within(
-            Duration::from_secs(3),
-            what,
-            "ebpf",
-            &state,
-            &store,
-            &scratch,
-        )
-    };
+    let (_watcher, check) = watch_tracer_alone(&state, &store, &scratch);
 
     let mut ring = io_uring::IoUring::new(8).expect("io_uring");
     for (name, flags) in [
@@ -579,16 +620,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
             .open(state.join(name))
             .expect("open");
         let text = format!("written by io_uring into {name}");
-        let sqe = io_uring::opcode::Write::new(
-            io_uring::types::Fd(file.as_raw_fd()),
-            text.as_ptr(),
-            text.len() as u32,
-        )
-        .offset(4096)
-        .build()
-        .flags(flags);
-        // SAFETY: `text` and `file` outlive the call.
-        unsafe { uring_write(&mut ring, &sqe, text.len(), name) };
+        uring_write(&mut ring, &file, text.as_bytes(), 4096, flags, name);
         check(&format!("io_uring write ({name})"));
     }
 
@@ -614,7 +646,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         .offset(4096)
         .build();
         // SAFETY: `text` and `file` outlive the call.
-        unsafe { uring_write(&mut ring, &sqe, text.len(), "uring-fixed") };
+        unsafe { uring_submit(&mut ring, &sqe, text.len(), "uring-fixed") };
         check("io_uring write from a fixed buffer");
     }
     {
@@ -628,15 +660,14 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
             .open(state.join("uring-sqpoll"))
             .expect("open");
         let text = b"written by io_uring's SQPOLL thread";
-        let sqe = io_uring::opcode::Write::new(
-            io_uring::types::Fd(file.as_raw_fd()),
-            text.as_ptr(),
-            text.len() as u32,
-        )
-        .offset(4096)
-        .build();
-        // SAFETY: `text` and `file` outlive the call.
-        unsafe { uring_write(&mut polled, &sqe, text.len(), "uring-sqpoll") };
+        uring_write(
+            &mut polled,
+            &file,
+            text,
+            4096,
+            io_uring::squeue::Flags::empty(),
+            "uring-sqpoll",
+        );
         check("io_uring write by the SQPOLL thread");
     }
     libaio_write(
@@ -763,11 +794,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         state = s(&state),
         at = s(&elsewhere)
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .expect("run unshare");
-    assert!(out.status.success(), "{out:?}");
+    in_own_mount_namespace(&script);
     assert!(
         !state.join("gone").exists() && state.join("sub/moved").exists(),
         "the other namespace changed the tree"
@@ -788,11 +815,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         jail = s(&jail),
         state = s(&state)
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .expect("run unshare");
-    assert!(out.status.success(), "{out:?}");
+    in_own_mount_namespace(&script);
     assert!(
         state.join("from-jail/file").exists(),
         "the chroot changed the tree"
@@ -814,4 +837,57 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         .expect("run sh");
     assert!(out.status.success(), "{out:?}");
     check("changes through a symlinked path and a relative path from outside the tree");
+}
+
+/// A tree on overlayfs, as in a container's root file system: a file only
+/// in the image layer rewritten (copied up), one removed (a whiteout), one
+/// written through io_uring, and new entries, all seen by the ctime hooks
+/// on the upper layer's inodes, with the rescan out of reach.
+#[test]
+fn changes_to_a_tree_on_overlayfs_reach_the_store() {
+    let _serial = serial();
+    let work = tempfile::tempdir().expect("tempdir");
+    let overlay = common::Mounted::overlay(work.path(), |lower, upper| {
+        fs::create_dir_all(lower.join("data")).expect("mkdir");
+        fs::create_dir_all(upper.join("data")).expect("mkdir");
+        for name in ["image-file", "image-gone"] {
+            fs::write(lower.join("data").join(name), vec![b'i'; 8192]).expect("write");
+        }
+        fs::write(upper.join("data/upper-file"), vec![b'u'; 8192]).expect("write");
+    });
+    let merged = overlay.0.clone();
+    let state = merged.join("data");
+    let store = work.path().join("store.dk");
+    let scratch = work.path().join("scratch");
+    let (_watcher, check) = watch_tracer_alone(&state, &store, &scratch);
+
+    OpenOptions::new()
+        .write(true)
+        .open(state.join("image-file"))
+        .expect("open")
+        .write_all_at(b"rewritten over the image", 100)
+        .expect("pwrite");
+    check("a file of the image layer rewritten");
+    fs::remove_file(state.join("image-gone")).expect("rm");
+    check("a file of the image layer removed");
+    {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(state.join("upper-file"))
+            .expect("open");
+        let mut ring = io_uring::IoUring::new(8).expect("io_uring");
+        let text = b"written by io_uring through the overlay";
+        uring_write(
+            &mut ring,
+            &file,
+            text,
+            4096,
+            io_uring::squeue::Flags::empty(),
+            "upper-file",
+        );
+    }
+    check("an io_uring write through the overlay");
+    fs::create_dir(state.join("new")).expect("mkdir");
+    fs::write(state.join("new/file"), b"made in the container").expect("write");
+    check("a new directory and file");
 }

@@ -25,6 +25,7 @@ pub mod cli;
 pub mod events;
 pub mod freeze;
 pub mod history;
+pub mod mountinfo;
 pub mod progress;
 pub mod replay;
 pub mod report;

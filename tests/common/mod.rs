@@ -223,3 +223,49 @@ pub fn fresh(base: &Path, name: &str) -> PathBuf {
     assert!(!path.exists());
     path
 }
+
+/// A file system mounted for a test, unmounted when dropped.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    /// `mount -t fstype [-o options] source at`.
+    pub fn new(fstype: &str, options: Option<&str>, source: &str, at: &Path) -> Mounted {
+        let mut mount = Command::new("mount");
+        mount.args(["-t", fstype]);
+        if let Some(options) = options {
+            mount.args(["-o", options]);
+        }
+        let status = mount.arg(source).arg(at).status().expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount {fstype} at {}",
+            at.display()
+        );
+        Mounted(at.to_path_buf())
+    }
+
+    /// An overlayfs under `base`: `base/lower` and `base/upper` (made here,
+    /// for the caller to fill first through `fill`), merged at
+    /// `base/merged`, which is returned with the guard.
+    pub fn overlay(base: &Path, fill: impl FnOnce(&Path, &Path)) -> Mounted {
+        let [lower, upper, work, merged] =
+            ["lower", "upper", "work", "merged"].map(|d| base.join(d));
+        for dir in [&lower, &upper, &work, &merged] {
+            fs::create_dir(dir).expect("mkdir");
+        }
+        fill(&lower, &upper);
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        Mounted::new("overlay", Some(&options), "overlay", &merged)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

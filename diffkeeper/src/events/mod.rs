@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
@@ -41,8 +41,9 @@ pub struct Tracer {
     /// Whether tracefs had to be mounted for this.
     pub mounted_tracefs: bool,
     hooks: Hooks,
-    /// The watched roots' directories, by id.
-    roots: std::collections::HashMap<u32, InodeKey>,
+    /// The watched roots' directories (an overlayfs tree's upper
+    /// directory too), by id.
+    roots: std::collections::HashMap<u32, Vec<InodeKey>>,
 }
 
 /// Capabilities that matter for loading tracing programs.
@@ -172,11 +173,12 @@ const FINE_CTIME_FILE_SYSTEMS: [(i64, &str); 4] = [
     (0x0102_1994, "tmpfs"),
 ];
 
+/// `statfs` type of overlayfs.
+const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
+
 /// Why the ctime hooks alone may miss changes under `root`, if they may.
 fn coarse_ctime(root: &Path) -> Result<Option<String>> {
-    let fs =
-        rustix::fs::statfs(root).with_context(|| format!("cannot statfs {}", root.display()))?;
-    let kind = fs.f_type as i64;
+    let kind = fs_type(root)?;
     if FINE_CTIME_FILE_SYSTEMS
         .iter()
         .any(|&(magic, _)| magic == kind)
@@ -187,6 +189,56 @@ fn coarse_ctime(root: &Path) -> Result<Option<String>> {
         "{} is on a file system (type {kind:#x}) without fine-grained ctimes",
         root.display()
     )))
+}
+
+fn fs_type(path: &Path) -> Result<i64> {
+    let fs =
+        rustix::fs::statfs(path).with_context(|| format!("cannot statfs {}", path.display()))?;
+    Ok(fs.f_type as i64)
+}
+
+/// The directory of overlayfs tree `root` in its mount's upper layer: the
+/// kernel stamps ctimes on upper inodes, whose dentries are there, not
+/// under `root`. `Err` says why the ctime hooks cannot watch it there.
+fn overlay_upper(root: &Path) -> Result<std::result::Result<PathBuf, String>> {
+    let canonical = std::fs::canonicalize(root)
+        .with_context(|| format!("cannot resolve {}", root.display()))?;
+    let mounts = crate::mountinfo::read().context("cannot read /proc/self/mountinfo")?;
+    // The last mount at the deepest point above the tree is the one seen.
+    let Some(mount) = mounts
+        .iter()
+        .filter(|m| canonical.starts_with(&m.point))
+        .max_by_key(|m| m.point.components().count())
+    else {
+        return Ok(Err("its mount is not in /proc/self/mountinfo".into()));
+    };
+    if mount.fstype != "overlay" {
+        return Ok(Err(format!(
+            "its mount at {} is {}",
+            mount.point.display(),
+            mount.fstype
+        )));
+    }
+    let Some(upperdir) = mount.option("upperdir") else {
+        return Ok(Err("its overlay has no upper layer".into()));
+    };
+    let Ok(rel) = canonical.strip_prefix(&mount.point) else {
+        return Ok(Err("it is not under its mount point".into()));
+    };
+    let upper = Path::new(&upperdir).join(rel);
+    match std::fs::symlink_metadata(&upper) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) | Err(_) => {
+            return Ok(Err(format!(
+                "its upper directory {} is not there (the tree is still only in a lower layer, or the upper layer is not visible from this mount namespace)",
+                upper.display()
+            )))
+        }
+    }
+    if let Some(why) = coarse_ctime(&upper)? {
+        return Ok(Err(why));
+    }
+    Ok(Ok(upper))
 }
 
 /// Mounts tracefs if it is missing and attaches the syscall tracepoints.
@@ -285,9 +337,24 @@ impl Tracer {
                 path.display()
             );
         }
-        let key = inode_key(path)?;
+        let mut keys = vec![inode_key(path)?];
+        let mut coarse = coarse_ctime(path)?;
+        if coarse.is_some() && fs_type(path)? == OVERLAYFS_MAGIC {
+            match overlay_upper(path)? {
+                Ok(upper) => {
+                    tracing::info!(
+                        "{} is on overlayfs: its changes are seen on its upper directory {}",
+                        path.display(),
+                        upper.display()
+                    );
+                    keys.push(inode_key(&upper)?);
+                    coarse = None;
+                }
+                Err(why) => coarse = Some(format!("{} is on overlayfs and {why}", path.display())),
+            }
+        }
         if self.hooks == Hooks::Ctime {
-            if let Some(why) = coarse_ctime(path)? {
+            if let Some(why) = coarse {
                 tracing::info!(
                     "{why}: attaching syscall tracepoints too, for writes in the clock tick of a capture"
                 );
@@ -296,16 +363,14 @@ impl Tracer {
             }
         }
         {
-            let map = self
-                .ebpf
-                .map_mut(names::WATCHED_DIRS)
-                .context("the eBPF object has no WATCHED_DIRS map")?;
-            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
-            watched
-                .insert(key, id, 0)
-                .with_context(|| format!("cannot watch {}", path.display()))?;
+            let mut watched = self.watched_dirs()?;
+            for key in &keys {
+                watched
+                    .insert(key, id, 0)
+                    .with_context(|| format!("cannot watch {}", path.display()))?;
+            }
         }
-        self.roots.insert(id, key);
+        self.roots.insert(id, keys);
         if let Err(e) = self.set_root_path(id, Some(path)) {
             tracing::warn!("{e:#}");
         }
@@ -315,24 +380,31 @@ impl Tracer {
 
     /// Stops watching root `id`; its later changes are not reported.
     pub fn unwatch(&mut self, id: u32) -> Result<()> {
-        let Some(key) = self.roots.remove(&id) else {
+        let Some(keys) = self.roots.remove(&id) else {
             bail!("root {id} is not watched");
         };
         {
-            let map = self
-                .ebpf
-                .map_mut(names::WATCHED_DIRS)
-                .context("the eBPF object has no WATCHED_DIRS map")?;
-            let mut watched: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
-            match watched.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context(format!("cannot stop watching root {id}")),
+            let mut watched = self.watched_dirs()?;
+            for key in &keys {
+                match watched.remove(key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context(format!("cannot stop watching root {id}")),
+                }
             }
         }
         self.set_root_path(id, None)?;
         self.clear(&InodeKey::namespace(id))?;
         // Files cached as under it are not any more.
         self.forget_memberships()
+    }
+
+    /// The map of watched directories to their root ids.
+    fn watched_dirs(&mut self) -> Result<HashMap<&mut MapData, InodeKey, u32>> {
+        let map = self
+            .ebpf
+            .map_mut(names::WATCHED_DIRS)
+            .context("the eBPF object has no WATCHED_DIRS map")?;
+        Ok(HashMap::try_from(map)?)
     }
 
     /// Sets (or clears) root `id`'s absolute path for the syscall

@@ -85,36 +85,10 @@ pub fn hierarchy() -> Result<PathBuf> {
 
 /// The mount point of the first cgroup2 line of a mountinfo text.
 fn mount_point(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        let (before, after) = line.split_once(" - ")?;
-        if after.split_ascii_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let point = before.split_ascii_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_octal(point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_octal(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            if let Some(value) = std::str::from_utf8(&bytes[i + 1..i + 4])
-                .ok()
-                .and_then(|digits| u8::from_str_radix(digits, 8).ok())
-            {
-                out.push(value);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::mountinfo::parse(mountinfo)
+        .into_iter()
+        .find(|mount| mount.fstype == "cgroup2")
+        .map(|mount| mount.point)
 }
 
 /// The cgroup v2 directory this process runs in.
