@@ -68,9 +68,11 @@
 //! sees: stores through a mapping whose page is still writable (until
 //! writeback makes it read-only again); userspace looks at files with
 //! writable mappings every second while their mappers live. On overlayfs
-//! the ctime hooks see the upper inode, whose dentries are not under the
-//! watched directory: overlayfs is not a file system with fine-grained
-//! ctimes to userspace, so a tree there gets the syscall tracepoints.
+//! the ctime hooks see the upper inode, whose dentries are in the upper
+//! layer, not under the watched directory: userspace watches the tree's
+//! upper directory too (from the mount's `upperdir`). A tree only in a
+//! lower layer, or whose upper layer this mount namespace cannot see, gets
+//! the syscall tracepoints.
 #![no_std]
 #![no_main]
 
