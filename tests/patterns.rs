@@ -487,6 +487,58 @@ fn uring_write(
     unsafe { uring_submit(ring, &sqe, text.len(), name) };
 }
 
+/// Stores to pages of the 64 KiB file `path` through one long-lived
+/// shared mapping, each followed by `check`. Pages 0 and 5 are stored to
+/// twice: the second store finds its page already writable, and no fault
+/// tells the kernel of it.
+fn stores_through_one_mapping(path: &Path, check: &impl Fn(&str)) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open");
+    let len = 64 * 1024;
+    // SAFETY: a fresh shared mapping of a 64 KiB file this test owns,
+    // unmapped below; nothing else maps it.
+    let map = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            &file,
+            0,
+        )
+    }
+    .expect("mmap");
+    for (round, page) in [0usize, 5, 9, 15, 0, 5].into_iter().enumerate() {
+        // SAFETY: inside the mapping (16 pages of 4 KiB).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), len) };
+        let text = format!("store {round} through a map");
+        bytes[page * 4096..page * 4096 + text.len()].copy_from_slice(text.as_bytes());
+        check(&format!(
+            "store {round}, to page {page}, of a long-lived shared mapping"
+        ));
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { rustix::mm::munmap(map, len) }.expect("munmap");
+}
+
+/// On tmpfs, writeback never makes a mapping's pages read-only again: the
+/// mapped file is read every second while its mapper lives.
+#[test]
+fn stores_through_a_long_lived_mapping_on_tmpfs_reach_the_store() {
+    let _serial = serial();
+    let work = tempfile::tempdir_in("/dev/shm").expect("tempdir on tmpfs");
+    let state = work.path().join("state");
+    fs::create_dir(&state).expect("mkdir");
+    fs::write(state.join("mapped"), vec![b'.'; 64 * 1024]).expect("write");
+    let store = work.path().join("store.dk");
+    let scratch = work.path().join("scratch");
+    let (_watcher, check) = watch_tracer_alone(&state, &store, &scratch);
+    stores_through_one_mapping(&state.join("mapped"), &check);
+}
+
 /// Runs shell `script` in a mount namespace of its own (its mounts vanish
 /// with it) and checks it succeeded.
 fn in_own_mount_namespace(script: &str) {
@@ -734,40 +786,7 @@ fn writes_no_syscall_names_and_changes_from_another_mount_namespace_reach_the_st
         assert_eq!(copied, 38);
     }
     check("copy_file_range into an existing file");
-    {
-        // One mapping for the whole sequence, each store to a page the
-        // mapping had not dirtied since the last capture.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(state.join("mapped"))
-            .expect("open");
-        let len = 64 * 1024;
-        // SAFETY: a fresh shared mapping of a 64 KiB file this test owns,
-        // unmapped below; nothing else maps it.
-        let map = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &file,
-                0,
-            )
-        }
-        .expect("mmap");
-        for page in [0usize, 5, 9, 15] {
-            // SAFETY: inside the mapping (16 pages of 4 KiB).
-            let bytes = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), len) };
-            bytes[page * 4096..page * 4096 + 20].copy_from_slice(b"stored through a map");
-            check(&format!(
-                "a store to page {page} of a long-lived shared mapping"
-            ));
-        }
-        // SAFETY: the mapping made above, no longer used.
-        unsafe { rustix::mm::munmap(map, len) }.expect("munmap");
-    }
-
+    stores_through_one_mapping(&state.join("mapped"), &check);
     {
         // O_DIRECT: around the page cache; a 4 KiB-aligned buffer and offset.
         let file = rustix::fs::open(

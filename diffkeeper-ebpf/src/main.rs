@@ -66,8 +66,10 @@
 //! what it reads (`tests/ebpf.rs` checks that a write right after a stat is
 //! reported, thousands of times in a row, on ext4 and tmpfs). What no hook
 //! sees: stores through a mapping whose page is still writable (until
-//! writeback makes it read-only again); userspace looks at files with
-//! writable mappings every second while their mappers live. On overlayfs
+//! writeback makes it read-only again). So userspace writes back a mapped
+//! file's dirty pages before each capture of it (after a stat): its next
+//! store faults and stamps. On tmpfs, whose pages never turn read-only,
+//! mapped files are read every second while their mappers live. On overlayfs
 //! the ctime hooks see the upper inode, whose dentries are in the upper
 //! layer, not under the watched directory: userspace watches the tree's
 //! upper directory too (from the mount's `upperdir`). A tree only in a

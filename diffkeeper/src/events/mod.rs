@@ -173,6 +173,18 @@ const FINE_CTIME_FILE_SYSTEMS: [(i64, &str); 4] = [
     (0x0102_1994, "tmpfs"),
 ];
 
+/// Whether writeback of the file system at `root` makes a shared mapping's
+/// pages read-only again (ext4, XFS, Btrfs; not tmpfs, which has no
+/// writeback), so that the next store to each faults and the kernel stamps
+/// the file's ctime.
+pub fn writeback_protects(root: &Path) -> bool {
+    fs_type(root).is_ok_and(|kind| {
+        FINE_CTIME_FILE_SYSTEMS
+            .iter()
+            .any(|&(magic, name)| magic == kind && name != "tmpfs")
+    })
+}
+
 /// `statfs` type of overlayfs.
 const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
 

@@ -16,9 +16,10 @@
 //! files alone, and reads each (a report is a change, even one that kept
 //! size and mtime). Anything else (a create, rename, removal, a lost
 //! event) marks the tree [`Dirty::whole`], to be walked, as every notice of
-//! the scan backend does. A file with a shared writable mapping is read
-//! again every second while its mapper lives, as a store to a page already
-//! writable reaches no hook. inotify has no safety
+//! the scan backend does. A file with a shared writable mapping has its
+//! dirty pages written back before each capture, as a store to a page
+//! already writable reaches no hook until writeback makes it read-only
+//! (on tmpfs, which never does, it is read every second instead). inotify has no safety
 //! net until the kernel's limit on watches leaves a directory unwatched;
 //! from then on the trees are walked every --scan-interval.
 
@@ -325,10 +326,17 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
     let dirty = reported(roots.len());
 
     // Files with shared writable mappings, by the (tgid, root) of the
-    // process seen storing through them: a store to a page already writable
-    // reaches no hook, so those files are read every MAPPED_RECHECK while
-    // the process lives, and no unfrozen read of their tree is quiet.
+    // process seen storing through them. No unfrozen read of their tree is
+    // quiet. A store to a page already writable reaches no hook: before
+    // each capture of such a file its dirty pages are written back, which
+    // makes them read-only again, so the next store faults and stamps a
+    // ctime. On a file system whose writeback does not (tmpfs, ramfs) the
+    // files are read every MAPPED_RECHECK while the process lives.
     let mapped: Arc<Mutex<Mapped>> = Arc::default();
+    let reread: Vec<bool> = paths
+        .iter()
+        .map(|root| !crate::events::writeback_protects(root))
+        .collect();
     {
         // Before a root is read, the ring buffer is taken (so every change
         // made before now is handed over) and the root's marks are cleared:
@@ -364,6 +372,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
                     tracing::warn!("{e:#}");
                 }
             }
+            protect_mapped(&mapped, root, &taken.inodes);
             taken
         }));
     }
@@ -415,6 +424,9 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
                 if let Ok(mut mapped) = task_mapped.lock() {
                     mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
                     for ((_, root), files) in mapped.iter() {
+                        if !reread.get(*root).copied().unwrap_or(true) {
+                            continue;
+                        }
                         if let Ok(mut dirty) = task_dirty.lock() {
                             if let Some(set) = dirty.get_mut(*root) {
                                 set.inodes.extend(files.iter().copied());
@@ -451,6 +463,60 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
         task,
         tracer,
         rescan: Box::new(scan(roots, options.rescan_interval, notices, None)),
+    })
+}
+
+/// Writes back the dirty pages of the mapped files among `taken` (under
+/// `root`), through their mappers' `/proc/<pid>/map_files`, after a stat
+/// (so the kernel stamps a fresh ctime at the next store, even in this
+/// clock tick): their pages turn read-only, and a store after this faults
+/// and is reported, where one to a page left writable would not be.
+fn protect_mapped(mapped: &std::sync::Mutex<Mapped>, root: usize, taken: &HashSet<InodeKey>) {
+    let Ok(mut mapped) = mapped.lock() else {
+        return;
+    };
+    mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
+    for ((tgid, _), files) in mapped.iter().filter(|((_, r), _)| *r == root) {
+        let wanted: Vec<&InodeKey> = files.iter().filter(|key| taken.contains(key)).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let maps = match std::fs::read_to_string(format!("/proc/{tgid}/maps")) {
+            Ok(maps) => maps,
+            Err(_) => continue,
+        };
+        for key in wanted {
+            let Some(range) = mapping_of(&maps, key) else {
+                continue;
+            };
+            let path = format!("/proc/{tgid}/map_files/{range}");
+            let synced = std::fs::File::open(&path).and_then(|file| {
+                rustix::fs::fstat(&file)?;
+                rustix::fs::fdatasync(&file)?;
+                Ok(())
+            });
+            if let Err(e) = synced {
+                tracing::debug!("cannot write back the mapped file {path}: {e}");
+            }
+        }
+    }
+}
+
+/// The address range (`start-end`, as `/proc/<pid>/map_files` names it)
+/// of a shared mapping of inode `key` in a `/proc/<pid>/maps` text.
+fn mapping_of(maps: &str, key: &InodeKey) -> Option<String> {
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_ascii_whitespace();
+        let range = fields.next()?;
+        let perms = fields.next()?;
+        let _offset = fields.next()?;
+        let (major, minor) = fields.next()?.split_once(':')?;
+        let ino: u64 = fields.next()?.parse().ok()?;
+        let dev = InodeKey::kernel_dev(
+            u32::from_str_radix(major, 16).ok()?,
+            u32::from_str_radix(minor, 16).ok()?,
+        );
+        (perms.contains('s') && ino == key.ino && dev == key.dev).then(|| range.to_string())
     })
 }
 
