@@ -442,3 +442,26 @@ fn a_tree_on_overlayfs_is_watched_through_its_upper_directory() {
         Tracer::start(&[&merged.join("lowonly")], SyscallHooks::Auto).expect("start the tracer");
     assert_eq!(tracer.hooks(), Hooks::CtimeAndSyscalls);
 }
+
+#[test]
+fn unlinks_and_renames_elsewhere_on_the_node_invalidate_no_cached_membership() {
+    let _kernel = exclusive();
+    let watched = tempfile::tempdir().expect("tempdir");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    for hooks in [SyscallHooks::Auto, SyscallHooks::Always] {
+        let tracer = Tracer::start(&[watched.path()], hooks).expect("start the tracer");
+        let before = tracer.membership_generation().expect("generation");
+        for i in 0..1000 {
+            let path = elsewhere.path().join(format!("churn-{i}"));
+            std::fs::write(&path, b"x").expect("create");
+            std::fs::rename(&path, elsewhere.path().join("renamed")).expect("rename");
+            std::fs::remove_file(elsewhere.path().join("renamed")).expect("unlink");
+        }
+        assert_eq!(
+            tracer.membership_generation().expect("generation"),
+            before,
+            "{:?}: memberships were invalidated by changes outside every tree",
+            tracer.hooks()
+        );
+    }
+}

@@ -35,8 +35,9 @@
 //! Memberships (which root a file inode is under) are cached per inode in
 //! `MEMBERSHIP` with the `GENERATION` they were found at. Userspace bumps
 //! the generation before it walks a tree whose entries changed, as a
-//! rename or link may have moved in a file cached as outside; the syscall
-//! programs also bump it on every rename and removal. Directories are never
+//! rename or link may have moved in a file cached as outside; without the
+//! ctime hooks, the syscall programs also bump it on every rename and
+//! removal. Directories are never
 //! cached (a renamed directory's ctime is stamped before its dentry moves).
 //! So creates and unlinks elsewhere on the node cost a directory walk each
 //! and invalidate nothing. Writes anywhere else cost a few map lookups and
@@ -161,10 +162,11 @@ static WATCHED_DIRS: HashMap<InodeKey, u32> = HashMap::with_max_entries(MAX_WATC
 #[map(name = "MEMBERSHIP")]
 static MEMBERSHIP: LruHashMap<InodeKey, Membership> = LruHashMap::with_max_entries(131_072, 0);
 
-/// Bumped by every rename and removal: cached memberships older than it
-/// are re-walked.
+/// `[0]`: cached memberships older than it are re-walked; bumped by
+/// userspace, and by renames and removals when `[1]` is set (see
+/// [`bump_generation`]).
 #[map(name = "GENERATION")]
-static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+static GENERATION: Array<u32> = Array::with_max_entries(2, 0);
 
 /// Inodes reported and not yet taken by userspace.
 #[map(name = "DIRTY")]
@@ -277,9 +279,16 @@ pub fn inode_set_ctime_to_ts(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Invalidates every cached membership. Renames move inodes between
-/// trees; removals free inode numbers that a new file, anywhere, may get.
+/// Invalidates every cached membership when userspace asked for it
+/// (`GENERATION[1]`, set when the ctime hooks are missing): renames move
+/// inodes between trees; removals free inode numbers that a new file,
+/// anywhere, may get. With the ctime hooks, every way into a tree stamps a
+/// directory in it, and userspace forgets the memberships before it walks
+/// that tree: an unlink elsewhere on the node invalidates nothing.
 fn bump_generation() {
+    if GENERATION.get(1).copied().unwrap_or(1) == 0 {
+        return;
+    }
     if let Some(generation) = GENERATION.get_ptr_mut(0) {
         // SAFETY: a u32 in an array map; a lost increment under a race
         // still leaves the generation changed.

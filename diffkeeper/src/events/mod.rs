@@ -317,6 +317,19 @@ impl Tracer {
         } else {
             attach_syscall_hooks(&mut ebpf)?
         };
+        if hooks == Hooks::Syscalls {
+            // Without the ctime hooks, a create by open() reports no entry
+            // change: the kernel side must forget memberships on every
+            // removal (which frees inode numbers) and rename.
+            let map = ebpf
+                .map_mut(names::GENERATION)
+                .context("the eBPF object has no GENERATION map")?;
+            let mut generation: aya::maps::Array<&mut MapData, u32> =
+                aya::maps::Array::try_from(map)?;
+            generation
+                .set(1, 1, 0)
+                .context("cannot set GENERATION[1]")?;
+        }
         let mut tracer = Tracer {
             ebpf,
             logger,
@@ -450,6 +463,17 @@ impl Tracer {
             .context("the eBPF object has no ROOT_PATHS map")?;
         let mut paths: aya::maps::Array<&mut MapData, RootPath> = aya::maps::Array::try_from(map)?;
         paths.set(id, entry, 0).context("cannot fill ROOT_PATHS")
+    }
+
+    /// The generation cached memberships are checked against: it moves
+    /// when they are all forgotten.
+    pub fn membership_generation(&self) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(names::GENERATION)
+            .context("the eBPF object has no GENERATION map")?;
+        let generation: aya::maps::Array<&MapData, u32> = aya::maps::Array::try_from(map)?;
+        generation.get(&0, 0).context("cannot read GENERATION")
     }
 
     /// Makes the programs walk up the dentries again for every file's
