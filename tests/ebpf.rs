@@ -414,7 +414,7 @@ fn a_tree_on_overlayfs_is_watched_through_its_upper_directory() {
     // Writing the lower file copies it up: an entry appears in the upper
     // directory, reported as a change of the tree (after the stat of the
     // tree a start-up capture makes, even in this clock tick).
-    rustix::fs::stat(&merged.join("data")).expect("stat");
+    rustix::fs::stat(merged.join("data")).expect("stat");
     let file = std::fs::OpenOptions::new()
         .write(true)
         .open(merged.join("data/old"))
