@@ -455,7 +455,7 @@ fn unlinks_and_renames_elsewhere_on_the_node_invalidate_no_cached_membership() {
     let watched = tempfile::tempdir().expect("tempdir");
     let elsewhere = tempfile::tempdir().expect("tempdir");
     for hooks in [SyscallHooks::Auto, SyscallHooks::Always] {
-        let tracer = Tracer::start(&[watched.path()], hooks).expect("start the tracer");
+        let mut tracer = Tracer::start(&[watched.path()], hooks).expect("start the tracer");
         let before = tracer.membership_generation().expect("generation");
         for i in 0..1000 {
             let path = elsewhere.path().join(format!("churn-{i}"));

@@ -161,46 +161,65 @@ impl fmt::Display for Hooks {
     }
 }
 
-/// File systems (`statfs` types) that give an inode a fresh ctime for every
-/// change made after its ctime was read (multigrain timestamps, Linux 6.13).
-/// Elsewhere the kernel stamps at most once per clock tick, so a change in
-/// the tick of a capture's read would stamp nothing and no ctime hook would
-/// fire. DiffKeeper stats every file before it reads it.
-const FINE_CTIME_FILE_SYSTEMS: [(i64, &str); 4] = [
-    (0xEF53, "ext4"),
-    (0x5846_5342, "xfs"),
-    (0x9123_683E, "btrfs"),
-    (0x0102_1994, "tmpfs"),
+/// A file system that gives an inode a fresh ctime for every change made
+/// after its ctime was read (multigrain timestamps, Linux 6.13). Elsewhere
+/// the kernel stamps at most once per clock tick, so a change in the tick
+/// of a capture's read would stamp nothing and no ctime hook would fire.
+/// DiffKeeper stats every file before it reads it.
+struct FineCtime {
+    /// Its `statfs` type.
+    magic: i64,
+    /// Whether its writeback makes a shared mapping's pages read-only
+    /// again, so that the next store to each faults and stamps the file
+    /// (tmpfs has no writeback).
+    writeback_protects: bool,
+}
+
+const FINE_CTIME_FILE_SYSTEMS: [FineCtime; 4] = [
+    // ext4 (and ext2/ext3 through the ext4 driver)
+    FineCtime {
+        magic: 0xEF53,
+        writeback_protects: true,
+    },
+    // XFS
+    FineCtime {
+        magic: 0x5846_5342,
+        writeback_protects: true,
+    },
+    // Btrfs
+    FineCtime {
+        magic: 0x9123_683E,
+        writeback_protects: true,
+    },
+    // tmpfs
+    FineCtime {
+        magic: 0x0102_1994,
+        writeback_protects: false,
+    },
 ];
 
+fn fine_ctime(kind: i64) -> Option<&'static FineCtime> {
+    FINE_CTIME_FILE_SYSTEMS.iter().find(|fs| fs.magic == kind)
+}
+
 /// Whether writeback of the file system at `root` makes a shared mapping's
-/// pages read-only again (ext4, XFS, Btrfs; not tmpfs, which has no
-/// writeback), so that the next store to each faults and the kernel stamps
-/// the file's ctime.
+/// pages read-only again (see [`FineCtime::writeback_protects`]).
 pub fn writeback_protects(root: &Path) -> bool {
-    fs_type(root).is_ok_and(|kind| {
-        FINE_CTIME_FILE_SYSTEMS
-            .iter()
-            .any(|&(magic, name)| magic == kind && name != "tmpfs")
-    })
+    fs_type(root).is_ok_and(|kind| fine_ctime(kind).is_some_and(|fs| fs.writeback_protects))
 }
 
 /// `statfs` type of overlayfs.
 const OVERLAYFS_MAGIC: i64 = 0x794c_7630;
 
-/// Why the ctime hooks alone may miss changes under `root`, if they may.
-fn coarse_ctime(root: &Path) -> Result<Option<String>> {
-    let kind = fs_type(root)?;
-    if FINE_CTIME_FILE_SYSTEMS
-        .iter()
-        .any(|&(magic, _)| magic == kind)
-    {
-        return Ok(None);
-    }
-    Ok(Some(format!(
-        "{} is on a file system (type {kind:#x}) without fine-grained ctimes",
-        root.display()
-    )))
+/// Why the ctime hooks alone may miss changes under `root`, on a file
+/// system of type `kind`, if they may.
+fn coarse_ctime(root: &Path, kind: i64) -> Option<String> {
+    fine_ctime(kind).is_none().then(|| {
+        format!(
+            "{} is on a file system (type {kind:#x}) without fine-grained ctimes",
+            root.display()
+        )
+    })
 }
 
 fn fs_type(path: &Path) -> Result<i64> {
@@ -247,7 +266,7 @@ fn overlay_upper(root: &Path) -> Result<std::result::Result<PathBuf, String>> {
             )))
         }
     }
-    if let Some(why) = coarse_ctime(&upper)? {
+    if let Some(why) = coarse_ctime(&upper, fs_type(&upper)?) {
         return Ok(Err(why));
     }
     Ok(Ok(upper))
@@ -317,19 +336,6 @@ impl Tracer {
         } else {
             attach_syscall_hooks(&mut ebpf)?
         };
-        if hooks == Hooks::Syscalls {
-            // Without the ctime hooks, a create by open() reports no entry
-            // change: the kernel side must forget memberships on every
-            // removal (which frees inode numbers) and rename.
-            let map = ebpf
-                .map_mut(names::GENERATION)
-                .context("the eBPF object has no GENERATION map")?;
-            let mut generation: aya::maps::Array<&mut MapData, u32> =
-                aya::maps::Array::try_from(map)?;
-            generation
-                .set(1, 1, 0)
-                .context("cannot set GENERATION[1]")?;
-        }
         let mut tracer = Tracer {
             ebpf,
             logger,
@@ -337,6 +343,15 @@ impl Tracer {
             hooks,
             roots: std::collections::HashMap::new(),
         };
+        if hooks == Hooks::Syscalls {
+            // Without the ctime hooks, a create by open() reports no entry
+            // change: the kernel side must forget memberships on every
+            // removal (which frees inode numbers) and rename.
+            tracer
+                .generation()?
+                .set(1, 1, 0)
+                .context("cannot set GENERATION[1]")?;
+        }
         for (index, root) in roots.iter().enumerate() {
             tracer.watch(index as u32, root)?;
         }
@@ -363,8 +378,9 @@ impl Tracer {
             );
         }
         let mut keys = vec![inode_key(path)?];
-        let mut coarse = coarse_ctime(path)?;
-        if coarse.is_some() && fs_type(path)? == OVERLAYFS_MAGIC {
+        let kind = fs_type(path)?;
+        let mut coarse = coarse_ctime(path, kind);
+        if coarse.is_some() && kind == OVERLAYFS_MAGIC {
             match overlay_upper(path)? {
                 Ok(upper) => {
                     tracing::info!(
@@ -467,13 +483,20 @@ impl Tracer {
 
     /// The generation cached memberships are checked against: it moves
     /// when they are all forgotten.
-    pub fn membership_generation(&self) -> Result<u32> {
+    pub fn membership_generation(&mut self) -> Result<u32> {
+        self.generation()?
+            .get(&0, 0)
+            .context("cannot read GENERATION")
+    }
+
+    /// The `GENERATION` map: `[0]` the generation, `[1]` whether the
+    /// syscall programs bump it on removals and renames.
+    fn generation(&mut self) -> Result<aya::maps::Array<&mut MapData, u32>> {
         let map = self
             .ebpf
-            .map(names::GENERATION)
+            .map_mut(names::GENERATION)
             .context("the eBPF object has no GENERATION map")?;
-        let generation: aya::maps::Array<&MapData, u32> = aya::maps::Array::try_from(map)?;
-        generation.get(&0, 0).context("cannot read GENERATION")
+        Ok(aya::maps::Array::try_from(map)?)
     }
 
     /// Makes the programs walk up the dentries again for every file's
@@ -482,11 +505,7 @@ impl Tracer {
     /// as outside every tree (directories are never cached), and when
     /// trees are added or removed.
     pub fn forget_memberships(&mut self) -> Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(names::GENERATION)
-            .context("the eBPF object has no GENERATION map")?;
-        let mut generation: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(map)?;
+        let mut generation = self.generation()?;
         let now = generation.get(&0, 0).context("cannot read GENERATION")?;
         generation
             .set(0, now.wrapping_add(1), 0)

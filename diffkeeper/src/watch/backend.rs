@@ -372,6 +372,8 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
                     tracing::warn!("{e:#}");
                 }
             }
+            // Writeback may take a while: the event task keeps draining.
+            drop(tracer);
             protect_mapped(&mapped, root, &taken.inodes);
             taken
         }));
@@ -422,7 +424,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
             if last_mapped_check.elapsed() >= MAPPED_RECHECK {
                 last_mapped_check = std::time::Instant::now();
                 if let Ok(mut mapped) = task_mapped.lock() {
-                    mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
+                    forget_exited(&mut mapped);
                     for ((_, root), files) in mapped.iter() {
                         if !reread.get(*root).copied().unwrap_or(true) {
                             continue;
@@ -475,7 +477,7 @@ fn protect_mapped(mapped: &std::sync::Mutex<Mapped>, root: usize, taken: &HashSe
     let Ok(mut mapped) = mapped.lock() else {
         return;
     };
-    mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
+    forget_exited(&mut mapped);
     for ((tgid, _), files) in mapped.iter().filter(|((_, r), _)| *r == root) {
         let wanted: Vec<&InodeKey> = files.iter().filter(|key| taken.contains(key)).collect();
         if wanted.is_empty() {
@@ -500,6 +502,11 @@ fn protect_mapped(mapped: &std::sync::Mutex<Mapped>, root: usize, taken: &HashSe
             }
         }
     }
+}
+
+/// Drops the mappings of processes that have exited: their stores are over.
+fn forget_exited(mapped: &mut Mapped) {
+    mapped.retain(|(tgid, _), _| Path::new(&format!("/proc/{tgid}")).exists());
 }
 
 /// The address range (`start-end`, as `/proc/<pid>/map_files` names it)
