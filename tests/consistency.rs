@@ -373,8 +373,10 @@ fn big_file_app(work: &Path, extra: &[&str]) -> (Reaped, PathBuf) {
 /// [`big_file_app`] with a long --max-pause (copying the file frozen takes
 /// long enough to be caught), returned once the app's cgroup is seen
 /// frozen, with that cgroup and the heartbeat file.
-fn frozen_app(work: &Path) -> (Reaped, PathBuf, PathBuf) {
-    let (mut agent, beat) = big_file_app(work, &["--max-pause", "10s"]);
+fn frozen_app(work: &Path, extra: &[&str]) -> (Reaped, PathBuf, PathBuf) {
+    let mut args = vec!["--max-pause", "10s"];
+    args.extend_from_slice(extra);
+    let (mut agent, beat) = big_file_app(work, &args);
     let cgroup = app_cgroup(agent.0.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     // The start-up capture freezes the app's cgroup before the app is in it.
@@ -411,8 +413,9 @@ fn beats(beat: &Path) -> bool {
 
 #[test]
 fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
+    // --app-survives: the app outlives the killed agent, thawed.
     let work = tempfile::tempdir().expect("tempdir");
-    let (mut agent, cgroup, beat) = frozen_app(work.path());
+    let (mut agent, cgroup, beat) = frozen_app(work.path(), &["--app-survives"]);
     let store = work.path().join("store.dk");
     rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
     let killed = Instant::now();
@@ -430,6 +433,26 @@ fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
     let _ = fs::write(cgroup.join("cgroup.kill"), "1");
     assert!(runs, "the app did not run again after the agent was killed");
     eprintln!("thawed {thawed_after:?} after the agent was killed");
+    ok(&["verify", "--store", s(&store)]);
+
+    // By default the app dies with the agent, and nothing is left frozen.
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut agent, cgroup, beat) = frozen_app(work.path(), &[]);
+    let store = work.path().join("store.dk");
+    rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
+    agent.0.wait().expect("wait");
+    let killed = Instant::now();
+    while frozen(&cgroup) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "the cgroup was still frozen 1 s after the agent died"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let runs = beats(&beat);
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    assert!(!runs, "the app kept running after the agent was killed");
     ok(&["verify", "--store", s(&store)]);
 }
 
@@ -473,7 +496,7 @@ fn a_freeze_longer_than_max_pause_is_cut_short_and_marked_torn() {
 #[test]
 fn sigterm_while_the_app_is_frozen_thaws_it_and_stops_cleanly() {
     let work = tempfile::tempdir().expect("tempdir");
-    let (mut agent, cgroup, _) = frozen_app(work.path());
+    let (mut agent, cgroup, _) = frozen_app(work.path(), &[]);
     let store = work.path().join("store.dk");
     rustix::process::kill_process(pid(agent.0.id()), Signal::TERM).expect("SIGTERM run");
     // The frozen read ends, the app is thawed and gets the SIGTERM, its

@@ -389,6 +389,11 @@ pub enum Command {
         /// SIGKILL once this has passed; the final capture waits for them.
         #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
         leftover_grace: std::time::Duration,
+        /// Let CMD keep running if DiffKeeper itself is killed (SIGKILL, the
+        /// OOM killer). By default CMD gets SIGKILL when DiffKeeper dies, so
+        /// no app is left writing with nothing capturing its writes.
+        #[arg(long)]
+        app_survives: bool,
         /// The app and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -724,6 +729,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run {
             watch,
             leftover_grace,
+            app_survives,
             command,
         } => {
             let dirs = state_dirs(&watch.roots)?;
@@ -732,7 +738,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &dirs,
                 &watch.options(),
                 &command,
-                leftover_grace,
+                &crate::supervise::RunOptions {
+                    leftover_grace,
+                    app_survives,
+                },
             ))
         }
     }

@@ -47,14 +47,28 @@ pub fn check_name(store: &Path, name: &str) -> Result<()> {
 }
 
 impl StateDir {
-    /// Parses `NAME=DIR` or `DIR` (named after its last component).
+    /// Parses `NAME=DIR` or `DIR` (named after its last component). A
+    /// `DIR` whose first component holds a `=` (`eq=dir/data`) could be
+    /// either: it is taken as a path when that path exists and the `DIR`
+    /// after the `=` does not, and refused as ambiguous when both exist.
     pub fn parse(spec: &str) -> Result<StateDir> {
         if let Some((name, dir)) = spec.split_once('=') {
             if is_valid_name(name) && !dir.is_empty() {
-                return Ok(StateDir {
-                    name: name.to_string(),
-                    path: PathBuf::from(dir),
-                });
+                let whole = Path::new(spec).symlink_metadata().is_ok();
+                let named = Path::new(dir).symlink_metadata().is_ok();
+                if whole && named {
+                    bail!(
+                        "--state-dir {spec:?} is ambiguous: both {spec:?} and {dir:?} exist; \
+                         write ./{spec} for the first, or {name}={dir} with a path that does not \
+                         start with a NAME= (./{dir}) for the second"
+                    );
+                }
+                if !whole || named {
+                    return Ok(StateDir {
+                        name: name.to_string(),
+                        path: PathBuf::from(dir),
+                    });
+                }
             }
         }
         let path = PathBuf::from(spec);
@@ -95,7 +109,65 @@ pub fn parse_state_dirs(specs: &[String]) -> Result<Vec<StateDir>> {
     if dirs.is_empty() {
         bail!("give at least one --state-dir");
     }
+    check_disjoint(&dirs)?;
     Ok(dirs)
+}
+
+/// Where `path` is, with symlinks resolved as far as it exists, and the
+/// missing rest joined on lexically.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return rest
+                .iter()
+                .rev()
+                .fold(real, |acc: PathBuf, part| acc.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
+/// Refuses roots that are one directory under two names, or one inside
+/// another: each would capture the other's files, and replay would write
+/// them twice, with a result that depends on the order of the arguments.
+fn check_disjoint(dirs: &[StateDir]) -> Result<()> {
+    let real: Vec<PathBuf> = dirs.iter().map(|d| resolved(&d.path)).collect();
+    for (i, a) in dirs.iter().enumerate() {
+        for (j, b) in dirs.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            if i < j && real[i] == real[j] {
+                bail!(
+                    "state directories {}={} and {}={} are one directory ({}); give it once",
+                    a.name,
+                    a.path.display(),
+                    b.name,
+                    b.path.display(),
+                    real[i].display()
+                );
+            }
+            if real[j] != real[i] && real[j].starts_with(&real[i]) {
+                bail!(
+                    "state directory {}={} is inside state directory {}={}; nested state directories are not supported: give the outer one only, or directories side by side",
+                    b.name,
+                    b.path.display(),
+                    a.name,
+                    a.path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks a stored relative path: non-empty `/`-separated components, none
@@ -187,6 +259,31 @@ mod tests {
         );
         assert!(StateDir::parse("/").is_err());
         assert!(parse_state_dirs(&["x/a".into(), "y/a".into()]).is_err());
+    }
+
+    #[test]
+    fn nested_roots_and_one_root_twice_are_refused() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let a = work.path().join("a");
+        std::fs::create_dir_all(a.join("inner")).expect("mkdir");
+        let link = work.path().join("link-to-a");
+        std::os::unix::fs::symlink(&a, &link).expect("symlink");
+        let spec = |name: &str, p: &Path| format!("{name}={}", p.display());
+        let err =
+            parse_state_dirs(&[spec("x", &a), spec("y", &a.join("inner"))]).expect_err("nested");
+        assert!(err.to_string().contains("is inside"), "{err}");
+        let err = parse_state_dirs(&[spec("y", &a.join("inner")), spec("x", &a)])
+            .expect_err("nested, other order");
+        assert!(err.to_string().contains("is inside"), "{err}");
+        let err = parse_state_dirs(&[spec("x", &a), spec("y", &link)]).expect_err("twice");
+        assert!(err.to_string().contains("one directory"), "{err}");
+        // Not there yet, and nested all the same.
+        let err = parse_state_dirs(&[spec("x", &a), spec("y", &a.join("new/deeper"))])
+            .expect_err("nested, missing");
+        assert!(err.to_string().contains("is inside"), "{err}");
+        // Side by side, and names sharing a prefix, are fine.
+        let ab = work.path().join("ab");
+        parse_state_dirs(&[spec("x", &a), spec("y", &ab)]).expect("side by side");
     }
 
     #[test]

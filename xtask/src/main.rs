@@ -66,6 +66,10 @@ enum Task {
         rate: u64,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Also print the calls of every window of this many milliseconds,
+        /// one JSON line each, as they end (0: none).
+        #[arg(long, default_value_t = 0)]
+        window_ms: u64,
     },
 }
 
@@ -100,7 +104,15 @@ fn main() -> ExitCode {
             files,
             rate,
             seconds,
-        } => bench::tracer::writer(&dir, mode, files, rate, seconds),
+            window_ms,
+        } => bench::tracer::writer(
+            &dir,
+            mode,
+            files,
+            rate,
+            seconds,
+            std::time::Duration::from_millis(window_ms),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,8 @@ pub mod stage;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -596,6 +597,11 @@ fn capture(
 ) -> Result<BatchSummary> {
     let started_ms = batch.started_ms;
     let mut summary = BatchSummary::default();
+    // Paths the scan could not look at: left as they are in the store,
+    // reported like files that could not be read.
+    for root in roots {
+        summary.failures.extend(root.problems.iter().cloned());
+    }
     let total: usize = roots.iter().map(|r| r.changes.len()).sum();
     if total == 0 {
         return Ok(summary);
@@ -767,7 +773,7 @@ impl Workers<'_> {
             } => {
                 let record = match entry.kind {
                     EntryKind::File if *content => {
-                        match self.capture_file(&root.name, path, full, previous.as_ref())? {
+                        match self.capture_file(root, path, full, previous.as_ref())? {
                             FileCapture::Vanished => return Ok(Outcome::Vanished),
                             // Same content, new mtime: a metadata-only
                             // version (no chunk written), so replay restores
@@ -853,7 +859,7 @@ impl Workers<'_> {
 
     fn capture_file(
         &self,
-        root: &str,
+        root: &StateDir,
         path: &[u8],
         full: &Path,
         previous: Option<&VersionRecord>,
@@ -862,7 +868,7 @@ impl Workers<'_> {
             References::new(self.reader, previous.filter(|p| p.kind == EntryKind::File))?;
         if let Some((staged, file)) = self
             .staged
-            .and_then(|staged| staged.get(root, path).map(|file| (staged, file)))
+            .and_then(|staged| staged.get(&root.name, path).map(|file| (staged, file)))
         {
             if file.vanished() {
                 return Ok(FileCapture::Vanished);
@@ -875,7 +881,7 @@ impl Workers<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let file = match open_no_follow(full) {
+            let file = match open_beneath(&root.path, path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(FileCapture::Vanished)
@@ -885,19 +891,49 @@ impl Workers<'_> {
             let before = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
-            let content = self.read_content(&file, full, &mut references)?;
-            let after = file
-                .metadata()
-                .with_context(|| format!("cannot stat {}", full.display()))?;
+            // A small file is read whole first and stored after the second
+            // stat, so the time a write can tear the read is one read(2),
+            // not the hashing and encoding too; a large one streams.
+            let (content, after) = if before.len() <= WHOLE_READ_BYTES {
+                let mut bytes = Vec::with_capacity(before.len() as usize + 1);
+                std::io::Read::read_to_end(&mut &file, &mut bytes)
+                    .with_context(|| format!("cannot read {}", full.display()))?;
+                let after = file
+                    .metadata()
+                    .with_context(|| format!("cannot stat {}", full.display()))?;
+                let unsteady = bytes.len() as u64 != after.len() || !same_stamps(&before, &after);
+                if unsteady && attempt < READ_ATTEMPTS {
+                    tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
+                    continue;
+                }
+                let content = if unsteady {
+                    Content::default()
+                } else {
+                    self.read_content(std::io::Cursor::new(bytes), full, &mut references)?
+                };
+                (content, after)
+            } else {
+                let content = self.read_content(&file, full, &mut references)?;
+                let after = file
+                    .metadata()
+                    .with_context(|| format!("cannot stat {}", full.display()))?;
+                (content, after)
+            };
             let steady = before.len() == after.len()
-                && crate::scan::mtime_ns(&before) == crate::scan::mtime_ns(&after)
+                && same_stamps(&before, &after)
                 && content.size == after.len();
             if !steady && attempt < READ_ATTEMPTS {
                 tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
                 continue;
             }
             if !steady {
-                tracing::warn!(path = %full.display(), "file kept changing while read; keeping the last read");
+                // What was read is a mix of versions that never existed as
+                // a whole: never stored. The chunks it wrote are referenced
+                // by no version, and compaction drops them.
+                anyhow::bail!(
+                    "{} kept changing while read ({READ_ATTEMPTS} reads, none of them whole); not captured this time: its previous version stays the latest, and it is read again by the next capture",
+                    full.display()
+                );
             }
             return Ok(content.record(
                 before.mode() & 0o7777,
@@ -1058,6 +1094,20 @@ impl Workers<'_> {
     }
 }
 
+/// Files up to this size are read whole into memory before they are
+/// stored (see [`Workers::capture_file`]).
+const WHOLE_READ_BYTES: u64 = 1 << 20;
+
+/// Whether two stats of one file show no write between them: size, mtime
+/// and ctime. ctime because the app cannot set it, and on file systems with
+/// fine-grained timestamps the first stat makes the next write stamp a new
+/// one, even within one clock tick.
+fn same_stamps(before: &std::fs::Metadata, after: &std::fs::Metadata) -> bool {
+    before.len() == after.len()
+        && crate::scan::mtime_ns(before) == crate::scan::mtime_ns(after)
+        && (before.ctime(), before.ctime_nsec()) == (after.ctime(), after.ctime_nsec())
+}
+
 /// A chunk whose content is not in the store yet.
 struct NewChunk {
     id: u64,
@@ -1068,13 +1118,26 @@ struct NewChunk {
     bases: Vec<u64>,
 }
 
-/// Opens a file to read it, never through a symlink (one planted in the
-/// tree must not make capture read what lies outside it).
-fn open_no_follow(path: &Path) -> std::io::Result<File> {
-    File::options()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
+/// Opens `rel` below `root` to read it, never through a symlink, in any
+/// component: resolved by the kernel within the root
+/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`), so an app that swaps
+/// a directory of its tree for a symlink while it is read cannot make a
+/// root agent read what lies outside the tree.
+fn open_beneath(root: &Path, rel: &[u8]) -> std::io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        std::ffi::OsStr::from_bytes(rel),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+    )?;
+    Ok(File::from(fd))
 }
 
 /// A file's content as stored by [`Workers::read_content`].

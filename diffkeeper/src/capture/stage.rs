@@ -22,7 +22,6 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use rayon::prelude::*;
 
-use crate::roots::join;
 use crate::scan::{Change, RootChanges};
 use crate::store::schema::EntryKind;
 
@@ -135,7 +134,7 @@ pub fn stage(
     deadline: Instant,
     verify: bool,
 ) -> Result<Staged> {
-    let jobs: Vec<(&str, &[u8], std::path::PathBuf, u64)> = found
+    let jobs: Vec<(&str, &[u8], &Path, u64)> = found
         .iter()
         .flat_map(|r| {
             r.changes.iter().filter_map(move |c| match c {
@@ -147,7 +146,7 @@ pub fn stage(
                 } if entry.kind == EntryKind::File => Some((
                     r.root.name.as_str(),
                     path.as_slice(),
-                    join(&r.root.path, path),
+                    r.root.path.as_path(),
                     entry.size,
                 )),
                 _ => None,
@@ -177,7 +176,15 @@ pub fn stage(
             left.fetch_add(*size, Ordering::Relaxed);
             return;
         }
-        let staged = match stage_file(full, spill.as_ref(), &memory, &spill_end, verify, deadline) {
+        let staged = match stage_file(
+            full,
+            path,
+            spill.as_ref(),
+            &memory,
+            &spill_end,
+            verify,
+            deadline,
+        ) {
             // Out of time in the middle: read live, like the rest.
             Ok(Some((file, _))) if file.out_of_time() => {
                 left.fetch_add(*size, Ordering::Relaxed);
@@ -210,14 +217,15 @@ pub fn stage(
 
 /// Copies one file; returns it with whether it stayed the same while read.
 fn stage_file(
-    full: &Path,
+    root: &Path,
+    rel: &[u8],
     spill: Option<&File>,
     memory: &AtomicU64,
     spill_end: &AtomicU64,
     verify: bool,
     deadline: Instant,
 ) -> Result<Option<(StagedFile, bool)>> {
-    let file = match super::open_no_follow(full) {
+    let file = match super::open_beneath(root, rel) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Some((

@@ -64,6 +64,90 @@ pub fn export(
         write_to(&mut std::io::stdout().lock())?;
         return Ok(summary);
     }
+    match Destination::of(output, store_path)? {
+        Destination::Stream(path) => {
+            // A device, a pipe or a socket: written through, never replaced.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let mut buffered = std::io::BufWriter::with_capacity(1 << 20, &file);
+            write_to(&mut buffered)
+                .and_then(|_| {
+                    buffered
+                        .into_inner()
+                        .map(|_| ())
+                        .map_err(|e| e.into_error().into())
+                })
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Destination::File(path) => write_file(&path, &mut write_to)?,
+    }
+    Ok(summary)
+}
+
+/// Where an archive goes.
+enum Destination {
+    /// A regular file (new, or replaced whole once the archive is
+    /// complete), at the end of any symlinks.
+    File(PathBuf),
+    /// Something that is written to, not replaced: a device, a pipe.
+    Stream(PathBuf),
+}
+
+impl Destination {
+    /// Where `output` leads: symlinks are followed (renaming over one would
+    /// replace the link, not what it names), and the store itself is
+    /// refused (replacing it with an archive of it would destroy the whole
+    /// history).
+    fn of(output: &Path, store: &Path) -> Result<Destination> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let target = match std::fs::canonicalize(output) {
+            Ok(target) => target,
+            // Not there yet: a new file, or a dangling link's target.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::read_link(output) {
+                    Ok(link) => match output.parent() {
+                        Some(dir) => dir.join(link),
+                        None => link,
+                    },
+                    Err(_) => output.to_path_buf(),
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot resolve {}", output.display()))
+            }
+        };
+        let meta = match std::fs::metadata(&target) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Destination::File(target))
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot stat {}", target.display())),
+        };
+        if let Ok(store_meta) = std::fs::metadata(store) {
+            if (meta.dev(), meta.ino()) == (store_meta.dev(), store_meta.ino()) {
+                anyhow::bail!(
+                    "refusing to export to {}: it is the store {} itself, and the archive would replace its whole history",
+                    output.display(),
+                    store.display()
+                );
+            }
+        }
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            anyhow::bail!("cannot export to {}: it is a directory", output.display());
+        }
+        if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() || kind.is_socket() {
+            return Ok(Destination::Stream(target));
+        }
+        Ok(Destination::File(target))
+    }
+}
+
+/// Writes a regular file at `output` through a temporary file beside it,
+/// which only takes the name once complete and on disk.
+fn write_file(output: &Path, write_to: &mut dyn FnMut(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -85,7 +169,7 @@ pub fn export(
     written.with_context(|| format!("cannot write {}", output.display()))?;
     temp.persist(output)
         .with_context(|| format!("cannot create {}", output.display()))?;
-    Ok(summary)
+    Ok(())
 }
 
 fn append_roots(

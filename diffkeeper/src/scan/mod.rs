@@ -21,8 +21,11 @@ use crate::store::schema::{EntryKind, VersionRecord};
 use crate::store::{LatestEntry, Reader};
 
 /// A file's modification time in nanoseconds since the Unix epoch.
+/// Times past 2262 (or before 1678) do not fit, and are held at the limit.
 pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
 }
 
 /// What a path is on disk now.
@@ -128,6 +131,9 @@ pub struct RootChanges {
     pub scanned: usize,
     /// The tree's files by inode, when the whole tree was walked.
     pub inodes: Option<InodeIndex>,
+    /// Paths the walk could not look at, and why (what the store has of
+    /// them is kept as it is).
+    pub problems: Vec<(PathBuf, String)>,
 }
 
 /// Checks that a state directory exists and is a directory.
@@ -140,58 +146,221 @@ pub fn check_root(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Walks `root` (never following symlinks) and lists every entry below it,
-/// keyed by its relative path. `exclude` is skipped (the store file, when it
-/// lives inside the root).
-pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<HashMap<Vec<u8>, FsEntry>> {
+/// Longest path the kernel takes, with its NUL.
+const PATH_MAX: usize = 4096;
+
+/// A tree as one walk found it.
+#[derive(Debug, Default)]
+pub struct Walked {
+    /// Every entry below the root, keyed by its relative path.
+    pub entries: HashMap<Vec<u8>, FsEntry>,
+    /// Paths the walk could not look at (a directory that cannot be listed,
+    /// a name too long to stat, an I/O error), with why. What the store
+    /// has at or below them is left as it is: not seeing a path is not
+    /// seeing it gone.
+    pub problems: Vec<(Vec<u8>, PathBuf, String)>,
+}
+
+impl Walked {
+    /// Whether `path` is at or below a path the walk could not look at.
+    pub fn unseen(&self, path: &[u8]) -> bool {
+        self.problems.iter().any(|(rel, _, _)| {
+            rel.is_empty()
+                || path == rel.as_slice()
+                || (path.starts_with(rel) && path.get(rel.len()) == Some(&b'/'))
+        })
+    }
+}
+
+/// Walks `root` and lists every entry below it, keyed by its relative
+/// path. `exclude` is skipped (the store file, when it lives inside the
+/// root). A path that cannot be looked at is skipped and listed in
+/// [`Walked::problems`]; only the root itself failing fails the walk.
+///
+/// The walk is relative to directory descriptors, each opened from its
+/// parent's with `O_NOFOLLOW` and checked to be the inode its entry was
+/// stat'ed as: an app that swaps a directory for a symlink while it is
+/// walked cannot make the walk list what lies outside the tree, and no
+/// path is ever too long to look at.
+pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
+    use rustix::fs::{openat, readlinkat, statat, AtFlags, Mode, OFlags};
+    use std::sync::Arc;
+
     check_root(root)?;
-    let mut out = HashMap::new();
-    let mut stack: Vec<(PathBuf, Vec<u8>)> = vec![(root.to_path_buf(), Vec::new())];
-    while let Some((dir, rel)) = stack.pop() {
-        let entries = match fs::read_dir(&dir) {
+    let open_flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("cannot open state directory {}", root.display()))?;
+    let excluded = exclude
+        .and_then(|x| fs::symlink_metadata(x).ok())
+        .map(|m| (m.dev(), m.ino()));
+    let mut out = Walked::default();
+    let shown = |rel: &[u8]| crate::roots::join(root, rel);
+    // Directories still to list: the parent's descriptor, the name in it,
+    // the inode it was stat'ed as, and its relative path (the root: none).
+    type Pending = (Arc<std::os::fd::OwnedFd>, Option<(Vec<u8>, u64)>, Vec<u8>);
+    let mut stack: Vec<Pending> = vec![(Arc::new(root_fd), None, Vec::new())];
+    while let Some((parent, name, rel)) = stack.pop() {
+        let dir = match name {
+            None => parent,
+            Some((name, ino)) => {
+                let opened = openat(
+                    &*parent,
+                    std::ffi::OsStr::from_bytes(&name),
+                    open_flags,
+                    Mode::empty(),
+                )
+                .and_then(|fd| rustix::fs::fstat(&fd).map(|st| (fd, st.st_ino)));
+                match opened {
+                    Ok((fd, now)) if now == ino => Arc::new(fd),
+                    // Removed while we walked: its entries are gone too.
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Ok(_) | Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                        out.problems.push((
+                            rel.clone(),
+                            shown(&rel),
+                            "replaced while the tree was walked".into(),
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        out.problems.push((
+                            rel.clone(),
+                            shown(&rel),
+                            format!("cannot open the directory: {e}"),
+                        ));
+                        continue;
+                    }
+                }
+            }
+        };
+        let entries = match rustix::fs::Dir::read_from(&*dir) {
             Ok(entries) => entries,
-            // Removed while we walked: its entries are gone too.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel.is_empty() => continue,
+            Err(e) if rel.is_empty() => {
+                return Err(std::io::Error::from(e))
+                    .with_context(|| format!("cannot list directory {}", root.display()))
+            }
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot list directory {}", dir.display()))
+                out.problems.push((
+                    rel.clone(),
+                    shown(&rel),
+                    format!("cannot list the directory: {e}"),
+                ));
+                continue;
             }
         };
         for item in entries {
-            let item = item.with_context(|| format!("cannot list directory {}", dir.display()))?;
-            let name = item.file_name();
-            if rel.is_empty() && name.as_bytes().starts_with(STAGING_PREFIX.as_bytes()) {
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    out.problems.push((
+                        rel.clone(),
+                        shown(&rel),
+                        format!("cannot list the directory: {e}"),
+                    ));
+                    break;
+                }
+            };
+            let name = item.file_name().to_bytes();
+            if name == b"." || name == b".." {
                 continue;
             }
-            let full = item.path();
-            if exclude.is_some_and(|x| x == full) {
+            if rel.is_empty() && name.starts_with(STAGING_PREFIX.as_bytes()) {
                 continue;
             }
             let mut child_rel = rel.clone();
             if !child_rel.is_empty() {
                 child_rel.push(b'/');
             }
-            child_rel.extend_from_slice(name.as_bytes());
-            let entry = match FsEntry::read(&full) {
-                Ok(Some(entry)) => entry,
-                Ok(None) => {
-                    tracing::debug!(path = %full.display(), "skipping special file");
+            child_rel.extend_from_slice(name);
+            if child_rel.len() >= PATH_MAX {
+                // Replay writes by relative path, which the kernel takes only
+                // this long: a path it could not write back is not kept.
+                out.problems.push((
+                    child_rel.clone(),
+                    shown(&rel),
+                    format!(
+                        "a path of {} bytes below it is longer than Linux takes ({} bytes): not kept",
+                        child_rel.len(),
+                        PATH_MAX - 1
+                    ),
+                ));
+                continue;
+            }
+            let os_name = std::ffi::OsStr::from_bytes(name);
+            let stat = match statat(&*dir, os_name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => {
+                    out.problems.push((
+                        child_rel.clone(),
+                        shown(&child_rel),
+                        format!("cannot stat: {e}"),
+                    ));
                     continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e).with_context(|| format!("cannot stat {}", full.display())),
+            };
+            if excluded == Some((stat.st_dev, stat.st_ino)) {
+                continue;
+            }
+            let kind = match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+                rustix::fs::FileType::RegularFile => EntryKind::File,
+                rustix::fs::FileType::Directory => EntryKind::Dir,
+                rustix::fs::FileType::Symlink => EntryKind::Symlink,
+                _ => {
+                    tracing::debug!(path = %shown(&child_rel).display(), "skipping special file");
+                    continue;
+                }
+            };
+            let target = if kind == EntryKind::Symlink {
+                match readlinkat(&*dir, os_name, Vec::new()) {
+                    Ok(target) => target.into_bytes(),
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => {
+                        out.problems.push((
+                            child_rel.clone(),
+                            shown(&child_rel),
+                            format!("cannot read the symlink: {e}"),
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let entry = FsEntry {
+                kind,
+                mode: stat.st_mode & 0o7777,
+                mtime_ns: (stat.st_mtime as i64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(stat.st_mtime_nsec as i64),
+                size: match kind {
+                    EntryKind::Symlink => target.len() as u64,
+                    EntryKind::File => stat.st_size as u64,
+                    _ => 0,
+                },
+                target,
+                inode: inode_key(stat.st_dev, stat.st_ino),
             };
             if entry.kind == EntryKind::Symlink {
                 if let Err(why) = crate::roots::check_symlink_target(&child_rel, &entry.target) {
                     // Replay refuses such links, so recording one would make
                     // the whole store unreplayable.
-                    tracing::warn!(path = %full.display(), "not kept: {why:#}");
+                    tracing::warn!(path = %shown(&child_rel).display(), "not kept: {why:#}");
                     continue;
                 }
             }
             if entry.kind == EntryKind::Dir {
-                stack.push((full, child_rel.clone()));
+                stack.push((
+                    dir.clone(),
+                    Some((name.to_vec(), stat.st_ino)),
+                    child_rel.clone(),
+                ));
             }
-            out.insert(child_rel, entry);
+            out.entries.insert(child_rel, entry);
         }
     }
     Ok(out)
@@ -239,7 +408,17 @@ pub fn diff_root(
     batch_started: &HashMap<u64, i64>,
     exclude: Option<&Path>,
 ) -> Result<RootChanges> {
-    let mut on_disk = walk(&root.path, exclude)?;
+    let walked = walk(&root.path, exclude)?;
+    let problems = walked
+        .problems
+        .iter()
+        .map(|(_, full, why)| (full.clone(), why.clone()))
+        .collect();
+    let mut on_disk = walked.entries;
+    let unseen = Walked {
+        entries: HashMap::new(),
+        problems: walked.problems,
+    };
     let scanned = on_disk.len();
     let mut inodes = InodeIndex::new();
     for (path, entry) in &on_disk {
@@ -253,6 +432,7 @@ pub fn diff_root(
             continue;
         }
         match on_disk.remove(&stored.path) {
+            None if unseen.unseen(&stored.path) => {}
             None => changes.push(Change::Delete { path: stored.path }),
             Some(entry) => {
                 let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
@@ -278,6 +458,7 @@ pub fn diff_root(
         changes,
         scanned,
         inodes: Some(inodes),
+        problems,
     })
 }
 
@@ -328,6 +509,7 @@ pub fn diff_files(
         changes,
         scanned: files.len(),
         inodes: None,
+        problems: Vec::new(),
     }))
 }
 
@@ -353,4 +535,22 @@ fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord, racy: bool) -
         content,
         recheck,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_below_an_unseen_path_is_unseen() {
+        let walked = Walked {
+            entries: HashMap::new(),
+            problems: vec![(b"a/b".to_vec(), PathBuf::from("/r/a/b"), "EIO".into())],
+        };
+        assert!(walked.unseen(b"a/b"));
+        assert!(walked.unseen(b"a/b/c/d"));
+        assert!(!walked.unseen(b"a/bc"));
+        assert!(!walked.unseen(b"a"));
+        assert!(!walked.unseen(b"x/a/b"));
+    }
 }

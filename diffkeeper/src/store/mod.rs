@@ -60,6 +60,23 @@ fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
     }
 }
 
+/// Refuses a store path that is a symlink to nothing: taking it as a first
+/// start would replay nothing (a volume not mounted where the link points,
+/// say) and then create a new, empty store behind the link.
+fn refuse_dangling(path: &Path) -> Result<()> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link && std::fs::metadata(path).is_err() {
+        let target = std::fs::read_link(path)
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        bail!(
+            "store {} is a symlink to {target}, which does not exist; refusing to take it as a first start (create the target's directory, or point --store at the store itself)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens the store for writing, creating it (and its schema) if missing.
     pub fn create_or_open(path: &Path) -> Result<Store> {
@@ -72,6 +89,7 @@ impl Store {
                 );
             }
         }
+        refuse_dangling(path)?;
         let existed = path.exists();
         let db = wait_for_writer(path, || {
             if existed {
@@ -96,6 +114,7 @@ impl Store {
     /// Opens an existing store without writing to it. `Ok(None)` when there
     /// is no file at `path`.
     pub fn open_read_only(path: &Path) -> Result<Option<Store>> {
+        refuse_dangling(path)?;
         match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

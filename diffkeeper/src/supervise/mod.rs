@@ -37,11 +37,24 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
         batches = summary.batches,
         dropped = summary.dropped,
         torn = summary.torn,
+        unreadable = summary.unreadable,
         notices = summary.notices,
         failures = summary.failures,
         "stopped"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How `run` treats the app.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Processes the app leaves running when it exits get SIGTERM, and
+    /// SIGKILL once this has passed.
+    pub leftover_grace: Duration,
+    /// Whether the app keeps running when DiffKeeper dies without ending
+    /// it (SIGKILL): by default the kernel kills it then
+    /// (`PR_SET_PDEATHSIG`), so it never writes with nothing capturing.
+    pub app_survives: bool,
 }
 
 /// Replays, runs `command` while capturing, and returns its exit code.
@@ -52,7 +65,7 @@ pub async fn run(
     roots: &[StateDir],
     options: &WatchOptions,
     command: &[String],
-    leftover_grace: Duration,
+    run_options: &RunOptions,
 ) -> Result<ExitCode> {
     let Some((program, args)) = command.split_first() else {
         anyhow::bail!("no command to run: give it after `--`");
@@ -104,6 +117,22 @@ pub async fn run(
         // is async-signal-safe, and `app_cgroup` outlives the spawn.
         unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, cgroup.enter_fn()) };
     }
+    if !run_options.app_survives {
+        let parent = rustix::process::getpid();
+        // SAFETY: prctl(2), getppid(2) and kill(2) are async-signal-safe
+        // system calls that touch no memory of the parent; nothing else
+        // runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+                // DiffKeeper died before the signal was asked for.
+                if rustix::process::getppid() != Some(parent) {
+                    rustix::process::kill_process(rustix::process::getpid(), Signal::KILL)?;
+                }
+                Ok(())
+            })
+        };
+    }
     let app = match command.spawn() {
         Ok(child) => child.id(),
         Err(e) => {
@@ -144,7 +173,7 @@ pub async fn run(
             tracing::warn!("cannot forward signal {forward:?}: {e}");
         }
     };
-    family::end_leftovers(leftover_grace, &spare).await;
+    family::end_leftovers(run_options.leftover_grace, &spare).await;
     let _ = exited_tx.send(());
     match capture.await {
         Ok(Ok(summary)) => tracing::info!(

@@ -169,6 +169,9 @@ pub struct LoopSummary {
     pub failures: u64,
     /// Batches committed marked torn.
     pub torn: u64,
+    /// Files left out of a batch because they could not be read whole,
+    /// each time (their previous version stays the latest).
+    pub unreadable: u64,
 }
 
 /// A started capture loop: its backend is watching and the state that was
@@ -307,10 +310,20 @@ impl CaptureLoop {
                                 if let Some(walked) = outcome.inodes {
                                     self.inodes[index] = Some(Arc::new(walked));
                                 }
-                                pending[index].failures = 0;
-                                pending[index].retry_at = None;
-                                if failures > 0 {
-                                    tracing::info!(root = %root.name, "capturing works again after {failures} failed tries");
+                                pending[index].failures = failures;
+                                if outcome.unreadable > 0 {
+                                    // The rest is committed; these are
+                                    // looked at again (a walk), backing off.
+                                    self.summary.unreadable += outcome.unreadable;
+                                    pending[index].dirty.whole = true;
+                                    let wait = pending[index].failed();
+                                    tracing::warn!(root = %root.name, files = outcome.unreadable, "files not captured: trying again in {}", humantime::format_duration(wait));
+                                } else {
+                                    pending[index].failures = 0;
+                                    pending[index].retry_at = None;
+                                    if failures > 0 {
+                                        tracing::info!(root = %root.name, "capturing works again after {failures} failed tries");
+                                    }
                                 }
                                 self.summary.batches += u64::from(outcome.committed);
                                 self.summary.dropped += u64::from(outcome.dropped);
@@ -476,6 +489,7 @@ impl CaptureLoop {
             pending.last = Some(Instant::now());
             tracing::debug!(root = %root.name, drops = pending.drops, "batch dropped: written while read");
             return Ok(CaptureOutcome {
+                unreadable: 0,
                 committed: false,
                 dropped: true,
                 torn: false,
@@ -485,10 +499,14 @@ impl CaptureLoop {
         if result.batch.is_some() {
             tracing::info!(root = %root.name, "{result}");
         }
+        for (path, why) in &result.failures {
+            tracing::warn!(root = %root.name, path = %path.display(), "not captured, kept as it was in the store, tried again: {why}");
+        }
         // Notices that arrived during the capture are still in the channel and
         // will mark the directory dirty again; the next batch takes them.
         *pending = Pending::default();
         Ok(CaptureOutcome {
+            unreadable: result.failures.len() as u64,
             committed: result.batch.is_some(),
             dropped: false,
             torn: result
@@ -627,6 +645,8 @@ fn due(pending: &[Pending], options: &WatchOptions) -> Vec<usize> {
 }
 
 struct CaptureOutcome {
+    /// Files that could not be read whole (their previous version kept).
+    unreadable: u64,
     committed: bool,
     dropped: bool,
     /// Committed, marked torn.

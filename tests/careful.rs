@@ -1,0 +1,476 @@
+//! Regression tests for the ways a careless tool loses data, stores what
+//! never existed, or escapes: each case was seen once, adversarially, and
+//! stays here so it cannot come back.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use common::{diffkeeper, json, ok, s};
+
+/// Runs diffkeeper expecting failure; returns stderr.
+fn refused(args: &[&str]) -> String {
+    let out = diffkeeper(args);
+    assert!(
+        !out.status.success(),
+        "diffkeeper {args:?} should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A store with two batches of a small tree.
+fn small_history(work: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let state = work.join("state");
+    let store = work.join("store.dk");
+    fs::create_dir_all(state.join("sub")).expect("mkdir");
+    fs::write(state.join("a.txt"), b"first").expect("write");
+    fs::write(state.join("sub/b.bin"), vec![7u8; 100_000]).expect("write");
+    let root = format!("data={}", s(&state));
+    for round in 0..2 {
+        fs::write(state.join("a.txt"), format!("round {round}")).expect("write");
+        json(&[
+            "snapshot",
+            "--state-dir",
+            &root,
+            "--store",
+            s(&store),
+            "--json",
+        ]);
+    }
+    (state, store)
+}
+
+#[test]
+fn export_never_replaces_the_store_or_a_device_or_a_link() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (_state, store) = small_history(work.path());
+    let log_before = ok(&["log", "--store", s(&store)]);
+    let size_before = fs::metadata(&store).expect("stat").len();
+
+    // The store itself, by its name and through a symlink to it: refused,
+    // and the history is all still there.
+    let link_to_store = work.path().join("link-to-store");
+    std::os::unix::fs::symlink(&store, &link_to_store).expect("symlink");
+    for output in [&store, &link_to_store] {
+        let err = refused(&["export", "--store", s(&store), "-o", s(output)]);
+        assert!(
+            err.contains("is the store") && err.contains(s(&store)),
+            "{}: {err}",
+            output.display()
+        );
+        assert_eq!(fs::metadata(&store).expect("stat").len(), size_before);
+        assert_eq!(ok(&["log", "--store", s(&store)]), log_before);
+    }
+    assert!(fs::symlink_metadata(&link_to_store)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+
+    // A symlink to a file: the file gets the archive, the link stays a link.
+    let real = work.path().join("real.tar");
+    fs::write(&real, b"old").expect("write");
+    let link = work.path().join("link.tar");
+    std::os::unix::fs::symlink("real.tar", &link).expect("symlink");
+    ok(&["export", "--store", s(&store), "-o", s(&link)]);
+    assert!(fs::symlink_metadata(&link)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+    let archive = fs::read(&real).expect("read");
+    assert!(
+        archive.len() > 100_000,
+        "archive is {} bytes",
+        archive.len()
+    );
+    let listed = std::process::Command::new("tar")
+        .arg("-tf")
+        .arg(&real)
+        .output()
+        .expect("tar");
+    assert!(listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("sub/b.bin"));
+
+    // A dangling symlink: its target is created, the link stays.
+    let dangling = work.path().join("dangling.tar");
+    std::os::unix::fs::symlink("made-by-export.tar", &dangling).expect("symlink");
+    ok(&["export", "--store", s(&store), "-o", s(&dangling)]);
+    assert!(work.path().join("made-by-export.tar").is_file());
+    assert!(fs::symlink_metadata(&dangling)
+        .expect("lstat")
+        .file_type()
+        .is_symlink());
+
+    // A FIFO is written through (a reader gets the whole archive) and stays
+    // a FIFO.
+    let fifo = work.path().join("pipe");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(&fifo).expect("read fifo"))
+    };
+    ok(&["export", "--store", s(&store), "-o", s(&fifo)]);
+    let through = reader.join().expect("reader");
+    assert_eq!(through, archive, "the FIFO carried another archive");
+    assert!(fs::symlink_metadata(&fifo)
+        .expect("lstat")
+        .file_type()
+        .is_fifo());
+
+    // /dev/null is a device: written to, never replaced.
+    let null_before = fs::symlink_metadata("/dev/null").expect("lstat");
+    ok(&["export", "--store", s(&store), "-o", "/dev/null"]);
+    let null_after = fs::symlink_metadata("/dev/null").expect("lstat");
+    assert!(null_after.file_type().is_char_device());
+    assert_eq!(null_before.ino(), null_after.ino());
+
+    // A directory is refused by name.
+    let err = refused(&["export", "--store", s(&store), "-o", s(work.path())]);
+    assert!(err.contains("is a directory"), "{err}");
+}
+
+/// Whether process `pid` is alive (not gone, not a zombie).
+fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Starts `run` with an app that records its pid and sleeps; returns the
+/// agent and the app's pid.
+fn run_sleeper(work: &Path, extra: &[&str]) -> (common::Reaped, i32) {
+    let state = work.join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    let pid_file = work.join("app.pid");
+    let _ = fs::remove_file(&pid_file);
+    let script = format!("echo $$ > {}; exec sleep 1000", s(&pid_file));
+    let mut args = vec![
+        "run".to_string(),
+        "--backend".into(),
+        "inotify".into(),
+        "--state-dir".into(),
+        format!("data={}", s(&state)),
+        "--store".into(),
+        s(&work.join("store.dk")).into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(["--".into(), "sh".into(), "-c".into(), script]);
+    let agent = common::Reaped(
+        std::process::Command::new(common::BIN)
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start run"),
+    );
+    let started = std::time::Instant::now();
+    let pid = loop {
+        if let Some(pid) = fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the app did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (agent, pid)
+}
+
+#[test]
+fn run_killed_with_sigkill_takes_the_app_with_it_unless_told_not_to() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut agent, app) = run_sleeper(work.path(), &[]);
+    assert!(alive(app));
+    agent.0.kill().expect("kill -9 run");
+    agent.0.wait().expect("wait");
+    let killed = std::time::Instant::now();
+    while alive(app) {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(5),
+            "the app {app} still runs 5 s after run was killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+
+    // The old behaviour, asked for: the app outlives it.
+    let (mut agent, app) = run_sleeper(work.path(), &["--app-survives"]);
+    agent.0.kill().expect("kill -9 run");
+    agent.0.wait().expect("wait");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let survived = alive(app);
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(app).expect("pid"),
+        rustix::process::Signal::KILL,
+    );
+    assert!(survived, "--app-survives: the app died with run");
+}
+
+#[test]
+fn a_state_dir_whose_path_holds_an_equals_sign_is_that_path() {
+    let work = tempfile::tempdir().expect("tempdir");
+    fs::create_dir_all(work.path().join("eq=dir/data")).expect("mkdir");
+    fs::write(work.path().join("eq=dir/data/f"), b"x").expect("write");
+    let snapshot = |spec: &str| {
+        std::process::Command::new(common::BIN)
+            .current_dir(work.path())
+            .args(["snapshot", "--state-dir", spec, "--store", "s.dk", "--json"])
+            .output()
+            .expect("run")
+    };
+    // Only the whole path exists: it is a path, named after its last part.
+    let out = snapshot("eq=dir/data");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = ok(&[
+        "log",
+        "--store",
+        s(&work.path().join("s.dk")),
+        "--batches",
+        "--json",
+    ]);
+    assert!(log.contains("\"data\""), "{log}");
+    assert!(!log.contains("\"eq\""), "{log}");
+    // Both readings exist: refused as ambiguous, naming both.
+    fs::create_dir_all(work.path().join("dir/data")).expect("mkdir");
+    let out = snapshot("eq=dir/data");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ambiguous"), "{err}");
+}
+
+/// `restore` of the latest state into a fresh `to`.
+fn restored(store: &Path, to: &Path) -> std::collections::BTreeMap<Vec<u8>, common::Node> {
+    let _ = fs::remove_dir_all(to);
+    ok(&["restore", "--store", s(store), "--to", s(to)]);
+    common::read_tree(to)
+}
+
+#[test]
+fn a_file_rewritten_while_read_is_never_stored_torn() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let hot = state.join("hot.bin");
+    const SIZE: usize = 32 << 20;
+    fs::write(&hot, vec![b'A'; SIZE]).expect("write");
+    fs::write(state.join("quiet.txt"), b"one").expect("write");
+    let root = format!("data={}", s(&state));
+    let snapshot = || diffkeeper(&["snapshot", "--state-dir", &root, "--store", s(&store)]);
+    assert!(snapshot().status.success());
+
+    // A writer rewriting the whole file, pass after pass, 1 MiB at a time,
+    // each pass with another byte: a read while it runs is a mix of two
+    // passes, which never existed as a whole.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let hot = hot.clone();
+        std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let file = fs::OpenOptions::new().write(true).open(&hot).expect("open");
+            let mut pass = 0u8;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pass = pass.wrapping_add(1);
+                let block = vec![b'B' + pass % 20; 1 << 20];
+                for i in 0..SIZE / block.len() {
+                    file.write_all_at(&block, (i * block.len()) as u64)
+                        .expect("pwrite");
+                }
+            }
+        })
+    };
+    fs::write(state.join("quiet.txt"), b"two").expect("write");
+    let out = snapshot();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tree = restored(&store, &work.path().join("restored"));
+    // Whatever was stored of hot.bin is one whole pass.
+    let Some(common::Node::File { content, .. }) = tree.get(&b"hot.bin"[..]) else {
+        panic!("hot.bin not restored as a file");
+    };
+    assert_eq!(content.len(), SIZE);
+    assert!(
+        content.iter().all(|&b| b == content[0]),
+        "a torn hot.bin was stored (snapshot said: {err})"
+    );
+    // It was read while written throughout: the snapshot says so, fails,
+    // and keeps the previous version; the rest of the batch is committed.
+    assert!(!out.status.success(), "snapshot succeeded: {err}");
+    assert!(
+        err.contains("hot.bin") && err.contains("kept changing while read"),
+        "{err}"
+    );
+    assert_eq!(content[0], b'A');
+    assert!(
+        matches!(tree.get(&b"quiet.txt"[..]), Some(common::Node::File { content, .. }) if content == b"two"),
+        "quiet.txt was not committed beside the torn file"
+    );
+}
+
+#[test]
+fn a_path_that_cannot_be_looked_at_does_not_stop_the_rest() {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags, CWD};
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("top.txt"), b"one").expect("write");
+    // 18 levels of 250-byte names, made through directory descriptors:
+    // 4,500 bytes, more than any path the kernel takes whole (replay could
+    // not write it back, so it is not kept).
+    let mut dir = openat(
+        CWD,
+        &state,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .expect("open state");
+    for level in 0..18 {
+        let long = format!("{level:02}{}", "x".repeat(248));
+        mkdirat(&dir, long.as_str(), Mode::from_raw_mode(0o755)).expect("mkdir");
+        dir = openat(
+            &dir,
+            long.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .expect("open level");
+    }
+    let root = format!("data={}", s(&state));
+    for round in ["one", "two"] {
+        fs::write(state.join("top.txt"), round).expect("write");
+        let out = diffkeeper(&["snapshot", "--state-dir", &root, "--store", s(&store)]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Said, and failed, but the rest is committed.
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("longer than Linux takes"), "{err}");
+        let tree = restored(&store, &work.path().join("restored"));
+        assert!(
+            matches!(tree.get(&b"top.txt"[..]), Some(common::Node::File { content, mtime_ns: t, .. })
+                if content == round.as_bytes() && *t == mtime_ns(&state.join("top.txt"))),
+            "top.txt was not committed: {err}"
+        );
+    }
+}
+
+fn mtime_ns(path: &Path) -> i64 {
+    let meta = fs::metadata(path).expect("stat");
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_while_captured_never_lets_outside_files_in() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let secret = work.path().join("secret");
+    fs::create_dir_all(state.join("d")).expect("mkdir");
+    fs::create_dir_all(&secret).expect("mkdir");
+    for i in 0..50 {
+        fs::write(state.join(format!("d/f{i}")), format!("inside {i}")).expect("write");
+        fs::write(secret.join(format!("f{i}")), format!("SECRET {i}")).expect("write");
+    }
+    fs::write(state.join("top.txt"), b"0").expect("write");
+    let root = format!("data={}", s(&state));
+    ok(&["snapshot", "--state-dir", &root, "--store", s(&store)]);
+
+    // The app swaps its directory for a symlink to the secret one and back,
+    // as fast as it can, while snapshots run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let (state, secret) = (state.clone(), secret.clone());
+        std::thread::spawn(move || {
+            let (d, real) = (state.join("d"), state.join("d.real"));
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::rename(&d, &real).expect("rename away");
+                std::os::unix::fs::symlink(&secret, &d).expect("symlink");
+                std::thread::yield_now();
+                fs::remove_file(&d).expect("unlink");
+                fs::rename(&real, &d).expect("rename back");
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    for round in 0..40 {
+        fs::write(state.join("top.txt"), round.to_string()).expect("write");
+        // Failing a batch for a path replaced mid-walk is fine; reading
+        // the secret is not.
+        diffkeeper(&["snapshot", "--state-dir", &root, "--store", s(&store)]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().expect("swapper");
+    assert!(swaps > 100, "only {swaps} swaps");
+    let log = json(&["log", "--store", s(&store), "--batches", "--json"]);
+    let batches: Vec<u64> = log
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|b| b["batch"].as_u64())
+        .collect();
+    assert!(batches.len() > 10, "{log}");
+    for batch in batches {
+        let to = work.path().join(format!("r{batch}"));
+        ok(&[
+            "restore",
+            "--store",
+            s(&store),
+            "--batch",
+            &batch.to_string(),
+            "--to",
+            s(&to),
+        ]);
+        for (path, node) in common::read_tree(&to) {
+            if let common::Node::File { content, .. } = node {
+                assert!(
+                    !content.starts_with(b"SECRET"),
+                    "batch {batch}: {} holds a file from outside the tree",
+                    String::from_utf8_lossy(&path)
+                );
+            }
+        }
+        fs::remove_dir_all(&to).expect("rm");
+    }
+}
+
+#[test]
+fn a_store_that_is_a_dangling_symlink_is_not_a_first_start() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("f"), b"mine").expect("write");
+    let store = work.path().join("store.dk");
+    std::os::unix::fs::symlink(work.path().join("unmounted/store.dk"), &store).expect("symlink");
+    let root = format!("data={}", s(&state));
+    for command in ["replay", "snapshot"] {
+        let err = refused(&[command, "--state-dir", &root, "--store", s(&store)]);
+        assert!(
+            err.contains("symlink") && err.contains("unmounted/store.dk"),
+            "{command}: {err}"
+        );
+    }
+    assert!(!work.path().join("unmounted").exists());
+    assert_eq!(fs::read(state.join("f")).expect("read"), b"mine");
+}
