@@ -8,18 +8,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use common::{diffkeeper, json, ok, s};
-
-/// Runs diffkeeper expecting failure; returns stderr.
-fn refused(args: &[&str]) -> String {
-    let out = diffkeeper(args);
-    assert!(
-        !out.status.success(),
-        "diffkeeper {args:?} should have failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{diffkeeper, json, ok, refused, s};
 
 /// A store with two batches of a small tree.
 fn small_history(work: &Path) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_tree, diffkeeper, ok, read_tree, s, Reaped, Rng, BIN};
+use common::{assert_same_tree, ok, read_tree, refused, s, Reaped, Rng, BIN};
 
 /// A tmpfs of a fixed size, unmounted when dropped.
 struct Tmpfs(PathBuf);
@@ -45,12 +45,6 @@ impl Drop for Tmpfs {
 
 fn root_arg(dir: &Path) -> String {
     format!("data={}", s(dir))
-}
-
-fn refused(args: &[&str]) -> String {
-    let out = diffkeeper(args);
-    assert!(!out.status.success(), "diffkeeper {args:?} should fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

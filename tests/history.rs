@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::edit::{build_tree, expected, Editor, Tree};
-use common::{assert_same_tree, diffkeeper, json, ok, read_tree, s, Node, Rng, BIN};
+use common::{assert_same_tree, diffkeeper, json, ok, read_tree, refused, s, Node, Rng, BIN};
 
 /// 2026-11-01T00:00:00Z in ms: the recorded histories start there.
 const START_MS: i64 = 1_793_491_200_000;
@@ -62,17 +62,6 @@ fn refused_restore(store: &Path, to: &Path, selector: &[&str]) -> String {
     let mut args = vec!["restore", "--store", s(store), "--to", s(to)];
     args.extend_from_slice(selector);
     refused(&args)
-}
-
-/// Runs diffkeeper expecting failure; returns stderr.
-fn refused(args: &[&str]) -> String {
-    let out = diffkeeper(args);
-    assert!(
-        !out.status.success(),
-        "diffkeeper {args:?} should have failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn batch_ids(store: &Path) -> Vec<u64> {

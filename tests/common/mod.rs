@@ -50,6 +50,17 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs diffkeeper expecting failure; returns stderr.
+pub fn refused(args: &[&str]) -> String {
+    let out = diffkeeper(args);
+    assert!(
+        !out.status.success(),
+        "diffkeeper {args:?} should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Runs diffkeeper and parses its JSON output.
 pub fn json(args: &[&str]) -> serde_json::Value {
     let stdout = ok(args);
