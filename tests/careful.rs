@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use common::{diffkeeper, json, ok, refused, s};
+use common::{alive, diffkeeper, json, ok, refused, s};
 
 /// A store with two batches of a small tree.
 fn small_history(work: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -125,16 +125,6 @@ fn export_never_replaces_the_store_or_a_device_or_a_link() {
     // A directory is refused by name.
     let err = refused(&["export", "--store", s(&store), "-o", s(work.path())]);
     assert!(err.contains("is a directory"), "{err}");
-}
-
-/// Whether process `pid` is alive (not gone, not a zombie).
-fn alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
 }
 
 /// Starts `run` with an app that records its pid and sleeps; returns the
@@ -356,15 +346,10 @@ fn a_path_that_cannot_be_looked_at_does_not_stop_the_rest() {
         let tree = restored(&store, &work.path().join("restored"));
         assert!(
             matches!(tree.get(&b"top.txt"[..]), Some(common::Node::File { content, mtime_ns: t, .. })
-                if content == round.as_bytes() && *t == mtime_ns(&state.join("top.txt"))),
+                if content == round.as_bytes() && *t == common::mtime_ns(&fs::metadata(state.join("top.txt")).expect("stat"))),
             "top.txt was not committed: {err}"
         );
     }
-}
-
-fn mtime_ns(path: &Path) -> i64 {
-    let meta = fs::metadata(path).expect("stat");
-    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
 #[test]

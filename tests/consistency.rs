@@ -411,49 +411,48 @@ fn beats(beat: &Path) -> bool {
     false
 }
 
+/// Kills `run` with SIGKILL while its app (started with `extra`) is
+/// frozen; requires the app's cgroup thawed within 1 s and the store
+/// intact. Returns whether the app ran on afterwards.
+fn app_runs_after_the_agent_is_killed_frozen(extra: &[&str]) -> bool {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (mut agent, cgroup, beat) = frozen_app(work.path(), extra);
+    let store = work.path().join("store.dk");
+    rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
+    let killed = Instant::now();
+    while frozen(&cgroup) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "{extra:?}: the app's cgroup was still frozen 1 s after the agent died"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!(
+        "{extra:?}: thawed {:?} after the agent was killed",
+        killed.elapsed()
+    );
+    agent.0.wait().expect("wait");
+    // Time for an app killed with the agent to be gone.
+    std::thread::sleep(Duration::from_millis(200));
+    let runs = beats(&beat);
+    // End whatever is left.
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    ok(&["verify", "--store", s(&store)]);
+    runs
+}
+
 #[test]
 fn the_app_runs_again_when_the_agent_is_killed_while_it_is_frozen() {
     // --app-survives: the app outlives the killed agent, thawed.
-    let work = tempfile::tempdir().expect("tempdir");
-    let (mut agent, cgroup, beat) = frozen_app(work.path(), &["--app-survives"]);
-    let store = work.path().join("store.dk");
-    rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
-    let killed = Instant::now();
-    while frozen(&cgroup) {
-        assert!(
-            killed.elapsed() < Duration::from_secs(1),
-            "the app was still frozen 1 s after the agent died"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let thawed_after = killed.elapsed();
-    agent.0.wait().expect("wait");
-    let runs = beats(&beat);
-    // The app outlives the killed agent; end it.
-    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
-    assert!(runs, "the app did not run again after the agent was killed");
-    eprintln!("thawed {thawed_after:?} after the agent was killed");
-    ok(&["verify", "--store", s(&store)]);
-
+    assert!(
+        app_runs_after_the_agent_is_killed_frozen(&["--app-survives"]),
+        "the app did not run again after the agent was killed"
+    );
     // By default the app dies with the agent, and nothing is left frozen.
-    let work = tempfile::tempdir().expect("tempdir");
-    let (mut agent, cgroup, beat) = frozen_app(work.path(), &[]);
-    let store = work.path().join("store.dk");
-    rustix::process::kill_process(pid(agent.0.id()), Signal::KILL).expect("SIGKILL the agent");
-    agent.0.wait().expect("wait");
-    let killed = Instant::now();
-    while frozen(&cgroup) {
-        assert!(
-            killed.elapsed() < Duration::from_secs(1),
-            "the cgroup was still frozen 1 s after the agent died"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let runs = beats(&beat);
-    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
-    assert!(!runs, "the app kept running after the agent was killed");
-    ok(&["verify", "--store", s(&store)]);
+    assert!(
+        !app_runs_after_the_agent_is_killed_frozen(&[]),
+        "the app kept running after the agent was killed"
+    );
 }
 
 #[test]

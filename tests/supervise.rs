@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_tree, ok, read_tree, s, Reaped, BIN};
+use common::{alive, assert_same_tree, ok, read_tree, s, Reaped, BIN};
 
 const BACKENDS: [&str; 3] = ["ebpf", "inotify", "scan"];
 
@@ -221,17 +221,6 @@ fn an_app_killed_mid_write_leaves_a_verified_replayable_state() {
     // The final capture ran after the app and the `head` it left running
     // died: the store has the last state.
     assert_store_holds(&state, &store, work.path(), "after SIGKILL");
-}
-
-/// Whether process `pid` still exists (as anything but a zombie).
-fn alive(pid: &str) -> bool {
-    fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-        .map(|stat| {
-            !stat
-                .rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 #[test]

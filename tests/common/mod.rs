@@ -50,6 +50,22 @@ pub fn ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether process `pid` still exists (as anything but a zombie).
+pub fn alive(pid: impl std::fmt::Display) -> bool {
+    fs::read_to_string(format!("/proc/{}/stat", pid.to_string().trim()))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A file's mtime in nanoseconds, as the store keeps it.
+pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
+}
+
 /// Runs diffkeeper expecting failure; returns stderr.
 pub fn refused(args: &[&str]) -> String {
     let out = diffkeeper(args);
@@ -167,7 +183,7 @@ pub fn read_tree(root: &Path) -> BTreeMap<Vec<u8>, Node> {
             } else {
                 Node::File {
                     mode: meta.permissions().mode() & 0o7777,
-                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    mtime_ns: mtime_ns(&meta),
                     content: fs::read(&path).expect("read"),
                 }
             };

@@ -574,6 +574,9 @@ struct Workers<'a> {
     /// same new chunk store it once.
     fresh: Mutex<HashMap<[u8; 32], u64>>,
     tx: SyncSender<Message>,
+    /// Each root's directory, opened once, that its files are opened
+    /// beneath.
+    dirs: RootDirs,
 }
 
 /// One batch in the making.
@@ -615,6 +618,7 @@ fn capture(
         next_chunk: AtomicU64::new(writer.next_chunk_id()),
         fresh: Mutex::new(HashMap::new()),
         tx,
+        dirs: RootDirs::of(roots),
     };
     let progress = Progress::new(total as u64, "capturing");
     let jobs: Vec<(&StateDir, &Change)> = roots
@@ -881,7 +885,7 @@ impl Workers<'_> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let file = match open_beneath(&root.path, path) {
+            let file = match self.dirs.open(&root.name, path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(FileCapture::Vanished)
@@ -891,9 +895,10 @@ impl Workers<'_> {
             let before = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
-            // A small file is read whole first and stored after the second
-            // stat, so the time a write can tear the read is one read(2),
-            // not the hashing and encoding too; a large one streams.
+            // A small file is read whole first and stored only when the
+            // second stat shows no write, so the time a write can tear the
+            // read is one read(2), not the hashing and encoding too; a
+            // large one streams. `None`: torn, not stored.
             let (content, after) = if before.len() <= WHOLE_READ_BYTES {
                 let mut bytes = Vec::with_capacity(before.len() as usize + 1);
                 std::io::Read::read_to_end(&mut &file, &mut bytes)
@@ -901,15 +906,10 @@ impl Workers<'_> {
                 let after = file
                     .metadata()
                     .with_context(|| format!("cannot stat {}", full.display()))?;
-                let unsteady = bytes.len() as u64 != after.len() || !same_stamps(&before, &after);
-                if unsteady && attempt < READ_ATTEMPTS {
-                    tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
-                    continue;
-                }
-                let content = if unsteady {
-                    Content::default()
+                let content = if bytes.len() as u64 == after.len() && same_stamps(&before, &after) {
+                    Some(self.read_content(std::io::Cursor::new(bytes), full, &mut references)?)
                 } else {
-                    self.read_content(std::io::Cursor::new(bytes), full, &mut references)?
+                    None
                 };
                 (content, after)
             } else {
@@ -917,29 +917,27 @@ impl Workers<'_> {
                 let after = file
                     .metadata()
                     .with_context(|| format!("cannot stat {}", full.display()))?;
-                (content, after)
+                (Some(content), after)
             };
-            let steady = before.len() == after.len()
-                && same_stamps(&before, &after)
-                && content.size == after.len();
-            if !steady && attempt < READ_ATTEMPTS {
-                tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
-                continue;
-            }
-            if !steady {
+            match content.filter(|c| c.size == after.len() && same_stamps(&before, &after)) {
+                Some(content) => {
+                    return Ok(content.record(
+                        before.mode() & 0o7777,
+                        crate::scan::mtime_ns(&before),
+                        previous,
+                    ))
+                }
+                None if attempt < READ_ATTEMPTS => {
+                    tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
+                }
                 // What was read is a mix of versions that never existed as
-                // a whole: never stored. The chunks it wrote are referenced
-                // by no version, and compaction drops them.
-                anyhow::bail!(
+                // a whole: never stored. The chunks a streamed read wrote
+                // are referenced by no version, and compaction drops them.
+                None => anyhow::bail!(
                     "{} kept changing while read ({READ_ATTEMPTS} reads, none of them whole); not captured this time: its previous version stays the latest, and it is read again by the next capture",
                     full.display()
-                );
+                ),
             }
-            return Ok(content.record(
-                before.mode() & 0o7777,
-                crate::scan::mtime_ns(&before),
-                previous,
-            ));
         }
     }
 
@@ -1118,26 +1116,62 @@ struct NewChunk {
     bases: Vec<u64>,
 }
 
-/// Opens `rel` below `root` to read it, never through a symlink, in any
-/// component: resolved by the kernel within the root
-/// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`), so an app that swaps
-/// a directory of its tree for a symlink while it is read cannot make a
-/// root agent read what lies outside the tree.
-fn open_beneath(root: &Path, rel: &[u8]) -> std::io::Result<File> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let dir = rustix::fs::open(
-        root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let fd = rustix::fs::openat2(
-        &dir,
-        std::ffi::OsStr::from_bytes(rel),
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
-    )?;
-    Ok(File::from(fd))
+/// The directories of the roots a capture reads, each opened once, and
+/// the files in them opened beneath them. A root that cannot be opened
+/// fails each of its files' opens, as a file that cannot be opened does.
+struct RootDirs(HashMap<String, Result<std::os::fd::OwnedFd, (std::io::ErrorKind, String)>>);
+
+impl RootDirs {
+    /// Opens the directory of every root with changes in `roots`.
+    fn of(roots: &[RootChanges]) -> RootDirs {
+        use rustix::fs::{Mode, OFlags};
+        let dirs = roots
+            .iter()
+            .filter(|r| !r.changes.is_empty())
+            .map(|r| {
+                let dir = rustix::fs::open(
+                    &r.root.path,
+                    OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| {
+                    let e = std::io::Error::from(e);
+                    (
+                        e.kind(),
+                        format!("cannot open state directory {}: {e}", r.root.path.display()),
+                    )
+                });
+                (r.root.name.clone(), dir)
+            })
+            .collect();
+        RootDirs(dirs)
+    }
+
+    /// Opens `rel` below root `name` to read it, never through a symlink,
+    /// in any component: resolved by the kernel within the root
+    /// (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`), so an app that
+    /// swaps a directory of its tree for a symlink while it is read cannot
+    /// make a root agent read what lies outside the tree.
+    fn open(&self, name: &str, rel: &[u8]) -> std::io::Result<File> {
+        use rustix::fs::{Mode, OFlags, ResolveFlags};
+        let dir = match self.0.get(name) {
+            Some(Ok(dir)) => dir,
+            Some(Err((kind, why))) => return Err(std::io::Error::new(*kind, why.clone())),
+            None => {
+                return Err(std::io::Error::other(format!(
+                    "state directory {name} was not opened"
+                )))
+            }
+        };
+        let fd = rustix::fs::openat2(
+            dir,
+            std::ffi::OsStr::from_bytes(rel),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )?;
+        Ok(File::from(fd))
+    }
 }
 
 /// A file's content as stored by [`Workers::read_content`].

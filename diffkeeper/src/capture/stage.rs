@@ -134,7 +134,8 @@ pub fn stage(
     deadline: Instant,
     verify: bool,
 ) -> Result<Staged> {
-    let jobs: Vec<(&str, &[u8], &Path, u64)> = found
+    let dirs = super::RootDirs::of(found);
+    let jobs: Vec<(&str, &[u8], u64)> = found
         .iter()
         .flat_map(|r| {
             r.changes.iter().filter_map(move |c| match c {
@@ -143,18 +144,15 @@ pub fn stage(
                     entry,
                     content: true,
                     ..
-                } if entry.kind == EntryKind::File => Some((
-                    r.root.name.as_str(),
-                    path.as_slice(),
-                    r.root.path.as_path(),
-                    entry.size,
-                )),
+                } if entry.kind == EntryKind::File => {
+                    Some((r.root.name.as_str(), path.as_slice(), entry.size))
+                }
                 _ => None,
             })
         })
         .collect();
-    let needs_spill = jobs.iter().any(|j| j.3 > SMALL_FILE)
-        || jobs.iter().map(|j| j.3).sum::<u64>() > MEMORY_BUDGET;
+    let needs_spill = jobs.iter().any(|j| j.2 > SMALL_FILE)
+        || jobs.iter().map(|j| j.2).sum::<u64>() > MEMORY_BUDGET;
     let spill = if needs_spill {
         Some(tempfile::tempfile_in(spill_dir).with_context(|| {
             format!(
@@ -171,14 +169,13 @@ pub fn stage(
     let left = AtomicU64::new(0);
     let changed = AtomicBool::new(false);
     let files = Mutex::new(HashMap::with_capacity(jobs.len()));
-    jobs.par_iter().for_each(|(root, path, full, size)| {
+    jobs.par_iter().for_each(|(root, path, size)| {
         if Instant::now() >= deadline {
             left.fetch_add(*size, Ordering::Relaxed);
             return;
         }
         let staged = match stage_file(
-            full,
-            path,
+            dirs.open(root, path),
             spill.as_ref(),
             &memory,
             &spill_end,
@@ -215,17 +212,17 @@ pub fn stage(
     })
 }
 
-/// Copies one file; returns it with whether it stayed the same while read.
+/// Copies one file, as `opened`; returns it with whether it stayed the
+/// same while read.
 fn stage_file(
-    root: &Path,
-    rel: &[u8],
+    opened: std::io::Result<File>,
     spill: Option<&File>,
     memory: &AtomicU64,
     spill_end: &AtomicU64,
     verify: bool,
     deadline: Instant,
 ) -> Result<Option<(StagedFile, bool)>> {
-    let file = match super::open_beneath(root, rel) {
+    let file = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Ok(Some((

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -21,11 +21,14 @@ use crate::store::schema::{EntryKind, VersionRecord};
 use crate::store::{LatestEntry, Reader};
 
 /// A file's modification time in nanoseconds since the Unix epoch.
-/// Times past 2262 (or before 1678) do not fit, and are held at the limit.
 pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
-    meta.mtime()
-        .saturating_mul(1_000_000_000)
-        .saturating_add(meta.mtime_nsec())
+    nanos(meta.mtime(), meta.mtime_nsec())
+}
+
+/// A time in nanoseconds since the Unix epoch. Times past 2262 (or before
+/// 1678) do not fit, and are held at the limit.
+fn nanos(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
 /// What a path is on disk now.
@@ -59,38 +62,36 @@ impl FsEntry {
     /// Reads what `path` is, without following a final symlink. `Ok(None)`
     /// for special files (sockets, FIFOs, devices), which are not kept.
     pub fn read(path: &Path) -> io::Result<Option<FsEntry>> {
-        let meta = fs::symlink_metadata(path)?;
-        let ft = meta.file_type();
-        let kind = if ft.is_file() {
-            EntryKind::File
-        } else if ft.is_dir() {
-            EntryKind::Dir
-        } else if ft.is_symlink() {
-            EntryKind::Symlink
-        } else {
-            debug_assert!(
-                ft.is_fifo() || ft.is_socket() || ft.is_block_device() || ft.is_char_device()
-            );
-            return Ok(None);
+        FsEntry::at(rustix::fs::CWD, path.as_os_str())
+    }
+
+    /// What `name` in directory `dir` is, without following it: see
+    /// [`FsEntry::read`].
+    pub fn at(dir: impl std::os::fd::AsFd, name: &std::ffi::OsStr) -> io::Result<Option<FsEntry>> {
+        use rustix::fs::{AtFlags, FileType};
+        let stat = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let kind = match FileType::from_raw_mode(stat.st_mode) {
+            FileType::RegularFile => EntryKind::File,
+            FileType::Directory => EntryKind::Dir,
+            FileType::Symlink => EntryKind::Symlink,
+            _ => return Ok(None),
         };
         let target = if kind == EntryKind::Symlink {
-            fs::read_link(path)?.into_os_string().into_encoded_bytes()
+            rustix::fs::readlinkat(&dir, name, Vec::new())?.into_bytes()
         } else {
             Vec::new()
         };
         Ok(Some(FsEntry {
             kind,
-            mode: meta.mode() & 0o7777,
-            mtime_ns: mtime_ns(&meta),
-            size: if kind == EntryKind::Symlink {
-                target.len() as u64
-            } else if kind == EntryKind::File {
-                meta.len()
-            } else {
-                0
+            mode: stat.st_mode & 0o7777,
+            mtime_ns: nanos(stat.st_mtime as i64, stat.st_mtime_nsec as i64),
+            size: match kind {
+                EntryKind::Symlink => target.len() as u64,
+                EntryKind::File => stat.st_size as u64,
+                _ => 0,
             },
             target,
-            inode: inode_key(meta.dev(), meta.ino()),
+            inode: inode_key(stat.st_dev, stat.st_ino),
         }))
     }
 }
@@ -183,7 +184,7 @@ impl Walked {
 /// walked cannot make the walk list what lies outside the tree, and no
 /// path is ever too long to look at.
 pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
-    use rustix::fs::{openat, readlinkat, statat, AtFlags, Mode, OFlags};
+    use rustix::fs::{openat, Mode, OFlags};
     use std::sync::Arc;
 
     check_root(root)?;
@@ -196,7 +197,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
     .with_context(|| format!("cannot open state directory {}", root.display()))?;
     let excluded = exclude
         .and_then(|x| fs::symlink_metadata(x).ok())
-        .map(|m| (m.dev(), m.ino()));
+        .map(|m| inode_key(m.dev(), m.ino()));
     let mut out = Walked::default();
     let shown = |rel: &[u8]| crate::roots::join(root, rel);
     // Directories still to list: the parent's descriptor, the name in it,
@@ -290,10 +291,13 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
                 ));
                 continue;
             }
-            let os_name = std::ffi::OsStr::from_bytes(name);
-            let stat = match statat(&*dir, os_name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(stat) => stat,
-                Err(rustix::io::Errno::NOENT) => continue,
+            let entry = match FsEntry::at(&*dir, std::ffi::OsStr::from_bytes(name)) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => {
+                    tracing::debug!(path = %shown(&child_rel).display(), "skipping special file");
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => {
                     out.problems.push((
                         child_rel.clone(),
@@ -303,48 +307,9 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
                     continue;
                 }
             };
-            if excluded == Some((stat.st_dev, stat.st_ino)) {
+            if excluded == Some(entry.inode) {
                 continue;
             }
-            let kind = match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
-                rustix::fs::FileType::RegularFile => EntryKind::File,
-                rustix::fs::FileType::Directory => EntryKind::Dir,
-                rustix::fs::FileType::Symlink => EntryKind::Symlink,
-                _ => {
-                    tracing::debug!(path = %shown(&child_rel).display(), "skipping special file");
-                    continue;
-                }
-            };
-            let target = if kind == EntryKind::Symlink {
-                match readlinkat(&*dir, os_name, Vec::new()) {
-                    Ok(target) => target.into_bytes(),
-                    Err(rustix::io::Errno::NOENT) => continue,
-                    Err(e) => {
-                        out.problems.push((
-                            child_rel.clone(),
-                            shown(&child_rel),
-                            format!("cannot read the symlink: {e}"),
-                        ));
-                        continue;
-                    }
-                }
-            } else {
-                Vec::new()
-            };
-            let entry = FsEntry {
-                kind,
-                mode: stat.st_mode & 0o7777,
-                mtime_ns: (stat.st_mtime as i64)
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(stat.st_mtime_nsec as i64),
-                size: match kind {
-                    EntryKind::Symlink => target.len() as u64,
-                    EntryKind::File => stat.st_size as u64,
-                    _ => 0,
-                },
-                target,
-                inode: inode_key(stat.st_dev, stat.st_ino),
-            };
             if entry.kind == EntryKind::Symlink {
                 if let Err(why) = crate::roots::check_symlink_target(&child_rel, &entry.target) {
                     // Replay refuses such links, so recording one would make
@@ -356,7 +321,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
             if entry.kind == EntryKind::Dir {
                 stack.push((
                     dir.clone(),
-                    Some((name.to_vec(), stat.st_ino)),
+                    Some((name.to_vec(), entry.inode.ino)),
                     child_rel.clone(),
                 ));
             }
@@ -408,17 +373,8 @@ pub fn diff_root(
     batch_started: &HashMap<u64, i64>,
     exclude: Option<&Path>,
 ) -> Result<RootChanges> {
-    let walked = walk(&root.path, exclude)?;
-    let problems = walked
-        .problems
-        .iter()
-        .map(|(_, full, why)| (full.clone(), why.clone()))
-        .collect();
-    let mut on_disk = walked.entries;
-    let unseen = Walked {
-        entries: HashMap::new(),
-        problems: walked.problems,
-    };
+    let mut walked = walk(&root.path, exclude)?;
+    let mut on_disk = std::mem::take(&mut walked.entries);
     let scanned = on_disk.len();
     let mut inodes = InodeIndex::new();
     for (path, entry) in &on_disk {
@@ -432,7 +388,7 @@ pub fn diff_root(
             continue;
         }
         match on_disk.remove(&stored.path) {
-            None if unseen.unseen(&stored.path) => {}
+            None if walked.unseen(&stored.path) => {}
             None => changes.push(Change::Delete { path: stored.path }),
             Some(entry) => {
                 let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
@@ -458,7 +414,11 @@ pub fn diff_root(
         changes,
         scanned,
         inodes: Some(inodes),
-        problems,
+        problems: walked
+            .problems
+            .into_iter()
+            .map(|(_, full, why)| (full, why))
+            .collect(),
     })
 }
 

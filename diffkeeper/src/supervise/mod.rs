@@ -118,10 +118,13 @@ pub async fn run(
         unsafe { std::os::unix::process::CommandExt::pre_exec(&mut command, cgroup.enter_fn()) };
     }
     if !run_options.app_survives {
+        // The kernel sends the signal when the thread that forked exits:
+        // this one, which runs `run`'s future (the runtime's `block_on`, on
+        // the main thread) for as long as the app lives.
         let parent = rustix::process::getpid();
         // SAFETY: prctl(2), getppid(2) and kill(2) are async-signal-safe
-        // system calls that touch no memory of the parent; nothing else
-        // runs between fork and exec.
+        // system calls that touch no memory of the parent; the only other
+        // hook between fork and exec is the cgroup's one write(2).
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;

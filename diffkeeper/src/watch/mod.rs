@@ -310,11 +310,12 @@ impl CaptureLoop {
                                 if let Some(walked) = outcome.inodes {
                                     self.inodes[index] = Some(Arc::new(walked));
                                 }
-                                pending[index].failures = failures;
                                 if outcome.unreadable > 0 {
                                     // The rest is committed; these are
-                                    // looked at again (a walk), backing off.
+                                    // looked at again (a walk), backing off
+                                    // from the tries before.
                                     self.summary.unreadable += outcome.unreadable;
+                                    pending[index].failures = failures;
                                     pending[index].dirty.whole = true;
                                     let wait = pending[index].failed();
                                     tracing::warn!(root = %root.name, files = outcome.unreadable, "files not captured: trying again in {}", humantime::format_duration(wait));

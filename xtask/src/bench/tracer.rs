@@ -525,11 +525,10 @@ fn rate_within(windows: &[Window], from: Instant, to: Instant) -> Result<(f64, u
 /// loop does not depend on what the agent captured). The app runs once,
 /// through all of it, reporting its calls every [`WINDOW_MS`]; meanwhile
 /// phases of [`PHASE`] alternate: no agent, the first agent, no agent, the
-/// second agent, ..., no agent, [`CYCLES`] times per agent. Each agent
-/// phase is compared with the mean of the no-agent phases either side of
-/// it: this machine's speed drifts by tens of per cent over seconds (other
-/// guests), and that drift cancels only between phases this close. The
-/// agent starts and stops between phases, and its start-up is not counted.
+/// second agent, ..., no agent, [`CYCLES`] times per agent. The agent
+/// starts and stops between phases, and its start-up is not counted. Each
+/// phase's window rates go to [`quantile_ratio`]; each agent phase is also
+/// paired with the mean of the no-agent phases either side of it.
 fn interleaved(bench: &Bench, load: &Load) -> Result<Measured> {
     let work = &bench.work;
     let (roots, outside) = run_dirs(work, load.crowded)?;
@@ -738,8 +737,8 @@ struct Measured {
     /// Per agent (as in [`Load::agents`]; the first, no agent, has none):
     /// its runs, each with the rate of its no-agent baseline.
     runs: Vec<Vec<(TracerRun, f64)>>,
-    /// Interleaved measurements only: per agent (the first: no agent), the
-    /// app's rate in every window of its phases.
+    /// Per agent (the first: no agent), the app's rate in every window of
+    /// its phases or runs.
     windows: Vec<Vec<f64>>,
 }
 
@@ -782,24 +781,16 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
         let rate_of = |i: usize| median(runs[i].iter().map(|(r, _)| r.rate).collect());
         let paired_of =
             |i: usize| median(runs[i].iter().map(|(run, none)| run.rate / none).collect());
-        let ratio_of = |i: usize| match (windows.get(i), windows.first()) {
-            (Some(agent), Some(none)) => quantile_ratio(agent, none),
-            _ => paired_of(i),
-        };
         println!("{}: no agent {baseline:.0} calls/s", load.label);
         for (i, agent) in load.agents.iter().enumerate().skip(1) {
             let rate_reached = rate_of(i);
-            let ratio = ratio_of(i);
+            let ratio = quantile_ratio(&windows[i], &windows[0]);
             let paired = paired_of(i);
-            let how = if windows.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    " by its {:.0}th-percentile windows ({paired:.3}x paired {})",
-                    WINDOW_QUANTILE * 100.0,
-                    if load.watched { "rounds" } else { "phases" }
-                )
-            };
+            let how = format!(
+                " by its {:.0}th-percentile windows ({paired:.3}x paired {})",
+                WINDOW_QUANTILE * 100.0,
+                if load.watched { "rounds" } else { "phases" }
+            );
             let per_call = median(
                 runs[i]
                     .iter()
@@ -850,7 +841,7 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
                 "bpf_ns_per_call": bpf.map(|b| b.0), "bpf_runs_per_call": bpf.map(|b| b.1),
                 "method": if load.watched { "rounds" } else { "interleaved" },
                 "paired_ratio": paired,
-                "window_rates": windows.get(i), "baseline_window_rates": windows.first(),
+                "window_rates": &windows[i], "baseline_window_rates": &windows[0],
                 "runs": runs[i].iter().map(|(r, none)| json!({
                     "rate": r.rate, "baseline_rate": none, "calls": r.calls, "notices": r.notices,
                     "agent_cpu_secs": r.agent_cpu_secs, "agent_rss_kib": r.agent_rss_kib,
