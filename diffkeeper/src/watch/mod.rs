@@ -111,7 +111,8 @@ impl Default for WatchOptions {
 const MAX_DROPS: u32 = 3;
 /// Longest wait for the first scheduled compaction after start.
 const FIRST_COMPACTION: Duration = Duration::from_secs(60);
-/// How often due directories are looked for.
+/// How often due directories are looked for, while any has unsaved
+/// writes.
 const TICK: Duration = Duration::from_millis(25);
 /// Longest wait between tries of a capture that keeps failing.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
@@ -266,6 +267,9 @@ impl CaptureLoop {
         let mut pending: Vec<Pending> = self.roots.iter().map(|_| Pending::default()).collect();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(TICK);
+        // Ticks only while a directory has unsaved writes (below): an idle
+        // agent does not wake. Coming back, the first tick is at once.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first run comes soon after start, so an app restarted more
         // often than the interval still gets its history trimmed.
         let mut next_compaction =
@@ -288,7 +292,7 @@ impl CaptureLoop {
                         p.last = Some(now);
                     }
                 }
-                _ = tick.tick() => {
+                _ = tick.tick(), if pending.iter().any(|p| p.first.is_some()) => {
                     if self.discover {
                         self.freeze_writers();
                     }
