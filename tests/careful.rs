@@ -448,3 +448,275 @@ fn a_store_that_is_a_dangling_symlink_is_not_a_first_start() {
     assert!(!work.path().join("unmounted").exists());
     assert_eq!(fs::read(state.join("f")).expect("read"), b"mine");
 }
+
+/// Sets `path`'s mtime (and atime) to `ns` nanoseconds since the epoch,
+/// as `touch -r`, `tar -x`, `cp -p` and `rsync -t` do.
+fn set_mtime_ns(path: &Path, ns: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::empty(),
+    )
+    .expect("utimensat");
+}
+
+fn snapshot_of(root: &str, store: &Path) -> serde_json::Value {
+    json(&[
+        "snapshot",
+        "--state-dir",
+        root,
+        "--store",
+        s(store),
+        "--json",
+    ])
+}
+
+/// A changed file that keeps its size and an old mtime (put back by the
+/// tool that wrote it, or arriving by `mv` from elsewhere) is captured, and
+/// replay does not call such a live file current.
+#[test]
+fn a_change_that_keeps_size_and_mtime_is_still_captured_and_replayed() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let root = format!("data={}", s(&state));
+    // An hour-old mtime: size and mtime alone would call these unchanged.
+    // Whole seconds, which is what tar keeps.
+    let old_ns = (common::mtime_ns(&fs::metadata(work.path()).expect("stat")) / 1_000_000_000
+        - 3600)
+        * 1_000_000_000;
+    let names = ["rewritten", "moved-in", "untarred", "copied"];
+    for name in names {
+        fs::write(state.join(name), format!("{name}: version one")).expect("write");
+        set_mtime_ns(&state.join(name), old_ns);
+    }
+    // Past the racy window of the ctimes just set.
+    std::thread::sleep(std::time::Duration::from_millis(2200));
+    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+
+    let elsewhere = work.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).expect("mkdir");
+    let second = |name: &str| format!("{name}: version two");
+    // Rewritten in place, its mtime put back (touch -r).
+    fs::write(state.join("rewritten"), second("rewritten")).expect("write");
+    set_mtime_ns(&state.join("rewritten"), old_ns);
+    // Another inode of the same size and mtime moved over it (mv).
+    fs::write(elsewhere.join("moved-in"), second("moved-in")).expect("write");
+    set_mtime_ns(&elsewhere.join("moved-in"), old_ns);
+    fs::rename(elsewhere.join("moved-in"), state.join("moved-in")).expect("mv");
+    // Extracted from an archive that keeps mtimes (tar -x).
+    fs::write(elsewhere.join("untarred"), second("untarred")).expect("write");
+    set_mtime_ns(&elsewhere.join("untarred"), old_ns);
+    let tar = std::process::Command::new("tar")
+        .args(["-C", s(&elsewhere), "-cf", "-", "untarred"])
+        .output()
+        .expect("tar -c");
+    let mut untar = std::process::Command::new("tar")
+        .args(["-C", s(&state), "-xf", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("tar -x");
+    std::io::Write::write_all(&mut untar.stdin.take().expect("stdin"), &tar.stdout)
+        .expect("feed tar");
+    assert!(untar.wait().expect("tar -x").success());
+    // Copied over it keeping the mtime (cp -p).
+    fs::write(elsewhere.join("copied"), second("copied")).expect("write");
+    set_mtime_ns(&elsewhere.join("copied"), old_ns);
+    let cp = std::process::Command::new("cp")
+        .args(["-p", s(&elsewhere.join("copied")), s(&state.join("copied"))])
+        .status()
+        .expect("cp -p");
+    assert!(cp.success());
+    for name in names {
+        let meta = fs::metadata(state.join(name)).expect("stat");
+        assert_eq!(
+            (meta.len(), common::mtime_ns(&meta)),
+            (format!("{name}: version one").len() as u64, old_ns),
+            "{name}: the test needs size and mtime kept"
+        );
+    }
+    let summary = snapshot_of(&root, &store);
+    assert_eq!(summary["changed"], names.len(), "{summary}");
+    let restored_tree = restored(&store, &work.path().join("restored"));
+    for name in names {
+        match restored_tree.get(name.as_bytes()) {
+            Some(common::Node::File { content, .. }) => {
+                assert_eq!(content, second(name).as_bytes(), "{name}")
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    // Replay over a live file whose content is wrong but whose size and
+    // mtime are the store's: rewritten, not "already current".
+    fs::write(state.join("rewritten"), "rewritten: version 333").expect("write");
+    set_mtime_ns(&state.join("rewritten"), old_ns);
+    let replayed = json(&[
+        "replay",
+        "--state-dir",
+        &root,
+        "--store",
+        s(&store),
+        "--json",
+    ]);
+    assert_eq!(replayed[0]["written"], 1, "{replayed}");
+    assert_eq!(
+        fs::read(state.join("rewritten")).expect("read"),
+        second("rewritten").as_bytes()
+    );
+}
+
+/// Replay and rollback leave alone what the store never had; where a
+/// stored path needs its place they refuse, naming it, unless --force.
+#[test]
+fn replay_never_deletes_what_the_store_never_had() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let root = format!("data={}", s(&state));
+    fs::write(state.join("p"), b"a tracked file").expect("write");
+    fs::write(state.join("keep"), b"kept").expect("write");
+    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--state-dir", &root, "--store", s(&store)];
+        args.extend_from_slice(extra);
+        diffkeeper(&args)
+    };
+
+    // The tracked file became a directory holding a file never captured.
+    fs::remove_file(state.join("p")).expect("rm");
+    fs::create_dir(state.join("p")).expect("mkdir");
+    fs::write(state.join("p/uncaptured"), b"only copy").expect("write");
+    let out = replay(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{} is a directory the store never had",
+            s(&state.join("p"))
+        )) && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        fs::read(state.join("p/uncaptured")).expect("still there"),
+        b"only copy"
+    );
+    let out = replay(&["--force"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read(state.join("p")).expect("read"), b"a tracked file");
+
+    // A rollback to before a directory existed, while that directory holds
+    // a FIFO and a link out of the tree (neither of which a store keeps).
+    fs::create_dir(state.join("later")).expect("mkdir");
+    fs::write(state.join("later/file"), b"captured").expect("write");
+    assert_eq!(snapshot_of(&root, &store)["batch"], 2);
+    let status = std::process::Command::new("mkfifo")
+        .arg(state.join("later/fifo"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    std::os::unix::fs::symlink("/etc/hostname", state.join("later/outside")).expect("symlink");
+    let out = replay(&["--batch", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(s(&state.join("later"))) && stderr.contains("the store never had"),
+        "{stderr}"
+    );
+    assert!(fs::symlink_metadata(state.join("later/fifo"))
+        .expect("the FIFO is left")
+        .file_type()
+        .is_fifo());
+    assert!(fs::symlink_metadata(state.join("later/outside"))
+        .expect("the link is left")
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        fs::read(state.join("later/file")).expect("read"),
+        b"captured"
+    );
+    // Paths the store never had stay, whatever the moment: a FIFO beside.
+    fs::remove_file(state.join("later/fifo")).expect("rm");
+    fs::remove_file(state.join("later/outside")).expect("rm");
+    let status = std::process::Command::new("mkfifo")
+        .arg(state.join("fifo-beside"))
+        .status()
+        .expect("mkfifo");
+    assert!(status.success());
+    let out = replay(&["--batch", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!state.join("later").exists());
+    assert!(fs::symlink_metadata(state.join("fifo-beside"))
+        .expect("untracked FIFO left alone")
+        .file_type()
+        .is_fifo());
+}
+
+/// `chattr` on `path` (ext4 and tmpfs both take +i).
+fn chattr(flag: &str, path: &Path) {
+    let status = std::process::Command::new("chattr")
+        .args([flag, s(path)])
+        .status()
+        .expect("chattr");
+    assert!(status.success(), "chattr {flag} {}", path.display());
+}
+
+/// A file replay cannot replace fails the replay, and every change it had
+/// already made is undone: the directory is as it was, whole.
+#[test]
+fn a_replay_that_fails_midway_leaves_the_directory_as_it_was() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("sub")).expect("mkdir");
+    let root = format!("data={}", s(&state));
+    for name in ["a", "b", "c", "sub/d"] {
+        fs::write(state.join(name), format!("{name} one")).expect("write");
+    }
+    fs::write(state.join("gone"), b"removed in two").expect("write");
+    let old = work.path().join("old");
+    let copy = std::process::Command::new("cp")
+        .args(["-a", s(&state), s(&old)])
+        .status()
+        .expect("cp");
+    assert!(copy.success());
+    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+    for name in ["a", "b", "c", "sub/d"] {
+        fs::write(state.join(name), format!("{name} two, longer")).expect("write");
+    }
+    fs::remove_file(state.join("gone")).expect("rm");
+    fs::create_dir(state.join("new-dir")).expect("mkdir");
+    fs::write(state.join("new-dir/e"), b"e two").expect("write");
+    assert_eq!(snapshot_of(&root, &store)["batch"], 2);
+
+    // The old tree, with `c` immutable: `a` and `b` come before it.
+    let old_root = format!("data={}", s(&old));
+    chattr("+i", &old.join("c"));
+    let before = common::read_tree(&old);
+    let out = diffkeeper(&["replay", "--state-dir", &old_root, "--store", s(&store)]);
+    chattr("-i", &old.join("c"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(s(&old.join("c")))
+            && stderr.contains("nothing in the state directory was changed"),
+        "{stderr}"
+    );
+    common::assert_same_tree(&before, &common::read_tree(&old), "after a failed replay");
+    ok(&["replay", "--state-dir", &old_root, "--store", s(&store)]);
+    common::assert_same_tree(
+        &common::read_tree(&state),
+        &common::read_tree(&old),
+        "the replay once c can be replaced",
+    );
+}

@@ -13,15 +13,19 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, FileTypeExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{assert_same_tree, diffkeeper, fresh, json, ok, read_tree, s, Node, Rng, BIN};
+use common::{
+    assert_same_tree, diffkeeper, fresh, json, ok, read_tree, refused, s, Node, Rng, BIN,
+};
 use diffkeeper::store::{hex, sha256};
 
-use common::edit::{build_tree, escapes, expected, files, path_of, set_mtime, shown, Editor, Tree};
+use common::edit::{
+    build_tree, dirs, escapes, expected, files, path_of, set_mtime, shown, Editor, Tree,
+};
 
 fn root_arg(dir: &Path) -> String {
     format!("data={}", s(dir))
@@ -434,7 +438,20 @@ fn a_symlink_planted_in_the_target_cannot_redirect_deletes() {
     let target = work.path().join("target");
     fs::create_dir_all(&target).expect("mkdir");
     symlink(&outside, target.join("sub")).expect("symlink");
-    replay_into(&target, &store);
+    // The store never had a symlink there: replay refuses to replace it
+    // (it could not bring it back), and with --force replaces the link
+    // itself, never what it points to.
+    let replay = [
+        "replay",
+        "--state-dir",
+        &root_arg(&target),
+        "--store",
+        s(&store),
+    ];
+    let why = refused(&replay);
+    assert!(why.contains(s(&target.join("sub"))), "{why}");
+    assert_same_tree(&before, &read_tree(&outside), "the directory outside");
+    ok(&[&replay[..], &["--force"]].concat());
     assert_same_tree(&before, &read_tree(&outside), "the directory outside");
     assert_same_tree(&expected(&state), &read_tree(&target), "the target");
 }
@@ -685,6 +702,9 @@ fn unchanged_files_cost_no_store_writes() {
     for f in files(&old) {
         set_mtime(&old.join(f), an_hour_ago);
     }
+    // Setting the mtime moved the ctime to now: a read this close to it
+    // proves nothing (see store::schema, Stamps).
+    std::thread::sleep(Duration::from_millis(2200));
     let first = snapshot(&old, &store);
     assert_eq!(first["batch"], 1, "{first}");
     let before = history_size(&store);
@@ -709,10 +729,11 @@ fn unchanged_files_cost_no_store_writes() {
     );
 
     // Files written just now: a snapshot right after the first one reads
-    // them again (their mtimes are too recent to trust) but finds nothing;
-    // once the mtimes settle (see scan::RACY_WINDOW_NS) one commit records
-    // that, adding no batch and no version (the history shows only real
-    // changes), and after that nothing is read or written.
+    // them again (their ctimes are too recent to trust) but finds nothing;
+    // once the ctimes settle (see scan::RACY_WINDOW_NS) one commit records
+    // the stamps of the files and directories it found unchanged, adding no
+    // batch and no version (the history shows only real changes), and after
+    // that nothing is read or written.
     let store = work.path().join("store-new.dk");
     let new = work.path().join("new");
     build_tree(&new, &mut Rng::new(0x5eed_0004), 40);
@@ -721,8 +742,9 @@ fn unchanged_files_cost_no_store_writes() {
     std::thread::sleep(Duration::from_millis(2200));
     let settling = snapshot(&new, &store);
     assert!(
-        settling["batch"].is_null() && u64_of(&settling, "settled") == files(&new).len() as u64,
-        "every file is settled, with no batch: {settling}"
+        settling["batch"].is_null()
+            && u64_of(&settling, "settled") == (files(&new).len() + dirs(&new).len() - 1) as u64,
+        "every file and directory (the root is not one of them) is settled, with no batch: {settling}"
     );
     assert_eq!(
         recorded,
@@ -871,7 +893,9 @@ fn symlinks_out_of_the_state_dir_and_special_files_are_skipped() {
     );
     assert_same_tree(&want, &read_tree(&target), "replay without outside links");
 
-    // A FIFO where the store has a file is replaced by the file.
+    // A FIFO where the store has a file: the store cannot bring a FIFO
+    // back, so replay refuses, naming it, and changes nothing; with
+    // --force the file replaces it.
     let status = Command::new("mkfifo")
         .arg(target.join("sub/f.fifo-placeholder"))
         .status()
@@ -879,7 +903,23 @@ fn symlinks_out_of_the_state_dir_and_special_files_are_skipped() {
     assert!(status.success());
     fs::remove_file(target.join("sub/f")).expect("rm");
     fs::rename(target.join("sub/f.fifo-placeholder"), target.join("sub/f")).expect("mv");
-    replay_into(&target, &store);
+    let replay = [
+        "replay",
+        "--state-dir",
+        &root_arg(&target),
+        "--store",
+        s(&store),
+    ];
+    let why = refused(&replay);
+    assert!(
+        why.contains(s(&target.join("sub/f"))) && why.contains("the store never had"),
+        "{why}"
+    );
+    assert!(fs::symlink_metadata(target.join("sub/f"))
+        .expect("stat")
+        .file_type()
+        .is_fifo());
+    ok(&[&replay[..], &["--force"]].concat());
     assert!(
         fs::symlink_metadata(target.join("sub/f"))
             .expect("stat")
@@ -889,12 +929,13 @@ fn symlinks_out_of_the_state_dir_and_special_files_are_skipped() {
     assert_same_tree(&want, &read_tree(&target), "replay over a FIFO");
 }
 
-/// Overwrites `meta.schema_version` in a store file. redb keeps the small
-/// `meta` table in one leaf: the keys (`created_ms`, `schema_version`, in
-/// order) one after the other, then the values (8 bytes, then the u32 LE).
+/// Overwrites `meta.schema_version` and `meta.min_reader_version` in a
+/// store file. redb keeps the small `meta` table in one leaf: the keys
+/// (`created_ms`, `min_reader_version`, `schema_version`, in order) one
+/// after the other, then the values (8 bytes, then two u32 LE).
 fn set_schema_version(store: &Path, version: u32) {
     let mut bytes = fs::read(store).expect("read store");
-    let keys = b"created_msschema_version";
+    let keys = b"created_msmin_reader_versionschema_version";
     let at = bytes
         .windows(keys.len())
         .position(|w| w == keys)
@@ -902,11 +943,12 @@ fn set_schema_version(store: &Path, version: u32) {
         + keys.len()
         + 8;
     assert_eq!(
-        bytes[at..at + 4],
-        1u32.to_le_bytes(),
-        "schema_version 1 expected at offset {at}"
+        bytes[at..at + 8],
+        [2u32.to_le_bytes(), 2u32.to_le_bytes()].concat(),
+        "schema_version and min_reader_version 2 expected at offset {at}"
     );
     bytes[at..at + 4].copy_from_slice(&version.to_le_bytes());
+    bytes[at + 4..at + 8].copy_from_slice(&version.to_le_bytes());
     fs::write(store, bytes).expect("write store");
 }
 
@@ -920,7 +962,7 @@ fn a_store_of_another_schema_version_is_refused() {
     fs::write(state.join("second"), b"batch 2").expect("write");
     snapshot(&state, &store);
     let good = fs::read(&store).expect("read store");
-    for version in [2u32, 0, u32::MAX] {
+    for version in [3u32, 0, u32::MAX] {
         fs::write(&store, &good).expect("restore store");
         set_schema_version(&store, version);
         let damaged = fs::read(&store).expect("read store");

@@ -454,6 +454,9 @@ fn a_store_naming_a_hostile_state_directory_is_refused() {
             chunks: vec![id],
             target: Vec::new(),
             stored_bytes: 4,
+            owner: None,
+            xattrs: Vec::new(),
+            stamp: None,
         };
         for root in ["ok", "../../escaped"] {
             batch.put_version(root, b"f", &version).expect("version");

@@ -189,6 +189,9 @@ fn entry(kind: EntryKind, target: &[u8]) -> VersionRecord {
         chunks: Vec::new(),
         target: target.to_vec(),
         stored_bytes: 0,
+        owner: None,
+        xattrs: Vec::new(),
+        stamp: None,
     }
 }
 
@@ -269,7 +272,20 @@ fn a_symlink_planted_in_the_target_cannot_redirect_writes() {
     symlink(outside.join("precious"), target.join("top")).expect("symlink");
     let outside_before = read_tree(&outside);
 
+    // Symlinks the store never had: refused by name, nothing followed.
     let out = run(&replay_args(&target, &store));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the store never had"), "{stderr}");
+    assert_same_tree(
+        &outside_before,
+        &read_tree(&outside),
+        "the directory outside the target",
+    );
+    // With --force the links themselves are replaced.
+    let mut forced = replay_args(&target, &store);
+    forced.push("--force".into());
+    let out = run(&forced);
     assert!(out.status.success(), "{out:?}");
     assert_same_tree(
         &read_tree(&state),

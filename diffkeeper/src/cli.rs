@@ -233,6 +233,13 @@ pub enum Command {
         /// mid-replay is followed by another replay).
         #[arg(long)]
         sync: bool,
+        /// Replace or remove what the store does not track when a stored
+        /// path needs its place (a directory holding files never captured
+        /// where the store has a file, a FIFO, a file created since the
+        /// last capture). Without it replay refuses, naming the path, and
+        /// changes nothing.
+        #[arg(long)]
+        force: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -284,7 +291,8 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         root: Option<String>,
         /// Restore into a non-empty DIR: stored paths are brought to that
-        /// moment, other paths are left alone.
+        /// moment (replacing whatever is in their place), other paths are
+        /// left alone.
         #[arg(long)]
         force: bool,
         /// Flush the file system before exiting.
@@ -483,6 +491,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             roots,
             moment,
             sync,
+            force,
             json,
             freeze_cgroups,
             max_pause,
@@ -514,7 +523,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 moment = crate::history::Moment::Batch(kept.target);
             }
-            match crate::replay::replay(&roots.store.store, &dirs, moment, sync)? {
+            let options = crate::replay::ReplayOptions { sync, force };
+            match crate::replay::replay(&roots.store.store, &dirs, moment, options)? {
                 None => {
                     let msg = format!(
                         "no store at {} yet: nothing to replay (first start)",
@@ -818,7 +828,8 @@ fn demo() -> Result<ExitCode> {
 
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;
-    for s in crate::replay::replay(&store_path, &dirs, crate::history::Moment::Latest, false)?
+    let options = crate::replay::ReplayOptions::default();
+    for s in crate::replay::replay(&store_path, &dirs, crate::history::Moment::Latest, options)?
         .unwrap_or_default()
     {
         println!("{s}");

@@ -16,7 +16,8 @@
 //! | history | [`history`] | naming moments, `diff` between them, `export` as tar |
 //! | retention | [`retention`] | which batches a policy keeps; compaction of the rest |
 //!
-//! Around them: [`roots`] (state directories and path safety), [`verify`],
+//! Around them: [`roots`] (state directories and path safety), [`meta`]
+//! (owner and extended attributes, read on capture and applied on replay), [`verify`],
 //! [`report`] (`log`, `log --batches`, `stats`), [`supervise`] (`run`, `watch`), [`progress`]
 //! and [`cli`].
 
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod events;
 pub mod freeze;
 pub mod history;
+pub mod meta;
 pub mod mountinfo;
 pub mod progress;
 pub mod replay;

@@ -34,10 +34,10 @@ use sha2::{Digest, Sha256};
 use crate::freeze::{FreezeError, FreezeSet};
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
-use crate::scan::{check_root, diff_root, Change, InodeIndex, RootChanges};
+use crate::scan::{check_root, diff_root, Change, FsEntry, InodeIndex, RootChanges};
 use crate::store::schema::{
-    BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, VersionRecord,
-    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
+    BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, Owner, Stamp,
+    VersionRecord, Xattr, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
 };
 use crate::store::{now_ms, sha256, BaseCache, Check, Reader, Store};
 use diffkeeper_common::InodeKey;
@@ -59,10 +59,11 @@ pub struct BatchSummary {
     pub new: usize,
     pub changed: usize,
     pub deleted: usize,
-    /// Files whose mtime or size moved but whose content and mode did not.
+    /// Paths read again and found as stored, too close to their ctime to
+    /// record that (they are read again next time).
     pub unchanged_content: usize,
-    /// Files read again because their stored mtime was too close to the
-    /// capture to trust, found unchanged, and recorded as settled.
+    /// Paths read again (no stamp proved them unchanged) and found as
+    /// stored: their new stamp is recorded (`seen`), no version.
     pub settled: usize,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
@@ -510,11 +511,7 @@ fn find_changes(
             }
         }
     }
-    let batch_started: HashMap<u64, i64> = reader
-        .batches()?
-        .into_iter()
-        .map(|(id, batch)| (id, batch.started_ms))
-        .collect();
+    let batch_started = reader.batch_started()?;
     // The store may live inside a state directory; it is never captured.
     let store_canonical = std::fs::canonicalize(store_path).ok();
     roots
@@ -545,8 +542,13 @@ enum Message {
         path: Vec<u8>,
         record: VersionRecord,
     },
-    /// The path's newest version was read again and found unchanged.
-    Settled { root: String, path: Vec<u8> },
+    /// The path's newest version was read again and found unchanged, as
+    /// `stamp`.
+    Seen {
+        root: String,
+        path: Vec<u8>,
+        stamp: Stamp,
+    },
 }
 
 enum Outcome {
@@ -556,8 +558,8 @@ enum Outcome {
         stored: u64,
     },
     UnchangedContent,
-    /// Unchanged, and its mtime is now old enough to trust: marked
-    /// settled, no new version.
+    /// Unchanged, and read clearly after its ctime: its stamp is recorded
+    /// (`seen`), no new version.
     Settled,
     Vanished,
     Failed(PathBuf, String),
@@ -655,7 +657,7 @@ fn capture(
                 Message::Version { root, path, record } => {
                     writer.put_version(&root, &path, &record)
                 }
-                Message::Settled { root, path } => writer.settle(&root, &path, started_ms),
+                Message::Seen { root, path, stamp } => writer.see(&root, &path, stamp, started_ms),
             };
         }
         (handle.join(), write_result)
@@ -728,7 +730,7 @@ fn capture(
     };
     if files_changed == 0 {
         // Only files found unchanged: no new moment in the history.
-        writer.commit_settled_only()?;
+        writer.commit_seen_only()?;
         return Ok(summary);
     }
     let record = BatchRecord {
@@ -772,72 +774,39 @@ impl Workers<'_> {
                 path,
                 entry,
                 previous,
-                content,
-                recheck,
+                ..
             } => {
                 let record = match entry.kind {
-                    EntryKind::File if *content => {
-                        match self.capture_file(root, path, full, previous.as_ref())? {
+                    EntryKind::File => {
+                        match self.capture_file(root, path, full, previous.as_deref())? {
                             FileCapture::Vanished => return Ok(Outcome::Vanished),
-                            // Same content, new mtime: a metadata-only
-                            // version (no chunk written), so replay restores
-                            // the mtime too.
-                            FileCapture::Unchanged(now)
-                                if previous
-                                    .as_ref()
-                                    .is_some_and(|p| p.mtime_ns != now.mtime_ns) =>
-                            {
-                                now
+                            FileCapture::Unchanged(stamp) => {
+                                return self.seen_again(root, path, stamp)
                             }
-                            // Read again only because the stored version was
-                            // racy: once the mtime is clearly older than this
-                            // batch, marking it settled makes size and mtime
-                            // trustworthy again, so it is not re-read on every
-                            // snapshot.
-                            FileCapture::Unchanged(now)
-                                if *recheck
-                                    && !crate::scan::is_racy(now.mtime_ns, self.started_ms) =>
-                            {
-                                self.send(Message::Settled {
-                                    root: root.name.clone(),
-                                    path: path.clone(),
-                                })?;
-                                return Ok(Outcome::Settled);
-                            }
-                            FileCapture::Unchanged(_) => return Ok(Outcome::UnchangedContent),
                             FileCapture::Version(record) => record,
                         }
                     }
-                    EntryKind::File => {
-                        // Metadata only: reuse the stored content.
-                        let previous = previous
-                            .as_ref()
-                            .context("metadata-only change without a previous version")?;
-                        VersionRecord {
-                            kind: EntryKind::File,
-                            mode: entry.mode,
-                            mtime_ns: entry.mtime_ns,
-                            size: previous.size,
-                            hash: previous.hash,
-                            chunks: previous.chunks.clone(),
-                            target: Vec::new(),
-                            stored_bytes: 0,
+                    EntryKind::Dir => {
+                        let dir = match self.dirs.open(&root.name, path) {
+                            Ok(dir) => dir,
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                return Ok(Outcome::Vanished)
+                            }
+                            Err(e) => {
+                                return Err(e)
+                                    .with_context(|| format!("cannot open {}", full.display()))
+                            }
+                        };
+                        let xattrs = crate::meta::read_xattrs(&dir).with_context(|| {
+                            format!("cannot read the extended attributes of {}", full.display())
+                        })?;
+                        let record = entry_record(entry, xattrs);
+                        if previous.as_ref().is_some_and(|p| same_version(p, &record)) {
+                            return self.seen_again(root, path, entry.stamp());
                         }
+                        record
                     }
-                    EntryKind::Dir | EntryKind::Symlink | EntryKind::Tombstone => VersionRecord {
-                        kind: entry.kind,
-                        mode: entry.mode,
-                        mtime_ns: entry.mtime_ns,
-                        size: entry.size,
-                        hash: if entry.kind == EntryKind::Symlink {
-                            sha256(&entry.target)
-                        } else {
-                            [0; 32]
-                        },
-                        chunks: Vec::new(),
-                        target: entry.target.clone(),
-                        stored_bytes: 0,
-                    },
+                    EntryKind::Symlink | EntryKind::Tombstone => entry_record(entry, Vec::new()),
                 };
                 (path, record)
             }
@@ -861,6 +830,21 @@ impl Workers<'_> {
         })
     }
 
+    /// A path found as its newest version says, read as `stamp`: the stamp
+    /// is recorded when the read started clearly after its ctime, so size,
+    /// mtime and the stamp prove it unchanged from then on.
+    fn seen_again(&self, root: &StateDir, path: &[u8], stamp: Stamp) -> Result<Outcome> {
+        if crate::scan::is_racy(stamp.ctime_ns, self.started_ms) {
+            return Ok(Outcome::UnchangedContent);
+        }
+        self.send(Message::Seen {
+            root: root.name.clone(),
+            path: path.to_vec(),
+            stamp,
+        })?;
+        Ok(Outcome::Settled)
+    }
+
     fn capture_file(
         &self,
         root: &StateDir,
@@ -880,7 +864,11 @@ impl Workers<'_> {
             let content = self
                 .read_content(staged.reader(file), full, &mut references)
                 .with_context(|| format!("staged copy of {}", full.display()))?;
-            return Ok(content.record(file.mode, file.mtime_ns, previous));
+            let attrs = file
+                .attrs
+                .clone()
+                .with_context(|| format!("staged copy of {} has no attributes", full.display()))?;
+            return Ok(content.record(attrs, previous));
         }
         let mut attempt = 0;
         loop {
@@ -895,6 +883,9 @@ impl Workers<'_> {
             let before = file
                 .metadata()
                 .with_context(|| format!("cannot stat {}", full.display()))?;
+            let attrs = Attrs::read(&file, &before).with_context(|| {
+                format!("cannot read the extended attributes of {}", full.display())
+            })?;
             // A small file is read whole first and stored only when the
             // second stat shows no write, so the time a write can tear the
             // read is one read(2), not the hashing and encoding too; a
@@ -920,13 +911,7 @@ impl Workers<'_> {
                 (Some(content), after)
             };
             match content.filter(|c| c.size == after.len() && same_stamps(&before, &after)) {
-                Some(content) => {
-                    return Ok(content.record(
-                        before.mode() & 0o7777,
-                        crate::scan::mtime_ns(&before),
-                        previous,
-                    ))
-                }
+                Some(content) => return Ok(content.record(attrs, previous)),
                 None if attempt < READ_ATTEMPTS => {
                     tracing::debug!(path = %full.display(), attempt, "file changed while read; reading again");
                 }
@@ -1100,7 +1085,7 @@ const WHOLE_READ_BYTES: u64 = 1 << 20;
 /// and ctime. ctime because the app cannot set it, and on file systems with
 /// fine-grained timestamps the first stat makes the next write stamp a new
 /// one, even within one clock tick.
-fn same_stamps(before: &std::fs::Metadata, after: &std::fs::Metadata) -> bool {
+pub(crate) fn same_stamps(before: &std::fs::Metadata, after: &std::fs::Metadata) -> bool {
     before.len() == after.len()
         && crate::scan::mtime_ns(before) == crate::scan::mtime_ns(after)
         && (before.ctime(), before.ctime_nsec()) == (after.ctime(), after.ctime_nsec())
@@ -1185,34 +1170,101 @@ struct Content {
 }
 
 impl Content {
-    /// The version this content makes with `mode` and `mtime_ns`: unchanged
-    /// when content and mode are the previous version's.
-    fn record(self, mode: u32, mtime_ns: i64, previous: Option<&VersionRecord>) -> FileCapture {
-        let unchanged = previous
-            .is_some_and(|p| p.kind == EntryKind::File && p.hash == self.hash && p.mode == mode);
+    /// The version this content makes with `attrs`; `Unchanged` when it is
+    /// `previous` but for the stamp.
+    fn record(self, attrs: Attrs, previous: Option<&VersionRecord>) -> FileCapture {
         let record = VersionRecord {
             kind: EntryKind::File,
-            mode,
-            mtime_ns,
+            mode: attrs.mode,
+            mtime_ns: attrs.mtime_ns,
             size: self.size,
             hash: self.hash,
             chunks: self.chunks,
             target: Vec::new(),
             stored_bytes: self.stored,
+            owner: Some(attrs.owner),
+            xattrs: attrs.xattrs,
+            stamp: Some(attrs.stamp),
         };
-        if unchanged {
-            FileCapture::Unchanged(record)
+        if previous.is_some_and(|p| same_version(p, &record)) {
+            FileCapture::Unchanged(attrs.stamp)
         } else {
             FileCapture::Version(record)
         }
     }
 }
 
+/// What a file's version keeps beside its content, as read with it.
+#[derive(Debug, Clone)]
+pub struct Attrs {
+    /// Permission bits.
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub owner: Owner,
+    pub xattrs: Vec<Xattr>,
+    pub stamp: Stamp,
+}
+
+impl Attrs {
+    /// The attributes of the open file `file`, whose stat is `stat`.
+    pub fn read(file: &File, stat: &std::fs::Metadata) -> std::io::Result<Attrs> {
+        Ok(Attrs {
+            mode: stat.mode() & 0o7777,
+            mtime_ns: crate::scan::mtime_ns(stat),
+            owner: Owner {
+                uid: stat.uid(),
+                gid: stat.gid(),
+            },
+            xattrs: crate::meta::read_xattrs(file)?,
+            stamp: crate::scan::stamp_of(stat),
+        })
+    }
+}
+
+/// Whether `now` records what `previous` does (content, mode, mtime, owner,
+/// extended attributes), whatever the stamps it was read with. A
+/// directory's mtime, which moves with its entries, is not compared.
+fn same_version(previous: &VersionRecord, now: &VersionRecord) -> bool {
+    previous.kind == now.kind
+        && previous.mode == now.mode
+        && (previous.mtime_ns == now.mtime_ns || now.kind == EntryKind::Dir)
+        && previous.size == now.size
+        && previous.hash == now.hash
+        && previous.target == now.target
+        && previous.owner == now.owner
+        && previous.xattrs == now.xattrs
+}
+
+/// The version of a directory, symlink (or, for completeness, tombstone)
+/// as the walk saw it, with `xattrs`.
+fn entry_record(entry: &FsEntry, xattrs: Vec<Xattr>) -> VersionRecord {
+    if entry.kind == EntryKind::Tombstone {
+        return VersionRecord::tombstone();
+    }
+    VersionRecord {
+        kind: entry.kind,
+        mode: entry.mode,
+        mtime_ns: entry.mtime_ns,
+        size: entry.size,
+        hash: if entry.kind == EntryKind::Symlink {
+            sha256(&entry.target)
+        } else {
+            [0; 32]
+        },
+        chunks: Vec::new(),
+        target: entry.target.clone(),
+        stored_bytes: 0,
+        owner: Some(entry.owner),
+        xattrs,
+        stamp: Some(entry.stamp()),
+    }
+}
+
 enum FileCapture {
     Version(VersionRecord),
-    /// Same content and mode as the previous version; the record describes
-    /// the file as read now.
-    Unchanged(VersionRecord),
+    /// Same content and metadata as the previous version, read as this
+    /// stamp.
+    Unchanged(Stamp),
     Vanished,
 }
 

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -35,9 +35,9 @@ const SMALL_FILE: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct StagedFile {
     pub len: u64,
-    pub mtime_ns: i64,
-    /// Permission bits.
-    pub mode: u32,
+    /// Mode, mtime, owner, extended attributes and stamp, as copied
+    /// (`None` when it had vanished).
+    pub attrs: Option<super::Attrs>,
     place: Place,
 }
 
@@ -139,12 +139,7 @@ pub fn stage(
         .iter()
         .flat_map(|r| {
             r.changes.iter().filter_map(move |c| match c {
-                Change::Write {
-                    path,
-                    entry,
-                    content: true,
-                    ..
-                } if entry.kind == EntryKind::File => {
+                Change::Write { path, entry, .. } if entry.kind == EntryKind::File => {
                     Some((r.root.name.as_str(), path.as_slice(), entry.size))
                 }
                 _ => None,
@@ -228,8 +223,7 @@ fn stage_file(
             return Ok(Some((
                 StagedFile {
                     len: 0,
-                    mtime_ns: 0,
-                    mode: 0,
+                    attrs: None,
                     place: Place::Vanished,
                 },
                 true,
@@ -241,6 +235,7 @@ fn stage_file(
     if !before.is_file() {
         return Ok(None);
     }
+    let attrs = super::Attrs::read(&file, &before)?;
     let len = before.len();
     let in_memory = len <= SMALL_FILE
         && memory
@@ -276,13 +271,12 @@ fn stage_file(
     let steady = read == len
         && (!verify || {
             let after = file.metadata()?;
-            after.len() == len && crate::scan::mtime_ns(&after) == crate::scan::mtime_ns(&before)
+            super::same_stamps(&before, &after)
         });
     Ok(Some((
         StagedFile {
             len: read,
-            mtime_ns: crate::scan::mtime_ns(&before),
-            mode: before.mode() & 0o7777,
+            attrs: Some(attrs),
             place,
         },
         steady,

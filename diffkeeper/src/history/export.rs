@@ -229,15 +229,22 @@ fn append_root(
             batch_time
         };
         let shown = || format!("{root}:{}", rel.display());
+        if !v.xattrs.is_empty() && v.kind != EntryKind::Tombstone {
+            append_xattrs(archive, &v.xattrs).with_context(|| {
+                format!("cannot archive the extended attributes of {}", shown())
+            })?;
+        }
         match v.kind {
             EntryKind::Tombstone => {}
             EntryKind::Dir => {
                 let mut header = header(tar::EntryType::Directory, v.mode, seconds);
+                owned(&mut header, v);
                 archive.append_data(&mut header, &name, std::io::empty())?;
                 summary.dirs += 1;
             }
             EntryKind::Symlink => {
                 let mut header = header(tar::EntryType::Symlink, 0o777, seconds);
+                owned(&mut header, v);
                 let target = Path::new(std::ffi::OsStr::from_bytes(&v.target));
                 archive
                     .append_link(&mut header, &name, target)
@@ -246,6 +253,7 @@ fn append_root(
             }
             EntryKind::File => {
                 let mut header = header(tar::EntryType::Regular, v.mode, seconds);
+                owned(&mut header, v);
                 header.set_size(v.size);
                 archive
                     .append_data(&mut header, &name, reader.content(v))
@@ -256,6 +264,46 @@ fn append_root(
         }
     }
     Ok(())
+}
+
+/// The version's numeric owner in `header` (root for versions that know
+/// none, schema-1 ones).
+fn owned(header: &mut tar::Header, version: &crate::store::schema::VersionRecord) {
+    if let Some(owner) = version.owner {
+        header.set_uid(owner.uid.into());
+        header.set_gid(owner.gid.into());
+    }
+}
+
+/// Writes a pax extended header holding `xattrs` as `SCHILY.xattr.NAME`
+/// records, the form GNU tar (`--xattrs`), bsdtar and restic read; it
+/// applies to the entry that follows.
+fn append_xattrs(
+    archive: &mut tar::Builder<impl Write>,
+    xattrs: &[crate::store::schema::Xattr],
+) -> std::io::Result<()> {
+    let mut records = Vec::new();
+    for x in xattrs {
+        let mut body = b"SCHILY.xattr.".to_vec();
+        body.extend_from_slice(&x.name);
+        body.push(b'=');
+        body.extend_from_slice(&x.value);
+        body.push(b'\n');
+        // "LEN BODY": LEN counts itself, the space and the body.
+        let mut len = body.len() + 2;
+        while (len.to_string().len() + 1 + body.len()) != len {
+            len = len.to_string().len() + 1 + body.len();
+        }
+        records.extend_from_slice(format!("{len} ").as_bytes());
+        records.extend_from_slice(&body);
+    }
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_path("././@PaxHeader")?;
+    header.set_mode(0o644);
+    header.set_size(records.len() as u64);
+    header.set_cksum();
+    archive.append(&header, records.as_slice())
 }
 
 fn header(kind: tar::EntryType, mode: u32, mtime_seconds: i64) -> tar::Header {

@@ -12,9 +12,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use rustix::fs::{
-    mkdirat, openat, openat2, renameat, statat, unlinkat, AtFlags, FileType, Mode, OFlags,
-    ResolveFlags, Stat,
+    mkdirat, openat, openat2, renameat_with, statat, unlinkat, AtFlags, FileType, Mode, OFlags,
+    RenameFlags, ResolveFlags, Stat,
 };
+
+use crate::store::schema::{Owner, Stamp, VersionRecord};
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
 
@@ -39,9 +41,16 @@ fn os(bytes: &[u8]) -> &OsStr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Present {
     Missing,
-    File { size: u64, mtime_ns: i64, mode: u32 },
-    Dir { mode: u32 },
+    File {
+        size: u64,
+        mtime_ns: i64,
+        mode: u32,
+        owner: Owner,
+        stamp: Stamp,
+    },
+    Dir,
     Symlink,
+    /// A FIFO, socket or device: never kept by the store.
     Other,
 }
 
@@ -89,48 +98,79 @@ impl Root {
         }
     }
 
+    /// Opens the file `rel` to read it, never through a symlink.
+    pub fn open_read(&self, rel: &[u8]) -> io::Result<std::fs::File> {
+        let fd = openat2(
+            &self.fd,
+            os(rel),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            RESOLVE,
+        )?;
+        Ok(std::fs::File::from(fd))
+    }
+
     /// The target of the symlink at `rel`.
     pub fn read_link(&self, rel: &[u8]) -> io::Result<Vec<u8>> {
         let (parent, name) = self.parent(rel)?;
         Ok(rustix::fs::readlinkat(&parent, os(name), Vec::new())?.into_bytes())
     }
 
-    /// Makes `rel` a directory: keeps one that exists, replaces anything else.
-    /// New directories start owner-writable; final modes are set last.
-    pub fn ensure_dir(&self, rel: &[u8]) -> io::Result<()> {
+    /// Creates the directory `rel`, whose parent exists and where nothing
+    /// is. New directories start owner-writable; final modes are set last.
+    pub fn create_dir(&self, rel: &[u8]) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        match statat(&parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => return Ok(()),
-            Ok(_) => remove_at(&parent, name)?,
-            Err(e) if e == rustix::io::Errno::NOENT => {}
-            Err(e) => return Err(e.into()),
-        }
-        mkdirat(&parent, os(name), Mode::from_raw_mode(0o700))?;
-        Ok(())
+        Ok(mkdirat(&parent, os(name), Mode::from_raw_mode(0o700))?)
     }
 
-    /// Makes every ancestor of `rel` a directory.
-    pub fn ensure_parents(&self, rel: &[u8]) -> io::Result<()> {
-        for (i, &b) in rel.iter().enumerate() {
-            if b == b'/' {
-                self.ensure_dir(&rel[..i])?;
-            }
-        }
-        Ok(())
+    /// Removes the empty directory `rel`.
+    pub fn remove_empty_dir(&self, rel: &[u8]) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        Ok(unlinkat(&parent, os(name), AtFlags::REMOVEDIR)?)
     }
 
-    /// Moves `from` (a name in `staging`) to `rel`, replacing whatever is
-    /// there; a directory in the way is removed first.
-    pub fn install(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
+    /// Moves `from` (a name in `staging`) to `rel`, where nothing is.
+    pub fn place(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        match renameat(staging, from, &parent, os(name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::ISDIR || e == rustix::io::Errno::NOTEMPTY => {
-                remove_at(&parent, name)?;
-                Ok(renameat(staging, from, &parent, os(name))?)
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(renameat_with(
+            staging,
+            from,
+            &parent,
+            os(name),
+            RenameFlags::NOREPLACE,
+        )?)
+    }
+
+    /// Swaps `from` (a name in `staging`) with what is at `rel`, in one
+    /// step: the old entry is then `from` in staging. Swapping again undoes
+    /// it.
+    pub fn exchange(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        Ok(renameat_with(
+            staging,
+            from,
+            &parent,
+            os(name),
+            RenameFlags::EXCHANGE,
+        )?)
+    }
+
+    /// Moves what is at `rel` to `to` in `staging` (out of the way, kept
+    /// until replay is done so it can be put back).
+    pub fn set_aside(&self, rel: &[u8], staging: &OwnedFd, to: &str) -> io::Result<()> {
+        let (parent, name) = self.parent(rel)?;
+        Ok(renameat_with(
+            &parent,
+            os(name),
+            staging,
+            to,
+            RenameFlags::NOREPLACE,
+        )?)
+    }
+
+    /// The names in the directory `rel`.
+    pub fn names_in(&self, rel: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        list(&self.dir(rel)?)
     }
 
     /// Removes `rel` (a whole tree if it is a directory). Missing is fine.
@@ -146,8 +186,14 @@ impl Root {
         }
     }
 
-    /// Sets mode (and, for files, mtime) of `rel` without following it.
-    pub fn set_meta(&self, rel: &[u8], mode: u32, mtime_ns: Option<i64>) -> io::Result<()> {
+    /// Gives `rel` (not followed) the metadata of `version` (see
+    /// [`crate::meta::apply`]); returns what could not be kept.
+    pub fn set_meta(
+        &self,
+        rel: &[u8],
+        version: &VersionRecord,
+        with_mtime: bool,
+    ) -> io::Result<Vec<String>> {
         let (parent, name) = self.parent(rel)?;
         let fd = openat(
             &parent,
@@ -155,7 +201,31 @@ impl Root {
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         )?;
-        set_fd_meta(&fd, mode, mtime_ns)
+        crate::meta::apply(&fd, version, with_mtime)
+    }
+
+    /// The mode and owner of the directory `rel`.
+    pub fn dir_meta(&self, rel: &[u8]) -> io::Result<(u32, Owner)> {
+        let st = rustix::fs::fstat(self.dir(rel)?)?;
+        Ok((
+            st.st_mode & 0o7777,
+            Owner {
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+        ))
+    }
+
+    /// Sets the mode and owner of the directory `rel` back to `mode` and
+    /// `owner`.
+    pub fn reset_dir_meta(&self, rel: &[u8], mode: u32, owner: Owner) -> io::Result<()> {
+        let dir = self.dir(rel)?;
+        rustix::fs::fchown(
+            &dir,
+            Some(rustix::fs::Uid::from_raw(owner.uid)),
+            Some(rustix::fs::Gid::from_raw(owner.gid)),
+        )?;
+        Ok(rustix::fs::fchmod(&dir, Mode::from_raw_mode(mode))?)
     }
 
     /// Creates the staging directory replay writes new content into, with
@@ -187,25 +257,6 @@ impl Root {
     }
 }
 
-/// Sets mode and mtime through an open descriptor.
-pub fn set_fd_meta(fd: impl AsFd, mode: u32, mtime_ns: Option<i64>) -> io::Result<()> {
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?;
-    if let Some(ns) = mtime_ns {
-        let t = rustix::fs::Timespec {
-            tv_sec: ns.div_euclid(1_000_000_000),
-            tv_nsec: ns.rem_euclid(1_000_000_000) as _,
-        };
-        rustix::fs::futimens(
-            &fd,
-            &rustix::fs::Timestamps {
-                last_access: t,
-                last_modification: t,
-            },
-        )?;
-    }
-    Ok(())
-}
-
 /// Creates a new file `name` in `dir` for writing.
 pub fn create_file(dir: &OwnedFd, name: &str) -> io::Result<std::fs::File> {
     let fd = openat(
@@ -227,10 +278,18 @@ fn present_of(st: &Stat) -> Present {
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => Present::File {
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            mtime_ns: crate::scan::nanos(st.st_mtime, st.st_mtime_nsec as i64),
             mode,
+            owner: Owner {
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+            stamp: Stamp {
+                ino: st.st_ino,
+                ctime_ns: crate::scan::nanos(st.st_ctime, st.st_ctime_nsec as i64),
+            },
         },
-        FileType::Directory => Present::Dir { mode },
+        FileType::Directory => Present::Dir,
         FileType::Symlink => Present::Symlink,
         _ => Present::Other,
     }

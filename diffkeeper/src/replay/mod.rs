@@ -19,6 +19,7 @@
 
 pub mod beneath;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use rayon::prelude::*;
 use crate::history::{self, Moment};
 use crate::progress::Progress;
 use crate::roots::{check_relative, check_symlink_target, StateDir, STAGING_PREFIX};
-use crate::store::schema::EntryKind;
+use crate::store::schema::{EntryKind, VersionRecord};
 use crate::store::{LatestEntry, Reader, Store};
 use beneath::{Present, Root};
 
@@ -48,8 +49,23 @@ pub struct ReplaySummary {
     pub removed: usize,
     pub dirs: usize,
     pub symlinks: usize,
+    /// Paths whose owner or extended attributes could not be set (an
+    /// unprivileged restore, a file system without them).
+    pub not_kept: usize,
     #[serde(skip)]
     pub elapsed: Duration,
+}
+
+/// How replay treats the directory it replays into.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplayOptions {
+    /// Flush the file system before returning.
+    pub sync: bool,
+    /// Replace or remove what the store does not track when a stored path
+    /// needs its place (a directory where the store has a file, a FIFO, a
+    /// file the store never captured); without it replay refuses, naming
+    /// the path, and changes nothing.
+    pub force: bool,
 }
 
 impl std::fmt::Display for ReplaySummary {
@@ -65,16 +81,26 @@ impl std::fmt::Display for ReplaySummary {
             self.removed,
             self.unchanged,
             self.elapsed
-        )
+        )?;
+        if self.not_kept > 0 {
+            write!(
+                f,
+                "; owner or extended attributes of {} paths not kept",
+                self.not_kept
+            )?;
+        }
+        Ok(())
     }
 }
 
 /// What replay must do with one stored entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
     /// Rebuild the content into staging, then move it into place.
     Write,
-    /// Content is current; set mode (and mtime) only.
-    Meta,
+    /// Size, mtime, mode and owner match, but no stamp proves the content:
+    /// read it, and write it only if it differs.
+    Verify,
     Symlink,
     Dir,
     Remove,
@@ -87,7 +113,7 @@ pub fn replay(
     store_path: &Path,
     roots: &[StateDir],
     moment: Moment,
-    sync: bool,
+    options: ReplayOptions,
 ) -> Result<Option<Vec<ReplaySummary>>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
@@ -99,7 +125,7 @@ pub fn replay(
     };
     let mut summaries = Vec::new();
     for root in roots {
-        summaries.push(replay_root(&reader, root, batch, sync).with_context(|| {
+        summaries.push(replay_root(&reader, root, batch, options).with_context(|| {
             format!("replay of {} ({}) failed", root.name, root.path.display())
         })?);
     }
@@ -193,9 +219,9 @@ pub fn restore(
             name,
         };
         summaries.push(
-            replay_root(&reader, &dir, Some(batch), sync).with_context(|| {
-                format!("restore of {} into {} failed", dir.name, dir.path.display())
-            })?,
+            replay_root(&reader, &dir, Some(batch), ReplayOptions { sync, force }).with_context(
+                || format!("restore of {} into {} failed", dir.name, dir.path.display()),
+            )?,
         );
     }
     Ok(summaries)
@@ -207,7 +233,7 @@ pub fn replay_root(
     reader: &Reader,
     root: &StateDir,
     batch: Option<u64>,
-    sync: bool,
+    options: ReplayOptions,
 ) -> Result<ReplaySummary> {
     let started = Instant::now();
     let mut summary = ReplaySummary {
@@ -240,15 +266,45 @@ pub fn replay_root(
         }
     }
 
+    let planner = Planner {
+        reader,
+        root,
+        target: &target,
+        tracked: std::cell::OnceCell::new(),
+        batch_started: reader.batch_started()?,
+        force: options.force,
+    };
     let mut actions = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let action = plan(&target, entry).with_context(|| {
-            format!(
-                "cannot inspect {}",
-                crate::roots::join(&root.path, &entry.path).display()
-            )
-        })?;
-        actions.push(action);
+        actions.push(planner.plan(entry)?);
+    }
+    // Files that look current but that no stamp proves (written by another
+    // replay, restored by a backup tool, edited with their mtime put back):
+    // read, in parallel, and written only if their content differs.
+    let verified: Vec<(usize, Action)> = actions
+        .par_iter()
+        .enumerate()
+        .filter(|(_, a)| **a == Action::Verify)
+        .map(|(i, _)| {
+            let entry = &entries[i];
+            let current = holds(&target, entry).with_context(|| {
+                format!(
+                    "cannot read {}",
+                    crate::roots::join(&root.path, &entry.path).display()
+                )
+            })?;
+            Ok((
+                i,
+                if current {
+                    Action::Nothing
+                } else {
+                    Action::Write
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
+    for (i, action) in verified {
+        actions[i] = action;
     }
 
     tracing::debug!(entries = entries.len(), elapsed = ?started.elapsed(), "replay planned");
@@ -265,10 +321,15 @@ pub fn replay_root(
     let shards = target
         .create_staging(&staging_name, STAGING_SHARDS)
         .with_context(|| format!("cannot create staging directory in {}", root.path.display()))?;
+    let discard_staging = || {
+        if let Err(cleanup) = target.remove(staging_name.as_bytes()) {
+            tracing::warn!("cannot remove staging directory {staging_name}: {cleanup}");
+        }
+    };
     // Where entry `i` is staged, as `i` in that directory.
     let staging = |i: usize| &shards[i % shards.len()];
     let progress = Progress::new(to_write.len() as u64, "replaying");
-    let staged: Result<Vec<u64>> = to_write
+    let staged: Result<Vec<(u64, NotKept)>> = to_write
         .par_iter()
         .with_max_len(1)
         .map(|(i, entry)| {
@@ -281,62 +342,131 @@ pub fn replay_root(
                     )
                 });
             progress.inc();
-            written
+            written.map(|(size, not_kept)| (size, (entry.path.clone(), not_kept)))
         })
         .collect();
     progress.finish();
     let staged = match staged {
-        Ok(sizes) => sizes,
+        Ok(staged) => staged,
         Err(e) => {
-            if let Err(cleanup) = target.remove(staging_name.as_bytes()) {
-                tracing::warn!("cannot remove staging directory {staging_name}: {cleanup}");
-            }
+            discard_staging();
             return Err(e.context("nothing in the state directory was changed"));
         }
     };
     summary.written = staged.len();
-    summary.written_bytes = staged.iter().sum();
+    let mut not_kept: Vec<NotKept> = Vec::new();
+    for (size, kept) in staged {
+        summary.written_bytes += size;
+        not_kept.push(kept);
+    }
 
     tracing::debug!(files = summary.written, elapsed = ?started.elapsed(), "replay staged");
-    // Phase 2: apply, parents before children (entries are sorted by path).
-    let at = |entry: &LatestEntry| crate::roots::join(&root.path, &entry.path);
-    for (i, (entry, action)) in entries.iter().zip(&actions).enumerate() {
+    // Phase 2: every change journaled, so a failure undoes them all.
+    let mut journal = Journal {
+        target: &target,
+        shards: &shards,
+        planner: &planner,
+        done: Vec::new(),
+        set_aside: 0,
+    };
+    let applied = apply(
+        &mut journal,
+        &entries,
+        &actions,
+        &mut summary,
+        &mut not_kept,
+    );
+    if let Err(e) = applied {
+        let failed_undo = journal.undo();
+        discard_staging();
+        if failed_undo.is_empty() {
+            return Err(e.context(
+                "every change replay had made was undone: nothing in the state directory was changed",
+            ));
+        }
+        return Err(e.context(format!(
+            "undoing what replay had changed failed for {} paths, which may be left at the new state: {}",
+            failed_undo.len(),
+            failed_undo.join("; ")
+        )));
+    }
+    // Only now is what was replaced or removed really deleted.
+    target
+        .remove(staging_name.as_bytes())
+        .with_context(|| format!("cannot remove staging directory in {}", root.path.display()))?;
+    if options.sync {
+        target.sync().context("cannot flush the state directory")?;
+    }
+    not_kept.retain(|(_, what)| !what.is_empty());
+    summary.not_kept = not_kept.len();
+    if let Some((path, what)) = not_kept.first() {
+        tracing::warn!(
+            root = %root.name,
+            "owner or extended attributes of {} paths could not be kept (first: {}: {})",
+            not_kept.len(),
+            crate::roots::join(&root.path, path).display(),
+            what.join(", ")
+        );
+    }
+    summary.elapsed = started.elapsed();
+    Ok(summary)
+}
+
+/// A path and what of its metadata could not be kept.
+type NotKept = (Vec<u8>, Vec<String>);
+
+/// Phase 2 of [`replay_root`]: directories created, staged files and
+/// symlinks moved into place, parents before children (entries are sorted
+/// by path); then deletions and directory metadata, children before
+/// parents.
+fn apply(
+    journal: &mut Journal,
+    entries: &[LatestEntry],
+    actions: &[Action],
+    summary: &mut ReplaySummary,
+    not_kept: &mut Vec<NotKept>,
+) -> Result<()> {
+    let root = &journal.planner.root.path;
+    let at = |entry: &LatestEntry| crate::roots::join(root, &entry.path);
+    for (i, (entry, action)) in entries.iter().zip(actions).enumerate() {
         let v = &entry.version;
         let result = match action {
             Action::Dir => {
                 summary.dirs += 1;
-                target
-                    .ensure_parents(&entry.path)
-                    .and_then(|_| target.ensure_dir(&entry.path))
+                journal.ensure_parents(&entry.path)?;
+                journal.make_dir(&entry.path)
             }
-            Action::Write => target
-                .ensure_parents(&entry.path)
-                .and_then(|_| target.install(staging(i), &i.to_string(), &entry.path)),
+            Action::Write => {
+                journal.ensure_parents(&entry.path)?;
+                journal.install(i, &i.to_string(), &entry.path)
+            }
             Action::Symlink => {
                 summary.symlinks += 1;
+                journal.ensure_parents(&entry.path)?;
                 let name = format!("l{i}");
-                target.ensure_parents(&entry.path).and_then(|_| {
-                    beneath::create_symlink(staging(i), &name, &v.target)?;
-                    target.install(staging(i), &name, &entry.path)
-                })
+                let shard = journal.shard(i);
+                beneath::create_symlink(shard, &name, &v.target)
+                    .and_then(|_| crate::meta::apply_to_symlink(shard, &name, v))
+                    .map_err(anyhow::Error::new)
+                    .and_then(|kept| {
+                        not_kept.push((entry.path.clone(), kept));
+                        journal.install(i, &name, &entry.path)
+                    })
             }
-            Action::Meta => {
-                summary.unchanged += 1;
-                target.set_meta(&entry.path, v.mode, Some(v.mtime_ns))
-            }
-            Action::Remove | Action::Nothing => Ok(()),
+            Action::Remove | Action::Nothing | Action::Verify => Ok(()),
         };
         result.with_context(|| format!("cannot restore {}", at(entry).display()))?;
     }
-    tracing::debug!(elapsed = ?started.elapsed(), "replay installed");
-    // Deletions and directory modes, children before parents.
-    for (entry, action) in entries.iter().zip(&actions).rev() {
+    tracing::debug!("replay installed");
+    for (entry, action) in entries.iter().zip(actions).rev() {
         match action {
             Action::Remove => {
                 summary.removed += 1;
-                target.remove(&entry.path)
+                journal.remove(&entry.path)
             }
-            Action::Dir => target.set_meta(&entry.path, entry.version.mode, None),
+            Action::Dir => journal
+                .set_dir_meta(&entry.path, &entry.version)
+                .map(|kept| not_kept.push((entry.path.clone(), kept))),
             Action::Nothing if entry.version.kind != EntryKind::Tombstone => {
                 summary.unchanged += 1;
                 Ok(())
@@ -345,57 +475,382 @@ pub fn replay_root(
         }
         .with_context(|| format!("cannot restore {}", at(entry).display()))?;
     }
-    target
-        .remove(staging_name.as_bytes())
-        .with_context(|| format!("cannot remove staging directory in {}", root.path.display()))?;
-    if sync {
-        target.sync().context("cannot flush the state directory")?;
-    }
-    summary.elapsed = started.elapsed();
-    Ok(summary)
+    Ok(())
 }
 
-fn plan(target: &Root, entry: &LatestEntry) -> std::io::Result<Action> {
-    let v = &entry.version;
-    let now = target.present(&entry.path)?;
-    Ok(match v.kind {
-        EntryKind::Tombstone => match now {
-            Present::Missing => Action::Nothing,
-            _ => Action::Remove,
-        },
-        EntryKind::Dir => Action::Dir,
-        EntryKind::Symlink => match now {
-            Present::Symlink if target.read_link(&entry.path)? == v.target => Action::Nothing,
-            _ => Action::Symlink,
-        },
-        EntryKind::File => match now {
-            Present::File {
-                size,
-                mtime_ns,
-                mode,
-            } if size == v.size && mtime_ns == v.mtime_ns => {
-                if mode == v.mode {
-                    Action::Nothing
-                } else {
-                    Action::Meta
+/// Decides what replay does with each stored entry, and refuses to replace
+/// what the store does not track.
+struct Planner<'a> {
+    reader: &'a Reader,
+    root: &'a StateDir,
+    target: &'a Root,
+    /// The kinds each path of the root has had in any stored version:
+    /// what replay may replace or remove (read when first needed).
+    tracked: std::cell::OnceCell<HashMap<Vec<u8>, Kinds>>,
+    batch_started: HashMap<u64, i64>,
+    /// Replace untracked entries in the way too.
+    force: bool,
+}
+
+impl Planner<'_> {
+    fn plan(&self, entry: &LatestEntry) -> Result<Action> {
+        let full = || crate::roots::join(&self.root.path, &entry.path);
+        let v = &entry.version;
+        let now = self
+            .target
+            .present(&entry.path)
+            .with_context(|| format!("cannot inspect {}", full().display()))?;
+        let action = match v.kind {
+            EntryKind::Tombstone => match now {
+                Present::Missing => return Ok(Action::Nothing),
+                _ => Action::Remove,
+            },
+            EntryKind::Dir => match now {
+                Present::Dir => return Ok(Action::Dir),
+                _ => Action::Dir,
+            },
+            EntryKind::Symlink => match now {
+                Present::Symlink
+                    if self
+                        .target
+                        .read_link(&entry.path)
+                        .with_context(|| format!("cannot read {}", full().display()))?
+                        == v.target =>
+                {
+                    return Ok(Action::Nothing)
+                }
+                _ => Action::Symlink,
+            },
+            EntryKind::File => match now {
+                Present::File {
+                    size,
+                    mtime_ns,
+                    mode,
+                    owner,
+                    stamp,
+                } if size == v.size
+                    && mtime_ns == v.mtime_ns
+                    && mode == v.mode
+                    && v.owner.is_none_or(|o| o == owner)
+                    && crate::scan::proven_unchanged(
+                        self.reader,
+                        &self.root.name,
+                        entry,
+                        stamp,
+                        &self.batch_started,
+                    )? =>
+                {
+                    return Ok(Action::Nothing)
+                }
+                Present::File {
+                    size,
+                    mtime_ns,
+                    mode,
+                    owner,
+                    ..
+                } if size == v.size
+                    && mtime_ns == v.mtime_ns
+                    && mode == v.mode
+                    && v.owner.is_none_or(|o| o == owner) =>
+                {
+                    return Ok(Action::Verify)
+                }
+                _ => Action::Write,
+            },
+        };
+        self.check_replaceable(&entry.path, now)?;
+        Ok(action)
+    }
+
+    /// Fails, naming it, when replacing or removing what is at `rel`
+    /// (`now`) would lose something the store never had: an entry of a
+    /// kind no stored version of that path has, a FIFO, socket or device,
+    /// or a directory holding any of these. `--force` replaces them anyway.
+    fn check_replaceable(&self, rel: &[u8], now: Present) -> Result<()> {
+        if self.force || now == Present::Missing {
+            return Ok(());
+        }
+        if let Some((untracked, what)) = self.untracked_in(rel, now)? {
+            let full = crate::roots::join(&self.root.path, rel);
+            let found = if untracked.as_slice() == rel {
+                format!("{} is {what} the store never had there", full.display())
+            } else {
+                format!(
+                    "{} holds {}, {what} the store never had",
+                    full.display(),
+                    crate::roots::join(&self.root.path, &untracked).display()
+                )
+            };
+            anyhow::bail!(
+                "{found}, and replay would replace or remove it; nothing was changed (move it away, or pass --force to replace it)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The first path at or below `rel` that no stored version has as what
+    /// it is now, and what it is.
+    fn untracked_in(&self, rel: &[u8], now: Present) -> Result<Option<(Vec<u8>, &'static str)>> {
+        let full = || crate::roots::join(&self.root.path, rel);
+        let (kind, what) = match now {
+            Present::Missing => return Ok(None),
+            Present::File { .. } => (Kinds::FILE, "a file"),
+            Present::Symlink => (Kinds::SYMLINK, "a symlink"),
+            Present::Dir => (Kinds::DIR, "a directory"),
+            Present::Other => return Ok(Some((rel.to_vec(), "a FIFO, socket or device"))),
+        };
+        if self.tracked()?.get(rel).is_none_or(|k| k.0 & kind.0 == 0) {
+            return Ok(Some((rel.to_vec(), what)));
+        }
+        if now != Present::Dir {
+            return Ok(None);
+        }
+        let names = self
+            .target
+            .names_in(rel)
+            .with_context(|| format!("cannot list {}", full().display()))?;
+        for name in names {
+            let mut child = rel.to_vec();
+            child.push(b'/');
+            child.extend_from_slice(&name);
+            let present = self
+                .target
+                .present(&child)
+                .with_context(|| format!("cannot inspect {}", full().display()))?;
+            if let Some(found) = self.untracked_in(&child, present)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    fn tracked(&self) -> Result<&HashMap<Vec<u8>, Kinds>> {
+        if let Some(tracked) = self.tracked.get() {
+            return Ok(tracked);
+        }
+        let mut tracked: HashMap<Vec<u8>, Kinds> = HashMap::new();
+        self.reader
+            .for_each_version_of(&self.root.name, |path, _, version| {
+                let kind = match version.kind {
+                    EntryKind::File => Kinds::FILE,
+                    EntryKind::Dir => Kinds::DIR,
+                    EntryKind::Symlink => Kinds::SYMLINK,
+                    EntryKind::Tombstone => return Ok(()),
+                };
+                tracked.entry(path.to_vec()).or_insert(Kinds(0)).0 |= kind.0;
+                Ok(())
+            })?;
+        Ok(self.tracked.get_or_init(|| tracked))
+    }
+}
+
+/// The kinds a path has had, as bits.
+#[derive(Debug, Clone, Copy)]
+struct Kinds(u8);
+
+impl Kinds {
+    const FILE: Kinds = Kinds(1);
+    const DIR: Kinds = Kinds(2);
+    const SYMLINK: Kinds = Kinds(4);
+}
+
+/// One change phase 2 made, and what takes it back.
+enum Undo {
+    /// Created this (then empty) directory.
+    CreatedDir(Vec<u8>),
+    /// Moved staged `name` of shard `shard` to `path`, where nothing was.
+    Placed {
+        shard: usize,
+        name: String,
+        path: Vec<u8>,
+    },
+    /// Swapped staged `name` with what was at `path`: the old entry is now
+    /// `name` in staging.
+    Exchanged {
+        shard: usize,
+        name: String,
+        path: Vec<u8>,
+    },
+    /// Moved what was at `path` to `name` in staging.
+    SetAside {
+        shard: usize,
+        name: String,
+        path: Vec<u8>,
+    },
+    /// Changed the mode and owner of directory `path` from these.
+    DirMeta {
+        path: Vec<u8>,
+        mode: u32,
+        owner: crate::store::schema::Owner,
+    },
+}
+
+/// The changes phase 2 makes to the state directory, each recorded as it
+/// is made so [`Journal::undo`] can take them all back. Nothing replaced
+/// or removed is deleted before replay succeeds: it waits in staging.
+struct Journal<'a> {
+    target: &'a Root,
+    shards: &'a [std::os::fd::OwnedFd],
+    planner: &'a Planner<'a>,
+    done: Vec<Undo>,
+    /// Entries set aside so far (their names in staging).
+    set_aside: usize,
+}
+
+impl Journal<'_> {
+    fn shard(&self, i: usize) -> &std::os::fd::OwnedFd {
+        &self.shards[i % self.shards.len()]
+    }
+
+    /// Makes `rel` a directory: keeps one that is there, sets aside
+    /// anything else (which the plan allowed).
+    fn make_dir(&mut self, rel: &[u8]) -> Result<()> {
+        match self.target.present(rel)? {
+            Present::Dir => return Ok(()),
+            Present::Missing => {}
+            _ => self.set_aside(rel)?,
+        }
+        self.target.create_dir(rel)?;
+        self.done.push(Undo::CreatedDir(rel.to_vec()));
+        Ok(())
+    }
+
+    /// Makes every ancestor of `rel` a directory; one the store does not
+    /// have as an entry of its own is checked like any entry in the way.
+    fn ensure_parents(&mut self, rel: &[u8]) -> Result<()> {
+        for (i, &b) in rel.iter().enumerate() {
+            if b == b'/' {
+                let parent = &rel[..i];
+                let now = self.target.present(parent)?;
+                if now != Present::Dir {
+                    self.planner.check_replaceable(parent, now)?;
+                    self.make_dir(parent)?;
                 }
             }
-            _ => Action::Write,
-        },
-    })
+        }
+        Ok(())
+    }
+
+    /// Moves staged `name` (of entry `i`'s shard) to `rel`: swapped with a
+    /// file or symlink there, placed after setting a directory aside.
+    fn install(&mut self, i: usize, name: &str, rel: &[u8]) -> Result<()> {
+        let shard = i % self.shards.len();
+        let (name, path) = (name.to_string(), rel.to_vec());
+        match self.target.present(rel)? {
+            Present::Missing => {
+                self.target.place(&self.shards[shard], &name, rel)?;
+                self.done.push(Undo::Placed { shard, name, path });
+            }
+            Present::Dir => {
+                self.set_aside(rel)?;
+                self.target.place(&self.shards[shard], &name, rel)?;
+                self.done.push(Undo::Placed { shard, name, path });
+            }
+            _ => {
+                self.target.exchange(&self.shards[shard], &name, rel)?;
+                self.done.push(Undo::Exchanged { shard, name, path });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `rel` (set aside until replay is done); missing is fine.
+    fn remove(&mut self, rel: &[u8]) -> Result<()> {
+        if self.target.present(rel)? != Present::Missing {
+            self.set_aside(rel)?;
+        }
+        Ok(())
+    }
+
+    fn set_aside(&mut self, rel: &[u8]) -> Result<()> {
+        let n = self.set_aside;
+        self.set_aside += 1;
+        let (shard, name) = (n % self.shards.len(), format!("a{n}"));
+        self.target.set_aside(rel, &self.shards[shard], &name)?;
+        self.done.push(Undo::SetAside {
+            shard,
+            name,
+            path: rel.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn set_dir_meta(&mut self, rel: &[u8], version: &VersionRecord) -> Result<Vec<String>> {
+        let (mode, owner) = self.target.dir_meta(rel)?;
+        self.done.push(Undo::DirMeta {
+            path: rel.to_vec(),
+            mode,
+            owner,
+        });
+        Ok(self.target.set_meta(rel, version, false)?)
+    }
+
+    /// Takes back every change, newest first. Returns what could not be
+    /// taken back.
+    fn undo(self) -> Vec<String> {
+        let mut failed = Vec::new();
+        for step in self.done.into_iter().rev() {
+            let (path, result) = match &step {
+                Undo::CreatedDir(path) => (path, self.target.remove_empty_dir(path)),
+                Undo::Placed { shard, name, path } => (
+                    path,
+                    self.target.set_aside(path, &self.shards[*shard], name),
+                ),
+                Undo::Exchanged { shard, name, path } => {
+                    (path, self.target.exchange(&self.shards[*shard], name, path))
+                }
+                Undo::SetAside { shard, name, path } => {
+                    (path, self.target.place(&self.shards[*shard], name, path))
+                }
+                Undo::DirMeta { path, mode, owner } => {
+                    (path, self.target.reset_dir_meta(path, *mode, *owner))
+                }
+            };
+            if let Err(e) = result {
+                failed.push(format!(
+                    "{}: {e}",
+                    crate::roots::join(&self.planner.root.path, path).display()
+                ));
+            }
+        }
+        failed
+    }
 }
 
-/// Rebuilds one file into `staging/name`, verified, with its mode and mtime.
+/// Whether the live file at `entry`'s path holds what the version does:
+/// content (by hash) and extended attributes.
+fn holds(target: &Root, entry: &LatestEntry) -> Result<bool> {
+    let mut file = target.open_read(&entry.path)?;
+    let v = &entry.version;
+    if v.owner.is_some() && crate::meta::read_xattrs(&file)? != v.xattrs {
+        return Ok(false);
+    }
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(<[u8; 32]>::from(hasher.finalize()) == v.hash)
+}
+
+/// Rebuilds one file into `staging/name`, verified, with its owner,
+/// extended attributes, mode and mtime. Returns its size and what of its
+/// metadata could not be kept.
 fn stage_file(
     reader: &Reader,
     staging: &std::os::fd::OwnedFd,
     name: &str,
     entry: &LatestEntry,
-) -> Result<u64> {
+) -> Result<(u64, Vec<String>)> {
     // Unbuffered: content arrives in whole chunks (64-512 KiB, or the whole
     // small file), so a buffer would only add a copy.
     let mut file = beneath::create_file(staging, name)?;
     reader.write_content(&entry.version, &mut file)?;
-    beneath::set_fd_meta(&file, entry.version.mode, Some(entry.version.mtime_ns))?;
-    Ok(entry.version.size)
+    let not_kept = crate::meta::apply(&file, &entry.version, true)?;
+    Ok((entry.version.size, not_kept))
 }

@@ -2,9 +2,11 @@
 //! the store's latest state of that root.
 //!
 //! This is the stage that finds *which* paths changed (the kernel tracer of
-//! a later stage feeds the same [`Change`] list). Files whose size and mtime
-//! match the store are not read at all; everything else goes to capture,
-//! which drops files whose content hash turns out unchanged.
+//! a later stage feeds the same [`Change`] list). Files whose size, mtime,
+//! mode and owner match the store, and whose inode and ctime match a stamp
+//! that proves them unchanged (see `store::schema`, Stamps), are not read at
+//! all; everything else goes to capture, which drops files whose content
+//! and metadata turn out unchanged.
 
 use std::collections::HashMap;
 use std::fs;
@@ -17,7 +19,7 @@ use anyhow::{Context, Result};
 use diffkeeper_common::InodeKey;
 
 use crate::roots::{StateDir, STAGING_PREFIX};
-use crate::store::schema::{EntryKind, VersionRecord};
+use crate::store::schema::{EntryKind, Owner, Stamp, VersionRecord};
 use crate::store::{LatestEntry, Reader};
 
 /// A file's modification time in nanoseconds since the Unix epoch.
@@ -25,9 +27,17 @@ pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
     nanos(meta.mtime(), meta.mtime_nsec())
 }
 
+/// The inode and ctime of a stat: what proves a file unchanged.
+pub fn stamp_of(meta: &fs::Metadata) -> Stamp {
+    Stamp {
+        ino: meta.ino(),
+        ctime_ns: nanos(meta.ctime(), meta.ctime_nsec()),
+    }
+}
+
 /// A time in nanoseconds since the Unix epoch. Times past 2262 (or before
 /// 1678) do not fit, and are held at the limit.
-fn nanos(secs: i64, nsec: i64) -> i64 {
+pub fn nanos(secs: i64, nsec: i64) -> i64 {
     secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
@@ -42,6 +52,18 @@ pub struct FsEntry {
     pub target: Vec<u8>,
     /// Which inode it is, as the kernel tracer names it.
     pub inode: InodeKey,
+    pub owner: Owner,
+    pub ctime_ns: i64,
+}
+
+impl FsEntry {
+    /// The inode number and ctime it was seen with.
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            ino: self.inode.ino,
+            ctime_ns: self.ctime_ns,
+        }
+    }
 }
 
 /// The regular files of a tree by inode (hard links give an inode several
@@ -92,6 +114,11 @@ impl FsEntry {
             },
             target,
             inode: inode_key(stat.st_dev, stat.st_ino),
+            owner: Owner {
+                uid: stat.st_uid,
+                gid: stat.st_gid,
+            },
+            ctime_ns: nanos(stat.st_ctime as i64, stat.st_ctime_nsec as i64),
         }))
     }
 }
@@ -100,16 +127,12 @@ impl FsEntry {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// New or changed: `previous` is the newest stored version, if any and
-    /// not a tombstone. `content` is false when only metadata changed and the
-    /// stored content can be reused without reading the file.
+    /// not a tombstone. A file's content is always read (and stored again
+    /// only where it differs).
     Write {
         path: Vec<u8>,
         entry: FsEntry,
-        previous: Option<VersionRecord>,
-        content: bool,
-        /// Size and mtime match the store, but the stored version was
-        /// captured too close to that mtime to trust them: read it again.
-        recheck: bool,
+        previous: Option<Box<VersionRecord>>,
     },
     /// Present in the store, gone from disk.
     Delete { path: Vec<u8> },
@@ -344,25 +367,31 @@ pub fn is_racy(mtime_ns: i64, started_ms: i64) -> bool {
     mtime_ns >= started_ms.saturating_mul(1_000_000) - RACY_WINDOW_NS
 }
 
-/// Whether the size and mtime of `stored` (a version of `root`'s) cannot
-/// prove the file unchanged: every read of it so far (by the capture of its
-/// batch, or a later one that found it unchanged) started too soon after
-/// its mtime.
-fn stored_is_racy(
+/// Whether stamp `now` proves a path on disk (whose size, mtime, mode and
+/// owner match `stored`, a version of `root`'s) unchanged since that
+/// version was read: the stamp the version was read with, or one a later
+/// read found it with (`seen`), matches, and that read started clearly after
+/// the ctime (see `store::schema`, Stamps). `batch_started` maps batch ids
+/// to their scan start times.
+pub fn proven_unchanged(
     reader: &Reader,
     root: &str,
     stored: &LatestEntry,
+    now: Stamp,
     batch_started: &HashMap<u64, i64>,
 ) -> Result<bool> {
-    let captured = batch_started.get(&stored.batch).copied();
-    let mtime = stored.version.mtime_ns;
-    if captured.is_some_and(|started| !is_racy(mtime, started)) {
-        return Ok(false);
+    let proves = |stamp: Option<Stamp>, checked_ms: Option<i64>| {
+        stamp == Some(now) && checked_ms.is_some_and(|ms| !is_racy(now.ctime_ns, ms))
+    };
+    if proves(
+        stored.version.stamp,
+        batch_started.get(&stored.batch).copied(),
+    ) {
+        return Ok(true);
     }
-    let settled = reader.settled_ms(root, &stored.path, stored.batch)?;
-    Ok(captured
-        .max(settled)
-        .is_none_or(|started| is_racy(mtime, started)))
+    Ok(reader
+        .seen(root, &stored.path, stored.batch)?
+        .is_some_and(|seen| proves(Some(seen.stamp), Some(seen.checked_ms))))
 }
 
 /// Compares a root on disk with the store's latest state of it.
@@ -391,8 +420,9 @@ pub fn diff_root(
             None if walked.unseen(&stored.path) => {}
             None => changes.push(Change::Delete { path: stored.path }),
             Some(entry) => {
-                let racy = stored_is_racy(reader, &root.name, &stored, batch_started)?;
-                if let Some(change) = compare(stored.path, entry, stored.version, racy) {
+                let proven = matches!(entry.kind, EntryKind::File | EntryKind::Dir)
+                    && proven_unchanged(reader, &root.name, &stored, entry.stamp(), batch_started)?;
+                if let Some(change) = compare(stored.path, entry, stored.version, proven) {
                     changes.push(change);
                 }
             }
@@ -402,10 +432,8 @@ pub fn diff_root(
     for (path, entry) in on_disk {
         changes.push(Change::Write {
             path,
-            content: entry.kind == EntryKind::File,
             entry,
             previous: None,
-            recheck: false,
         });
     }
     changes.sort_by(|a, b| a.path().cmp(b.path()));
@@ -455,7 +483,7 @@ pub fn diff_files(
         if stored.version.kind == EntryKind::Tombstone {
             return Ok(None);
         }
-        Ok(Some(compare(path.clone(), entry, stored.version, true)))
+        Ok(Some(compare(path.clone(), entry, stored.version, false)))
     };
     // In parallel: a frozen cut looks at these files while the app waits.
     let looked: Vec<Option<Option<Change>>> = files.par_iter().map(look).collect::<Result<_>>()?;
@@ -473,27 +501,31 @@ pub fn diff_files(
     }))
 }
 
-fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord, racy: bool) -> Option<Change> {
+/// What `entry` on disk is to `previous`, its newest stored version: `None`
+/// when nothing changed. A file is read unless its size, mtime, mode and
+/// owner match and a stamp proves it unchanged (`proven`). A directory
+/// whose mode and owner match but which no stamp proves unchanged is looked
+/// at again for its extended attributes (its ctime also moves when an entry
+/// is added or removed, so this is frequent and costs one `flistxattr`).
+fn compare(path: Vec<u8>, entry: FsEntry, previous: VersionRecord, proven: bool) -> Option<Change> {
     let same_kind = entry.kind == previous.kind;
-    let mut recheck = false;
-    let (changed, content) = match entry.kind {
-        _ if !same_kind => (true, entry.kind == EntryKind::File),
+    let same_owner = previous.owner == Some(entry.owner);
+    let changed = match entry.kind {
+        _ if !same_kind => true,
         EntryKind::File => {
-            let stat_changed = entry.size != previous.size || entry.mtime_ns != previous.mtime_ns;
-            recheck = !stat_changed && racy;
-            let content = stat_changed || recheck;
-            (content || entry.mode != previous.mode, content)
+            let same_stat = entry.size == previous.size
+                && entry.mtime_ns == previous.mtime_ns
+                && entry.mode == previous.mode;
+            !(same_stat && same_owner && proven)
         }
-        EntryKind::Dir => (entry.mode != previous.mode, false),
-        EntryKind::Symlink => (entry.target != previous.target, false),
-        EntryKind::Tombstone => (false, false),
+        EntryKind::Dir => entry.mode != previous.mode || !same_owner || !proven,
+        EntryKind::Symlink => entry.target != previous.target || !same_owner,
+        EntryKind::Tombstone => false,
     };
     changed.then_some(Change::Write {
         path,
         entry,
-        previous: Some(previous),
-        content,
-        recheck,
+        previous: Some(Box::new(previous)),
     })
 }
 

@@ -16,19 +16,28 @@ use redb::{Database, ReadOnlyDatabase, ReadOnlyTable, ReadableDatabase, Readable
 use sha2::{Digest, Sha256};
 
 use schema::{
-    decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, VersionRecord, BATCHES,
-    CHUNKS, CHUNK_INDEX, CUTS, GAPS, LATEST, META, META_CREATED_MS, META_RETENTION,
-    META_SCHEMA_VERSION, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SETTLED, VERSIONS,
+    decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, SeenRecord, Stamp,
+    VersionRecord, BATCHES, CHUNKS, CHUNK_INDEX, CUTS, GAPS, LATEST, META, META_CREATED_MS,
+    META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION, MIN_READER_VERSION,
+    OLDEST_READABLE, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
 };
 
 /// Typed store failures callers may want to tell apart.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store {path} has schema version {found}, this diffkeeper reads version {expected}; use a matching diffkeeper release")]
+    #[error("store {path} has schema version {found} (readable by schema {min_reader} and later); this diffkeeper reads schemas {oldest} to {newest}; use a matching diffkeeper release")]
     UnknownSchema {
         path: PathBuf,
         found: u32,
-        expected: u32,
+        min_reader: u32,
+        oldest: u32,
+        newest: u32,
+    },
+    #[error("store {path} was written by a newer diffkeeper (schema {found}); this one (schema {newest}) can read it but not write it")]
+    NewerSchema {
+        path: PathBuf,
+        found: u32,
+        newest: u32,
     },
     #[error("store is corrupt: {0}")]
     Corrupt(String),
@@ -163,6 +172,10 @@ impl Store {
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+            meta.insert(
+                META_MIN_READER_VERSION,
+                MIN_READER_VERSION.to_le_bytes().as_slice(),
+            )?;
             meta.insert(META_CREATED_MS, now_ms().to_le_bytes().as_slice())?;
             // Create every table so readers never meet a missing one.
             txn.open_table(BATCHES)?;
@@ -176,17 +189,27 @@ impl Store {
         Ok(())
     }
 
+    /// Refuses a store this build cannot read, or (open for writing) one it
+    /// must not write; upgrades an older one opened for writing (see
+    /// `schema`, Versions of the format).
     fn check_schema(&self) -> Result<()> {
-        let found = (|| -> Result<Option<u32>> {
+        let read_u32 =
+            |meta: &redb::ReadOnlyTable<&str, &[u8]>, key: &str| -> Result<Option<u32>> {
+                let Some(raw) = meta.get(key)? else {
+                    return Ok(None);
+                };
+                let bytes: [u8; 4] = raw.value().try_into().map_err(|_| {
+                    StoreError::Corrupt(format!("meta.{key} is not a 4-byte integer"))
+                })?;
+                Ok(Some(u32::from_le_bytes(bytes)))
+            };
+        let (found, min_reader) = (|| -> Result<(Option<u32>, Option<u32>)> {
             let txn = self.begin_read()?;
             let meta = txn.open_table(META)?;
-            let Some(raw) = meta.get(META_SCHEMA_VERSION)? else {
-                return Ok(None);
-            };
-            let bytes: [u8; 4] = raw.value().try_into().map_err(|_| {
-                StoreError::Corrupt("meta.schema_version is not a 4-byte integer".into())
-            })?;
-            Ok(Some(u32::from_le_bytes(bytes)))
+            Ok((
+                read_u32(&meta, META_SCHEMA_VERSION)?,
+                read_u32(&meta, META_MIN_READER_VERSION)?,
+            ))
         })()
         .with_context(|| {
             format!(
@@ -194,19 +217,53 @@ impl Store {
                 self.path.display()
             )
         })?;
-        match found {
-            Some(SCHEMA_VERSION) => Ok(()),
-            Some(found) => Err(StoreError::UnknownSchema {
-                path: self.path.clone(),
-                found,
-                expected: SCHEMA_VERSION,
-            }
-            .into()),
-            None => bail!(
+        let Some(found) = found else {
+            bail!(
                 "{} is not a diffkeeper store (no schema version recorded)",
                 self.path.display()
-            ),
+            );
+        };
+        let min_reader = min_reader.unwrap_or(found);
+        if min_reader > SCHEMA_VERSION || found < OLDEST_READABLE {
+            return Err(StoreError::UnknownSchema {
+                path: self.path.clone(),
+                found,
+                min_reader,
+                oldest: OLDEST_READABLE,
+                newest: SCHEMA_VERSION,
+            }
+            .into());
         }
+        let Db::ReadWrite(db) = &self.db else {
+            return Ok(());
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: self.path.clone(),
+                found,
+                newest: SCHEMA_VERSION,
+            }
+            .into());
+        }
+        if found < SCHEMA_VERSION {
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+                meta.insert(
+                    META_MIN_READER_VERSION,
+                    MIN_READER_VERSION.to_le_bytes().as_slice(),
+                )?;
+            }
+            // Schema 1's settled marks name no stamp: they prove nothing now.
+            match txn.delete_table(SETTLED) {
+                Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            txn.commit()?;
+            tracing::info!(store = %self.path.display(), from = found, to = SCHEMA_VERSION, "store upgraded to this build's schema");
+        }
+        Ok(())
     }
 
     fn begin_read(&self) -> Result<redb::ReadTransaction> {
@@ -228,7 +285,7 @@ impl Store {
             payload: txn.open_table(PAYLOAD)?,
             // Tables that older stores may not have (see `schema`).
             gaps: optional_table(&txn, GAPS)?,
-            settled: optional_table(&txn, SETTLED)?,
+            seen: optional_table(&txn, SEEN)?,
             cuts: optional_table(&txn, CUTS)?,
             path: self.path.clone(),
         })
@@ -384,12 +441,12 @@ pub struct Reader {
     chunk_index: ReadOnlyTable<&'static [u8; 32], u64>,
     payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
     gaps: Option<ReadOnlyTable<u64, i64>>,
-    settled: Option<ReadOnlyTable<PathKey, (u64, i64)>>,
+    seen: Option<ReadOnlyTable<PathKey, &'static [u8]>>,
     cuts: Option<ReadOnlyTable<u64, &'static [u8]>>,
     path: PathBuf,
 }
 
-/// A `(root, path)` key, as `latest` and `settled` have.
+/// A `(root, path)` key, as `latest` and `seen` have.
 type PathKey = (&'static str, &'static [u8]);
 
 impl Reader {
@@ -501,7 +558,10 @@ impl Reader {
         let hi: (&str, &[u8], u64) = (root, path, u64::MAX);
         for item in self.versions.range(lo..=hi)? {
             let (key, value) = item?;
-            out.push((key.value().2, decode(value.value(), "version record")?));
+            out.push((
+                key.value().2,
+                VersionRecord::decode(value.value(), "version record")?,
+            ));
         }
         Ok(out)
     }
@@ -535,18 +595,18 @@ impl Reader {
         }
     }
 
-    /// When a capture that found `root`/`path`'s version of `batch`
-    /// unchanged on disk started, if one did after that batch (see
-    /// `schema`, settled versions).
-    pub fn settled_ms(&self, root: &str, path: &[u8], batch: u64) -> Result<Option<i64>> {
-        let Some(settled) = &self.settled else {
+    /// The stamp `root`/`path`'s version of `batch` was last found on disk
+    /// with, if a capture or replay found it again after that batch (see
+    /// `schema`, Stamps).
+    pub fn seen(&self, root: &str, path: &[u8], batch: u64) -> Result<Option<SeenRecord>> {
+        let Some(seen) = &self.seen else {
             return Ok(None);
         };
-        Ok(settled
-            .get((root, path))?
-            .map(|v| v.value())
-            .filter(|&(of, _)| of == batch)
-            .map(|(_, ms)| ms))
+        let Some(raw) = seen.get((root, path))? else {
+            return Ok(None);
+        };
+        let record: SeenRecord = decode(raw.value(), "seen record")?;
+        Ok((record.batch == batch).then_some(record))
     }
 
     /// One version record.
@@ -557,7 +617,29 @@ impl Reader {
                 String::from_utf8_lossy(path)
             ))
         })?;
-        Ok(decode(raw.value(), "version record")?)
+        Ok(VersionRecord::decode(raw.value(), "version record")?)
+    }
+
+    /// Every version of `root`'s paths: `(path, batch, record)` in key order.
+    pub fn for_each_version_of(
+        &self,
+        root: &str,
+        mut f: impl FnMut(&[u8], u64, VersionRecord) -> Result<()>,
+    ) -> Result<()> {
+        let lo: (&str, &[u8], u64) = (root, &[], 0);
+        for item in self.versions.range(lo..)? {
+            let (key, value) = item?;
+            let (r, path, batch) = key.value();
+            if r != root {
+                break;
+            }
+            f(
+                path,
+                batch,
+                VersionRecord::decode(value.value(), "version record")?,
+            )?;
+        }
+        Ok(())
     }
 
     /// Every version of every path: `(root, path, batch, record)` in key order.
@@ -568,10 +650,19 @@ impl Reader {
         for item in self.versions.iter()? {
             let (key, value) = item?;
             let (root, path, batch) = key.value();
-            let record: VersionRecord = decode(value.value(), "version record")?;
+            let record = VersionRecord::decode(value.value(), "version record")?;
             f(root, path, batch, record)?;
         }
         Ok(())
+    }
+
+    /// When each batch's scan started, by batch id.
+    pub fn batch_started(&self) -> Result<std::collections::HashMap<u64, i64>> {
+        Ok(self
+            .batches()?
+            .into_iter()
+            .map(|(id, batch)| (id, batch.started_ms))
+            .collect())
     }
 
     /// The newest batch's id (0 for an empty store).
@@ -960,16 +1051,16 @@ impl BatchWriter {
     pub fn put_version(&mut self, root: &str, path: &[u8], record: &VersionRecord) -> Result<()> {
         self.txn
             .open_table(VERSIONS)?
-            .insert((root, path, self.batch), encode(record).as_slice())?;
+            .insert((root, path, self.batch), record.encode().as_slice())?;
         self.txn
             .open_table(LATEST)?
             .insert((root, path), self.batch)?;
         Ok(())
     }
 
-    /// Records that `root`/`path`'s newest version was found unchanged on
-    /// disk by a capture whose scan started at `started_ms`.
-    pub fn settle(&mut self, root: &str, path: &[u8], started_ms: i64) -> Result<()> {
+    /// Records that `root`/`path`'s newest version was found on disk again,
+    /// as `stamp`, by a read that started at `checked_ms`.
+    pub fn see(&mut self, root: &str, path: &[u8], stamp: Stamp, checked_ms: i64) -> Result<()> {
         let batch = self
             .txn
             .open_table(LATEST)?
@@ -981,9 +1072,14 @@ impl BatchWriter {
                     String::from_utf8_lossy(path)
                 ))
             })?;
+        let record = SeenRecord {
+            batch,
+            stamp,
+            checked_ms,
+        };
         self.txn
-            .open_table(SETTLED)?
-            .insert((root, path), (batch, started_ms))?;
+            .open_table(SEEN)?
+            .insert((root, path), encode(&record).as_slice())?;
         Ok(())
     }
 
@@ -1008,9 +1104,9 @@ impl BatchWriter {
         Ok(self.batch)
     }
 
-    /// Commits what was settled (see [`BatchWriter::settle`]) when nothing
+    /// Commits what was seen (see [`BatchWriter::see`]) when nothing
     /// changed: no batch is recorded, the history stays as it was.
-    pub fn commit_settled_only(self) -> Result<()> {
+    pub fn commit_seen_only(self) -> Result<()> {
         self.txn.commit()?;
         Ok(())
     }
@@ -1027,7 +1123,7 @@ pub struct HistoryEditor {
 impl HistoryEditor {
     pub fn remove_version(&mut self, root: &str, path: &[u8], batch: u64) -> Result<()> {
         self.txn.open_table(VERSIONS)?.remove((root, path, batch))?;
-        self.move_settled(root, path, batch, None)
+        self.move_seen(root, path, batch, None)
     }
 
     /// Moves a version to another batch id, record unchanged.
@@ -1044,22 +1140,29 @@ impl HistoryEditor {
             })?;
         table.insert((root, path, to), record.as_slice())?;
         drop(table);
-        self.move_settled(root, path, from, Some(to))
+        self.move_seen(root, path, from, Some(to))
     }
 
-    /// Keeps a path's settled mark with the version it names: moved to
-    /// batch `to`, or dropped with the version.
-    fn move_settled(&mut self, root: &str, path: &[u8], from: u64, to: Option<u64>) -> Result<()> {
-        let mut settled = self.txn.open_table(SETTLED)?;
-        let Some((batch, ms)) = settled.get((root, path))?.map(|v| v.value()) else {
+    /// Keeps a path's `seen` row with the version it names: moved to batch
+    /// `to`, or dropped with the version.
+    fn move_seen(&mut self, root: &str, path: &[u8], from: u64, to: Option<u64>) -> Result<()> {
+        let mut seen = self.txn.open_table(SEEN)?;
+        let Some(mut record) = seen
+            .get((root, path))?
+            .map(|v| decode::<SeenRecord>(v.value(), "seen record"))
+            .transpose()?
+        else {
             return Ok(());
         };
-        if batch != from {
+        if record.batch != from {
             return Ok(());
         }
         match to {
-            Some(to) => settled.insert((root, path), (to, ms))?,
-            None => settled.remove((root, path))?,
+            Some(to) => {
+                record.batch = to;
+                seen.insert((root, path), encode(&record).as_slice())?
+            }
+            None => seen.remove((root, path))?,
         };
         Ok(())
     }
@@ -1155,15 +1258,20 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.dkstore");
         drop(Store::create_or_open(&path).expect("create"));
-        {
+        let set = |schema: u32, min_reader: u32| {
             let db = Database::open(&path).expect("open");
             let txn = db.begin_write().expect("write");
-            txn.open_table(META)
-                .expect("meta")
-                .insert(META_SCHEMA_VERSION, 99u32.to_le_bytes().as_slice())
-                .expect("insert");
+            {
+                let mut meta = txn.open_table(META).expect("meta");
+                meta.insert(META_SCHEMA_VERSION, schema.to_le_bytes().as_slice())
+                    .expect("insert");
+                meta.insert(META_MIN_READER_VERSION, min_reader.to_le_bytes().as_slice())
+                    .expect("insert");
+            }
             txn.commit().expect("commit");
-        }
+        };
+        // Needs a newer reader: refused for reading and writing.
+        set(99, 99);
         for result in [
             Store::create_or_open(&path).err(),
             Store::open_read_only(&path).err(),
@@ -1174,7 +1282,25 @@ mod tests {
                 msg.contains("schema version 99") && msg.contains("s.dkstore"),
                 "{msg}"
             );
+            assert!(
+                matches!(
+                    err.downcast_ref::<StoreError>(),
+                    Some(StoreError::UnknownSchema { found: 99, .. })
+                ),
+                "{msg}"
+            );
         }
+        // Newer, but readable by this schema: read, never written.
+        set(SCHEMA_VERSION + 1, SCHEMA_VERSION);
+        assert!(Store::open_read_only(&path).is_ok());
+        let err = Store::create_or_open(&path).err().expect("not written");
+        assert!(
+            matches!(
+                err.downcast_ref::<StoreError>(),
+                Some(StoreError::NewerSchema { .. })
+            ),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -1,10 +1,38 @@
 //! The on-disk format of a DiffKeeper store, in one place.
 //!
-//! A store is one [redb] file. Every table and record below is versioned by
-//! [`SCHEMA_VERSION`]; a store whose `meta.schema_version` differs is refused
-//! (see [`super::StoreError::UnknownSchema`]). Records are encoded with
-//! [postcard] (varint integers, length-prefixed bytes), whose wire format is
-//! frozen at 1.0.
+//! A store is one [redb] file. Records are encoded with [postcard] (varint
+//! integers, length-prefixed bytes), whose wire format is frozen at 1.0.
+//!
+//! # Versions of the format
+//!
+//! `meta.schema_version` is the schema the store was last written with;
+//! `meta.min_reader_version` the oldest schema whose readers understand it
+//! (absent: the same as `schema_version`). A build of schema
+//! [`SCHEMA_VERSION`]:
+//!
+//! - reads a store when `min_reader_version <= SCHEMA_VERSION` and
+//!   `schema_version >= `[`OLDEST_READABLE`], and refuses anything else by
+//!   name (see [`super::StoreError::UnknownSchema`]);
+//! - writes only stores of its own schema or older: an older one is upgraded
+//!   in place when first opened for writing (one transaction, below), a newer
+//!   one it may read is not written.
+//!
+//! A change that older readers would misread bumps both numbers; one they can
+//! safely ignore bumps only `schema_version`. Small stores written by each
+//! released schema are kept in `tests/fixtures/` with the trees they restore
+//! to, and every build must read them back (`tests/format.rs`).
+//!
+//! | schema | what changed | min reader |
+//! |---|---|---|
+//! | 1 | first released format (`gaps`, `settled` and `cuts` arrived within it, see below) | 1 |
+//! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; `seen` replaces `settled` | 2 |
+//!
+//! Upgrading a schema-1 store: `schema_version` and `min_reader_version`
+//! become 2 and `settled` is dropped (its marks name no inode or ctime, so
+//! under schema 2 they prove nothing). Its versions stay as written: they
+//! decode with no owner, no extended attributes and no stamp, so replay
+//! leaves ownership as it finds it and the first capture after the upgrade
+//! reads each file once to take its stamp (see Stamps).
 //!
 //! # Tables
 //!
@@ -18,7 +46,8 @@
 //! | `chunk_index` | `[u8; 32]` SHA-256 | `u64` chunk id | content-addressed de-duplication |
 //! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] |
 //! | `gaps` | `u64` batch id | `i64` ms | after compaction: a kept batch followed by dropped ones, and when the first dropped one committed |
-//! | `settled` | `(&str root, &[u8] path)` | `(u64 batch, i64 ms)` | a path's version of that batch, read again by a capture that started at that time and found unchanged |
+//! | `seen` | `(&str root, &[u8] path)` | [`SeenRecord`] | a path's version of that batch, found on disk again (another inode or ctime, same content and metadata) by a capture or replay |
+//! | `settled` | `(&str root, &[u8] path)` | `(u64 batch, i64 ms)` | schema 1 only, see Settled versions |
 //! | `cuts` | `u64` batch id | [`CutRecord`] | how the batch's cut was taken: quiet, frozen (and for how long) or torn (and why) |
 //!
 //! Paths are relative to their root, `/`-separated raw bytes (Linux names
@@ -101,7 +130,24 @@
 //! `gaps` appeared without a schema bump: a store without the table was
 //! never compacted.
 //!
-//! # Settled versions
+//! # Stamps: what proves a file unchanged
+//!
+//! A capture does not read a file whose size, mtime, mode and owner match its
+//! newest version only when the file's inode number and ctime also match a
+//! stamp ([`Stamp`]) taken when that version's content was read, by a read
+//! that started clearly after that ctime (`scan::RACY_WINDOW_NS`). The app
+//! can set mtime to anything (`touch -r`, `tar -x`, `rsync -t`, `cp -p`) but
+//! not ctime, which the kernel sets on every change, metadata included; a
+//! file replaced by `mv` from elsewhere is another inode. This is git's index
+//! rule. Stamps come from the version itself (the capture that stored it,
+//! at its batch's `started_ms`) or from `seen`: a later capture that read the
+//! file again, found content and metadata unchanged, and recorded the stamp
+//! it read with and when its read started. A `seen` row whose batch is not
+//! the path's newest version any more is ignored; compaction moves or drops
+//! it with the version it names. Replay trusts a live file the same way and
+//! rewrites one it cannot prove current.
+//!
+//! # Settled versions (schema 1)
 //!
 //! A file whose mtime was too close to its batch's scan start to trust
 //! (`scan::RACY_WINDOW_NS`) is read again by later captures until one that
@@ -138,8 +184,12 @@
 use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
-/// The schema this build reads and writes. Bump on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes (see Versions of the format).
+pub const SCHEMA_VERSION: u32 = 2;
+/// The oldest schema this build reads.
+pub const OLDEST_READABLE: u32 = 1;
+/// The oldest schema whose readers understand what this build writes.
+pub const MIN_READER_VERSION: u32 = 2;
 
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const BATCHES: TableDefinition<u64, &[u8]> = TableDefinition::new("batches");
@@ -150,9 +200,11 @@ pub const CHUNK_INDEX: TableDefinition<&[u8; 32], u64> = TableDefinition::new("c
 pub const PAYLOAD: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("payload");
 pub const GAPS: TableDefinition<u64, i64> = TableDefinition::new("gaps");
 pub const SETTLED: TableDefinition<(&str, &[u8]), (u64, i64)> = TableDefinition::new("settled");
+pub const SEEN: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("seen");
 pub const CUTS: TableDefinition<u64, &[u8]> = TableDefinition::new("cuts");
 
 pub const META_SCHEMA_VERSION: &str = "schema_version";
+pub const META_MIN_READER_VERSION: &str = "min_reader_version";
 pub const META_CREATED_MS: &str = "created_ms";
 pub const META_RETENTION: &str = "retention";
 
@@ -242,8 +294,46 @@ pub enum EntryKind {
     Tombstone,
 }
 
+/// A file's owner, numeric (as `tar --numeric-owner` and restic keep it:
+/// the names inside a container image are not the host's).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One extended attribute (`user.*`, `security.capability`, POSIX ACLs as
+/// `system.posix_acl_*`, ...), raw bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Xattr {
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// What a file was read with: the inode and its ctime, which the app cannot
+/// set (see Stamps).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stamp {
+    pub ino: u64,
+    pub ctime_ns: i64,
+}
+
+/// A version found on disk again (the `seen` table).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeenRecord {
+    /// The batch of the version it was found to be.
+    pub batch: u64,
+    pub stamp: Stamp,
+    /// When the read that found it started, milliseconds since the epoch.
+    pub checked_ms: i64,
+}
+
 /// One version of one path.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+///
+/// Encoded as the schema-1 fields, then the fields schema 2 added; a record
+/// that ends after the first part is a schema-1 record (no owner, no
+/// extended attributes, no stamp). See [`VersionRecord::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRecord {
     pub kind: EntryKind,
     /// Permission bits (`st_mode & 0o7777`).
@@ -261,7 +351,18 @@ pub struct VersionRecord {
     pub target: Vec<u8>,
     /// Payload bytes this version added to the store (new chunks only).
     pub stored_bytes: u64,
+    /// Numeric owner (schema 2; `None` in schema-1 records and tombstones).
+    pub owner: Option<Owner>,
+    /// Extended attributes, sorted by name (schema 2; files and dirs).
+    pub xattrs: Vec<Xattr>,
+    /// The inode and ctime the content was read with (schema 2; files).
+    pub stamp: Option<Stamp>,
 }
+
+/// The fields of a schema-1 version record, in order.
+type VersionCore = (EntryKind, u32, i64, u64, [u8; 32], Vec<u64>, Vec<u8>, u64);
+/// The fields schema 2 appended.
+type VersionExt = (Option<Owner>, Vec<Xattr>, Option<Stamp>);
 
 impl VersionRecord {
     /// A deletion.
@@ -275,7 +376,60 @@ impl VersionRecord {
             chunks: Vec::new(),
             target: Vec::new(),
             stored_bytes: 0,
+            owner: None,
+            xattrs: Vec::new(),
+            stamp: None,
         }
+    }
+
+    /// Encodes the record for the `versions` table.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = encode(&(
+            &self.kind,
+            self.mode,
+            self.mtime_ns,
+            self.size,
+            &self.hash,
+            &self.chunks,
+            &self.target,
+            self.stored_bytes,
+        ));
+        out.extend(encode(&(&self.owner, &self.xattrs, &self.stamp)));
+        out
+    }
+
+    /// Decodes a record of either schema; `what` names it in the error.
+    pub fn decode(bytes: &[u8], what: &str) -> Result<VersionRecord, super::StoreError> {
+        let corrupt = |e: postcard::Error| super::StoreError::Corrupt(format!("{what}: {e}"));
+        let (core, rest): (VersionCore, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(corrupt)?;
+        let (owner, xattrs, stamp): VersionExt = if rest.is_empty() {
+            (None, Vec::new(), None)
+        } else {
+            let (ext, rest): (VersionExt, &[u8]) =
+                postcard::take_from_bytes(rest).map_err(corrupt)?;
+            if !rest.is_empty() {
+                return Err(super::StoreError::Corrupt(format!(
+                    "{what}: {} bytes after the record",
+                    rest.len()
+                )));
+            }
+            ext
+        };
+        let (kind, mode, mtime_ns, size, hash, chunks, target, stored_bytes) = core;
+        Ok(VersionRecord {
+            kind,
+            mode,
+            mtime_ns,
+            size,
+            hash,
+            chunks,
+            target,
+            stored_bytes,
+            owner,
+            xattrs,
+            stamp,
+        })
     }
 }
 
@@ -319,4 +473,75 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 /// Decodes a stored record; `what` names it in the error.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, super::StoreError> {
     postcard::from_bytes(bytes).map_err(|e| super::StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VersionRecord {
+        VersionRecord {
+            kind: EntryKind::File,
+            mode: 0o640,
+            mtime_ns: 1_700_000_000_123_456_789,
+            size: 5,
+            hash: [7; 32],
+            chunks: vec![1, 300],
+            target: Vec::new(),
+            stored_bytes: 5,
+            owner: Some(Owner { uid: 999, gid: 70 }),
+            xattrs: vec![Xattr {
+                name: b"user.k".to_vec(),
+                value: vec![0, 1, 2],
+            }],
+            stamp: Some(Stamp {
+                ino: 12345,
+                ctime_ns: 1_700_000_001_000_000_000,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_version_record_reads_back_as_written() {
+        let record = sample();
+        assert_eq!(
+            VersionRecord::decode(&record.encode(), "v").ok(),
+            Some(record)
+        );
+    }
+
+    #[test]
+    fn a_schema_1_version_record_reads_with_no_owner_xattrs_or_stamp() {
+        let new = sample();
+        // What schema 1 wrote: the eight first fields as a struct.
+        let old = encode(&(
+            new.kind,
+            new.mode,
+            new.mtime_ns,
+            new.size,
+            new.hash,
+            &new.chunks,
+            &new.target,
+            new.stored_bytes,
+        ));
+        let read = VersionRecord::decode(&old, "v").expect("decodes");
+        assert_eq!(
+            read,
+            VersionRecord {
+                owner: None,
+                xattrs: Vec::new(),
+                stamp: None,
+                ..new
+            }
+        );
+    }
+
+    #[test]
+    fn bytes_after_a_version_record_are_damage() {
+        let mut bytes = sample().encode();
+        bytes.push(0);
+        assert!(VersionRecord::decode(&bytes, "v").is_err());
+        let short = &sample().encode()[..20];
+        assert!(VersionRecord::decode(short, "v").is_err());
+    }
 }

@@ -70,7 +70,8 @@ pub async fn run(
     let Some((program, args)) = command.split_first() else {
         anyhow::bail!("no command to run: give it after `--`");
     };
-    match crate::replay::replay(store, roots, crate::history::Moment::Latest, false)? {
+    let replay_options = crate::replay::ReplayOptions::default();
+    match crate::replay::replay(store, roots, crate::history::Moment::Latest, replay_options)? {
         None => tracing::info!("no store at {} yet: first start", store.display()),
         Some(summaries) => {
             for s in summaries {

@@ -1,0 +1,228 @@
+//! The store format across releases: every build must read the stores
+//! that each released schema wrote (`tests/fixtures/store-vN.redb`, made by
+//! `tests/fixtures/make-store.sh` with that schema's build) back to the
+//! trees they held (`manifest-vN-batchB.txt`), verify them, and go on
+//! writing to them after upgrading them in place.
+
+mod common;
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use common::{json, ok, s};
+use sha2::{Digest, Sha256};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The lines `make-store.sh` writes for the tree at `root`, sorted.
+fn manifest_of(root: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).expect("read_dir") {
+            let path = entry.expect("entry").path();
+            let rel = path.strip_prefix(root).expect("under root");
+            let rel = hex(rel.as_os_str().as_bytes());
+            let meta = fs::symlink_metadata(&path).expect("lstat");
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).expect("readlink");
+                lines.push(format!("l {} {rel}", hex(target.as_os_str().as_bytes())));
+            } else if meta.is_dir() {
+                lines.push(format!("d {mode:o} {rel}"));
+                stack.push(path);
+            } else {
+                let digest = Sha256::digest(fs::read(&path).expect("read"));
+                lines.push(format!(
+                    "f {mode:o} {}.{:09} {} {rel}",
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    hex(&digest)
+                ));
+            }
+        }
+    }
+    lines.sort();
+    lines
+}
+
+/// A released schema's fixture: its number, its store, and each batch
+/// with the manifest of the tree it restores to.
+type Fixture = (u32, PathBuf, Vec<(u64, Vec<String>)>);
+
+fn released() -> Vec<Fixture> {
+    let mut out = Vec::new();
+    for schema in 1.. {
+        let store = fixtures().join(format!("store-v{schema}.redb"));
+        if !store.exists() {
+            break;
+        }
+        let mut batches = Vec::new();
+        for entry in fs::read_dir(fixtures()).expect("fixtures") {
+            let name = entry.expect("entry").file_name();
+            let name = name.to_string_lossy();
+            let Some(batch) = name
+                .strip_prefix(&format!("manifest-v{schema}-batch"))
+                .and_then(|rest| rest.strip_suffix(".txt"))
+            else {
+                continue;
+            };
+            let text = fs::read_to_string(fixtures().join(name.as_ref())).expect("manifest");
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            lines.sort();
+            batches.push((batch.parse().expect("batch number"), lines));
+        }
+        batches.sort();
+        assert!(!batches.is_empty(), "no manifests for schema {schema}");
+        out.push((schema, store, batches));
+    }
+    assert!(
+        !out.is_empty(),
+        "no store fixtures in {}",
+        fixtures().display()
+    );
+    out
+}
+
+/// The schema numbers the store at `path` records.
+fn schema_of(path: &Path) -> (u32, Option<u32>) {
+    use redb::{ReadableDatabase, TableDefinition};
+    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+    let db = redb::Database::open(path).expect("open");
+    let txn = db.begin_read().expect("read");
+    let meta = txn.open_table(META).expect("meta");
+    let number = |key: &str| {
+        meta.get(key)
+            .expect("get")
+            .map(|v| u32::from_le_bytes(v.value().try_into().expect("a 4-byte number")))
+    };
+    (
+        number("schema_version").expect("schema_version"),
+        number("min_reader_version"),
+    )
+}
+
+#[test]
+fn stores_written_by_every_released_schema_read_back_whole() {
+    let work = tempfile::tempdir().expect("tempdir");
+    for (schema, fixture, batches) in released() {
+        // Read where it lies, never written: a copy, read-only.
+        let store = work.path().join(format!("v{schema}.redb"));
+        fs::copy(&fixture, &store).expect("copy");
+        fs::set_permissions(&store, fs::Permissions::from_mode(0o444)).expect("chmod");
+        let verified = ok(&["verify", "--store", s(&store)]);
+        assert!(verified.contains("all hashes match"), "{verified}");
+        let timeline = json(&["log", "--store", s(&store), "--batches", "--json"]);
+        let listed: Vec<u64> = timeline
+            .as_array()
+            .expect("batches")
+            .iter()
+            .map(|b| b["batch"].as_u64().expect("batch id"))
+            .collect();
+        let expected: Vec<u64> = batches.iter().map(|(b, _)| *b).collect();
+        assert_eq!(listed, expected, "schema {schema}: batches listed");
+        for (batch, manifest) in &batches {
+            let to = work.path().join(format!("v{schema}-b{batch}"));
+            ok(&[
+                "restore",
+                "--store",
+                s(&store),
+                "--batch",
+                &batch.to_string(),
+                "--to",
+                s(&to),
+            ]);
+            assert_eq!(
+                &manifest_of(&to),
+                manifest,
+                "schema {schema}, batch {batch}: the restored tree differs from the manifest"
+            );
+        }
+        assert_eq!(
+            fs::read(&store).expect("read"),
+            fs::read(&fixture).expect("read"),
+            "schema {schema}: reading must not change the store"
+        );
+    }
+}
+
+#[test]
+fn an_older_store_is_upgraded_when_written_and_keeps_its_history() {
+    let work = tempfile::tempdir().expect("tempdir");
+    for (schema, fixture, batches) in released() {
+        let store = work.path().join(format!("v{schema}.redb"));
+        fs::copy(&fixture, &store).expect("copy");
+        let (last, manifest) = batches.last().expect("a batch");
+        // The fixture's two roots, as its last batch left them.
+        let tree = work.path().join(format!("tree-v{schema}"));
+        ok(&[
+            "restore",
+            "--store",
+            s(&store),
+            "--batch",
+            &last.to_string(),
+            "--to",
+            s(&tree),
+        ]);
+        assert_eq!(&manifest_of(&tree), manifest);
+        let (data, cache) = (tree.join("data"), tree.join("cache"));
+        fs::write(data.join("new.txt"), b"written after the upgrade").expect("write");
+        let roots = [format!("data={}", s(&data)), format!("cache={}", s(&cache))];
+        let snap = json(&[
+            "snapshot",
+            "--store",
+            s(&store),
+            "--state-dir",
+            &roots[0],
+            "--state-dir",
+            &roots[1],
+            "--json",
+        ]);
+        assert_eq!(snap["new"], 1, "{snap}");
+        assert_eq!(
+            schema_of(&store),
+            (2, Some(2)),
+            "schema {schema}: upgraded in place on the first write"
+        );
+        ok(&["verify", "--store", s(&store)]);
+        // Every moment the fixture had still restores as it did.
+        for (batch, manifest) in &batches {
+            let to = work.path().join(format!("after-v{schema}-b{batch}"));
+            ok(&[
+                "restore",
+                "--store",
+                s(&store),
+                "--batch",
+                &batch.to_string(),
+                "--to",
+                s(&to),
+            ]);
+            assert_eq!(
+                &manifest_of(&to),
+                manifest,
+                "schema {schema}, batch {batch} after the upgrade"
+            );
+        }
+        // The first capture after the upgrade recorded every path's owner
+        // and stamp; the next one records nothing new.
+        let again = json(&[
+            "snapshot",
+            "--store",
+            s(&store),
+            "--state-dir",
+            &roots[0],
+            "--state-dir",
+            &roots[1],
+            "--json",
+        ]);
+        assert!(again["batch"].is_null(), "{again}");
+    }
+}
