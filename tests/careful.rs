@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -468,27 +469,12 @@ fn set_mtime_ns(path: &Path, ns: i64) {
     .expect("utimensat");
 }
 
-fn snapshot_of(root: &str, store: &Path) -> serde_json::Value {
-    json(&[
-        "snapshot",
-        "--state-dir",
-        root,
-        "--store",
-        s(store),
-        "--json",
-    ])
-}
-
 /// A changed file that keeps its size and an old mtime (put back by the
 /// tool that wrote it, or arriving by `mv` from elsewhere) is captured, and
 /// replay does not call such a live file current.
 #[test]
 fn a_change_that_keeps_size_and_mtime_is_still_captured_and_replayed() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
-    let store = work.path().join("store.dk");
-    fs::create_dir_all(&state).expect("mkdir");
-    let root = format!("data={}", s(&state));
+    let (work, state, store, root) = common::workspace();
     // An hour-old mtime: size and mtime alone would call these unchanged.
     // Whole seconds, which is what tar keeps.
     let old_ns = (common::mtime_ns(&fs::metadata(work.path()).expect("stat")) / 1_000_000_000
@@ -501,7 +487,7 @@ fn a_change_that_keeps_size_and_mtime_is_still_captured_and_replayed() {
     }
     // Past the racy window of the ctimes just set.
     std::thread::sleep(std::time::Duration::from_millis(2200));
-    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 1);
 
     let elsewhere = work.path().join("elsewhere");
     fs::create_dir_all(&elsewhere).expect("mkdir");
@@ -544,7 +530,7 @@ fn a_change_that_keeps_size_and_mtime_is_still_captured_and_replayed() {
             "{name}: the test needs size and mtime kept"
         );
     }
-    let summary = snapshot_of(&root, &store);
+    let summary = common::snapshot_json(&root, &store);
     assert_eq!(summary["changed"], names.len(), "{summary}");
     let restored_tree = restored(&store, &work.path().join("restored"));
     for name in names {
@@ -579,14 +565,10 @@ fn a_change_that_keeps_size_and_mtime_is_still_captured_and_replayed() {
 /// stored path needs its place they refuse, naming it, unless --force.
 #[test]
 fn replay_never_deletes_what_the_store_never_had() {
-    let work = tempfile::tempdir().expect("tempdir");
-    let state = work.path().join("state");
-    let store = work.path().join("store.dk");
-    fs::create_dir_all(&state).expect("mkdir");
-    let root = format!("data={}", s(&state));
+    let (_work, state, store, root) = common::workspace();
     fs::write(state.join("p"), b"a tracked file").expect("write");
     fs::write(state.join("keep"), b"kept").expect("write");
-    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 1);
     let replay = |extra: &[&str]| {
         let mut args = vec!["replay", "--state-dir", &root, "--store", s(&store)];
         args.extend_from_slice(extra);
@@ -619,7 +601,7 @@ fn replay_never_deletes_what_the_store_never_had() {
     // a FIFO and a link out of the tree (neither of which a store keeps).
     fs::create_dir(state.join("later")).expect("mkdir");
     fs::write(state.join("later/file"), b"captured").expect("write");
-    assert_eq!(snapshot_of(&root, &store)["batch"], 2);
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 2);
     let status = std::process::Command::new("mkfifo")
         .arg(state.join("later/fifo"))
         .status()
@@ -690,14 +672,14 @@ fn a_replay_that_fails_midway_leaves_the_directory_as_it_was() {
         .status()
         .expect("cp");
     assert!(copy.success());
-    assert_eq!(snapshot_of(&root, &store)["batch"], 1);
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 1);
     for name in ["a", "b", "c", "sub/d"] {
         fs::write(state.join(name), format!("{name} two, longer")).expect("write");
     }
     fs::remove_file(state.join("gone")).expect("rm");
     fs::create_dir(state.join("new-dir")).expect("mkdir");
     fs::write(state.join("new-dir/e"), b"e two").expect("write");
-    assert_eq!(snapshot_of(&root, &store)["batch"], 2);
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 2);
 
     // The old tree, with `c` immutable: `a` and `b` come before it.
     let old_root = format!("data={}", s(&old));
@@ -719,4 +701,395 @@ fn a_replay_that_fails_midway_leaves_the_directory_as_it_was() {
         &common::read_tree(&old),
         "the replay once c can be replaced",
     );
+}
+
+/// Symlinks that stay inside the tree alone but leave it through each
+/// other are not kept: a replay of the store never recreates the way out.
+#[test]
+fn a_chain_of_symlinks_that_climbs_out_is_not_kept() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(state.join("d")).expect("mkdir");
+    fs::write(state.join("f"), b"kept").expect("write");
+    std::os::unix::fs::symlink("..", state.join("d/up")).expect("symlink");
+    std::os::unix::fs::symlink("up/..", state.join("d/x")).expect("symlink");
+    std::os::unix::fs::symlink("../f", state.join("d/fine")).expect("symlink");
+    let out = diffkeeper(&[
+        "snapshot",
+        "--state-dir",
+        &format!("data={}", s(&state)),
+        "--store",
+        s(&store),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("d/x") && stderr.contains("not kept") && stderr.contains("d/up"),
+        "{stderr}"
+    );
+    let tree = restored(&store, &work.path().join("restored"));
+    let names: Vec<String> = tree
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(names, ["d", "d/fine", "d/up", "f"]);
+}
+
+/// A version whose key was damaged (its batch changed) makes `verify` name
+/// it, and `restore` and `export` refuse rather than give an older version
+/// in its place.
+#[test]
+fn a_damaged_version_key_is_found_and_never_stood_in_for() {
+    use redb::{ReadableTable, TableDefinition};
+    const VERSIONS: TableDefinition<(&str, &[u8], u64), &[u8]> = TableDefinition::new("versions");
+    let (work, state, store, root) = common::workspace();
+    fs::write(state.join("f"), b"old content").expect("write");
+    fs::write(state.join("g"), b"unchanged").expect("write");
+    common::snapshot_json(&root, &store);
+    fs::write(state.join("f"), b"new content!").expect("write");
+    assert_eq!(common::snapshot_json(&root, &store)["batch"], 2);
+    {
+        let db = redb::Database::open(&store).expect("open");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut versions = txn.open_table(VERSIONS).expect("versions");
+            let value = versions
+                .remove(("data", b"f".as_slice(), 2))
+                .expect("remove")
+                .expect("f has a version in batch 2")
+                .value()
+                .to_vec();
+            versions
+                .insert(("data", b"f".as_slice(), 9), value.as_slice())
+                .expect("insert");
+            assert!(versions
+                .get(("data", b"f".as_slice(), 1))
+                .expect("get")
+                .is_some());
+        }
+        txn.commit().expect("commit");
+    }
+    let out = diffkeeper(&["verify", "--store", s(&store)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("data:f@9") && stderr.contains("batch 9, which does not exist"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("data:f@2"),
+        "the latest entry too: {stderr}"
+    );
+    let to = work.path().join("restored");
+    for args in [
+        vec!["restore", "--store", s(&store), "--to", s(&to)],
+        vec![
+            "restore",
+            "--store",
+            s(&store),
+            "--to",
+            s(&to),
+            "--batch",
+            "2",
+        ],
+        vec![
+            "export",
+            "--store",
+            s(&store),
+            "-o",
+            s(&work.path().join("out.tar")),
+        ],
+    ] {
+        let out = diffkeeper(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("newest version (batch 2) is missing") && stderr.contains(s(&store)),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            fs::read(to.join("f")).map_or(true, |c| c != b"old content"),
+            "{args:?}: restored an older version in place of the missing one"
+        );
+    }
+    // The moment before, which never had that version, still restores.
+    ok(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--to",
+        s(&to),
+        "--batch",
+        "1",
+    ]);
+    assert_eq!(fs::read(to.join("f")).expect("read"), b"old content");
+}
+
+/// The small things a careful user runs into: each gets a clear answer.
+#[test]
+fn odd_input_gets_clear_answers() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = small_history(work.path());
+    let root = format!("data={}", s(&state));
+
+    // The last day RFC 3339 can write is a time (the latest state then);
+    // a duration before 1970 is refused as such.
+    let to = work.path().join("far");
+    ok(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--to",
+        s(&to),
+        "--at",
+        "9999-12-31T23:59:59Z",
+    ]);
+    let why = refused(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--to",
+        s(&work.path().join("never")),
+        "--ago",
+        "100000000y",
+    ]);
+    assert!(why.contains("before 1970") && !why.contains("-3"), "{why}");
+
+    // A name that is not UTF-8: its bytes in the JSON, and `log PATH`
+    // takes it.
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    fs::write(state.join(odd), b"latin-1 name").expect("write");
+    common::snapshot_json(&root, &store);
+    let log = json(&["log", "--store", s(&store), "--json"]);
+    let entry = log
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path_hex"] == "636166e9")
+        .unwrap_or_else(|| panic!("no path_hex for the odd name: {log}"));
+    assert_eq!(entry["path"], "caf\u{fffd}");
+    let out = std::process::Command::new(common::BIN)
+        .args([
+            std::ffi::OsStr::new("log"),
+            "--store".as_ref(),
+            store.as_os_str(),
+        ])
+        .arg(state.join(odd).strip_prefix(&state).expect("rel"))
+        .output()
+        .expect("log PATH");
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("caf"));
+
+    // `log | head`: the reader leaving ends it quietly.
+    for i in 0..300 {
+        fs::write(state.join(format!("many-{i:03}")), format!("{i}")).expect("write");
+    }
+    common::snapshot_json(&root, &store);
+    for json_flag in [false, true] {
+        let mut args = vec!["log", "--store", s(&store)];
+        if json_flag {
+            args.push("--json");
+        }
+        let mut child = std::process::Command::new(common::BIN)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("log");
+        let mut first = [0u8; 16];
+        std::io::Read::read_exact(&mut child.stdout.take().expect("stdout"), &mut first)
+            .expect("read");
+        // stdout dropped: the pipe has no reader now.
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+
+    // A state directory name the store does not have, while it has others:
+    // refused with the names it has, unless said to start now.
+    let other = work.path().join("other");
+    let why = refused(&[
+        "replay",
+        "--state-dir",
+        &format!("dtaa={}", s(&other)),
+        "--store",
+        s(&store),
+    ]);
+    assert!(
+        why.contains("\"dtaa\"") && why.contains("\"data\""),
+        "{why}"
+    );
+    ok(&[
+        "replay",
+        "--state-dir",
+        &format!("dtaa={}", s(&other)),
+        "--store",
+        s(&store),
+        "--new-root",
+        "dtaa",
+    ]);
+
+    // A store cut to a few hundred bytes is named as damaged.
+    let cut = work.path().join("cut.dk");
+    let bytes = fs::read(&store).expect("read");
+    fs::write(&cut, &bytes[..300]).expect("write");
+    let why = refused(&["log", "--store", s(&cut)]);
+    assert!(
+        why.contains(s(&cut)) && !why.contains("failed to fill whole buffer"),
+        "{why}"
+    );
+}
+
+/// `run` does not report success when its final capture failed.
+#[test]
+fn run_exits_non_zero_when_its_final_capture_failed() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    ok(&[
+        "snapshot",
+        "--state-dir",
+        &format!("data={}", s(&state)),
+        "--store",
+        s(&store),
+    ]);
+    // The app makes the store immutable (no write reaches it any more),
+    // writes its state, and exits 0.
+    let script = format!(
+        "chattr +i {store} && echo last > {state}/f",
+        store = s(&store),
+        state = s(&state)
+    );
+    let out = diffkeeper(&[
+        "run",
+        "--state-dir",
+        &format!("data={}", s(&state)),
+        "--store",
+        s(&store),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    chattr("-i", &store);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("may not be in the store"), "{stderr}");
+}
+
+/// A shell that traps SIGTERM while it waits on a pipeline never runs its
+/// trap: `run`'s stop is bounded by --stop-grace, then everything the app
+/// started is killed, and the final capture is the tree as it was left.
+#[test]
+fn a_stop_is_bounded_even_when_the_app_ignores_it() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let started = work.path().join("started");
+    let script = format!(
+        "trap 'exit 0' TERM; touch {started}; i=0; while true; do i=$((i+1)); echo $i > {state}/counter; done | cat",
+        started = s(&started),
+        state = s(&state)
+    );
+    let mut agent = common::Reaped(
+        std::process::Command::new(common::BIN)
+            .args([
+                "run",
+                "--stop-grace",
+                "1s",
+                "--state-dir",
+                &format!("data={}", s(&state)),
+                "--store",
+                s(&store),
+                "--",
+                "bash",
+                "-c",
+                &script,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start run"),
+    );
+    let begin = std::time::Instant::now();
+    while !started.exists() {
+        assert!(begin.elapsed() < std::time::Duration::from_secs(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = rustix::process::Pid::from_raw(agent.0.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let stopping = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < std::time::Duration::from_secs(15),
+            "run did not stop within 15 s of SIGTERM with --stop-grace 1s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut agent.0.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    // Killed with SIGKILL: 128 + 9.
+    assert_eq!(status.code(), Some(137), "{stderr}");
+    assert!(stderr.contains("--stop-grace"), "{stderr}");
+    // Nothing writes any more, and the store has the tree as it was left.
+    let left = fs::read(state.join("counter")).expect("read");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(fs::read(state.join("counter")).expect("read"), left);
+    let tree = restored(&store, &work.path().join("restored"));
+    assert_eq!(
+        tree.get(b"counter".as_slice()),
+        common::read_tree(&state).get(b"counter".as_slice())
+    );
+}
+
+/// A sparse file comes back sparse: a 1 GiB file holding 4 MiB of data is
+/// restored onto a 64 MiB tmpfs, taking about 4 MiB of it.
+#[test]
+fn a_sparse_file_is_restored_with_its_holes() {
+    use std::os::unix::fs::FileExt;
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let image = fs::File::create(state.join("disk.img")).expect("create");
+    image.set_len(1 << 30).expect("truncate");
+    let mut rng = common::Rng::new(0x5ba5e);
+    let data = rng.bytes(1 << 20);
+    for at in [0u64, 100 << 20, 700 << 20, (1 << 30) - (1 << 20)] {
+        image.write_all_at(&data, at).expect("write");
+    }
+    drop(image);
+    ok(&[
+        "snapshot",
+        "--state-dir",
+        &format!("data={}", s(&state)),
+        "--store",
+        s(&store),
+    ]);
+    let small = work.path().join("small");
+    fs::create_dir(&small).expect("mkdir");
+    let _tmpfs = common::Mounted::new("tmpfs", Some("size=64m"), "tmpfs", &small);
+    let to = small.join("restored");
+    ok(&["restore", "--store", s(&store), "--to", s(&to)]);
+    let restored = fs::metadata(to.join("disk.img")).expect("stat");
+    assert_eq!(restored.len(), 1 << 30);
+    let allocated = restored.blocks() * 512;
+    assert!(
+        allocated <= 8 << 20,
+        "the restored file takes {allocated} bytes for 4 MiB of data"
+    );
+    let file = fs::File::open(to.join("disk.img")).expect("open");
+    let mut back = vec![0u8; 1 << 20];
+    file.read_exact_at(&mut back, 700 << 20).expect("read");
+    assert_eq!(back, data);
+    file.read_exact_at(&mut back, 300 << 20).expect("read");
+    assert!(back.iter().all(|&b| b == 0));
 }

@@ -200,7 +200,7 @@ fn stores_that_point_outside_the_target_are_refused() {
     let work = tempfile::tempdir().expect("tempdir");
     // (case name, versions in the store, what the error must name)
     type Case<'a> = (&'a str, Vec<(&'a [u8], VersionRecord)>, &'a str);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (
             "dotdot",
             vec![(b"../escaped", entry(EntryKind::File, b""))],
@@ -226,6 +226,16 @@ fn stores_that_point_outside_the_target_are_refused() {
             vec![(b"a/link", entry(EntryKind::Symlink, b"/etc/passwd"))],
             "/etc/passwd",
         ),
+        // Each inside alone; together `d/x` reaches the target's parent.
+        (
+            "symlink-chain",
+            vec![
+                (b"d", entry(EntryKind::Dir, b"")),
+                (b"d/up", entry(EntryKind::Symlink, b"..")),
+                (b"d/x", entry(EntryKind::Symlink, b"up/..")),
+            ],
+            "through symlink \"d/up\"",
+        ),
     ];
     for (name, versions, named) in cases {
         let store = work.path().join(format!("{name}.dk"));
@@ -233,6 +243,12 @@ fn stores_that_point_outside_the_target_are_refused() {
         let target = work.path().join(format!("target-{name}"));
         make_state(&target, 3);
         assert_refused_untouched(&replay_args(&target, &store), &target, &[named]);
+        // export refuses it too
+        let tar = work.path().join(format!("{name}.tar"));
+        let out = diffkeeper(&["export", "--store", s(&store), "-o", s(&tar)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: export {stderr}");
+        assert!(stderr.contains(named), "{name}: export {stderr}");
         assert!(
             !work.path().join("escaped").exists(),
             "{name}: wrote outside the target"
@@ -297,4 +313,76 @@ fn a_symlink_planted_in_the_target_cannot_redirect_writes() {
         &read_tree(&outside),
         "the directory outside the target",
     );
+}
+
+/// Damage where redb keeps its own structures (the file's first pages, a
+/// small store's B-trees) meets some checks of redb's with a panic: every
+/// command still exits 1 naming the store, and a replay either gives the
+/// stored state or leaves the target as it was, with no staging directory
+/// behind.
+#[test]
+fn damage_to_the_store_s_structure_fails_every_command_cleanly() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (store, target) = store_and_target(work.path());
+    let good = fs::read(&store).expect("read store");
+    let mut rng = Rng::new(0x5eed_0013);
+    for round in 0..120 {
+        let mut bytes = good.clone();
+        // Half the rounds in the first 64 KiB, half anywhere.
+        let span = if round % 2 == 0 {
+            bytes.len().min(64 * 1024)
+        } else {
+            bytes.len()
+        };
+        for _ in 0..1 + rng.below(8) {
+            let at = rng.below(span as u64) as usize;
+            bytes[at] ^= 1 << rng.below(8);
+        }
+        fs::write(&store, &bytes).expect("write");
+        let before = read_tree(&target);
+        let restored = work.path().join(format!("restored-{round}"));
+        for args in [
+            vec!["verify", "--store", s(&store)],
+            vec!["log", "--store", s(&store)],
+            vec!["stats", "--store", s(&store)],
+            vec!["restore", "--store", s(&store), "--to", s(&restored)],
+            replay_args(&target, &store)
+                .iter()
+                .map(String::as_str)
+                .collect(),
+        ] {
+            let out = diffkeeper(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => {}
+                Some(1) => assert!(
+                    stderr.contains(s(&store)),
+                    "round {round}, {args:?}: the error must name the store: {stderr}"
+                ),
+                other => panic!("round {round}, {args:?}: exit {other:?}: {stderr}"),
+            }
+        }
+        let leftovers: Vec<_> = fs::read_dir(&target)
+            .expect("read target")
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".diffkeeper-staging")
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: staging left behind");
+        if read_tree(&target) != before {
+            // A replay that succeeded wrote the stored state: put the other
+            // good state back.
+            assert_same_tree(
+                &read_tree(&work.path().join("state")),
+                &read_tree(&target),
+                &format!("round {round}: a replay that succeeded"),
+            );
+            fs::remove_dir_all(&target).expect("rm");
+            make_state(&target, 2);
+        }
+        let _ = fs::remove_dir_all(&restored);
+    }
 }

@@ -323,8 +323,8 @@ fn in_place_writes(backend: &str) {
         }
     }
     fs::hard_link(state.join("d0/f0"), state.join("d1/linked")).expect("hard link");
-    // Files and directories the tree holds.
-    let total = 30 * 100 + 1 + 30;
+    // Files and directories the tree holds, and the state directory itself.
+    let total = 30 * 100 + 1 + 30 + 1;
     let store = work.path().join("store.dk");
     ok(&[
         "snapshot",

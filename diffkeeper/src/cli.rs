@@ -106,8 +106,10 @@ impl PolicyArgs {
 /// A time for `--since`/`--until`: RFC 3339, or a duration ago.
 fn time_or_ago(text: &str) -> Result<i64, String> {
     if let Ok(ago) = humantime::parse_duration(text) {
+        // Before 1970: before every batch.
         return Ok(crate::store::now_ms()
-            .saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)));
+            .saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX))
+            .max(0));
     }
     crate::history::moment::parse_time(text)
         .map_err(|e| format!("{e:#}; or a duration ago (10m, 2h, 3d)"))
@@ -203,7 +205,8 @@ impl WatchArgs {
 pub enum Command {
     /// Scan the state directories and record every change since the last
     /// capture as one batch (new, changed, deleted files, dirs, symlinks,
-    /// mode changes). Files with unchanged size and mtime are not read.
+    /// mode, owner and extended-attribute changes). A file whose size,
+    /// mtime, inode and ctime show it unchanged is not read.
     Snapshot {
         #[command(flatten)]
         roots: RootsArgs,
@@ -218,8 +221,10 @@ pub enum Command {
     /// Bring the state directories to the latest captured state, or roll
     /// them back (or forward) to another moment with --at, --ago or --batch.
     /// Content is rebuilt and verified before anything is changed; files
-    /// are renamed into place; paths created after that moment are removed;
-    /// paths the store never tracked are left alone. Before rolling to
+    /// are swapped into place, all or nothing (a failure midway undoes
+    /// every change); paths created after that moment are removed; paths
+    /// the store never had are left alone, and one in the way of a stored
+    /// path stops the replay by name (--force replaces it). Before rolling to
     /// another moment, the directories are captured as they are (one batch),
     /// so the rollback can be undone. With no store yet (first start) this
     /// says so and exits 0.
@@ -240,6 +245,11 @@ pub enum Command {
         /// changes nothing.
         #[arg(long)]
         force: bool,
+        /// A state directory NAME that starts now: with no history for it
+        /// in a store that has others, it starts empty instead of being
+        /// refused as a name typed wrong. Repeat for several.
+        #[arg(long = "new-root", value_name = "NAME")]
+        new_roots: Vec<String>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -260,9 +270,10 @@ pub enum Command {
     Log {
         #[command(flatten)]
         store: StoreArg,
-        /// Only this path or the paths under it (PATH or ROOT:PATH).
+        /// Only this path or the paths under it (PATH or ROOT:PATH; any
+        /// bytes, as Linux names may be).
         #[arg(conflicts_with = "batches")]
-        path: Option<String>,
+        path: Option<std::ffi::OsString>,
         /// One line per batch instead of one block per file.
         #[arg(long)]
         batches: bool,
@@ -319,7 +330,8 @@ pub enum Command {
         to: Option<String>,
     },
     /// Write the state of a moment (default: the latest) as a tar archive,
-    /// modes and mtimes kept; zstd-compressed when FILE ends in .zst.
+    /// modes, mtimes, numeric owners and extended attributes kept;
+    /// zstd-compressed when FILE ends in .zst.
     Export {
         #[command(flatten)]
         store: StoreArg,
@@ -369,8 +381,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Rebuild every version of every file and check every hash. Exits 1
-    /// naming each damaged version or chunk.
+    /// Check the store's structure (every latest entry has its version,
+    /// every version its batch and chunks, the chunk index agrees with the
+    /// chunks), rebuild every version of every file and check every hash.
+    /// Exits 1 naming every problem found, not only the first.
     Verify {
         #[command(flatten)]
         store: StoreArg,
@@ -387,7 +401,8 @@ pub enum Command {
     },
     /// Replay the state, start CMD, capture while it runs, capture once more
     /// when it exits, and exit with its exit code (128 + signal if it was
-    /// killed; 127 if it cannot be started). SIGTERM, SIGINT and SIGHUP are
+    /// killed; 127 if it cannot be started; 1 if it exited 0 but capturing
+    /// failed, so its last writes may not be kept). SIGTERM, SIGINT and SIGHUP are
     /// forwarded to CMD. Processes CMD leaves running when it exits are
     /// ended before the final capture, so none writes after it.
     Run {
@@ -402,6 +417,17 @@ pub enum Command {
         /// no app is left writing with nothing capturing its writes.
         #[arg(long)]
         app_survives: bool,
+        /// A state directory NAME that starts now (see `replay --new-root`).
+        #[arg(long = "new-root", value_name = "NAME")]
+        new_roots: Vec<String>,
+        /// After SIGTERM or SIGINT is forwarded to CMD, how long it has to
+        /// exit before it and every process it started get SIGKILL (a shell
+        /// that traps SIGTERM while it waits on a pipeline never runs its
+        /// trap). The final capture follows either way, with nothing left
+        /// writing. Keep it below the container's termination grace period
+        /// (30 s by default in Kubernetes).
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+        stop_grace: std::time::Duration,
         /// The app and its arguments, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -492,6 +518,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             moment,
             sync,
             force,
+            new_roots,
             json,
             freeze_cgroups,
             max_pause,
@@ -523,8 +550,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 moment = crate::history::Moment::Batch(kept.target);
             }
-            let options = crate::replay::ReplayOptions { sync, force };
-            match crate::replay::replay(&roots.store.store, &dirs, moment, options)? {
+            let options = crate::replay::ReplayOptions {
+                sync,
+                force,
+                new_roots,
+            };
+            match crate::replay::replay(&roots.store.store, &dirs, moment, &options)? {
                 None => {
                     let msg = format!(
                         "no store at {} yet: nothing to replay (first start)",
@@ -656,7 +687,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Log {
             store, path, json, ..
         } => {
-            let files = crate::report::log(&store.store, path.as_deref())?;
+            let files = crate::report::log(
+                &store.store,
+                path.as_deref().map(std::os::unix::ffi::OsStrExt::as_bytes),
+            )?;
             if json {
                 print_json(&files)?;
             } else {
@@ -697,17 +731,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 for p in &report.problems {
                     eprintln!("damaged: {}: {}", p.what, p.why);
                 }
+                if !report.problems.is_empty() {
+                    eprintln!(
+                        "store {}: {} problems found",
+                        store.store.display(),
+                        report.problems.len()
+                    );
+                }
                 println!(
                     "{} chunks, {} versions ({}) checked: {}",
                     report.chunks,
                     report.versions,
                     crate::report::bytes(report.bytes),
                     if report.problems.is_empty() {
-                        "all hashes match".to_string()
+                        "structure sound, all hashes match".to_string()
                     } else {
                         format!("{} damaged", report.problems.len())
                     }
                 );
+                if report.unreferenced_chunks > 0 {
+                    println!(
+                        "{} chunks no version uses (left by captures of files that never read whole; the next compact releases them)",
+                        report.unreferenced_chunks
+                    );
+                }
             }
             Ok(if report.problems.is_empty() {
                 ExitCode::SUCCESS
@@ -740,6 +787,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             watch,
             leftover_grace,
             app_survives,
+            new_roots,
+            stop_grace,
             command,
         } => {
             let dirs = state_dirs(&watch.roots)?;
@@ -751,6 +800,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &crate::supervise::RunOptions {
                     leftover_grace,
                     app_survives,
+                    new_roots,
+                    stop_grace,
                 },
             ))
         }
@@ -829,7 +880,7 @@ fn demo() -> Result<ExitCode> {
     step("the container restarts with an empty state directory");
     std::fs::remove_dir_all(&state)?;
     let options = crate::replay::ReplayOptions::default();
-    for s in crate::replay::replay(&store_path, &dirs, crate::history::Moment::Latest, options)?
+    for s in crate::replay::replay(&store_path, &dirs, crate::history::Moment::Latest, &options)?
         .unwrap_or_default()
     {
         println!("{s}");

@@ -6,6 +6,34 @@ use clap::Parser;
 use diffkeeper::cli::{self, Cli};
 use tracing_subscriber::EnvFilter;
 
+/// Set when output stopped because nobody reads it any more.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `e` is a write to standard output after its reader left
+/// (`log --json | head`): a broken pipe, and standard output is that pipe.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind())
+                .is_some_and(|k| k == std::io::ErrorKind::BrokenPipe)
+    });
+    broken_pipe && stdout_gone()
+}
+
+/// Whether standard output is a pipe nobody reads any more.
+fn stdout_gone() -> bool {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(&stdout, PollFlags::OUT)];
+    let now = rustix::fs::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::ERR)
+}
+
 fn main() -> ExitCode {
     // DiffKeeper's own helper process, never typed by a user.
     if std::env::args_os().nth(1).as_deref()
@@ -27,16 +55,58 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // A panic is a bug, but the user still deserves one clear line and a
-    // non-zero exit, not a bare backtrace.
+    // redb meets some damage to a store file with a failed internal check
+    // (a panic) rather than an error. The user gets one line naming the
+    // store and exit status 1, as for any other damage; unwinding runs the
+    // clean-ups on the way (replay's staging directory).
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("error: internal failure ({info}); the store may be damaged: run `diffkeeper verify`, and please report this");
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        // `print!` to a pipe whose reader left (`log | head`): the reader
+        // has what it wanted.
+        if what.starts_with("failed printing to stdout")
+            && what.contains("Broken pipe")
+            && stdout_gone()
+        {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        match diffkeeper::store::last_opened() {
+            Some(store) => eprintln!(
+                "error: store {} is damaged: its file failed an internal check ({what}{at}); nothing more was changed; `diffkeeper verify --store {}` lists what is damaged",
+                store.display(),
+                store.display()
+            ),
+            None => eprintln!("error: internal failure ({what}{at}); please report this"),
+        }
     }));
-    match cli::run(cli) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
+    match std::panic::catch_unwind(|| cli::run(cli)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) if stdout_closed(&e) => ExitCode::SUCCESS,
+        Err(_) if STDOUT_CLOSED.load(std::sync::atomic::Ordering::Relaxed) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            let text = format!("{e:#}");
+            // Damage found deep in a record names the record; the user
+            // also needs the file.
+            let damaged = e
+                .chain()
+                .any(|c| c.downcast_ref::<diffkeeper::store::StoreError>().is_some());
+            match diffkeeper::store::last_opened() {
+                Some(store) if damaged && !text.contains(&*store.to_string_lossy()) => {
+                    eprintln!("error: store {}: {text}", store.display())
+                }
+                _ => eprintln!("error: {text}"),
+            }
             ExitCode::FAILURE
         }
+        Err(_) => ExitCode::FAILURE,
     }
 }

@@ -60,7 +60,12 @@ pub struct LogVersion {
 #[derive(Debug, Serialize)]
 pub struct LogFile {
     pub root: String,
+    /// The path as text (bytes that are not UTF-8 shown as U+FFFD).
     pub path: String,
+    /// The path's raw bytes in hex, when they are not UTF-8 (Linux names
+    /// need not be): what tools should use to name the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_hex: Option<String>,
     pub versions: Vec<LogVersion>,
 }
 
@@ -91,7 +96,7 @@ fn version_kind(
 
 /// Per-file history, optionally only paths equal to or under `filter`
 /// (`PATH` or `ROOT:PATH`).
-pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
+pub fn log(store_path: &Path, filter: Option<&[u8]>) -> Result<Vec<LogFile>> {
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
     let times: HashMap<u64, i64> = reader
@@ -99,21 +104,26 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
         .into_iter()
         .map(|(id, b)| (id, b.time_ms))
         .collect();
-    let (root_filter, path_filter) = match filter {
-        Some(f) => match f.split_once(':') {
-            Some((root, path)) if !root.contains('/') => {
-                (Some(root.to_string()), path.trim_matches('/').to_string())
-            }
-            _ => (None, f.trim_matches('/').to_string()),
+    let trim = |p: &[u8]| -> Vec<u8> {
+        let start = p.iter().position(|&b| b != b'/').unwrap_or(p.len());
+        let end = p.iter().rposition(|&b| b != b'/').map_or(start, |e| e + 1);
+        p[start..end.max(start)].to_vec()
+    };
+    let (root_filter, path_filter): (Option<String>, Vec<u8>) = match filter {
+        Some(f) => match f.iter().position(|&b| b == b':') {
+            Some(i) if !f[..i].contains(&b'/') => (
+                Some(String::from_utf8_lossy(&f[..i]).into_owned()),
+                trim(&f[i + 1..]),
+            ),
+            _ => (None, trim(f)),
         },
-        None => (None, String::new()),
+        None => (None, Vec::new()),
     };
     let wanted = |root: &str, path: &[u8]| {
         root_filter.as_deref().is_none_or(|r| r == root)
             && (path_filter.is_empty()
-                || path == path_filter.as_bytes()
-                || (path.starts_with(path_filter.as_bytes())
-                    && path.get(path_filter.len()) == Some(&b'/')))
+                || path == path_filter.as_slice()
+                || (path.starts_with(&path_filter) && path.get(path_filter.len()) == Some(&b'/')))
     };
     let mut files: Vec<LogFile> = Vec::new();
     let mut previous: Option<VersionRecord> = None;
@@ -121,7 +131,12 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
         if !wanted(root, path) {
             return Ok(());
         }
-        let path_str = String::from_utf8_lossy(path).into_owned();
+        // "" is the state directory itself.
+        let path_str = if path.is_empty() {
+            ".".to_string()
+        } else {
+            String::from_utf8_lossy(path).into_owned()
+        };
         let same_file = files
             .last()
             .is_some_and(|f| f.root == root && f.path == path_str);
@@ -130,6 +145,9 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
             files.push(LogFile {
                 root: root.to_string(),
                 path: path_str,
+                path_hex: std::str::from_utf8(path)
+                    .is_err()
+                    .then(|| crate::store::hex(path)),
                 versions: Vec::new(),
             });
         }
@@ -154,7 +172,11 @@ pub fn log(store_path: &Path, filter: Option<&str>) -> Result<Vec<LogFile>> {
     })?;
     if files.is_empty() {
         if let Some(f) = filter {
-            anyhow::bail!("store {} has no history for {f:?}", store_path.display());
+            anyhow::bail!(
+                "store {} has no history for {:?}",
+                store_path.display(),
+                String::from_utf8_lossy(f)
+            );
         }
     }
     Ok(files)
@@ -186,7 +208,8 @@ pub fn log_text(files: &[LogFile]) -> String {
 pub struct Stats {
     pub store: String,
     pub roots: Vec<String>,
-    /// Paths that exist in the latest state (files, dirs, symlinks).
+    /// Paths that exist in the latest state (files, dirs, symlinks), below
+    /// the state directories (not counting them).
     pub live_paths: u64,
     /// Distinct paths with any history.
     pub files: u64,
@@ -341,7 +364,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
         live_paths += reader
             .latest(root)?
             .iter()
-            .filter(|e| e.version.kind != EntryKind::Tombstone)
+            .filter(|e| e.version.kind != EntryKind::Tombstone && !e.path.is_empty())
             .count() as u64;
     }
     let mut files = 0u64;

@@ -234,6 +234,95 @@ pub fn check_symlink_target(link: &[u8], target: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Most symlinks the kernel follows in one lookup (`MAXSYMLINKS`): a chain
+/// longer than this fails with `ELOOP` there, so it reaches nothing.
+const MAX_SYMLINK_HOPS: usize = 40;
+
+/// Checks that no symlink of a tree, followed the way the kernel follows it
+/// through the tree's other symlinks, climbs out of the root: `d/up -> ..`
+/// and `d/x -> up/..` each stay inside when judged alone, but `d/x` reaches
+/// the root's parent. `links` maps every symlink's relative path to its
+/// target; components that are not symlinks in it are taken as directories.
+/// Returns the first escaping link with why.
+pub fn check_symlink_chains(links: &std::collections::HashMap<&[u8], &[u8]>) -> Result<()> {
+    check_symlink_chains_from(links, links)
+}
+
+/// Like [`check_symlink_chains`], for the links of `these` only, followed
+/// through all of `links`.
+pub fn check_symlink_chains_from(
+    links: &std::collections::HashMap<&[u8], &[u8]>,
+    these: &std::collections::HashMap<&[u8], &[u8]>,
+) -> Result<()> {
+    for (&link, &target) in these {
+        check_chain(links, link, target)?;
+    }
+    Ok(())
+}
+
+fn check_chain(
+    links: &std::collections::HashMap<&[u8], &[u8]>,
+    link: &[u8],
+    target: &[u8],
+) -> Result<()> {
+    let shown = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let components = |b: &'_ [u8]| -> Vec<Vec<u8>> {
+        b.split(|&c| c == b'/')
+            .filter(|p| !p.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect()
+    };
+    // Where the lookup is: the directory holding the link.
+    let mut at: Vec<Vec<u8>> = components(link);
+    at.pop();
+    let mut pending: std::collections::VecDeque<Vec<u8>> = components(target).into();
+    let mut via: Option<Vec<u8>> = None;
+    let mut hops = 0;
+    let escape = |via: &Option<Vec<u8>>| {
+        let through = via
+            .as_ref()
+            .map(|v| format!(" through symlink {:?}", shown(v)))
+            .unwrap_or_default();
+        anyhow::anyhow!(
+            "symlink {:?} points to {:?}, which{through} leads outside the state directory",
+            shown(link),
+            shown(target)
+        )
+    };
+    if target.starts_with(b"/") {
+        return Err(escape(&None));
+    }
+    while let Some(part) = pending.pop_front() {
+        match part.as_slice() {
+            b"." => {}
+            b".." => {
+                if at.pop().is_none() {
+                    return Err(escape(&via));
+                }
+            }
+            _ => {
+                at.push(part);
+                let here = at.join(&b'/');
+                if let Some(&next) = links.get(here.as_slice()) {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Ok(());
+                    }
+                    if next.starts_with(b"/") {
+                        return Err(escape(&Some(here)));
+                    }
+                    at.pop();
+                    for part in components(next).into_iter().rev() {
+                        pending.push_front(part);
+                    }
+                    via = Some(here);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `root/rel` as a path.
 pub fn join(root: &Path, rel: &[u8]) -> PathBuf {
     root.join(OsStr::from_bytes(rel))
@@ -313,5 +402,25 @@ mod tests {
         assert!(check_symlink_target(b"link", b"/etc/passwd").is_err());
         assert!(check_symlink_target(b"link", b"x/../../y").is_err());
         assert!(check_symlink_target(b"a/b/link", b"../c/./d").is_ok());
+    }
+
+    #[test]
+    fn symlinks_are_followed_through_each_other_as_the_kernel_does() {
+        let check = |links: &[(&str, &str)]| {
+            let map: std::collections::HashMap<&[u8], &[u8]> = links
+                .iter()
+                .map(|(l, t)| (l.as_bytes(), t.as_bytes()))
+                .collect();
+            check_symlink_chains(&map)
+        };
+        // Each fine alone, climbing out together.
+        let err = check(&[("d/up", ".."), ("d/x", "up/..")]).expect_err("escapes");
+        assert!(format!("{err}").contains("d/x"), "{err}");
+        assert!(check(&[("a/b", "../c"), ("c", "a/b/..")]).is_ok());
+        // Deep chains, and one that loops (ELOOP reaches nothing).
+        assert!(check(&[("l1", "l2"), ("l2", "l3"), ("l3", "sub/../..")]).is_err());
+        assert!(check(&[("l1", "l2"), ("l2", "l1")]).is_ok());
+        assert!(check(&[("a/l", "b"), ("a/b", "c/d"), ("a/c", ".")]).is_ok());
+        assert!(check(&[("a/l", "b/../.."), ("a/b", "../..")]).is_err());
     }
 }

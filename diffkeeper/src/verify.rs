@@ -1,8 +1,16 @@
-//! Verify: rebuild every version of every file and check every hash.
+//! Verify: check the store's structure, rebuild every version of every file
+//! and check every hash.
 //!
-//! Each chunk is decoded and checked once (against its own SHA-256), then
-//! each file version's full SHA-256 is recomputed from its chunks. Memory is
-//! a chunk and its base per worker, whatever the file sizes.
+//! Structure first: every `latest` entry names a version that exists and is
+//! its path's newest, every version belongs to a batch that exists and to a
+//! path that is valid and in `latest`, `chunk_index` and `chunks` agree both
+//! ways, every chunk a version or a delta refers to exists, and chunks no
+//! version reaches are counted (a capture that found a file torn leaves its
+//! chunks so; the next `compact` releases them). Then each chunk is decoded
+//! and checked once (against its own SHA-256), and each file version's full
+//! SHA-256 is recomputed from its chunks. Memory is a chunk and its base per
+//! worker, whatever the file sizes. Every problem is reported, not the
+//! first.
 
 use std::path::Path;
 
@@ -27,6 +35,8 @@ pub struct VerifyReport {
     pub chunks: u64,
     pub versions: u64,
     pub bytes: u64,
+    /// Chunks no version reaches (released by the next `compact`).
+    pub unreferenced_chunks: u64,
     pub problems: Vec<Problem>,
 }
 
@@ -36,6 +46,9 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
     let mut report = VerifyReport::default();
+    let (problems, unreferenced) = structure(&reader)?;
+    report.problems.extend(problems);
+    report.unreferenced_chunks = unreferenced;
 
     let ids = reader.chunk_ids()?;
     let progress = Progress::new(ids.len() as u64, "chunks");
@@ -86,4 +99,130 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
         .sum();
     report.problems.extend(version_problems);
     Ok(report)
+}
+
+/// The structural checks (see the module doc). Returns the problems found
+/// and how many chunks no version reaches.
+fn structure(reader: &crate::store::Reader) -> Result<(Vec<Problem>, u64)> {
+    use std::collections::{HashMap, HashSet};
+    let mut problems = Vec::new();
+    let mut problem = |what: String, why: String| problems.push(Problem { what, why });
+    let shown = |root: &str, path: &[u8], batch: u64| {
+        format!("{root}:{}@{batch}", String::from_utf8_lossy(path))
+    };
+    let batches: HashSet<u64> = reader.batches()?.into_iter().map(|(id, _)| id).collect();
+    // Chunks, with what each refers to.
+    let mut chunks: HashMap<u64, ([u8; 32], Vec<u64>)> = HashMap::new();
+    reader.for_each_chunk(|id, record| {
+        let bases = match record.encoding {
+            crate::store::schema::ChunkEncoding::ZstdDelta { bases } => bases,
+            _ => Vec::new(),
+        };
+        chunks.insert(id, (record.hash, bases));
+        Ok(())
+    })?;
+    let mut indexed: HashMap<[u8; 32], u64> = HashMap::new();
+    reader.for_each_index_entry(|hash, id| {
+        match chunks.get(&id) {
+            None => problem(
+                format!("chunk_index {}", crate::store::hex(hash)),
+                format!("names chunk {id}, which does not exist"),
+            ),
+            Some((h, _)) if h != hash => problem(
+                format!("chunk_index {}", crate::store::hex(hash)),
+                format!("names chunk {id}, whose hash is {}", crate::store::hex(h)),
+            ),
+            Some(_) => {}
+        }
+        indexed.insert(*hash, id);
+        Ok(())
+    })?;
+    for (id, (hash, bases)) in &chunks {
+        if indexed.get(hash) != Some(id) {
+            problem(
+                format!("chunk {id}"),
+                "is not in chunk_index under its hash".into(),
+            );
+        }
+        for base in bases {
+            if !chunks.contains_key(base) {
+                problem(
+                    format!("chunk {id}"),
+                    format!("is a delta against chunk {base}, which does not exist"),
+                );
+            }
+        }
+    }
+    // Versions: batch, path, chunks, and what `latest` says.
+    let mut newest: HashMap<(String, Vec<u8>), u64> = HashMap::new();
+    let mut reached: HashSet<u64> = HashSet::new();
+    reader.for_each_version(|root, path, batch, record| {
+        if !batches.contains(&batch) {
+            problem(
+                shown(root, path, batch),
+                format!("belongs to batch {batch}, which does not exist"),
+            );
+        }
+        let valid = if path.is_empty() {
+            matches!(record.kind, EntryKind::Dir | EntryKind::Tombstone)
+                .then_some(())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("the state directory itself recorded as a {:?}", record.kind)
+                })
+        } else {
+            crate::roots::check_relative(path)
+        };
+        if let Err(e) = valid {
+            problem(shown(root, path, batch), format!("{e:#}"));
+        }
+        for id in &record.chunks {
+            if !chunks.contains_key(id) {
+                problem(
+                    shown(root, path, batch),
+                    format!("refers to chunk {id}, which does not exist"),
+                );
+            }
+            reached.insert(*id);
+        }
+        let entry = newest.entry((root.to_string(), path.to_vec())).or_insert(0);
+        *entry = (*entry).max(batch);
+        Ok(())
+    })?;
+    for root in reader.roots()? {
+        reader.for_each_latest_of(&root, |path, batch| {
+            match newest.remove(&(root.clone(), path.to_vec())) {
+                None => problem(
+                    shown(&root, path, batch),
+                    "is in the latest table, but the path has no version".into(),
+                ),
+                Some(n) if n != batch => problem(
+                    shown(&root, path, batch),
+                    format!(
+                        "is the latest table's newest version, but the versions table's newest is batch {n}"
+                    ),
+                ),
+                Some(_) => {}
+            }
+            Ok(())
+        })?;
+    }
+    for ((root, path), batch) in newest {
+        problem(
+            shown(&root, &path, batch),
+            "has versions but no entry in the latest table".into(),
+        );
+    }
+    // Bases of reached deltas are reached too.
+    let mut pending: Vec<u64> = reached.iter().copied().collect();
+    while let Some(id) = pending.pop() {
+        if let Some((_, bases)) = chunks.get(&id) {
+            for base in bases {
+                if reached.insert(*base) {
+                    pending.push(*base);
+                }
+            }
+        }
+    }
+    let unreferenced = chunks.keys().filter(|id| !reached.contains(id)).count() as u64;
+    Ok((problems, unreferenced))
 }

@@ -124,11 +124,71 @@ pub fn escapes(link: &[u8], target: &[u8]) -> bool {
     false
 }
 
+/// Where following `target` from directory `at` (components below the
+/// root) ends, following the tree's other symlinks (`links`) as the kernel
+/// does; `None` once it climbs above the root. Components that are not
+/// links count as directories; 40 hops end the lookup where it is (ELOOP).
+fn follow(
+    links: &std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    mut at: Vec<Vec<u8>>,
+    target: &[u8],
+    hops: &mut usize,
+) -> Option<Vec<Vec<u8>>> {
+    if target.starts_with(b"/") {
+        return None;
+    }
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                at.pop()?;
+            }
+            name => {
+                at.push(name.to_vec());
+                if let Some(next) = links.get(&at.join(&b'/')) {
+                    *hops += 1;
+                    if *hops > 40 {
+                        return Some(at);
+                    }
+                    at.pop();
+                    at = follow(links, at, next, hops)?;
+                }
+            }
+        }
+    }
+    Some(at)
+}
+
+/// Whether the symlink at `link` in `tree`, pointing at `target`, leaves
+/// the root alone or through the tree's other symlinks.
+fn leaves(tree: &Tree, link: &[u8], target: &[u8]) -> bool {
+    if escapes(link, target) {
+        return true;
+    }
+    let links: std::collections::HashMap<Vec<u8>, Vec<u8>> = tree
+        .iter()
+        .filter_map(|(p, n)| match n {
+            Node::Symlink { target } => Some((p.clone(), target.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut dir: Vec<Vec<u8>> = link.split(|&b| b == b'/').map(<[u8]>::to_vec).collect();
+    dir.pop();
+    follow(&links, dir, target, &mut 0).is_none()
+}
+
 /// What a replay of `tree`'s capture must produce: everything but the
-/// symlinks that point out of the root.
+/// symlinks that point out of the root, alone or through each other.
 pub fn kept(tree: Tree) -> Tree {
+    let leaving: Vec<Vec<u8>> = tree
+        .iter()
+        .filter(
+            |(path, node)| matches!(node, Node::Symlink { target } if leaves(&tree, path, target)),
+        )
+        .map(|(path, _)| path.clone())
+        .collect();
     tree.into_iter()
-        .filter(|(path, node)| !matches!(node, Node::Symlink { target } if escapes(path, target)))
+        .filter(|(path, _)| !leaving.contains(path))
         .collect()
 }
 

@@ -37,6 +37,29 @@ pub fn diffkeeper(args: &[&str]) -> Output {
     out
 }
 
+/// `snapshot --state-dir ROOT --store STORE --json`, required to succeed.
+pub fn snapshot_json(root: &str, store: &Path) -> serde_json::Value {
+    json(&[
+        "snapshot",
+        "--state-dir",
+        root,
+        "--store",
+        s(store),
+        "--json",
+    ])
+}
+
+/// A temporary directory with an empty state directory `state` in it, the
+/// path of a store beside it, and the `data=STATE` argument naming it.
+pub fn workspace() -> (tempfile::TempDir, PathBuf, PathBuf, String) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    let store = work.path().join("store.dk");
+    let root = format!("data={}", s(&state));
+    (work, state, store, root)
+}
+
 /// Runs diffkeeper and requires success.
 pub fn ok(args: &[&str]) -> String {
     let out = diffkeeper(args);

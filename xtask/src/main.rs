@@ -73,8 +73,9 @@ enum Task {
     },
 }
 
-/// Debian packages the eBPF build needs, and the real apps the crash
-/// tests check with their own integrity tools (git, sqlite3).
+/// Debian packages the eBPF build needs, and the real apps the tests check
+/// with their own integrity tools (git, sqlite3, and PostgreSQL, which must
+/// start on a data directory DiffKeeper restored).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -85,6 +86,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "git",
     "sqlite3",
+    "postgresql",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -1148,6 +1148,8 @@ impl RootDirs {
                 )))
             }
         };
+        // "" is the root itself.
+        let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
         let fd = rustix::fs::openat2(
             dir,
             std::ffi::OsStr::from_bytes(rel),

@@ -44,6 +44,8 @@ pub struct Tracer {
     /// The watched roots' directories (an overlayfs tree's upper
     /// directory too), by id.
     roots: std::collections::HashMap<u32, Vec<InodeKey>>,
+    /// Ring-buffer records that did not decode, not yet taken.
+    malformed: usize,
 }
 
 /// Capabilities that matter for loading tracing programs.
@@ -342,6 +344,7 @@ impl Tracer {
             mounted_tracefs,
             hooks,
             roots: std::collections::HashMap::new(),
+            malformed: 0,
         };
         if hooks == Hooks::Syscalls {
             // Without the ctime hooks, a create by open() reports no entry
@@ -576,7 +579,9 @@ impl Tracer {
             .context("cannot duplicate the ring buffer descriptor")
     }
 
-    /// Takes every event waiting in the ring buffer.
+    /// Takes every event waiting in the ring buffer. A record that does not
+    /// decode is skipped and counted (see [`Tracer::take_malformed`]); the
+    /// rest are kept.
     pub fn drain_events(&mut self) -> Result<Vec<WriteEvent>> {
         let map = self
             .ebpf
@@ -585,10 +590,18 @@ impl Tracer {
         let mut ring: RingBuf<&mut MapData> = RingBuf::try_from(map)?;
         let mut events = Vec::new();
         while let Some(item) = ring.next() {
-            events
-                .push(WriteEvent::from_bytes(&item).context("malformed event in the ring buffer")?);
+            match WriteEvent::from_bytes(&item) {
+                Some(event) => events.push(event),
+                None => self.malformed += 1,
+            }
         }
         Ok(events)
+    }
+
+    /// How many ring-buffer records did not decode since the last call:
+    /// what they named is unknown, so the caller must look at everything.
+    pub fn take_malformed(&mut self) -> usize {
+        std::mem::take(&mut self.malformed)
     }
 
     /// Passes the programs' pending log records to `tracing`.

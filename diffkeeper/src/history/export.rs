@@ -210,11 +210,32 @@ fn append_root(
     summary: &mut ExportSummary,
 ) -> Result<()> {
     let batch_time = reader.batch(batch)?.map(|b| b.time_ms / 1000).unwrap_or(0);
-    if let Some(prefix) = prefix {
-        let mut header = header(tar::EntryType::Directory, 0o755, batch_time);
-        archive.append_data(&mut header, prefix, std::io::empty())?;
+    let state = reader.state_at(root, batch)?;
+    // Links that leave the directory, alone or through each other, are
+    // refused as replay refuses them.
+    crate::replay::check_links(reader, &state)?;
+    // The state directory itself ("" in the store; stores of schema 1 do
+    // not have it): `NAME/` with several roots, `./` with one.
+    let top = state
+        .iter()
+        .find(|e| e.path.is_empty() && e.version.kind == EntryKind::Dir);
+    if top.is_some() || prefix.is_some() {
+        let mut header = header(
+            tar::EntryType::Directory,
+            top.map_or(0o755, |e| e.version.mode),
+            batch_time,
+        );
+        if let Some(top) = top {
+            owned(&mut header, &top.version);
+            if !top.version.xattrs.is_empty() {
+                append_xattrs(archive, &top.version.xattrs)
+                    .with_context(|| format!("cannot archive the extended attributes of {root}"))?;
+            }
+        }
+        let name = prefix.unwrap_or(Path::new("."));
+        archive.append_data(&mut header, name, std::io::empty())?;
     }
-    for entry in reader.state_at(root, batch)? {
+    for entry in state.into_iter().filter(|e| !e.path.is_empty()) {
         crate::roots::check_relative(&entry.path)
             .with_context(|| format!("store {}", reader.store_path().display()))?;
         let rel = Path::new(std::ffi::OsStr::from_bytes(&entry.path));

@@ -30,7 +30,7 @@ impl Moment {
     ) -> Result<Moment> {
         Ok(match (at, ago, batch) {
             (Some(at), _, _) => Moment::Time(parse_time(at)?),
-            (_, Some(ago), _) => Moment::Time(ago_ms(ago)),
+            (_, Some(ago), _) => Moment::Time(ago_ms(ago)?),
             (_, _, Some(batch)) => Moment::Batch(batch),
             _ => Moment::Latest,
         })
@@ -42,7 +42,7 @@ impl Moment {
             return Ok(Moment::Batch(batch));
         }
         if let Ok(ago) = humantime::parse_duration(text) {
-            return Ok(Moment::Time(ago_ms(ago)));
+            return Ok(Moment::Time(ago_ms(ago)?));
         }
         match parse_time(text) {
             Ok(ms) => Ok(Moment::Time(ms)),
@@ -54,17 +54,60 @@ impl Moment {
 }
 
 /// Milliseconds since the epoch of an RFC 3339 time (`Z` or an offset).
+/// Every date RFC 3339 can write is taken, the last day of year 9999
+/// included (past what a timestamp type holds).
 pub fn parse_time(text: &str) -> Result<i64> {
-    match text.parse::<jiff::Timestamp>() {
-        Ok(t) => Ok(t.as_millisecond()),
-        Err(e) => bail!(
+    let e = match text.parse::<jiff::Timestamp>() {
+        Ok(t) => return Ok(t.as_millisecond()),
+        Err(e) => e,
+    };
+    match civil_ms(text) {
+        Some(ms) => Ok(ms),
+        None => bail!(
             "{text:?} is not an RFC 3339 time such as 2026-11-24T10:00:00Z or 2026-11-24T11:00:00+01:00: {e}"
         ),
     }
 }
 
-fn ago_ms(ago: Duration) -> i64 {
-    crate::store::now_ms().saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX))
+/// An RFC 3339 time outside a timestamp's range, computed from its date,
+/// time and offset (days from the civil calendar, as in Howard Hinnant's
+/// `days_from_civil`).
+fn civil_ms(text: &str) -> Option<i64> {
+    let pieces = jiff::fmt::temporal::Pieces::parse(text).ok()?;
+    let offset = pieces.to_numeric_offset()?;
+    let (date, time) = (pieces.date(), pieces.time()?);
+    let (y, m, d) = (
+        i64::from(date.year()),
+        i64::from(date.month()),
+        i64::from(date.day()),
+    );
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400
+        + i64::from(time.hour()) * 3600
+        + i64::from(time.minute()) * 60
+        + i64::from(time.second())
+        - i64::from(offset.seconds());
+    Some(seconds * 1000 + i64::from(time.millisecond()))
+}
+
+/// The time `ago` before now; refused when that is before 1970, earlier
+/// than any capture can be.
+fn ago_ms(ago: Duration) -> Result<i64> {
+    let ago_ms = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+    let now = crate::store::now_ms();
+    if ago_ms > now {
+        bail!(
+            "{} ago is before 1970, earlier than any capture",
+            humantime::format_duration(ago)
+        );
+    }
+    Ok(now - ago_ms)
 }
 
 /// The batch whose state is the state at `moment`. Errors name the moment
@@ -132,5 +175,26 @@ pub fn resolve(reader: &Reader, moment: Moment) -> Result<u64> {
             }
             Ok(*id)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_rfc_3339_date_is_a_time() {
+        for (text, ms) in [
+            ("1970-01-01T00:00:00Z", 0),
+            ("2026-11-24T11:00:00+01:00", 1_795_514_400_000),
+            ("9999-12-31T23:59:59Z", 253_402_300_799_000),
+            ("9999-12-31T23:59:59.5-01:00", 253_402_304_399_500),
+        ] {
+            assert_eq!(super::parse_time(text).ok(), Some(ms), "{text}");
+        }
+        assert!(super::parse_time("9999-13-01T00:00:00Z").is_err());
+        assert!(
+            super::parse_time("2026-11-24T10:00:00").is_err(),
+            "no offset"
+        );
+        assert!(super::ago_ms(std::time::Duration::from_secs(u64::MAX / 2)).is_err());
     }
 }

@@ -49,7 +49,9 @@ pub enum Present {
         stamp: Stamp,
     },
     Dir,
-    Symlink,
+    Symlink {
+        owner: Owner,
+    },
     /// A FIFO, socket or device: never kept by the store.
     Other,
 }
@@ -66,8 +68,9 @@ impl Root {
         Ok(Root { fd })
     }
 
-    /// Opens the directory `rel` (`.` for the root itself).
+    /// Opens the directory `rel` (`.` or "" for the root itself).
     pub fn dir(&self, rel: &[u8]) -> io::Result<OwnedFd> {
+        let rel: &[u8] = if rel.is_empty() { b"." } else { rel };
         Ok(openat2(
             &self.fd,
             os(rel),
@@ -131,28 +134,25 @@ impl Root {
 
     /// Moves `from` (a name in `staging`) to `rel`, where nothing is.
     pub fn place(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
-        let (parent, name) = self.parent(rel)?;
-        Ok(renameat_with(
-            staging,
-            from,
-            &parent,
-            os(name),
-            RenameFlags::NOREPLACE,
-        )?)
+        self.move_in(staging, from, rel, RenameFlags::NOREPLACE)
     }
 
     /// Swaps `from` (a name in `staging`) with what is at `rel`, in one
     /// step: the old entry is then `from` in staging. Swapping again undoes
     /// it.
     pub fn exchange(&self, staging: &OwnedFd, from: &str, rel: &[u8]) -> io::Result<()> {
+        self.move_in(staging, from, rel, RenameFlags::EXCHANGE)
+    }
+
+    fn move_in(
+        &self,
+        staging: &OwnedFd,
+        from: &str,
+        rel: &[u8],
+        how: RenameFlags,
+    ) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        Ok(renameat_with(
-            staging,
-            from,
-            &parent,
-            os(name),
-            RenameFlags::EXCHANGE,
-        )?)
+        Ok(renameat_with(staging, from, &parent, os(name), how)?)
     }
 
     /// Moves what is at `rel` to `to` in `staging` (out of the way, kept
@@ -194,6 +194,9 @@ impl Root {
         version: &VersionRecord,
         with_mtime: bool,
     ) -> io::Result<Vec<String>> {
+        if rel.is_empty() {
+            return crate::meta::apply(self.dir(rel)?, version, with_mtime);
+        }
         let (parent, name) = self.parent(rel)?;
         let fd = openat(
             &parent,
@@ -268,6 +271,101 @@ pub fn create_file(dir: &OwnedFd, name: &str) -> io::Result<std::fs::File> {
     Ok(std::fs::File::from(fd))
 }
 
+/// Writes a new file leaving holes where the content is zeros, in whole
+/// file-system blocks: a sparse file (a VM image, a preallocated database)
+/// comes back as sparse as it can be, whatever it was when captured, and a
+/// 4 GiB file holding 4 MiB of data needs 4 MiB of disk, not 4 GiB.
+/// [`SparseFile::finish`] sets the length (a hole may end the file).
+pub struct SparseFile {
+    file: std::fs::File,
+    /// Bytes taken so far.
+    at: u64,
+    /// The start of the block `at` is in, taken but not yet written (less
+    /// than a block; writes rarely end on a block boundary).
+    partial: Vec<u8>,
+}
+
+/// The unit holes are made in: the page and block size of every file
+/// system Linux mounts for state.
+const HOLE_BLOCK: usize = 4096;
+
+impl SparseFile {
+    pub fn new(file: std::fs::File) -> SparseFile {
+        SparseFile {
+            file,
+            at: 0,
+            partial: Vec::with_capacity(HOLE_BLOCK),
+        }
+    }
+
+    /// The file, its last bytes written and its length set (a hole may end
+    /// the file).
+    pub fn finish(mut self) -> io::Result<std::fs::File> {
+        let start = self.at - self.partial.len() as u64;
+        let partial = std::mem::take(&mut self.partial);
+        self.put(&partial, start)?;
+        self.file.set_len(self.at)?;
+        Ok(self.file)
+    }
+
+    /// Writes whole blocks `bytes` (the last may be short) starting at file
+    /// offset `start` (a block boundary), skipping the all-zero ones and
+    /// writing each run of others with one pwrite.
+    fn put(&self, bytes: &[u8], start: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut run: Option<usize> = None;
+        for (n, block) in bytes.chunks(HOLE_BLOCK).enumerate() {
+            let i = n * HOLE_BLOCK;
+            if block.iter().all(|&b| b == 0) {
+                if let Some(from) = run.take() {
+                    self.file
+                        .write_all_at(&bytes[from..i], start + from as u64)?;
+                }
+            } else if run.is_none() {
+                run = Some(i);
+            }
+        }
+        if let Some(from) = run {
+            self.file
+                .write_all_at(&bytes[from..], start + from as u64)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for SparseFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut rest = buf;
+        // Complete the block begun by earlier writes.
+        if !self.partial.is_empty() {
+            let take = (HOLE_BLOCK - self.partial.len()).min(rest.len());
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.partial.len() == HOLE_BLOCK {
+                let start = self.at + take as u64 - HOLE_BLOCK as u64;
+                let block = std::mem::take(&mut self.partial);
+                self.put(&block, start)?;
+                self.partial = block;
+                self.partial.clear();
+            }
+            self.at += take as u64;
+        }
+        // Whole blocks straight from `buf`; what is left starts a block.
+        let whole = rest.len() / HOLE_BLOCK * HOLE_BLOCK;
+        if whole > 0 {
+            self.put(&rest[..whole], self.at)?;
+            self.at += whole as u64;
+        }
+        self.partial.extend_from_slice(&rest[whole..]);
+        self.at += (rest.len() - whole) as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Creates a symlink `name` in `dir`.
 pub fn create_symlink(dir: &OwnedFd, name: &str, target: &[u8]) -> io::Result<()> {
     Ok(rustix::fs::symlinkat(os(target), dir, name)?)
@@ -290,7 +388,12 @@ fn present_of(st: &Stat) -> Present {
             },
         },
         FileType::Directory => Present::Dir,
-        FileType::Symlink => Present::Symlink,
+        FileType::Symlink => Present::Symlink {
+            owner: Owner {
+                uid: st.st_uid,
+                gid: st.st_gid,
+            },
+        },
         _ => Present::Other,
     }
 }
@@ -340,4 +443,34 @@ fn remove_at(parent: &OwnedFd, name: &[u8]) -> io::Result<()> {
     }
     unlinkat(parent, os(name), AtFlags::REMOVEDIR)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_sparse_write_gives_the_same_bytes_with_holes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut want = vec![0u8; 3 * 1024 * 1024 + 777];
+        for (at, byte) in [(5000usize, 1u8), (1_500_000, 2), (3 * 1024 * 1024 + 700, 3)] {
+            want[at..at + 10].fill(byte);
+        }
+        let mut sparse = SparseFile::new(std::fs::File::create(&path).expect("create"));
+        // Writes of odd sizes, as chunks come.
+        for piece in want.chunks(65_537) {
+            sparse.write_all(piece).expect("write");
+        }
+        let file = sparse.finish().expect("finish");
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata().expect("stat");
+        assert_eq!(std::fs::read(&path).expect("read"), want);
+        assert!(
+            meta.blocks() * 512 <= 64 * 1024,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+    }
 }

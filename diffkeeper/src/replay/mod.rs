@@ -3,14 +3,33 @@
 //! directory.
 //!
 //! Replay runs in two phases so a damaged store never damages the target.
-//! First every file that must be (re)written is rebuilt, chunk by chunk and
-//! in parallel, into a staging directory inside the root, and its SHA-256 is
-//! checked; any failure removes the staging directory and leaves the target
-//! as it was. Only then are directories created, staged files renamed into
-//! place (each rename atomic, so a crash never leaves half a file), symlinks
-//! placed, deleted paths removed and modes set. Files the store never
-//! tracked are left alone; all file-system work goes through [`beneath`],
-//! which cannot leave the root.
+//!
+//! - **Plan.** Each stored entry is compared with what is on disk. A live
+//!   file is current when its size, mtime, mode and owner match and a stamp
+//!   (inode and ctime, see `store::schema`, Stamps) proves it unchanged; one
+//!   that only looks current is read and its hash compared. Anything replay
+//!   would replace or remove must be something the store has had at that
+//!   path, as that kind (file, directory, symlink): a FIFO, a directory
+//!   holding files never captured, a symlink where the store only ever had
+//!   a file, stop the replay by name before anything changes, unless
+//!   `--force`. Paths the store never had are left alone.
+//! - **Stage.** Every file to (re)write is rebuilt, chunk by chunk and in
+//!   parallel, into a staging directory inside the root, its SHA-256
+//!   checked, and its owner, extended attributes, mode and mtime set (see
+//!   [`crate::meta`]); any failure removes the staging directory and leaves
+//!   the target as it was.
+//! - **Apply.** Directories are created, staged files and symlinks moved
+//!   into place (swapped with the old entry by `renameat2(RENAME_EXCHANGE)`,
+//!   so each path changes in one step and the old content waits in
+//!   staging), deleted paths moved aside into staging, directory metadata
+//!   set. Every step is journaled; if one fails (an immutable file, a full
+//!   disk, a permission) the journal is undone newest first and the
+//!   directory is as it was before the replay. What was replaced or removed
+//!   is deleted only once every step succeeded.
+//!
+//! All file-system work goes through [`beneath`], which cannot leave the
+//! root. A crash midway leaves a mix, and the staging directory, which the
+//! next replay removes before it completes the job.
 //!
 //! Replay does not fsync by default: the store is the durable copy, and a
 //! crash during replay is followed by another replay. `--sync` flushes the
@@ -57,8 +76,13 @@ pub struct ReplaySummary {
 }
 
 /// How replay treats the directory it replays into.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ReplayOptions {
+    /// Names of state directories starting now: replayed as nothing when
+    /// the store has no history for them. Any other name the store lacks,
+    /// while it has others, is refused (a name typed wrong would otherwise
+    /// start from an empty directory).
+    pub new_roots: Vec<String>,
     /// Flush the file system before returning.
     pub sync: bool,
     /// Replace or remove what the store does not track when a stored path
@@ -113,7 +137,7 @@ pub fn replay(
     store_path: &Path,
     roots: &[StateDir],
     moment: Moment,
-    options: ReplayOptions,
+    options: &ReplayOptions,
 ) -> Result<Option<Vec<ReplaySummary>>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
@@ -219,9 +243,19 @@ pub fn restore(
             name,
         };
         summaries.push(
-            replay_root(&reader, &dir, Some(batch), ReplayOptions { sync, force }).with_context(
-                || format!("restore of {} into {} failed", dir.name, dir.path.display()),
-            )?,
+            replay_root(
+                &reader,
+                &dir,
+                Some(batch),
+                &ReplayOptions {
+                    sync,
+                    force,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| {
+                format!("restore of {} into {} failed", dir.name, dir.path.display())
+            })?,
         );
     }
     Ok(summaries)
@@ -233,23 +267,54 @@ pub fn replay_root(
     reader: &Reader,
     root: &StateDir,
     batch: Option<u64>,
-    options: ReplayOptions,
+    options: &ReplayOptions,
 ) -> Result<ReplaySummary> {
     let started = Instant::now();
     let mut summary = ReplaySummary {
         root: root.name.clone(),
         ..Default::default()
     };
-    let entries = match batch {
-        None => reader.latest(&root.name)?,
-        Some(batch) => reader.state_at(&root.name, batch)?,
+    // The latest state too is read as the state at the newest batch,
+    // checked against the `latest` table both ways: a damaged key must
+    // fail the replay, not drop a path from it.
+    let at = match batch {
+        Some(batch) => batch,
+        None => reader.last_batch()?,
     };
+    let entries = reader.state_at(&root.name, at)?;
     if entries.is_empty() {
-        tracing::warn!(root = %root.name, store = %reader.store_path().display(), "the store has no history for this root; nothing to replay");
+        let others = reader.roots()?;
+        if !others.is_empty() && !options.new_roots.contains(&root.name) {
+            anyhow::bail!(
+                "store {} has no history for a state directory named {:?}; it has {}. Give the directory one of those names ({}=DIR), or pass --new-root {} if it starts now",
+                reader.store_path().display(),
+                root.name,
+                others
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                others[0],
+                root.name
+            );
+        }
+        tracing::info!(root = %root.name, store = %reader.store_path().display(), "the store has no history for this state directory yet: it starts empty");
         return Ok(summary);
     }
     // Refuse a hostile store before touching anything.
     for entry in &entries {
+        // "" is the root itself, and can only be a directory (or a path
+        // that appeared later, at a moment before it: left alone).
+        if entry.path.is_empty() && entry.version.kind != EntryKind::File {
+            if entry.version.kind == EntryKind::Symlink {
+                anyhow::bail!(
+                    "store {} records the state directory {} itself as a symlink",
+                    reader.store_path().display(),
+                    root.name
+                );
+            }
+            continue;
+        }
         check_relative(&entry.path)
             .with_context(|| format!("store {}", reader.store_path().display()))?;
         if entry.version.kind == EntryKind::Symlink {
@@ -257,6 +322,7 @@ pub fn replay_root(
                 .with_context(|| format!("store {}", reader.store_path().display()))?;
         }
     }
+    check_links(reader, &entries)?;
     let target = Root::open_or_create(&root.path)
         .with_context(|| format!("cannot open state directory {}", root.path.display()))?;
     // Leftovers of a replay that crashed.
@@ -321,10 +387,12 @@ pub fn replay_root(
     let shards = target
         .create_staging(&staging_name, STAGING_SHARDS)
         .with_context(|| format!("cannot create staging directory in {}", root.path.display()))?;
-    let discard_staging = || {
-        if let Err(cleanup) = target.remove(staging_name.as_bytes()) {
-            tracing::warn!("cannot remove staging directory {staging_name}: {cleanup}");
-        }
+    // Removed on every way out, a panic's unwinding included (redb meets
+    // some damage to a store file with one).
+    let mut staging_guard = StagingGuard {
+        target: &target,
+        name: &staging_name,
+        armed: true,
     };
     // Where entry `i` is staged, as `i` in that directory.
     let staging = |i: usize| &shards[i % shards.len()];
@@ -349,7 +417,6 @@ pub fn replay_root(
     let staged = match staged {
         Ok(staged) => staged,
         Err(e) => {
-            discard_staging();
             return Err(e.context("nothing in the state directory was changed"));
         }
     };
@@ -378,7 +445,6 @@ pub fn replay_root(
     );
     if let Err(e) = applied {
         let failed_undo = journal.undo();
-        discard_staging();
         if failed_undo.is_empty() {
             return Err(e.context(
                 "every change replay had made was undone: nothing in the state directory was changed",
@@ -391,6 +457,7 @@ pub fn replay_root(
         )));
     }
     // Only now is what was replaced or removed really deleted.
+    staging_guard.armed = false;
     target
         .remove(staging_name.as_bytes())
         .with_context(|| format!("cannot remove staging directory in {}", root.path.display()))?;
@@ -412,6 +479,35 @@ pub fn replay_root(
     Ok(summary)
 }
 
+/// Refuses a state whose symlinks leave the directory, alone or through
+/// each other (see [`crate::roots::check_symlink_chains`]).
+pub fn check_links(reader: &Reader, entries: &[LatestEntry]) -> Result<()> {
+    let links: HashMap<&[u8], &[u8]> = entries
+        .iter()
+        .filter(|e| e.version.kind == EntryKind::Symlink)
+        .map(|e| (e.path.as_slice(), e.version.target.as_slice()))
+        .collect();
+    crate::roots::check_symlink_chains(&links)
+        .with_context(|| format!("store {}", reader.store_path().display()))
+}
+
+/// Removes replay's staging directory when dropped while armed.
+struct StagingGuard<'a> {
+    target: &'a Root,
+    name: &'a str,
+    armed: bool,
+}
+
+impl Drop for StagingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = self.target.remove(self.name.as_bytes()) {
+                tracing::warn!("cannot remove staging directory {}: {e}", self.name);
+            }
+        }
+    }
+}
+
 /// A path and what of its metadata could not be kept.
 type NotKept = (Vec<u8>, Vec<String>);
 
@@ -431,6 +527,7 @@ fn apply(
     for (i, (entry, action)) in entries.iter().zip(actions).enumerate() {
         let v = &entry.version;
         let result = match action {
+            Action::Dir if entry.path.is_empty() => Ok(()),
             Action::Dir => {
                 summary.dirs += 1;
                 journal.ensure_parents(&entry.path)?;
@@ -467,7 +564,9 @@ fn apply(
             Action::Dir => journal
                 .set_dir_meta(&entry.path, &entry.version)
                 .map(|kept| not_kept.push((entry.path.clone(), kept))),
-            Action::Nothing if entry.version.kind != EntryKind::Tombstone => {
+            Action::Nothing
+                if entry.version.kind != EntryKind::Tombstone && !entry.path.is_empty() =>
+            {
                 summary.unchanged += 1;
                 Ok(())
             }
@@ -496,6 +595,13 @@ impl Planner<'_> {
     fn plan(&self, entry: &LatestEntry) -> Result<Action> {
         let full = || crate::roots::join(&self.root.path, &entry.path);
         let v = &entry.version;
+        if entry.path.is_empty() {
+            // The root: its metadata set last, never removed or replaced.
+            return Ok(match v.kind {
+                EntryKind::Dir => Action::Dir,
+                _ => Action::Nothing,
+            });
+        }
         let now = self
             .target
             .present(&entry.path)
@@ -510,12 +616,13 @@ impl Planner<'_> {
                 _ => Action::Dir,
             },
             EntryKind::Symlink => match now {
-                Present::Symlink
-                    if self
-                        .target
-                        .read_link(&entry.path)
-                        .with_context(|| format!("cannot read {}", full().display()))?
-                        == v.target =>
+                Present::Symlink { owner }
+                    if v.owner.is_none_or(|o| o == owner)
+                        && self
+                            .target
+                            .read_link(&entry.path)
+                            .with_context(|| format!("cannot read {}", full().display()))?
+                            == v.target =>
                 {
                     return Ok(Action::Nothing)
                 }
@@ -531,29 +638,20 @@ impl Planner<'_> {
                 } if size == v.size
                     && mtime_ns == v.mtime_ns
                     && mode == v.mode
-                    && v.owner.is_none_or(|o| o == owner)
-                    && crate::scan::proven_unchanged(
+                    && v.owner.is_none_or(|o| o == owner) =>
+                {
+                    let proven = crate::scan::proven_unchanged(
                         self.reader,
                         &self.root.name,
                         entry,
                         stamp,
                         &self.batch_started,
-                    )? =>
-                {
-                    return Ok(Action::Nothing)
-                }
-                Present::File {
-                    size,
-                    mtime_ns,
-                    mode,
-                    owner,
-                    ..
-                } if size == v.size
-                    && mtime_ns == v.mtime_ns
-                    && mode == v.mode
-                    && v.owner.is_none_or(|o| o == owner) =>
-                {
-                    return Ok(Action::Verify)
+                    )?;
+                    return Ok(if proven {
+                        Action::Nothing
+                    } else {
+                        Action::Verify
+                    });
                 }
                 _ => Action::Write,
             },
@@ -595,7 +693,7 @@ impl Planner<'_> {
         let (kind, what) = match now {
             Present::Missing => return Ok(None),
             Present::File { .. } => (Kinds::FILE, "a file"),
-            Present::Symlink => (Kinds::SYMLINK, "a symlink"),
+            Present::Symlink { .. } => (Kinds::SYMLINK, "a symlink"),
             Present::Dir => (Kinds::DIR, "a directory"),
             Present::Other => return Ok(Some((rel.to_vec(), "a FIFO, socket or device"))),
         };
@@ -848,9 +946,11 @@ fn stage_file(
     entry: &LatestEntry,
 ) -> Result<(u64, Vec<String>)> {
     // Unbuffered: content arrives in whole chunks (64-512 KiB, or the whole
-    // small file), so a buffer would only add a copy.
-    let mut file = beneath::create_file(staging, name)?;
-    reader.write_content(&entry.version, &mut file)?;
+    // small file), so a buffer would only add a copy. Zero blocks become
+    // holes.
+    let mut sparse = beneath::SparseFile::new(beneath::create_file(staging, name)?);
+    reader.write_content(&entry.version, &mut sparse)?;
+    let file = sparse.finish()?;
     let not_kept = crate::meta::apply(&file, &entry.version, true)?;
     Ok((entry.version.size, not_kept))
 }

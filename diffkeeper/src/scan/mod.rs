@@ -176,7 +176,8 @@ const PATH_MAX: usize = 4096;
 /// A tree as one walk found it.
 #[derive(Debug, Default)]
 pub struct Walked {
-    /// Every entry below the root, keyed by its relative path.
+    /// Every entry below the root, keyed by its relative path, and the root
+    /// itself as "".
     pub entries: HashMap<Vec<u8>, FsEntry>,
     /// Paths the walk could not look at (a directory that cannot be listed,
     /// a name too long to stat, an I/O error), with why. What the store
@@ -222,6 +223,21 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
         .and_then(|x| fs::symlink_metadata(x).ok())
         .map(|m| inode_key(m.dev(), m.ino()));
     let mut out = Walked::default();
+    // Every symlink on disk, kept or not, and its target.
+    let mut links: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    // The root itself, as "": its owner, mode and extended attributes are
+    // kept like any directory's (a PostgreSQL data directory must be its
+    // user's, mode 0700).
+    match FsEntry::at(&root_fd, std::ffi::OsStr::new(".")) {
+        Ok(Some(entry)) => {
+            out.entries.insert(Vec::new(), entry);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot stat state directory {}", root.display()))
+        }
+    }
     let shown = |rel: &[u8]| crate::roots::join(root, rel);
     // Directories still to list: the parent's descriptor, the name in it,
     // the inode it was stat'ed as, and its relative path (the root: none).
@@ -334,6 +350,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
                 continue;
             }
             if entry.kind == EntryKind::Symlink {
+                links.insert(child_rel.clone(), entry.target.clone());
                 if let Err(why) = crate::roots::check_symlink_target(&child_rel, &entry.target) {
                     // Replay refuses such links, so recording one would make
                     // the whole store unreplayable.
@@ -350,6 +367,26 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
             }
             out.entries.insert(child_rel, entry);
         }
+    }
+    // A link can stay inside alone and leave through another (`d/up ->
+    // ..`, `d/x -> up/..`): followed as the kernel would, through every
+    // link on disk, kept or not.
+    let all: HashMap<&[u8], &[u8]> = links
+        .iter()
+        .map(|(l, t)| (l.as_slice(), t.as_slice()))
+        .collect();
+    let mut escaping = Vec::new();
+    for (path, entry) in &out.entries {
+        if entry.kind == EntryKind::Symlink {
+            let one: HashMap<&[u8], &[u8]> = [(path.as_slice(), entry.target.as_slice())].into();
+            if let Err(why) = crate::roots::check_symlink_chains_from(&all, &one) {
+                tracing::warn!(path = %shown(path).display(), "not kept: {why:#}");
+                escaping.push(path.clone());
+            }
+        }
+    }
+    for path in escaping {
+        out.entries.remove(&path);
     }
     Ok(out)
 }

@@ -59,6 +59,16 @@ pub struct Store {
 fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
     match err {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()).into(),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            StoreError::Corrupt(format!(
+                "store {} ends early ({len} bytes): the file is truncated or not a diffkeeper store",
+                path.display()
+            ))
+            .into()
+        }
         redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
             anyhow::Error::new(io).context(format!("cannot open store {}", path.display()))
         }
@@ -89,6 +99,7 @@ fn refuse_dangling(path: &Path) -> Result<()> {
 impl Store {
     /// Opens the store for writing, creating it (and its schema) if missing.
     pub fn create_or_open(path: &Path) -> Result<Store> {
+        opened(path);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !parent.is_dir() {
                 bail!(
@@ -123,6 +134,7 @@ impl Store {
     /// Opens an existing store without writing to it. `Ok(None)` when there
     /// is no file at `path`.
     pub fn open_read_only(path: &Path) -> Result<Option<Store>> {
+        opened(path);
         refuse_dangling(path)?;
         match std::fs::metadata(path) {
             Ok(_) => {}
@@ -171,11 +183,7 @@ impl Store {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
-            meta.insert(
-                META_MIN_READER_VERSION,
-                MIN_READER_VERSION.to_le_bytes().as_slice(),
-            )?;
+            stamp_schema(&mut meta)?;
             meta.insert(META_CREATED_MS, now_ms().to_le_bytes().as_slice())?;
             // Create every table so readers never meet a missing one.
             txn.open_table(BATCHES)?;
@@ -248,12 +256,7 @@ impl Store {
         if found < SCHEMA_VERSION {
             let txn = db.begin_write()?;
             {
-                let mut meta = txn.open_table(META)?;
-                meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
-                meta.insert(
-                    META_MIN_READER_VERSION,
-                    MIN_READER_VERSION.to_le_bytes().as_slice(),
-                )?;
+                stamp_schema(&mut txn.open_table(META)?)?;
             }
             // Schema 1's settled marks name no stamp: they prove nothing now.
             match txn.delete_table(SETTLED) {
@@ -416,6 +419,46 @@ fn builder() -> redb::Builder {
     builder
 }
 
+/// Records this build's schema and its minimum reader in `meta`.
+fn stamp_schema(meta: &mut redb::Table<&str, &[u8]>) -> Result<()> {
+    meta.insert(META_SCHEMA_VERSION, SCHEMA_VERSION.to_le_bytes().as_slice())?;
+    meta.insert(
+        META_MIN_READER_VERSION,
+        MIN_READER_VERSION.to_le_bytes().as_slice(),
+    )?;
+    Ok(())
+}
+
+/// Decodes chunk `id`'s record, refusing lengths no chunk can have before
+/// anything is allocated for them (a damaged or crafted length must not
+/// make a reader allocate gigabytes).
+fn chunk_record_of(id: u64, bytes: &[u8]) -> std::result::Result<ChunkRecord, StoreError> {
+    let record: ChunkRecord = decode(bytes, "chunk record")?;
+    let max = schema::CHUNK_MAX as u64;
+    if u64::from(record.len) > max || u64::from(record.stored_len) > max {
+        return Err(StoreError::Corrupt(format!(
+            "chunk {id} claims {} bytes ({} stored), more than a chunk can hold ({max})",
+            record.len, record.stored_len
+        )));
+    }
+    Ok(record)
+}
+
+/// The store this process opened last, for naming it when a damaged file
+/// makes redb fail an internal check (see `main`).
+static LAST_OPENED: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The store this process opened last, if any.
+pub fn last_opened() -> Option<PathBuf> {
+    LAST_OPENED.lock().ok().and_then(|p| p.clone())
+}
+
+fn opened(path: &Path) {
+    if let Ok(mut last) = LAST_OPENED.lock() {
+        *last = Some(path.to_path_buf());
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -509,10 +552,35 @@ impl Reader {
     /// and a tombstone (with batch 0) for a path that only appeared later,
     /// so that rolling a directory back removes it.
     pub fn state_at(&self, root: &str, batch: u64) -> Result<Vec<LatestEntry>> {
+        // What `latest` says each path's newest version is: at a moment at
+        // or after it, that version and no other (a damaged key must not
+        // make an older version stand in for a missing one).
+        let mut newest: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
+        self.for_each_latest_of(root, |path, b| {
+            newest.insert(path.to_vec(), b);
+            Ok(())
+        })?;
         let mut out = Vec::new();
         let mut current: Option<(Vec<u8>, u64)> = None;
         let lo: (&str, &[u8], u64) = (root, &[], 0);
         let mut finish = |path: Vec<u8>, best: u64| -> Result<()> {
+            match newest.remove(&path) {
+                Some(n) if n <= batch && n != best => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{root}:{}: its newest version (batch {n}) is missing from the versions table; refusing to use another in its place",
+                        String::from_utf8_lossy(&path)
+                    ))
+                    .into())
+                }
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "{root}:{} has versions but no entry in the latest table",
+                        String::from_utf8_lossy(&path)
+                    ))
+                    .into())
+                }
+                _ => {}
+            }
             let version = if best == 0 {
                 VersionRecord::tombstone()
             } else {
@@ -548,7 +616,44 @@ impl Reader {
         if let Some((p, best)) = current {
             finish(p, best)?;
         }
+        if let Some((path, n)) = newest.into_iter().find(|&(_, n)| n <= batch) {
+            return Err(StoreError::Corrupt(format!(
+                "{root}:{}: its newest version (batch {n}) is missing from the versions table",
+                String::from_utf8_lossy(&path)
+            ))
+            .into());
+        }
         Ok(out)
+    }
+
+    /// Every `latest` entry of `root`: `(path, batch)` by path.
+    pub fn for_each_latest_of(
+        &self,
+        root: &str,
+        mut f: impl FnMut(&[u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let lo: (&str, &[u8]) = (root, &[]);
+        for item in self.latest.range(lo..)? {
+            let (key, batch) = item?;
+            let (r, path) = key.value();
+            if r != root {
+                break;
+            }
+            f(path, batch.value())?;
+        }
+        Ok(())
+    }
+
+    /// Every `chunk_index` entry: `(hash, chunk id)`.
+    pub fn for_each_index_entry(
+        &self,
+        mut f: impl FnMut(&[u8; 32], u64) -> Result<()>,
+    ) -> Result<()> {
+        for item in self.chunk_index.iter()? {
+            let (hash, id) = item?;
+            f(hash.value(), id.value())?;
+        }
+        Ok(())
     }
 
     /// Every version of one path, oldest first.
@@ -711,7 +816,7 @@ impl Reader {
     pub fn for_each_chunk(&self, mut f: impl FnMut(u64, ChunkRecord) -> Result<()>) -> Result<()> {
         for item in self.chunks.iter()? {
             let (k, v) = item?;
-            f(k.value(), decode(v.value(), "chunk record")?)?;
+            f(k.value(), chunk_record_of(k.value(), v.value())?)?;
         }
         Ok(())
     }
@@ -722,7 +827,7 @@ impl Reader {
             .chunks
             .get(id)?
             .ok_or_else(|| StoreError::Corrupt(format!("chunk {id} is missing")))?;
-        Ok(decode(raw.value(), "chunk record")?)
+        Ok(chunk_record_of(id, raw.value())?)
     }
 
     /// Reads a chunk's stored payload into `out` (replacing its contents).

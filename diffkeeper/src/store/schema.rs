@@ -25,7 +25,7 @@
 //! | schema | what changed | min reader |
 //! |---|---|---|
 //! | 1 | first released format (`gaps`, `settled` and `cuts` arrived within it, see below) | 1 |
-//! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; `seen` replaces `settled` | 2 |
+//! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; the state directory itself is the path ""; `seen` replaces `settled` | 2 |
 //!
 //! Upgrading a schema-1 store: `schema_version` and `min_reader_version`
 //! become 2 and `settled` is dropped (its marks name no inode or ctime, so
@@ -51,9 +51,11 @@
 //! | `cuts` | `u64` batch id | [`CutRecord`] | how the batch's cut was taken: quiet, frozen (and for how long) or torn (and why) |
 //!
 //! Paths are relative to their root, `/`-separated raw bytes (Linux names
-//! need not be UTF-8), never empty, never with `.`/`..` components; this is
-//! checked again on replay, so a hostile store cannot steer writes out of the
-//! state directory.
+//! need not be UTF-8), never with `.`/`..` components; this is checked again
+//! on replay, so a hostile store cannot steer writes out of the state
+//! directory. The empty path is the state directory itself (schema 2): a
+//! directory version holding its owner, mode and extended attributes, which
+//! replay sets and never removes.
 //!
 //! # Content: chunks, bases and deltas
 //!

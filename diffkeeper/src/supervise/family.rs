@@ -111,6 +111,17 @@ pub async fn end_leftovers(grace: Duration, spare: &[Pid]) {
     }
 }
 
+/// Sends SIGKILL to the app and every process it started (all of this
+/// process's descendants but `spare`). Returns how many were sent it.
+pub fn kill_all(spare: &[Pid]) -> usize {
+    let mut left = descendants();
+    left.retain(|pid| !spare.contains(pid));
+    for &pid in &left {
+        send(pid, Signal::KILL);
+    }
+    left.len()
+}
+
 fn send(pid: Pid, signal: Signal) {
     match rustix::process::kill_process(pid, signal) {
         // It died between the listing and now.

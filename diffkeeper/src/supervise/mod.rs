@@ -55,6 +55,11 @@ pub struct RunOptions {
     /// it (SIGKILL): by default the kernel kills it then
     /// (`PR_SET_PDEATHSIG`), so it never writes with nothing capturing.
     pub app_survives: bool,
+    /// State directories that start now (see `ReplayOptions::new_roots`).
+    pub new_roots: Vec<String>,
+    /// How long the app has to exit after a stop signal (SIGTERM, SIGINT)
+    /// is forwarded, before it and every process it started get SIGKILL.
+    pub stop_grace: Duration,
 }
 
 /// Replays, runs `command` while capturing, and returns its exit code.
@@ -70,8 +75,16 @@ pub async fn run(
     let Some((program, args)) = command.split_first() else {
         anyhow::bail!("no command to run: give it after `--`");
     };
-    let replay_options = crate::replay::ReplayOptions::default();
-    match crate::replay::replay(store, roots, crate::history::Moment::Latest, replay_options)? {
+    let replay_options = crate::replay::ReplayOptions {
+        new_roots: run_options.new_roots.clone(),
+        ..Default::default()
+    };
+    match crate::replay::replay(
+        store,
+        roots,
+        crate::history::Moment::Latest,
+        &replay_options,
+    )? {
         None => tracing::info!("no store at {} yet: first start", store.display()),
         Some(summaries) => {
             for s in summaries {
@@ -160,18 +173,44 @@ pub async fn run(
         let _ = exited_rx.await;
     }));
 
+    // Set by the first stop signal: when the app must be gone. A shell
+    // that traps SIGTERM runs its trap only once the command it waits for
+    // ends, and a loop in a pipeline or a subshell never does; the stop
+    // must stay bounded all the same.
+    let mut stop_by: Option<tokio::time::Instant> = None;
+    let mut killed = false;
     let status = loop {
         // SIGCHLD may have come before the stream was polled; reaping first
         // never misses an exit.
         if let Some(status) = family::reap(Some(app)) {
             break status;
         }
+        let stop_timer = async {
+            match stop_by {
+                Some(at) if !killed => tokio::time::sleep_until(at).await,
+                _ => std::future::pending().await,
+            }
+        };
         let forward = tokio::select! {
             _ = child_exited.recv() => continue,
             _ = term.recv() => Signal::TERM,
             _ = int.recv() => Signal::INT,
             _ = hup.recv() => Signal::HUP,
+            _ = stop_timer => {
+                let processes = family::kill_all(&spare);
+                tracing::warn!(
+                    processes,
+                    "the app did not exit within --stop-grace {} of the stop signal: sent SIGKILL to it and every process it started",
+                    humantime::format_duration(run_options.stop_grace)
+                );
+                // What is left is to reap it.
+                killed = true;
+                continue;
+            }
         };
+        if matches!(forward, Signal::TERM | Signal::INT) && stop_by.is_none() {
+            stop_by = Some(tokio::time::Instant::now() + run_options.stop_grace);
+        }
         tracing::info!(signal = ?forward, "forwarding signal to the app");
         if let Err(e) = rustix::process::kill_process(app, forward) {
             tracing::warn!("cannot forward signal {forward:?}: {e}");
@@ -179,18 +218,38 @@ pub async fn run(
     };
     family::end_leftovers(run_options.leftover_grace, &spare).await;
     let _ = exited_tx.send(());
-    match capture.await {
-        Ok(Ok(summary)) => tracing::info!(
-            batches = summary.batches,
-            torn = summary.torn,
-            "final capture done"
-        ),
-        Ok(Err(e)) => eprintln!("error: capture failed: {e:#}"),
-        Err(e) => eprintln!("error: capture task failed: {e}"),
-    }
-    Ok(match (status.exit_status(), status.terminating_signal()) {
-        (Some(code), _) => ExitCode::from(code.clamp(0, 255) as u8),
-        (None, Some(sig)) => ExitCode::from((128 + sig).clamp(0, 255) as u8),
-        (None, None) => ExitCode::FAILURE,
-    })
+    let captured = match capture.await {
+        Ok(Ok(summary)) => {
+            tracing::info!(
+                batches = summary.batches,
+                torn = summary.torn,
+                "final capture done"
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "error: capture failed, the app's last writes may not be in the store: {e:#}"
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!(
+                "error: capture task failed, the app's last writes may not be in the store: {e}"
+            );
+            false
+        }
+    };
+    let code = match (status.exit_status(), status.terminating_signal()) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+        (None, None) => 1,
+    };
+    // An app that succeeded while its state was not kept did not, for
+    // whoever restarts it: 1 then; a failing app's own code is kept.
+    Ok(ExitCode::from(if code == 0 && !captured {
+        1
+    } else {
+        code
+    }))
 }

@@ -536,10 +536,24 @@ fn take_events(
     mapped: &std::sync::Mutex<Mapped>,
     notices: &Notices,
 ) {
-    let events = tracer.drain_events().unwrap_or_else(|e| {
-        tracing::warn!("{e:#}");
-        Vec::new()
-    });
+    let (events, lost) = match tracer.drain_events() {
+        Ok(events) => (events, tracer.take_malformed()),
+        Err(e) => {
+            tracing::warn!("{e:#}");
+            (Vec::new(), 1)
+        }
+    };
+    if lost > 0 {
+        // What they named is unknown: every tree is looked at.
+        let roots = dirty.lock().map(|d| d.len()).unwrap_or(0);
+        tracing::warn!(
+            records = lost,
+            "the tracer's ring buffer could not be read whole: walking every tree"
+        );
+        for root in 0..roots {
+            notices.written(root);
+        }
+    }
     for event in events {
         notices.wrote(event.tgid);
         if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {

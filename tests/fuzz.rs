@@ -1,0 +1,133 @@
+//! Fuzzing the store's records and file, on the stable toolchain, for a
+//! bounded number of cases (proptest; `PROPTEST_CASES` raises it for a
+//! long run). A failing input is shrunk and saved by proptest in
+//! `tests/fuzz.proptest-regressions`, which is committed and replayed first
+//! by every later run: the crashes found stay as fixtures.
+//!
+//! What must hold:
+//! - every record decoder returns a value or an error for any bytes;
+//! - a delta decodes or fails for any reference, payload and length;
+//! - a store file damaged anywhere makes DiffKeeper's own code return
+//!   errors, never panic. redb meets some damage with a failed internal
+//!   check (a panic in redb's code); those are allowed here because the
+//!   binary turns them into exit status 1 naming the store
+//!   (`tests/hostile.rs` checks that end to end).
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use diffkeeper::store::schema::{
+    self, BatchRecord, ChunkRecord, CutRecord, RetentionRecord, SeenRecord, VersionRecord,
+};
+use diffkeeper::store::Store;
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn record_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = VersionRecord::decode(&bytes, "v");
+        let _ = schema::decode::<BatchRecord>(&bytes, "b");
+        let _ = schema::decode::<ChunkRecord>(&bytes, "c");
+        let _ = schema::decode::<CutRecord>(&bytes, "cut");
+        let _ = schema::decode::<SeenRecord>(&bytes, "seen");
+        let _ = schema::decode::<RetentionRecord>(&bytes, "r");
+    }
+
+    #[test]
+    fn deltas_decode_or_fail_for_any_input(
+        reference in proptest::collection::vec(any::<u8>(), 0..2048),
+        delta in proptest::collection::vec(any::<u8>(), 0..2048),
+        len in 0usize..=schema::CHUNK_MAX,
+    ) {
+        let mut out = Vec::new();
+        let _ = diffkeeper::capture::codec::apply_delta_into(&reference, &delta, len, &mut out);
+        prop_assert!(out.len() <= len + 1);
+    }
+}
+
+/// A small store with files of every kind, deltas and several batches.
+fn good_store() -> &'static (tempfile::TempDir, Vec<u8>) {
+    static STORE: OnceLock<(tempfile::TempDir, Vec<u8>)> = OnceLock::new();
+    STORE.get_or_init(|| {
+        let work = tempfile::tempdir().expect("tempdir");
+        let state = work.path().join("state");
+        std::fs::create_dir_all(state.join("d")).expect("mkdir");
+        let store = work.path().join("store.dk");
+        let mut bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for round in 0..3u8 {
+            bytes[1000 + usize::from(round) * 5000] = round;
+            std::fs::write(state.join("d/big"), &bytes).expect("write");
+            std::fs::write(state.join("small"), [round; 10]).expect("write");
+            let _ = std::fs::remove_file(state.join("link"));
+            std::os::unix::fs::symlink("small", state.join("link")).expect("symlink");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffkeeper"))
+                .args(["snapshot", "--state-dir"])
+                .arg(format!("data={}", state.display()))
+                .arg("--store")
+                .arg(&store)
+                .output()
+                .expect("snapshot");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let file = std::fs::read(&store).expect("read");
+        (work, file)
+    })
+}
+
+/// Where the last panic came from.
+static PANICKED_AT: Mutex<Option<String>> = Mutex::new(None);
+
+/// Reads everything a command can read from the store at `path`.
+fn read_everything(path: &Path) -> anyhow::Result<()> {
+    let Some(store) = Store::open_read_only(path)? else {
+        return Ok(());
+    };
+    let reader = store.reader()?;
+    for root in reader.roots()? {
+        for entry in reader.latest(&root)? {
+            if entry.version.kind == schema::EntryKind::File {
+                let _ = reader.write_content(&entry.version, &mut std::io::sink());
+            }
+        }
+        for (batch, _) in reader.batches()? {
+            let _ = reader.state_at(&root, batch);
+        }
+    }
+    let _ = diffkeeper::verify::verify(path);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn a_damaged_store_file_never_makes_diffkeeper_s_own_code_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..8),
+    ) {
+        let (work, good) = good_store();
+        let mut bytes = good.clone();
+        for (at, xor) in &flips {
+            let i = at.index(bytes.len());
+            bytes[i] ^= xor;
+        }
+        let path = work.path().join(format!("damaged-{}.dk", std::process::id()));
+        std::fs::write(&path, &bytes).expect("write");
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            if let Ok(mut at) = PANICKED_AT.lock() {
+                *at = Some(format!("{info}"));
+            }
+        }));
+        let result = std::panic::catch_unwind(|| read_everything(&path));
+        std::panic::set_hook(previous);
+        if result.is_err() {
+            let at = PANICKED_AT.lock().ok().and_then(|a| a.clone()).unwrap_or_default();
+            prop_assert!(
+                at.contains("/redb-"),
+                "DiffKeeper's own code panicked on a damaged store: {at}"
+            );
+        }
+    }
+}
