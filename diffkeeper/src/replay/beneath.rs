@@ -37,6 +37,31 @@ fn os(bytes: &[u8]) -> &OsStr {
     OsStr::from_bytes(bytes)
 }
 
+/// `renameat2` with `how`. A file system that does not take the flag
+/// (NFS, CIFS and FUSE ones may not) fails it with `EINVAL`: a
+/// `RENAME_NOREPLACE` is then done as a plain rename (replay has just seen
+/// the place empty, and it is the only writer there), and a
+/// `RENAME_EXCHANGE` is left to the caller, whose error it is.
+fn rename(
+    from_dir: &OwnedFd,
+    from: &OsStr,
+    to_dir: &OwnedFd,
+    to: &OsStr,
+    how: RenameFlags,
+) -> rustix::io::Result<()> {
+    match renameat_with(from_dir, from, to_dir, to, how) {
+        Err(rustix::io::Errno::INVAL) if how == RenameFlags::NOREPLACE => {
+            rustix::fs::renameat(from_dir, from, to_dir, to)
+        }
+        other => other,
+    }
+}
+
+/// Whether `e` says the file system cannot swap two names in one step.
+pub fn cannot_exchange(e: &io::Error) -> bool {
+    rustix::io::Errno::from_io_error(e) == Some(rustix::io::Errno::INVAL)
+}
+
 /// What is at a path now, without following it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Present {
@@ -152,18 +177,24 @@ impl Root {
         how: RenameFlags,
     ) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        Ok(renameat_with(staging, from, &parent, os(name), how)?)
+        Ok(rename(
+            staging,
+            os(from.as_bytes()),
+            &parent,
+            os(name),
+            how,
+        )?)
     }
 
     /// Moves what is at `rel` to `to` in `staging` (out of the way, kept
     /// until replay is done so it can be put back).
     pub fn set_aside(&self, rel: &[u8], staging: &OwnedFd, to: &str) -> io::Result<()> {
         let (parent, name) = self.parent(rel)?;
-        Ok(renameat_with(
+        Ok(rename(
             &parent,
             os(name),
             staging,
-            to,
+            os(to.as_bytes()),
             RenameFlags::NOREPLACE,
         )?)
     }

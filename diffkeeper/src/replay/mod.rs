@@ -844,10 +844,17 @@ impl Journal<'_> {
                 self.target.place(&self.shards[shard], &name, rel)?;
                 self.done.push(Undo::Placed { shard, name, path });
             }
-            _ => {
-                self.target.exchange(&self.shards[shard], &name, rel)?;
-                self.done.push(Undo::Exchanged { shard, name, path });
-            }
+            _ => match self.target.exchange(&self.shards[shard], &name, rel) {
+                Ok(()) => self.done.push(Undo::Exchanged { shard, name, path }),
+                // No RENAME_EXCHANGE here: the old entry is set aside
+                // first, in two journaled steps.
+                Err(e) if beneath::cannot_exchange(&e) => {
+                    self.set_aside(rel)?;
+                    self.target.place(&self.shards[shard], &name, rel)?;
+                    self.done.push(Undo::Placed { shard, name, path });
+                }
+                Err(e) => return Err(e.into()),
+            },
         }
         Ok(())
     }
