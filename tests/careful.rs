@@ -949,13 +949,7 @@ fn run_exits_non_zero_when_its_final_capture_failed() {
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
     fs::create_dir_all(&state).expect("mkdir");
-    ok(&[
-        "snapshot",
-        "--state-dir",
-        &format!("data={}", s(&state)),
-        "--store",
-        s(&store),
-    ]);
+    common::snapshot_json(&format!("data={}", s(&state)), &store);
     // The app makes the store immutable (no write reaches it any more),
     // writes its state, and exits 0.
     let script = format!(
@@ -1067,13 +1061,7 @@ fn a_sparse_file_is_restored_with_its_holes() {
         image.write_all_at(&data, at).expect("write");
     }
     drop(image);
-    ok(&[
-        "snapshot",
-        "--state-dir",
-        &format!("data={}", s(&state)),
-        "--store",
-        s(&store),
-    ]);
+    common::snapshot_json(&format!("data={}", s(&state)), &store);
     let small = work.path().join("small");
     fs::create_dir(&small).expect("mkdir");
     let _tmpfs = common::Mounted::new("tmpfs", Some("size=64m"), "tmpfs", &small);

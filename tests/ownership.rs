@@ -225,13 +225,7 @@ fn an_unprivileged_restore_keeps_what_it_can_and_says_what_it_could_not() {
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
     owned_tree(&state);
-    ok(&[
-        "snapshot",
-        "--state-dir",
-        &format!("data={}", s(&state)),
-        "--store",
-        s(&store),
-    ]);
+    common::snapshot_json(&format!("data={}", s(&state)), &store);
     fs::set_permissions(&store, fs::Permissions::from_mode(0o644)).expect("chmod");
     let (uid, gid) = ids_of("nobody");
     let to = work.path().join("mine");
@@ -358,13 +352,7 @@ fn a_postgresql_data_directory_restored_by_diffkeeper_starts_as_it_was() {
     server(&data, "stop");
 
     let store = work.path().join("store.dk");
-    ok(&[
-        "snapshot",
-        "--state-dir",
-        &format!("pgdata={}", s(&data)),
-        "--store",
-        s(&store),
-    ]);
+    common::snapshot_json(&format!("pgdata={}", s(&data)), &store);
     let restored = work.path().join("restored");
     ok(&["restore", "--store", s(&store), "--to", s(&restored)]);
     // No chown -R, no chmod 700: it starts as it is.

@@ -245,22 +245,15 @@ const MAX_SYMLINK_HOPS: usize = 40;
 /// target; components that are not symlinks in it are taken as directories.
 /// Returns the first escaping link with why.
 pub fn check_symlink_chains(links: &std::collections::HashMap<&[u8], &[u8]>) -> Result<()> {
-    check_symlink_chains_from(links, links)
-}
-
-/// Like [`check_symlink_chains`], for the links of `these` only, followed
-/// through all of `links`.
-pub fn check_symlink_chains_from(
-    links: &std::collections::HashMap<&[u8], &[u8]>,
-    these: &std::collections::HashMap<&[u8], &[u8]>,
-) -> Result<()> {
-    for (&link, &target) in these {
-        check_chain(links, link, target)?;
+    for (&link, &target) in links {
+        check_symlink_chain(links, link, target)?;
     }
     Ok(())
 }
 
-fn check_chain(
+/// Checks one symlink (`link` pointing at `target`) the way
+/// [`check_symlink_chains`] checks each, followed through `links`.
+pub fn check_symlink_chain(
     links: &std::collections::HashMap<&[u8], &[u8]>,
     link: &[u8],
     target: &[u8],

@@ -40,13 +40,21 @@ pub struct VerifyReport {
     pub problems: Vec<Problem>,
 }
 
+/// One version: root, path, batch and record.
+type Version = (String, Vec<u8>, u64, VersionRecord);
+
 /// Checks the whole store. Problems are collected, not fatal, so one run
 /// names every damaged version.
 pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     let store = Store::open_existing(store_path)?;
     let reader = store.reader()?;
     let mut report = VerifyReport::default();
-    let (problems, unreferenced) = structure(&reader)?;
+    let mut versions: Vec<Version> = Vec::new();
+    reader.for_each_version(|root, path, batch, record| {
+        versions.push((root.to_string(), path.to_vec(), batch, record));
+        Ok(())
+    })?;
+    let (problems, unreferenced) = structure(&reader, &versions)?;
     report.problems.extend(problems);
     report.unreferenced_chunks = unreferenced;
 
@@ -67,11 +75,6 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     report.chunks = ids.len() as u64;
     report.problems.extend(chunk_problems);
 
-    let mut versions: Vec<(String, Vec<u8>, u64, VersionRecord)> = Vec::new();
-    reader.for_each_version(|root, path, batch, record| {
-        versions.push((root.to_string(), path.to_vec(), batch, record));
-        Ok(())
-    })?;
     report.versions = versions.len() as u64;
     let progress = Progress::new(versions.len() as u64, "versions");
     let version_problems: Vec<Problem> = versions
@@ -103,7 +106,7 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
 
 /// The structural checks (see the module doc). Returns the problems found
 /// and how many chunks no version reaches.
-fn structure(reader: &crate::store::Reader) -> Result<(Vec<Problem>, u64)> {
+fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec<Problem>, u64)> {
     use std::collections::{HashMap, HashSet};
     let mut problems = Vec::new();
     let mut problem = |what: String, why: String| problems.push(Problem { what, why });
@@ -156,7 +159,8 @@ fn structure(reader: &crate::store::Reader) -> Result<(Vec<Problem>, u64)> {
     // Versions: batch, path, chunks, and what `latest` says.
     let mut newest: HashMap<(String, Vec<u8>), u64> = HashMap::new();
     let mut reached: HashSet<u64> = HashSet::new();
-    reader.for_each_version(|root, path, batch, record| {
+    for (root, path, batch, record) in versions {
+        let (root, path, batch) = (root.as_str(), path.as_slice(), *batch);
         if !batches.contains(&batch) {
             problem(
                 shown(root, path, batch),
@@ -186,8 +190,7 @@ fn structure(reader: &crate::store::Reader) -> Result<(Vec<Problem>, u64)> {
         }
         let entry = newest.entry((root.to_string(), path.to_vec())).or_insert(0);
         *entry = (*entry).max(batch);
-        Ok(())
-    })?;
+    }
     for root in reader.roots()? {
         reader.for_each_latest_of(&root, |path, batch| {
             match newest.remove(&(root.clone(), path.to_vec())) {

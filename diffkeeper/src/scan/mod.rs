@@ -378,8 +378,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
     let mut escaping = Vec::new();
     for (path, entry) in &out.entries {
         if entry.kind == EntryKind::Symlink {
-            let one: HashMap<&[u8], &[u8]> = [(path.as_slice(), entry.target.as_slice())].into();
-            if let Err(why) = crate::roots::check_symlink_chains_from(&all, &one) {
+            if let Err(why) = crate::roots::check_symlink_chain(&all, path, &entry.target) {
                 tracing::warn!(path = %shown(path).display(), "not kept: {why:#}");
                 escaping.push(path.clone());
             }

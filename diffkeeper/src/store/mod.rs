@@ -515,21 +515,14 @@ impl Reader {
     /// sorted by path bytes.
     pub fn latest(&self, root: &str) -> Result<Vec<LatestEntry>> {
         let mut out = Vec::new();
-        let lo: (&str, &[u8]) = (root, &[]);
-        for item in self.latest.range(lo..)? {
-            let (key, batch) = item?;
-            let (r, path) = key.value();
-            if r != root {
-                break;
-            }
-            let batch = batch.value();
-            let version = self.version(root, path, batch)?;
+        self.for_each_latest_of(root, |path, batch| {
             out.push(LatestEntry {
                 path: path.to_vec(),
                 batch,
-                version,
+                version: self.version(root, path, batch)?,
             });
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
