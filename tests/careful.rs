@@ -657,6 +657,42 @@ fn chattr(flag: &str, path: &Path) {
 /// already made is undone: the directory is as it was, whole.
 #[test]
 fn a_replay_that_fails_midway_leaves_the_directory_as_it_was() {
+    replay_fails_midway(false);
+}
+
+/// The same through a FUSE file system that cannot swap two names in one
+/// step (bindfs refuses RENAME_EXCHANGE and RENAME_NOREPLACE with EINVAL,
+/// as NFS and CIFS do): replay sets the old entries aside instead, and
+/// still undoes every change when one fails.
+#[test]
+fn a_replay_where_names_cannot_be_swapped_is_still_all_or_nothing() {
+    replay_fails_midway(true);
+}
+
+/// A bindfs mount of a directory, unmounted when dropped.
+struct Bindfs(std::path::PathBuf);
+
+impl Bindfs {
+    fn mount(source: &Path, at: &Path) -> Bindfs {
+        fs::create_dir_all(at).expect("mkdir");
+        let status = std::process::Command::new("bindfs")
+            .args([s(source), s(at)])
+            .status()
+            .expect("bindfs (cargo xtask setup installs it)");
+        assert!(status.success(), "bindfs {}", at.display());
+        Bindfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// [`a_replay_that_fails_midway_leaves_the_directory_as_it_was`], with the
+/// replayed directory seen through bindfs when `through_fuse`.
+fn replay_fails_midway(through_fuse: bool) {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
@@ -682,23 +718,29 @@ fn a_replay_that_fails_midway_leaves_the_directory_as_it_was() {
     assert_eq!(common::snapshot_json(&root, &store)["batch"], 2);
 
     // The old tree, with `c` immutable: `a` and `b` come before it.
-    let old_root = format!("data={}", s(&old));
+    let mount = through_fuse.then(|| Bindfs::mount(&old, &work.path().join("view")));
+    let target = mount.as_ref().map_or(old.clone(), |m| m.0.clone());
+    let old_root = format!("data={}", s(&target));
     chattr("+i", &old.join("c"));
-    let before = common::read_tree(&old);
+    let before = common::read_tree(&target);
     let out = diffkeeper(&["replay", "--state-dir", &old_root, "--store", s(&store)]);
     chattr("-i", &old.join("c"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(s(&old.join("c")))
+        stderr.contains(s(&target.join("c")))
             && stderr.contains("nothing in the state directory was changed"),
         "{stderr}"
     );
-    common::assert_same_tree(&before, &common::read_tree(&old), "after a failed replay");
+    common::assert_same_tree(
+        &before,
+        &common::read_tree(&target),
+        "after a failed replay",
+    );
     ok(&["replay", "--state-dir", &old_root, "--store", s(&store)]);
     common::assert_same_tree(
         &common::read_tree(&state),
-        &common::read_tree(&old),
+        &common::read_tree(&target),
         "the replay once c can be replaced",
     );
 }
@@ -1080,4 +1122,106 @@ fn a_sparse_file_is_restored_with_its_holes() {
     assert_eq!(back, data);
     file.read_exact_at(&mut back, 300 << 20).expect("read");
     assert!(back.iter().all(|&b| b == 0));
+}
+
+/// A file of a tree with a second name outside every tree (a hard link
+/// from elsewhere, as pnpm's store makes): a write through the outside name
+/// is captured by the eBPF tracer alone (the rescan is an hour away) when
+/// the link was there before the agent started, after a rename in the tree
+/// made every cached membership stale, and when the link is made while
+/// the agent runs and the tree is never walked again.
+#[test]
+fn a_write_through_a_hard_link_from_outside_the_trees_is_captured() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, other, outside) = (
+        work.path().join("state"),
+        work.path().join("other"),
+        work.path().join("outside"),
+    );
+    for dir in [&state, &other, &outside] {
+        fs::create_dir_all(dir).expect("mkdir");
+    }
+    fs::write(state.join("a"), b"a0").expect("write");
+    fs::write(state.join("b"), b"b0").expect("write");
+    fs::hard_link(state.join("a"), outside.join("a")).expect("link");
+    let store = work.path().join("store.dk");
+    let log = work.path().join("watch.log");
+    let _watch = common::Reaped(
+        std::process::Command::new(common::BIN)
+            .args([
+                "watch",
+                "--backend",
+                "ebpf",
+                "--debounce",
+                "100ms",
+                "--max-latency",
+                "1s",
+                "--rescan-interval",
+                "1h",
+                "--state-dir",
+                &format!("data={}", s(&state)),
+                "--state-dir",
+                &format!("other={}", s(&other)),
+                "--store",
+                s(&store),
+            ])
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start watch"),
+    );
+    let logged = || fs::read_to_string(&log).unwrap_or_default();
+    let begin = Instant::now();
+    while !logged().contains("start-up capture") {
+        assert!(begin.elapsed() < Duration::from_secs(20), "{}", logged());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut round = 0;
+    let mut stored = |root: &str, rel: &str, want: &[u8]| {
+        let begin = Instant::now();
+        loop {
+            round += 1;
+            let to = work.path().join(format!("restored-{round}"));
+            let got = restored(&store, &to);
+            let path = format!("{root}/{rel}");
+            if matches!(got.get(path.as_bytes()), Some(common::Node::File { content, .. }) if content == want)
+            {
+                return;
+            }
+            assert!(
+                begin.elapsed() < Duration::from_secs(10),
+                "{path} never stored as {:?}: {:?}\n{}",
+                String::from_utf8_lossy(want),
+                got.get(path.as_bytes()),
+                logged()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let write_outside = |name: &str, content: &[u8]| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(outside.join(name))
+            .expect("open the outside name");
+        file.write_all(content).expect("write");
+    };
+
+    write_outside("a", b"a1: linked before the start");
+    stored("data", "a", b"a1: linked before the start");
+
+    fs::rename(state.join("b"), state.join("b2")).expect("rename");
+    stored("data", "b2", b"b0");
+    write_outside("a", b"a2: after a rename in the tree");
+    stored("data", "a", b"a2: after a rename in the tree");
+
+    fs::hard_link(state.join("b2"), outside.join("b")).expect("link");
+    // Entries change in the other tree only: every cached membership is
+    // forgotten, and this tree is not walked.
+    fs::write(other.join("x"), b"x").expect("write");
+    stored("other", "x", b"x");
+    write_outside("b", b"b1: linked while watched");
+    stored("data", "b2", b"b1: linked while watched");
 }

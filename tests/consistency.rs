@@ -727,3 +727,51 @@ fn a_rollback_records_the_live_state_as_a_frozen_cut() {
     );
     assert_eq!(batches(&store).len(), before, "nothing was recorded");
 }
+
+/// A frozen cut stages a sparse file's data only: the app makes a 512 MiB
+/// file holding 2 MiB, every frozen batch copies a few MiB at most while
+/// the app waits, and the file comes back exactly.
+#[test]
+fn a_frozen_cut_copies_a_sparse_file_without_its_holes() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    let store = work.path().join("store.dk");
+    let done = work.path().join("done");
+    let script = format!(
+        "truncate -s 512M sparse && \
+         dd if=/dev/urandom of=sparse bs=1M count=1 seek=100 conv=notrunc status=none && \
+         dd if=/dev/urandom of=sparse bs=1M count=1 seek=300 conv=notrunc status=none && \
+         touch {} && exec sleep 600",
+        s(&done)
+    );
+    let mut agent = start(&state, &store, "freeze", &[], &script);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done.exists() {
+        assert!(Instant::now() < deadline, "the app never wrote its file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the last write's batch commit, then stop (a final capture too).
+    std::thread::sleep(Duration::from_millis(1500));
+    rustix::process::kill_process(pid(agent.0.id()), Signal::TERM).expect("SIGTERM run");
+    agent.0.wait().expect("wait for run");
+    let frozen: Vec<Value> = batches(&store)
+        .into_iter()
+        .filter(|b| b["consistency"] == "frozen")
+        .collect();
+    assert!(!frozen.is_empty(), "no frozen batch: {:?}", batches(&store));
+    for batch in &frozen {
+        let copied = batch["frozen_bytes"].as_u64().expect("frozen_bytes");
+        assert!(
+            copied <= 4 << 20,
+            "a frozen batch copied {copied} bytes of a file holding 2 MiB: {batch}"
+        );
+    }
+    let to = work.path().join("restored");
+    restore(&store, None, &to);
+    let back = fs::read(to.join("sparse")).expect("restored file");
+    assert!(
+        back == fs::read(state.join("sparse")).expect("the app's file"),
+        "the restored file differs"
+    );
+}

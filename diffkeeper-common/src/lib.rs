@@ -43,6 +43,9 @@ pub const MAX_COUNTED_ROOTS: u32 = 1024;
 /// Directories (roots) the programs can watch at once: one per container
 /// volume on a busy node, with room to spare.
 pub const MAX_WATCHED_DIRS: u32 = 16_384;
+/// In-tree files with a name outside every tree that the programs can
+/// attribute at once (`LINKED`); allocated as used, not up front.
+pub const MAX_LINKED: u32 = 65_536;
 
 /// A watched root's absolute path, or a path argument being read.
 #[repr(C)]
@@ -177,6 +180,9 @@ pub mod names {
     pub const ROOT_PATHS: &str = "ROOT_PATHS";
     /// Bumped to make every cached membership stale.
     pub const GENERATION: &str = "GENERATION";
+    /// Files in a tree that also have a name outside every tree, to their
+    /// root: filled by userspace from what it stats.
+    pub const LINKED: &str = "LINKED";
     /// BTF tracepoint programs, each attached to the tracepoint of its
     /// name: the kernel stamping a new ctime on an inode.
     pub const BTF_PROGRAMS: [&str; 2] = ["ctime_ns_xchg", "inode_set_ctime_to_ts"];
@@ -229,3 +235,57 @@ unsafe impl aya::Pod for WriteEvent {}
 // SAFETY: `repr(C)`, `Copy`, two u32s then bytes: no padding, any bits valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for RootPath {}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    /// The bytes the kernel side writes for `event`: its `repr(C)` layout.
+    fn kernel_bytes(event: &WriteEvent) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        for word in [event.ino, event.bytes] {
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        for word in [
+            event.dev,
+            event.root,
+            event.tgid,
+            event.fd,
+            event.flags,
+            event.pad,
+        ] {
+            bytes.extend_from_slice(&word.to_ne_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_record_decodes_to_the_event_the_kernel_wrote() {
+        assert_eq!(WriteEvent::SIZE, core::mem::size_of::<WriteEvent>());
+        let event = WriteEvent {
+            ino: 0x1122_3344_5566_7788,
+            bytes: 4096,
+            dev: InodeKey::kernel_dev(259, 3),
+            root: 7,
+            tgid: 4242,
+            fd: 9,
+            flags: WriteEvent::MAPPED,
+            pad: 0,
+        };
+        let bytes = kernel_bytes(&event);
+        assert_eq!(bytes.len(), WriteEvent::SIZE);
+        assert_eq!(WriteEvent::from_bytes(&bytes), Some(event));
+    }
+
+    /// A record shorter than an event (a ring buffer from another build of
+    /// the programs, or damaged) is refused, never read past its end.
+    #[test]
+    fn a_short_record_is_refused() {
+        let bytes = kernel_bytes(&WriteEvent::default());
+        for len in 0..WriteEvent::SIZE {
+            assert_eq!(WriteEvent::from_bytes(&bytes[..len]), None, "{len} bytes");
+        }
+    }
+}

@@ -39,6 +39,10 @@
 //! ctime hooks, the syscall programs also bump it on every rename and
 //! removal. Directories are never
 //! cached (a renamed directory's ctime is stamped before its dentry moves).
+//! A file in a tree that also has a name outside every tree (a hard link)
+//! walks up to no root from that name: userspace lists such files, which
+//! it learns from the link count of every file it stats, in `LINKED`, and
+//! a walk that finds no root looks there.
 //! So creates and unlinks elsewhere on the node cost a directory walk each
 //! and invalidate nothing. Writes anywhere else cost a few map lookups and
 //! no ring buffer traffic; a million writes to one file between two
@@ -80,7 +84,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
         bpf_probe_read_user_str_bytes,
@@ -92,8 +96,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use diffkeeper_common::{
-    counter, InodeKey, Membership, RootPath, WriteEvent, MAX_COUNTED_ROOTS, MAX_PATH_ROOTS,
-    MAX_WALK_DEPTH, MAX_WATCHED_DIRS, PATH_BYTES,
+    counter, InodeKey, Membership, RootPath, WriteEvent, MAX_COUNTED_ROOTS, MAX_LINKED,
+    MAX_PATH_ROOTS, MAX_WALK_DEPTH, MAX_WATCHED_DIRS, PATH_BYTES,
 };
 
 /// Offsets of syscall arguments in `syscalls:sys_enter_*` records: 8 bytes
@@ -167,6 +171,14 @@ static MEMBERSHIP: LruHashMap<InodeKey, Membership> = LruHashMap::with_max_entri
 /// [`bump_generation`]).
 #[map(name = "GENERATION")]
 static GENERATION: Array<u32> = Array::with_max_entries(2, 0);
+
+/// Files in a tree that also have a name outside every tree, to their
+/// root. A write through that other name (opened there, or its dentry the
+/// first of the inode's) walks up to no root: userspace, which stats
+/// every file it reads, lists them here. Allocated as used.
+#[map(name = "LINKED")]
+static LINKED: HashMap<InodeKey, u32> =
+    HashMap::with_max_entries(MAX_LINKED, BPF_F_NO_PREALLOC as u32);
 
 /// Inodes reported and not yet taken by userspace.
 #[map(name = "DIRTY")]
@@ -536,8 +548,12 @@ fn cached_root(key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u
             return m.root_plus_one.checked_sub(1);
         }
     }
-    let dentry = dentry()?;
-    let found = root_of_dentry(dentry).map_or(0, |root| root + 1);
+    let Some(dentry) = dentry() else {
+        return linked_root(key);
+    };
+    let found = root_of_dentry(dentry)
+        .or_else(|| linked_root(key))
+        .map_or(0, |root| root + 1);
     let _ = MEMBERSHIP.insert(
         key,
         &Membership {
@@ -547,6 +563,12 @@ fn cached_root(key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u
         0,
     );
     found.checked_sub(1)
+}
+
+/// The root of a file listed in LINKED.
+fn linked_root(key: &InodeKey) -> Option<u32> {
+    // SAFETY: copied out at once.
+    unsafe { LINKED.get(key) }.copied()
 }
 
 /// The watched root `dentry` is at or under: a bounded walk up its parents.

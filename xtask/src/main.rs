@@ -73,9 +73,10 @@ enum Task {
     },
 }
 
-/// Debian packages the eBPF build needs, and the real apps the tests check
+/// Debian packages the eBPF build needs, the real apps the tests check
 /// with their own integrity tools (git, sqlite3, and PostgreSQL, which must
-/// start on a data directory DiffKeeper restored).
+/// start on a data directory DiffKeeper restored), and bindfs, a FUSE file
+/// system that cannot swap two names in one step (as NFS and CIFS cannot).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -87,6 +88,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "git",
     "sqlite3",
     "postgresql",
+    "bindfs",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";

@@ -14,6 +14,7 @@
 //! recorded with the batch (`store::schema`, cuts).
 
 pub mod codec;
+pub mod holes;
 pub mod stage;
 
 use std::collections::HashMap;
@@ -34,7 +35,7 @@ use sha2::{Digest, Sha256};
 use crate::freeze::{FreezeError, FreezeSet};
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
-use crate::scan::{check_root, diff_root, Change, FsEntry, InodeIndex, RootChanges};
+use crate::scan::{check_root, diff_root, Change, FsEntry, InodeIndex, LinkedOut, RootChanges};
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, Owner, Stamp,
     VersionRecord, Xattr, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
@@ -76,10 +77,22 @@ pub struct BatchSummary {
     pub cut: Option<CutRecord>,
     #[serde(skip)]
     pub elapsed: Duration,
-    /// The files of each root walked whole, by inode, for later captures
-    /// of only the files the tracer reports (see [`snapshot_files`]).
+    /// What the batch learnt of each root's files, for the captures after
+    /// it (see [`Looked`]).
     #[serde(skip)]
-    pub inodes: HashMap<String, InodeIndex>,
+    pub looked: HashMap<String, Looked>,
+}
+
+/// What a batch learnt of one root's files.
+#[derive(Debug, Default, Clone)]
+pub struct Looked {
+    /// The files by inode, when the root was walked whole: for later
+    /// captures of only the files the tracer reports (see [`Cut::files`]).
+    pub inodes: Option<InodeIndex>,
+    /// The files looked at that have a name outside the tree (all of the
+    /// tree's when `inodes` is there), for the tracer to attribute writes
+    /// through that name.
+    pub linked_out: LinkedOut,
 }
 
 impl std::fmt::Display for BatchSummary {
@@ -195,6 +208,17 @@ pub fn capture_cut(store_path: &Path, roots: &[StateDir], cut: &Cut) -> Result<B
 /// older than the store's newest batch, so batch times stay in order.
 pub fn snapshot_at(store_path: &Path, roots: &[StateDir], time_ms: i64) -> Result<BatchSummary> {
     take_batch(store_path, roots, &Cut::default(), Some(time_ms))
+}
+
+/// A chunk's SHA-256. Zeros (a hole, a preallocated or zeroed region) cut
+/// into chunks of the largest size, all alike: their hash is taken once.
+fn chunk_hash(data: &[u8]) -> [u8; 32] {
+    static ZEROS: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    // An OR over the bytes vectorises: far cheaper than hashing them.
+    if data.len() == CHUNK_MAX && data.iter().fold(0u8, |any, b| any | b) == 0 {
+        return *ZEROS.get_or_init(|| sha256(&vec![0u8; CHUNK_MAX]));
+    }
+    sha256(data)
 }
 
 /// Watches the trees for writes from the start of a read: the kernel's
@@ -321,7 +345,7 @@ fn take_optimistic(
             return Ok(BatchSummary {
                 scanned: found.iter().map(|r| r.scanned).sum(),
                 elapsed: started.elapsed(),
-                inodes: take_inodes(&mut found),
+                looked: take_looked(&mut found),
                 ..BatchSummary::default()
             });
         }
@@ -359,7 +383,7 @@ fn take_optimistic(
     let mut summary = capture(&store, &reader, &found, &batch, verdict)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
-    summary.inodes = take_inodes(&mut found);
+    summary.looked = take_looked(&mut found);
     Ok(summary)
 }
 
@@ -428,7 +452,7 @@ fn take_frozen(
             return Ok(BatchSummary {
                 scanned: found.iter().map(|r| r.scanned).sum(),
                 elapsed: started.elapsed(),
-                inodes: take_inodes(&mut found),
+                looked: take_looked(&mut found),
                 ..BatchSummary::default()
             });
         };
@@ -479,7 +503,7 @@ fn take_frozen(
         )?;
         summary.scanned = found.iter().map(|r| r.scanned).sum();
         summary.elapsed = started.elapsed();
-        summary.inodes = take_inodes(&mut found);
+        summary.looked = take_looked(&mut found);
         return Ok(summary);
     }
     bail!(
@@ -488,10 +512,16 @@ fn take_frozen(
     )
 }
 
-fn take_inodes(found: &mut [RootChanges]) -> HashMap<String, InodeIndex> {
+fn take_looked(found: &mut [RootChanges]) -> HashMap<String, Looked> {
     found
         .iter_mut()
-        .filter_map(|r| r.inodes.take().map(|index| (r.root.name.clone(), index)))
+        .map(|r| {
+            let looked = Looked {
+                inodes: r.inodes.take(),
+                linked_out: std::mem::take(&mut r.linked_out),
+            };
+            (r.root.name.clone(), looked)
+        })
         .collect()
 }
 
@@ -904,7 +934,11 @@ impl Workers<'_> {
                 };
                 (content, after)
             } else {
-                let content = self.read_content(&file, full, &mut references)?;
+                let content = self.read_content(
+                    holes::SparseReader::new(&file, before.len()),
+                    full,
+                    &mut references,
+                )?;
                 let after = file
                     .metadata()
                     .with_context(|| format!("cannot stat {}", full.display()))?;
@@ -961,7 +995,7 @@ impl Workers<'_> {
         refs: &mut References,
         ids: &mut Vec<u64>,
     ) -> Result<u64> {
-        let hashes: Vec<[u8; 32]> = window.par_iter().map(|c| sha256(&c.data)).collect();
+        let hashes: Vec<[u8; 32]> = window.par_iter().map(|c| chunk_hash(&c.data)).collect();
         let mut pending = Vec::new();
         for (chunk, hash) in window.drain(..).zip(hashes) {
             let (id, new) = self.place_chunk(hash, chunk.data, chunk.offset, refs)?;

@@ -7,8 +7,9 @@
 //! file beside the store (`O_TMPFILE`, so a crash leaves nothing behind).
 //! That is a copy inside the kernel at page-cache speed, or a reflink on a
 //! file system that shares extents; no byte passes through DiffKeeper's
-//! memory. Files are staged in parallel. Staging stops once the pause
-//! reaches its limit; the rest is then read live, and the batch is torn.
+//! memory; holes are not copied (see `holes`). Files are staged in
+//! parallel. Staging stops once the pause reaches its limit; the rest is
+//! then read live, and the batch is torn.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -35,6 +36,8 @@ const SMALL_FILE: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct StagedFile {
     pub len: u64,
+    /// Data bytes copied (a hole is not).
+    copied: u64,
     /// Mode, mtime, owner, extended attributes and stamp, as copied
     /// (`None` when it had vanished).
     pub attrs: Option<super::Attrs>,
@@ -68,7 +71,7 @@ impl StagedFile {
 pub struct Staged {
     files: HashMap<(String, Vec<u8>), StagedFile>,
     spill: Option<File>,
-    /// Content bytes copied.
+    /// Content bytes copied (holes are not).
     pub bytes: u64,
     /// Bytes of the files left to be read live (staging ran out of time).
     pub left_bytes: u64,
@@ -186,7 +189,7 @@ pub fn stage(
                 if !steady {
                     changed.store(true, Ordering::Relaxed);
                 }
-                copied.fetch_add(file.len, Ordering::Relaxed);
+                copied.fetch_add(file.copied, Ordering::Relaxed);
                 file
             }
             // Unreadable: capture reads it live and reports why.
@@ -196,6 +199,13 @@ pub fn stage(
             files.insert((root.to_string(), path.to_vec()), staged);
         }
     });
+    if let Some(spill) = &spill {
+        // Holes at the end of a file's range read as zeros only inside
+        // the spill file's length.
+        spill
+            .set_len(spill_end.load(Ordering::Relaxed))
+            .context("cannot size the staging file")?;
+    }
     Ok(Staged {
         files: files
             .into_inner()
@@ -223,6 +233,7 @@ fn stage_file(
             return Ok(Some((
                 StagedFile {
                     len: 0,
+                    copied: 0,
                     attrs: None,
                     place: Place::Vanished,
                 },
@@ -244,12 +255,12 @@ fn stage_file(
             })
             .is_ok();
     // What was read counts, should the file have shrunk meanwhile.
-    let (place, read) = match spill {
+    let (place, read, copied) = match spill {
         Some(spill) if !in_memory => {
             let offset = spill_end.fetch_add(len, Ordering::Relaxed);
             match copy_range(&file, spill, offset, len, deadline)? {
-                Some(copied) => (Place::Spill { offset }, copied),
-                None => (Place::OutOfTime, 0),
+                Some((read, copied)) => (Place::Spill { offset }, read, copied),
+                None => (Place::OutOfTime, 0, 0),
             }
         }
         _ => {
@@ -265,7 +276,7 @@ fn stage_file(
                 }
             }
             bytes.truncate(read);
-            (Place::Memory(bytes), read as u64)
+            (Place::Memory(bytes), read as u64, read as u64)
         }
     };
     let steady = read == len
@@ -278,6 +289,7 @@ fn stage_file(
             len: read,
             attrs: Some(attrs),
             place,
+            copied,
         },
         steady,
     )))
@@ -287,26 +299,42 @@ fn stage_file(
 const COPY_SLICE: u64 = 4 << 20;
 
 /// Copies `len` bytes of `from` into `to` at `offset`, in the kernel;
-/// returns how many it copied (fewer if the file shrank), or `None` when
-/// `deadline` passed first.
+/// returns the length staged (less if the file shrank) and the data bytes
+/// copied (holes are not), or `None` when `deadline` passed first.
 fn copy_range(
     from: &File,
     to: &File,
     offset: u64,
     len: u64,
     deadline: Instant,
-) -> Result<Option<u64>> {
-    let (mut off_in, mut off_out) = (0u64, offset);
-    while off_in < len {
-        if Instant::now() >= deadline {
-            return Ok(None);
+) -> Result<Option<(u64, u64)>> {
+    let (mut at, mut copied) = (0u64, 0u64);
+    // Only the data: a hole is left a hole in the spill file, which reads
+    // back as zeros (its length covers every file's range, see `stage`).
+    while let Some(data) =
+        super::holes::next_data(from, at, len).context("cannot find the data of a file")?
+    {
+        let (mut off_in, mut off_out) = (data.start, offset + data.start);
+        while off_in < data.end {
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            let want = (data.end - off_in).min(COPY_SLICE) as usize;
+            let n =
+                rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
+                    .context("cannot copy into the staging file")?;
+            if n == 0 {
+                // Shrunk meanwhile.
+                return Ok(Some((off_in, copied)));
+            }
+            copied += n as u64;
         }
-        let want = (len - off_in).min(COPY_SLICE) as usize;
-        let n = rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), want)
-            .context("cannot copy into the staging file")?;
-        if n == 0 {
-            break;
-        }
+        at = data.end;
     }
-    Ok(Some(off_in))
+    // A hole to the end, or a file that shrank: the end is what is left.
+    let size = from
+        .metadata()
+        .context("cannot stat a file being staged")?
+        .len();
+    Ok(Some((len.min(size), copied)))
 }

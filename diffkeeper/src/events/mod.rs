@@ -13,6 +13,7 @@
 pub mod btf;
 mod tracefs;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io::Write;
@@ -46,6 +47,11 @@ pub struct Tracer {
     roots: std::collections::HashMap<u32, Vec<InodeKey>>,
     /// Ring-buffer records that did not decode, not yet taken.
     malformed: usize,
+    /// What `LINKED` holds: per root id, its files that also have a name
+    /// outside every tree.
+    linked: std::collections::HashMap<u32, HashSet<InodeKey>>,
+    /// `LINKED` was found full (said once).
+    linked_full: bool,
 }
 
 /// Capabilities that matter for loading tracing programs.
@@ -300,6 +306,21 @@ fn attach_syscall_hooks(ebpf: &mut aya::Ebpf) -> Result<bool> {
     Ok(mounted_tracefs)
 }
 
+/// A map removal's result, where a key that was not there is no error.
+fn unless_absent(
+    removed: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match removed {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// Trees the programs can watch at once (the size of `WATCHED_DIRS`).
 pub const MAX_ROOTS: usize = diffkeeper_common::MAX_WATCHED_DIRS as usize;
 
@@ -345,6 +366,8 @@ impl Tracer {
             hooks,
             roots: std::collections::HashMap::new(),
             malformed: 0,
+            linked: std::collections::HashMap::new(),
+            linked_full: false,
         };
         if hooks == Hooks::Syscalls {
             // Without the ctime hooks, a create by open() reports no entry
@@ -430,16 +453,82 @@ impl Tracer {
         {
             let mut watched = self.watched_dirs()?;
             for key in &keys {
-                match watched.remove(key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(e).context(format!("cannot stop watching root {id}")),
-                }
+                unless_absent(watched.remove(key))
+                    .with_context(|| format!("cannot stop watching root {id}"))?;
             }
         }
         self.set_root_path(id, None)?;
         self.clear(&InodeKey::namespace(id))?;
+        self.set_linked(id, &HashSet::new(), true)?;
         // Files cached as under it are not any more.
         self.forget_memberships()
+    }
+
+    /// Lists `files` (of root `id`) as also having a name outside every
+    /// tree, so the programs attribute a write through that name to `id`:
+    /// as all of them when `complete` (the tree was walked: others are
+    /// dropped), else in addition. Returns the files newly listed; a write
+    /// through the outside name before this call was not reported, so the
+    /// caller looks at them once more. Past [`diffkeeper_common::MAX_LINKED`]
+    /// files, the rest are left to the rescan (said once).
+    pub fn set_linked(
+        &mut self,
+        id: u32,
+        files: &HashSet<InodeKey>,
+        complete: bool,
+    ) -> Result<Vec<InodeKey>> {
+        let before = self.linked.remove(&id).unwrap_or_default();
+        let map = self
+            .ebpf
+            .map_mut(names::LINKED)
+            .context("the eBPF object has no LINKED map")?;
+        let mut map: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
+        let mut now = HashSet::new();
+        for key in &before {
+            if !complete || files.contains(key) {
+                now.insert(*key);
+                continue;
+            }
+            if let Err(e) = unless_absent(map.remove(key)) {
+                self.linked.insert(id, now);
+                return Err(e).context("cannot update the LINKED map");
+            }
+        }
+        let mut added = Vec::new();
+        for key in files {
+            if now.contains(key) {
+                continue;
+            }
+            match map.insert(key, id, 0) {
+                Ok(()) => {
+                    now.insert(*key);
+                    added.push(*key);
+                }
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error()
+                        == Some(rustix::io::Errno::TOOBIG.raw_os_error()) =>
+                {
+                    if !self.linked_full {
+                        self.linked_full = true;
+                        tracing::warn!(
+                            "more than {} files in the trees have a hard link outside them: writes through the outside names of the others are seen by the rescan only",
+                            diffkeeper_common::MAX_LINKED
+                        );
+                    }
+                    break;
+                }
+                Err(e) => {
+                    self.linked.insert(id, now);
+                    return Err(e).context("cannot update the LINKED map");
+                }
+            }
+        }
+        self.linked.insert(id, now);
+        if !added.is_empty() {
+            // Some may be cached as outside every tree.
+            self.forget_memberships()?;
+        }
+        Ok(added)
     }
 
     /// The map of watched directories to their root ids.
@@ -522,16 +611,8 @@ impl Tracer {
             .map_mut(names::DIRTY)
             .context("the eBPF object has no DIRTY map")?;
         let mut dirty: HashMap<&mut MapData, InodeKey, u8> = HashMap::try_from(map)?;
-        match dirty.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            // Not marked (never reported, or taken already): nothing to do.
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).context("cannot clear a DIRTY mark"),
-        }
+        // Not marked (never reported, or taken already): nothing to do.
+        unless_absent(dirty.remove(key)).context("cannot clear a DIRTY mark")
     }
 
     /// The kernel counters, summed over CPUs, by [`counter`] slot.

@@ -54,6 +54,8 @@ pub struct FsEntry {
     pub inode: InodeKey,
     pub owner: Owner,
     pub ctime_ns: i64,
+    /// How many names the inode has, anywhere.
+    pub nlink: u64,
 }
 
 impl FsEntry {
@@ -70,6 +72,22 @@ impl FsEntry {
 /// paths), as of its last full walk: what lets a capture look only at the
 /// files the kernel tracer reported written.
 pub type InodeIndex = HashMap<InodeKey, Vec<Vec<u8>>>;
+
+/// The files of a tree that also have a name outside it (more links than
+/// names in the tree: a hard link from elsewhere), each with one of its
+/// names in the tree and the ctime it was seen with. The kernel tracer
+/// cannot find their tree from the outside name, so it is told of them.
+pub type LinkedOut = HashMap<InodeKey, (Vec<u8>, i64)>;
+
+/// Adds `entry` (at `path`, with `names` names in the tree) to `linked`
+/// when it has more.
+fn note_linked_out(linked: &mut LinkedOut, path: &[u8], entry: &FsEntry, names: usize) {
+    if entry.kind == EntryKind::File && entry.nlink > names as u64 {
+        linked
+            .entry(entry.inode)
+            .or_insert_with(|| (path.to_vec(), entry.ctime_ns));
+    }
+}
 
 /// An inode's identity from a stat: the kernel's device encoding.
 pub fn inode_key(dev: u64, ino: u64) -> InodeKey {
@@ -119,6 +137,7 @@ impl FsEntry {
                 gid: stat.st_gid,
             },
             ctime_ns: nanos(stat.st_ctime as i64, stat.st_ctime_nsec as i64),
+            nlink: stat.st_nlink as u64,
         }))
     }
 }
@@ -155,6 +174,9 @@ pub struct RootChanges {
     pub scanned: usize,
     /// The tree's files by inode, when the whole tree was walked.
     pub inodes: Option<InodeIndex>,
+    /// The files looked at that have names outside the tree: all of the
+    /// tree's when it was walked (`inodes` is there).
+    pub linked_out: LinkedOut,
     /// Paths the walk could not look at, and why (what the store has of
     /// them is kept as it is).
     pub problems: Vec<(PathBuf, String)>,
@@ -447,6 +469,11 @@ pub fn diff_root(
             inodes.entry(entry.inode).or_default().push(path.clone());
         }
     }
+    let mut linked_out = LinkedOut::new();
+    for (path, entry) in &on_disk {
+        let names = inodes.get(&entry.inode).map_or(0, Vec::len);
+        note_linked_out(&mut linked_out, path, entry, names);
+    }
     let mut changes = Vec::new();
     for stored in reader.latest(&root.name)? {
         if stored.version.kind == EntryKind::Tombstone {
@@ -478,6 +505,7 @@ pub fn diff_root(
         changes,
         scanned,
         inodes: Some(inodes),
+        linked_out,
         problems: walked
             .problems
             .into_iter()
@@ -502,6 +530,11 @@ pub fn diff_files(
 
     // One file's outcome: `None` when the reports do not tell the whole
     // change and the tree must be walked.
+    let mut names: HashMap<InodeKey, usize> = HashMap::new();
+    for (_, inode) in files {
+        *names.entry(*inode).or_default() += 1;
+    }
+    let linked_out = std::sync::Mutex::new(LinkedOut::new());
     let look = |(path, inode): &(Vec<u8>, InodeKey)| -> Result<Option<Option<Change>>> {
         if crate::roots::check_relative(path).is_err() {
             return Ok(None);
@@ -513,6 +546,10 @@ pub fn diff_files(
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot stat {}", full.display())),
         };
+        if let Ok(mut linked) = linked_out.lock() {
+            let names = names.get(inode).copied().unwrap_or(0);
+            note_linked_out(&mut linked, path, &entry, names);
+        }
         let Some(stored) = reader.latest_of(&root.name, path)? else {
             return Ok(None);
         };
@@ -533,6 +570,7 @@ pub fn diff_files(
         changes,
         scanned: files.len(),
         inodes: None,
+        linked_out: linked_out.into_inner().unwrap_or_default(),
         problems: Vec::new(),
     }))
 }

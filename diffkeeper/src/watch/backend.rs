@@ -24,6 +24,8 @@
 //! from then on the trees are walked every --scan-interval.
 
 use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::WatchOptions;
 use crate::roots::{StateDir, STAGING_PREFIX};
+use crate::scan::LinkedOut;
 
 /// Which source of write notices to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -108,7 +111,12 @@ pub struct Notices {
     /// Processes the backend saw write the trees (the eBPF tracer's
     /// events name them), not yet taken by [`Notices::take_writers`].
     writers: Arc<std::sync::Mutex<HashSet<u32>>>,
+    /// Told of the files of a root with a name outside it (the eBPF
+    /// tracer lists them for its programs).
+    linked_out: Arc<std::sync::Mutex<Option<LinkedOutHook>>>,
 }
+
+type LinkedOutHook = Box<dyn Fn(usize, &LinkedOut, bool) + Send>;
 
 type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
 type Clock = Box<dyn Fn(&[usize]) -> Option<crate::capture::Changes> + Send>;
@@ -126,6 +134,23 @@ impl Notices {
             before_capture: Arc::new(std::sync::Mutex::new(None)),
             clock: Arc::new(std::sync::Mutex::new(None)),
             writers: Arc::default(),
+            linked_out: Arc::default(),
+        }
+    }
+
+    /// Tells the backend which files of `root` a capture found to have a
+    /// name outside it: all of them when `walked`, else some.
+    pub fn linked_out(&self, root: usize, files: &LinkedOut, walked: bool) {
+        if let Ok(hook) = self.linked_out.lock() {
+            if let Some(hook) = hook.as_ref() {
+                hook(root, files, walked);
+            }
+        }
+    }
+
+    fn set_linked_out(&self, hook: LinkedOutHook) {
+        if let Ok(mut slot) = self.linked_out.lock() {
+            *slot = Some(hook);
         }
     }
 
@@ -376,6 +401,55 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
             drop(tracer);
             protect_mapped(&mapped, root, &taken.inodes);
             taken
+        }));
+    }
+    {
+        // Files with a name outside every tree: the programs cannot find
+        // their tree from that name, so they are listed for them.
+        let (tracer, dirty, notices_for_hook, paths) = (
+            tracer.clone(),
+            dirty.clone(),
+            notices.clone(),
+            paths.clone(),
+        );
+        notices.set_linked_out(Box::new(move |root, files, walked| {
+            let keys: HashSet<InodeKey> = files.keys().copied().collect();
+            let added = match tracer.lock() {
+                Ok(mut tracer) => tracer.set_linked(root as u32, &keys, walked),
+                Err(_) => return,
+            };
+            let added = match added {
+                Ok(added) => added,
+                Err(e) => {
+                    tracing::warn!("{e:#}; writes through hard links from outside the trees are seen by the rescan only");
+                    return;
+                }
+            };
+            // A write through the outside name before the file was listed
+            // was not reported: those whose stamp moved since the capture
+            // saw them are looked at again.
+            let Some(tree) = paths.get(root) else { return };
+            let moved: Vec<InodeKey> = added
+                .into_iter()
+                .filter(|key| {
+                    let Some((path, ctime_ns)) = files.get(key) else {
+                        return false;
+                    };
+                    match crate::scan::FsEntry::read(&tree.join(OsStr::from_bytes(path))) {
+                        Ok(Some(now)) => now.inode != *key || now.ctime_ns != *ctime_ns,
+                        _ => true,
+                    }
+                })
+                .collect();
+            if moved.is_empty() {
+                return;
+            }
+            if let Ok(mut dirty) = dirty.lock() {
+                if let Some(set) = dirty.get_mut(root) {
+                    set.inodes.extend(moved);
+                }
+            }
+            notices_for_hook.file_written(root);
         }));
     }
     {

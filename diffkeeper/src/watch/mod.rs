@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::capture::{capture_cut, Ask, BatchSummary, Cut};
+use crate::capture::{capture_cut, Ask, BatchSummary, Cut, Looked};
 use crate::freeze::{Cgroup, FreezeSet};
 use crate::roots::StateDir;
 use crate::scan::InodeIndex;
@@ -245,11 +245,23 @@ impl CaptureLoop {
         if first.batch.is_some() {
             capture.summary.batches += 1;
         }
-        capture.inodes = roots
-            .iter()
-            .map(|r| first.inodes.remove(&r.name).map(Arc::new))
-            .collect();
+        for (index, root) in roots.iter().enumerate() {
+            if let Some(looked) = first.looked.remove(&root.name) {
+                capture.learn(index, looked);
+            }
+        }
         Ok(capture)
+    }
+
+    /// Keeps what a capture learnt of root `index`'s files: its files by
+    /// inode when it walked the tree, and for the backend those with a
+    /// name outside it.
+    fn learn(&mut self, index: usize, looked: Looked) {
+        let walked = looked.inodes.is_some();
+        if let Some(inodes) = looked.inodes {
+            self.inodes[index] = Some(Arc::new(inodes));
+        }
+        self.notices.linked_out(index, &looked.linked_out, walked);
     }
 
     /// The watchdog's process id, which `run` must not end as a leftover
@@ -311,8 +323,8 @@ impl CaptureLoop {
                         let failures = pending[index].failures;
                         match self.capture_root(index, &mut pending[index]).await {
                             Ok(outcome) => {
-                                if let Some(walked) = outcome.inodes {
-                                    self.inodes[index] = Some(Arc::new(walked));
+                                if let Some(looked) = outcome.looked {
+                                    self.learn(index, looked);
                                 }
                                 if outcome.unreadable > 0 {
                                     // The rest is committed; these are
@@ -485,7 +497,7 @@ impl CaptureLoop {
                 return Err(e);
             }
         };
-        let inodes = result.inodes.remove(&root.name);
+        let looked = result.looked.remove(&root.name);
         if result.disturbed && result.batch.is_none() {
             give_back(pending);
             pending.drops += 1;
@@ -498,7 +510,7 @@ impl CaptureLoop {
                 committed: false,
                 dropped: true,
                 torn: false,
-                inodes,
+                looked,
             });
         }
         if result.batch.is_some() {
@@ -518,7 +530,7 @@ impl CaptureLoop {
                 .cut
                 .as_ref()
                 .is_some_and(|c| c.kind == crate::store::schema::CutKind::Torn),
-            inodes,
+            looked,
         })
     }
 }
@@ -656,8 +668,8 @@ struct CaptureOutcome {
     dropped: bool,
     /// Committed, marked torn.
     torn: bool,
-    /// The root's files by inode, when the capture walked it.
-    inodes: Option<InodeIndex>,
+    /// What the capture learnt of the root's files.
+    looked: Option<Looked>,
 }
 
 /// The files to capture, with the inode each should be: every path of each
