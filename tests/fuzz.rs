@@ -42,7 +42,7 @@ proptest! {
         len in 0usize..=schema::CHUNK_MAX,
     ) {
         let mut out = Vec::new();
-        let _ = diffkeeper::capture::codec::apply_delta_into(&reference, &delta, len, &mut out);
+        let _ = diffkeeper::store::codec::apply_delta_into(&reference, &delta, len, &mut out);
         prop_assert!(out.len() <= len + 1);
     }
 }

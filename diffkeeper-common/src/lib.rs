@@ -223,17 +223,19 @@ pub mod names {
     ];
 }
 
-// SAFETY (all three): `repr(C)`, `Copy`, fields laid out without padding
-// (u64s first, then u32s in pairs), and every bit pattern is a valid value,
-// which is what `Pod` requires.
+// What `Pod` requires of each: `repr(C)`, `Copy`, no padding, and every
+// bit pattern a valid value.
 #[cfg(feature = "user")]
+// SAFETY: a u64 then two u32s: no padding, any bits valid.
 unsafe impl aya::Pod for InodeKey {}
 #[cfg(feature = "user")]
+// SAFETY: two u32s: no padding, any bits valid.
 unsafe impl aya::Pod for Membership {}
 #[cfg(feature = "user")]
+// SAFETY: two u64s then six u32s: no padding, any bits valid.
 unsafe impl aya::Pod for WriteEvent {}
-// SAFETY: `repr(C)`, `Copy`, two u32s then bytes: no padding, any bits valid.
 #[cfg(feature = "user")]
+// SAFETY: two u32s then bytes: no padding, any bits valid.
 unsafe impl aya::Pod for RootPath {}
 
 #[cfg(test)]

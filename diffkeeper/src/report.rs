@@ -127,7 +127,7 @@ pub fn log(store_path: &Path, filter: Option<&[u8]>) -> Result<Vec<LogFile>> {
     };
     let mut files: Vec<LogFile> = Vec::new();
     let mut previous: Option<VersionRecord> = None;
-    reader.for_each_version(|root, path, batch, record| {
+    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
         if !wanted(root, path) {
             return Ok(());
         }
@@ -268,14 +268,14 @@ pub fn timeline(
     let reader = store.reader()?;
     let batches = reader.batches()?;
     let mut chunk_len: HashMap<u64, u64> = HashMap::new();
-    reader.for_each_chunk(|id, record| {
+    reader.for_each_chunk::<anyhow::Error>(|id, record| {
         chunk_len.insert(id, u64::from(record.len));
         Ok(())
     })?;
     let mut files: HashMap<u64, u64> = HashMap::new();
     let mut changed: HashMap<u64, u64> = HashMap::new();
     let mut previous: Option<(String, Vec<u8>, Vec<u64>)> = None;
-    reader.for_each_version(|root, path, batch, record| {
+    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
         *files.entry(batch).or_default() += 1;
         let before: &[u64] = match &previous {
             Some((r, p, chunks)) if r == root && p.as_slice() == path => chunks,
@@ -371,7 +371,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
     let mut versions = 0u64;
     let mut logical_bytes = 0u64;
     let mut last: Option<(String, Vec<u8>)> = None;
-    reader.for_each_version(|root, path, _, record| {
+    reader.for_each_version::<anyhow::Error>(|root, path, _, record| {
         versions += 1;
         if record.kind == EntryKind::File {
             logical_bytes += record.size;

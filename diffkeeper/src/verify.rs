@@ -50,7 +50,7 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     let reader = store.reader()?;
     let mut report = VerifyReport::default();
     let mut versions: Vec<Version> = Vec::new();
-    reader.for_each_version(|root, path, batch, record| {
+    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
         versions.push((root.to_string(), path.to_vec(), batch, record));
         Ok(())
     })?;
@@ -81,7 +81,9 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
         .par_iter()
         .filter_map(|(root, path, batch, record)| {
             let result = match record.kind {
-                EntryKind::File => reader.write_content(record, &mut std::io::sink()),
+                EntryKind::File => reader
+                    .write_content(record, &mut std::io::sink())
+                    .map_err(anyhow::Error::from),
                 EntryKind::Symlink if crate::store::sha256(&record.target) != record.hash => {
                     Err(anyhow::anyhow!("symlink target does not match its SHA-256"))
                 }
@@ -116,7 +118,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
     let batches: HashSet<u64> = reader.batches()?.into_iter().map(|(id, _)| id).collect();
     // Chunks, with what each refers to.
     let mut chunks: HashMap<u64, ([u8; 32], Vec<u64>)> = HashMap::new();
-    reader.for_each_chunk(|id, record| {
+    reader.for_each_chunk::<anyhow::Error>(|id, record| {
         let bases = match record.encoding {
             crate::store::schema::ChunkEncoding::ZstdDelta { bases } => bases,
             _ => Vec::new(),
@@ -125,7 +127,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         Ok(())
     })?;
     let mut indexed: HashMap<[u8; 32], u64> = HashMap::new();
-    reader.for_each_index_entry(|hash, id| {
+    reader.for_each_index_entry::<anyhow::Error>(|hash, id| {
         match chunks.get(&id) {
             None => problem(
                 format!("chunk_index {}", crate::store::hex(hash)),
@@ -192,7 +194,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         *entry = (*entry).max(batch);
     }
     for root in reader.roots()? {
-        reader.for_each_latest_of(&root, |path, batch| {
+        reader.for_each_latest_of::<anyhow::Error>(&root, |path, batch| {
             match newest.remove(&(root.clone(), path.to_vec())) {
                 None => problem(
                     shown(&root, path, batch),

@@ -35,7 +35,7 @@ enum Task {
     /// mount tracefs; returns in seconds when all is present.
     Setup,
     /// Setup, then build diffkeeper in release mode (the eBPF object is
-    /// built and embedded by diffkeeper/build.rs).
+    /// built and embedded by diffkeeper-tracer/build.rs).
     Build,
     /// Build, then run `diffkeeper ARGS` as root; with no ARGS, the demo.
     Run {

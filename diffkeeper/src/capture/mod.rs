@@ -13,7 +13,6 @@
 //! copied ([`stage`]), everything else after the thaw. The outcome is
 //! recorded with the batch (`store::schema`, cuts).
 
-pub mod codec;
 pub mod holes;
 pub mod stage;
 
@@ -40,7 +39,7 @@ use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, Owner, Stamp,
     VersionRecord, Xattr, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
 };
-use crate::store::{now_ms, sha256, BaseCache, Check, Reader, Store};
+use crate::store::{codec, now_ms, sha256, BaseCache, Check, Reader, Store};
 use diffkeeper_common::InodeKey;
 use stage::Staged;
 

@@ -728,7 +728,7 @@ impl Planner<'_> {
         }
         let mut tracked: HashMap<Vec<u8>, Kinds> = HashMap::new();
         self.reader
-            .for_each_version_of(&self.root.name, |path, _, version| {
+            .for_each_version_of::<anyhow::Error>(&self.root.name, |path, _, version| {
                 let kind = match version.kind {
                     EntryKind::File => Kinds::FILE,
                     EntryKind::Dir => Kinds::DIR,

@@ -228,7 +228,7 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         }
         versions.clear();
     };
-    reader.for_each_version(|root, path, batch, record| {
+    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
         let same = current
             .as_ref()
             .is_some_and(|(r, p)| r == root && p.as_slice() == path);
@@ -264,7 +264,7 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
     // history: rebasing every such delta grew the payload from 204 MiB to
     // 275 MiB where dropping 85% of the batches should shrink it.
     let mut chunks: Vec<(u64, ChunkRecord)> = Vec::new();
-    reader.for_each_chunk(|id, record| {
+    reader.for_each_chunk::<anyhow::Error>(|id, record| {
         chunks.push((id, record));
         Ok(())
     })?;
@@ -386,7 +386,7 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
                 let bytes = reader
                     .chunk_bytes(id)
                     .with_context(|| format!("cannot rebase chunk {id}"))?;
-                let (lz4, payload) = crate::capture::codec::encode_base(&bytes);
+                let (lz4, payload) = crate::store::codec::encode_base(&bytes);
                 let record = ChunkRecord {
                     hash: old.hash,
                     len: old.len,

@@ -168,7 +168,7 @@ pub fn save(store_path: &Path, policy: &Policy) -> anyhow::Result<()> {
     }
     let store = Store::create_or_open(store_path)?;
     let record = (!policy.is_empty()).then(|| RetentionRecord::from(policy));
-    store.set_retention(record.as_ref())
+    Ok(store.set_retention(record.as_ref())?)
 }
 
 /// The rules given on the command line, or else the store's saved ones.

@@ -1,16 +1,19 @@
 //! Kernel events: the userspace half of the eBPF programs in
-//! `diffkeeper-ebpf`.
+//! `diffkeeper-ebpf`, which `build.rs` builds and this crate embeds.
 //!
-//! This module owns the [`Tracer`]: loading the embedded object with this
+//! This crate owns the [`Tracer`]: loading the embedded object with this
 //! kernel's struct offsets ([`btf`]), telling it which directory trees to
-//! watch, attaching its ctime hooks, and its syscall tracepoints only where
-//! those alone could miss a change ([`Hooks`]; mounting tracefs first when
-//! it is missing), routing the programs' `aya-log` records into `tracing`, and
-//! reading and clearing its maps. The `ebpf` backend of [`crate::watch`]
+//! watch (by ids its caller chooses, added and removed while it runs),
+//! attaching its ctime hooks, and its syscall tracepoints only where those
+//! alone could miss a change ([`Hooks`]; mounting tracefs first when it is
+//! missing), routing the programs' `aya-log` records into `tracing`, and
+//! reading and clearing its maps. The `ebpf` backend of `diffkeeper::watch`
 //! runs it; [`self_test`] (`diffkeeper doctor`) proves on the running kernel
-//! that it filters, resolves and coalesces as it should.
+//! that it filters, resolves and coalesces as it should. It is the only
+//! crate whose build needs the eBPF toolchain.
 
 pub mod btf;
+pub mod mountinfo;
 mod tracefs;
 
 use std::collections::HashSet;
@@ -242,7 +245,7 @@ fn fs_type(path: &Path) -> Result<i64> {
 fn overlay_upper(root: &Path) -> Result<std::result::Result<PathBuf, String>> {
     let canonical = std::fs::canonicalize(root)
         .with_context(|| format!("cannot resolve {}", root.display()))?;
-    let mounts = crate::mountinfo::read().context("cannot read /proc/self/mountinfo")?;
+    let mounts = mountinfo::read().context("cannot read /proc/self/mountinfo")?;
     // The last mount at the deepest point above the tree is the one seen.
     let Some(mount) = mounts
         .iter()

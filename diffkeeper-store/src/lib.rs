@@ -3,15 +3,20 @@
 //! This module owns opening and creating a store (schema check, lock and
 //! corruption errors that name the file), reading records back
 //! ([`Reader`]), rebuilding content chunk by chunk with every hash checked,
-//! and writing one batch in one transaction ([`BatchWriter`]). The format
-//! itself is documented in [`schema`].
+//! and writing one batch in one transaction ([`BatchWriter`]), and editing
+//! history in one ([`HistoryEditor`]). The format itself is documented in
+//! [`schema`]; how one chunk's bytes are encoded, in [`codec`].
+//!
+//! It knows nothing of state directories on disk, the kernel, async
+//! runtimes or the command line: it builds and is tested anywhere, and its
+//! failures are [`StoreError`]s a caller can match.
 
+pub mod codec;
 pub mod schema;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
 use redb::{Database, ReadOnlyDatabase, ReadOnlyTable, ReadableDatabase, ReadableTable};
 use sha2::{Digest, Sha256};
 
@@ -22,7 +27,11 @@ use schema::{
     OLDEST_READABLE, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
 };
 
-/// Typed store failures callers may want to tell apart.
+/// What a store operation can fail with.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Why a store operation failed; each names the store file where it is
+/// about the file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store {path} has schema version {found} (readable by schema {min_reader} and later); this diffkeeper reads schemas {oldest} to {newest}; use a matching diffkeeper release")]
@@ -43,7 +52,75 @@ pub enum StoreError {
     Corrupt(String),
     #[error("store {0} is in use by another diffkeeper process (one writer at a time)")]
     InUse(PathBuf),
+    #[error("cannot open store {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create store {path}: directory {dir} does not exist")]
+    NoDirectory { path: PathBuf, dir: PathBuf },
+    #[error("store {path} is a symlink to {target}, which does not exist; refusing to take it as a first start (create the target's directory, or point --store at the store itself)")]
+    DanglingLink { path: PathBuf, target: String },
+    #[error("store {path} cannot be opened, it is damaged or not a diffkeeper store: {source}")]
+    Unopenable {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("store {path} is damaged or not a diffkeeper store")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("{0} is not a diffkeeper store (no schema version recorded)")]
+    NotAStore(PathBuf),
+    #[error("no store at {0}")]
+    Missing(PathBuf),
+    #[error("store {0} is open read-only")]
+    ReadOnly(PathBuf),
+    #[error("cannot compact the store file {path}")]
+    Compact {
+        path: PathBuf,
+        #[source]
+        source: redb::CompactionError,
+    },
+    #[error("reference of chunk {id}")]
+    Reference {
+        id: u64,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("not a file version")]
+    NotAFile,
+    #[error("chunk payload has too many pieces")]
+    TooManyPieces,
+    /// What content was being written to failed.
+    #[error("cannot write the content out")]
+    Sink(#[source] std::io::Error),
+    /// redb failed underneath (I/O, a damaged page, a transaction).
+    #[error(transparent)]
+    Database(#[from] redb::Error),
 }
+
+/// Every redb error type becomes [`StoreError::Database`].
+macro_rules! from_redb {
+    ($($kind:ident),*) => {
+        $(impl From<redb::$kind> for StoreError {
+            fn from(e: redb::$kind) -> StoreError {
+                StoreError::Database(e.into())
+            }
+        })*
+    };
+}
+
+from_redb!(
+    StorageError,
+    TransactionError,
+    TableError,
+    CommitError,
+    SetDurabilityError
+);
 
 enum Db {
     ReadWrite(Database),
@@ -56,9 +133,9 @@ pub struct Store {
     path: PathBuf,
 }
 
-fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
+fn describe_open_error(path: &Path, err: redb::DatabaseError) -> StoreError {
     match err {
-        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()).into(),
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
         redb::DatabaseError::Storage(redb::StorageError::Io(io))
             if io.kind() == std::io::ErrorKind::UnexpectedEof =>
         {
@@ -67,15 +144,15 @@ fn describe_open_error(path: &Path, err: redb::DatabaseError) -> anyhow::Error {
                 "store {} ends early ({len} bytes): the file is truncated or not a diffkeeper store",
                 path.display()
             ))
-            .into()
         }
-        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            anyhow::Error::new(io).context(format!("cannot open store {}", path.display()))
-        }
-        other => anyhow::anyhow!(
-            "store {} cannot be opened, it is damaged or not a diffkeeper store: {other}",
-            path.display()
-        ),
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => StoreError::Io {
+            path: path.to_path_buf(),
+            source: io,
+        },
+        other => StoreError::Unopenable {
+            path: path.to_path_buf(),
+            source: other,
+        },
     }
 }
 
@@ -88,10 +165,10 @@ fn refuse_dangling(path: &Path) -> Result<()> {
         let target = std::fs::read_link(path)
             .map(|t| t.display().to_string())
             .unwrap_or_default();
-        bail!(
-            "store {} is a symlink to {target}, which does not exist; refusing to take it as a first start (create the target's directory, or point --store at the store itself)",
-            path.display()
-        );
+        return Err(StoreError::DanglingLink {
+            path: path.to_path_buf(),
+            target,
+        });
     }
     Ok(())
 }
@@ -102,11 +179,10 @@ impl Store {
         opened(path);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !parent.is_dir() {
-                bail!(
-                    "cannot create store {}: directory {} does not exist",
-                    path.display(),
-                    parent.display()
-                );
+                return Err(StoreError::NoDirectory {
+                    path: path.to_path_buf(),
+                    dir: parent.to_path_buf(),
+                });
             }
         }
         refuse_dangling(path)?;
@@ -139,10 +215,11 @@ impl Store {
         match std::fs::metadata(path) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("cannot open store {}", path.display()))
-                )
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
             }
         }
         let db = match wait_for_writer(path, || builder().open_read_only(path)) {
@@ -169,7 +246,7 @@ impl Store {
 
     /// Like [`Store::open_read_only`], but a missing file is an error.
     pub fn open_existing(path: &Path) -> Result<Store> {
-        Store::open_read_only(path)?.with_context(|| format!("no store at {}", path.display()))
+        Store::open_read_only(path)?.ok_or_else(|| StoreError::Missing(path.to_path_buf()))
     }
 
     pub fn path(&self) -> &Path {
@@ -178,7 +255,7 @@ impl Store {
 
     fn init_schema(&self) -> Result<()> {
         let Db::ReadWrite(db) = &self.db else {
-            bail!("store {} is open read-only", self.path.display());
+            return Err(StoreError::ReadOnly(self.path.clone()));
         };
         let txn = db.begin_write()?;
         {
@@ -219,17 +296,12 @@ impl Store {
                 read_u32(&meta, META_MIN_READER_VERSION)?,
             ))
         })()
-        .with_context(|| {
-            format!(
-                "store {} is damaged or not a diffkeeper store",
-                self.path.display()
-            )
+        .map_err(|e| StoreError::Unreadable {
+            path: self.path.clone(),
+            source: Box::new(e),
         })?;
         let Some(found) = found else {
-            bail!(
-                "{} is not a diffkeeper store (no schema version recorded)",
-                self.path.display()
-            );
+            return Err(StoreError::NotAStore(self.path.clone()));
         };
         let min_reader = min_reader.unwrap_or(found);
         if min_reader > SCHEMA_VERSION || found < OLDEST_READABLE {
@@ -239,8 +311,7 @@ impl Store {
                 min_reader,
                 oldest: OLDEST_READABLE,
                 newest: SCHEMA_VERSION,
-            }
-            .into());
+            });
         }
         let Db::ReadWrite(db) = &self.db else {
             return Ok(());
@@ -250,8 +321,7 @@ impl Store {
                 path: self.path.clone(),
                 found,
                 newest: SCHEMA_VERSION,
-            }
-            .into());
+            });
         }
         if found < SCHEMA_VERSION {
             let txn = db.begin_write()?;
@@ -308,7 +378,7 @@ impl Store {
     /// Saves (or, with `None`, forgets) the store's retention policy.
     pub fn set_retention(&self, policy: Option<&schema::RetentionRecord>) -> Result<()> {
         let Db::ReadWrite(db) = &self.db else {
-            bail!("store {} is open read-only", self.path.display());
+            return Err(StoreError::ReadOnly(self.path.clone()));
         };
         let txn = db.begin_write()?;
         {
@@ -325,7 +395,7 @@ impl Store {
     /// Starts rewriting history (retention). One writer at a time.
     pub fn edit_history(&self) -> Result<HistoryEditor> {
         let Db::ReadWrite(db) = &self.db else {
-            bail!("store {} is open read-only", self.path.display());
+            return Err(StoreError::ReadOnly(self.path.clone()));
         };
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(true);
@@ -338,17 +408,19 @@ impl Store {
     /// (if not fully shrunk) store. No reader of this store may be alive.
     pub fn shrink(&mut self) -> Result<()> {
         let Db::ReadWrite(db) = &mut self.db else {
-            bail!("store {} is open read-only", self.path.display());
+            return Err(StoreError::ReadOnly(self.path.clone()));
         };
-        db.compact()
-            .with_context(|| format!("cannot compact the store file {}", self.path.display()))?;
+        db.compact().map_err(|source| StoreError::Compact {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(())
     }
 
     /// Starts writing a new batch. One writer at a time per store.
     pub fn begin_batch(&self) -> Result<BatchWriter> {
         let Db::ReadWrite(db) = &self.db else {
-            bail!("store {} is open read-only", self.path.display());
+            return Err(StoreError::ReadOnly(self.path.clone()));
         };
         let mut txn = db.begin_write()?;
         // Saves allocator state with each commit so that opening after a
@@ -515,7 +587,7 @@ impl Reader {
     /// sorted by path bytes.
     pub fn latest(&self, root: &str) -> Result<Vec<LatestEntry>> {
         let mut out = Vec::new();
-        self.for_each_latest_of(root, |path, batch| {
+        self.for_each_latest_of::<StoreError>(root, |path, batch| {
             out.push(LatestEntry {
                 path: path.to_vec(),
                 batch,
@@ -549,7 +621,7 @@ impl Reader {
         // or after it, that version and no other (a damaged key must not
         // make an older version stand in for a missing one).
         let mut newest: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
-        self.for_each_latest_of(root, |path, b| {
+        self.for_each_latest_of::<StoreError>(root, |path, b| {
             newest.insert(path.to_vec(), b);
             Ok(())
         })?;
@@ -562,15 +634,13 @@ impl Reader {
                     return Err(StoreError::Corrupt(format!(
                         "{root}:{}: its newest version (batch {n}) is missing from the versions table; refusing to use another in its place",
                         String::from_utf8_lossy(&path)
-                    ))
-                    .into())
+                    )))
                 }
                 None => {
                     return Err(StoreError::Corrupt(format!(
                         "{root}:{} has versions but no entry in the latest table",
                         String::from_utf8_lossy(&path)
-                    ))
-                    .into())
+                    )))
                 }
                 _ => {}
             }
@@ -613,21 +683,20 @@ impl Reader {
             return Err(StoreError::Corrupt(format!(
                 "{root}:{}: its newest version (batch {n}) is missing from the versions table",
                 String::from_utf8_lossy(&path)
-            ))
-            .into());
+            )));
         }
         Ok(out)
     }
 
     /// Every `latest` entry of `root`: `(path, batch)` by path.
-    pub fn for_each_latest_of(
+    pub fn for_each_latest_of<E: From<StoreError>>(
         &self,
         root: &str,
-        mut f: impl FnMut(&[u8], u64) -> Result<()>,
-    ) -> Result<()> {
+        mut f: impl FnMut(&[u8], u64) -> Result<(), E>,
+    ) -> Result<(), E> {
         let lo: (&str, &[u8]) = (root, &[]);
-        for item in self.latest.range(lo..)? {
-            let (key, batch) = item?;
+        for item in self.latest.range(lo..).map_err(StoreError::from)? {
+            let (key, batch) = item.map_err(StoreError::from)?;
             let (r, path) = key.value();
             if r != root {
                 break;
@@ -638,12 +707,12 @@ impl Reader {
     }
 
     /// Every `chunk_index` entry: `(hash, chunk id)`.
-    pub fn for_each_index_entry(
+    pub fn for_each_index_entry<E: From<StoreError>>(
         &self,
-        mut f: impl FnMut(&[u8; 32], u64) -> Result<()>,
-    ) -> Result<()> {
-        for item in self.chunk_index.iter()? {
-            let (hash, id) = item?;
+        mut f: impl FnMut(&[u8; 32], u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for item in self.chunk_index.iter().map_err(StoreError::from)? {
+            let (hash, id) = item.map_err(StoreError::from)?;
             f(hash.value(), id.value())?;
         }
         Ok(())
@@ -715,18 +784,18 @@ impl Reader {
                 String::from_utf8_lossy(path)
             ))
         })?;
-        Ok(VersionRecord::decode(raw.value(), "version record")?)
+        VersionRecord::decode(raw.value(), "version record")
     }
 
     /// Every version of `root`'s paths: `(path, batch, record)` in key order.
-    pub fn for_each_version_of(
+    pub fn for_each_version_of<E: From<StoreError>>(
         &self,
         root: &str,
-        mut f: impl FnMut(&[u8], u64, VersionRecord) -> Result<()>,
-    ) -> Result<()> {
+        mut f: impl FnMut(&[u8], u64, VersionRecord) -> Result<(), E>,
+    ) -> Result<(), E> {
         let lo: (&str, &[u8], u64) = (root, &[], 0);
-        for item in self.versions.range(lo..)? {
-            let (key, value) = item?;
+        for item in self.versions.range(lo..).map_err(StoreError::from)? {
+            let (key, value) = item.map_err(StoreError::from)?;
             let (r, path, batch) = key.value();
             if r != root {
                 break;
@@ -741,12 +810,12 @@ impl Reader {
     }
 
     /// Every version of every path: `(root, path, batch, record)` in key order.
-    pub fn for_each_version(
+    pub fn for_each_version<E: From<StoreError>>(
         &self,
-        mut f: impl FnMut(&str, &[u8], u64, VersionRecord) -> Result<()>,
-    ) -> Result<()> {
-        for item in self.versions.iter()? {
-            let (key, value) = item?;
+        mut f: impl FnMut(&str, &[u8], u64, VersionRecord) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for item in self.versions.iter().map_err(StoreError::from)? {
+            let (key, value) = item.map_err(StoreError::from)?;
             let (root, path, batch) = key.value();
             let record = VersionRecord::decode(value.value(), "version record")?;
             f(root, path, batch, record)?;
@@ -806,9 +875,12 @@ impl Reader {
     }
 
     /// Every chunk's id and record, ascending by id.
-    pub fn for_each_chunk(&self, mut f: impl FnMut(u64, ChunkRecord) -> Result<()>) -> Result<()> {
-        for item in self.chunks.iter()? {
-            let (k, v) = item?;
+    pub fn for_each_chunk<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(u64, ChunkRecord) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for item in self.chunks.iter().map_err(StoreError::from)? {
+            let (k, v) = item.map_err(StoreError::from)?;
             f(k.value(), chunk_record_of(k.value(), v.value())?)?;
         }
         Ok(())
@@ -820,7 +892,7 @@ impl Reader {
             .chunks
             .get(id)?
             .ok_or_else(|| StoreError::Corrupt(format!("chunk {id} is missing")))?;
-        Ok(chunk_record_of(id, raw.value())?)
+        chunk_record_of(id, raw.value())
     }
 
     /// Reads a chunk's stored payload into `out` (replacing its contents).
@@ -836,8 +908,7 @@ impl Reader {
                 "chunk {id} payload is {} bytes, its record says {}",
                 out.len(),
                 record.stored_len
-            ))
-            .into());
+            )));
         }
         Ok(())
     }
@@ -856,8 +927,7 @@ impl Reader {
                 "a delta references {} chunks, more than {}",
                 bases.len(),
                 schema::MAX_DELTA_BASES
-            ))
-            .into());
+            )));
         }
         let mut reference = Vec::new();
         for &base in bases {
@@ -868,8 +938,7 @@ impl Reader {
                     if !record.is_base() {
                         return Err(StoreError::Corrupt(format!(
                             "chunk {base} is referenced as a delta base but is itself a delta"
-                        ))
-                        .into());
+                        )));
                     }
                     cache.put(base, self.decode_chunk(base, &record, check, cache)?)
                 }
@@ -919,12 +988,15 @@ impl Reader {
             }
             ChunkEncoding::ZstdDelta { bases } => {
                 self.payload_into(id, record, scratch)?;
-                let reference = self
-                    .reference(bases, check, cache)
-                    .with_context(|| format!("reference of chunk {id}"))?;
-                crate::capture::codec::apply_delta_into(&reference, scratch, len, out).map_err(
-                    |e| StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}")),
-                )?;
+                let reference =
+                    self.reference(bases, check, cache)
+                        .map_err(|e| StoreError::Reference {
+                            id,
+                            source: Box::new(e),
+                        })?;
+                codec::apply_delta_into(&reference, scratch, len, out).map_err(|e| {
+                    StoreError::Corrupt(format!("chunk {id} delta does not apply: {e}"))
+                })?;
             }
         }
         if out.len() != len {
@@ -932,15 +1004,13 @@ impl Reader {
                 "chunk {id} rebuilds to {} bytes, its record says {}",
                 out.len(),
                 record.len
-            ))
-            .into());
+            )));
         }
         if check == Check::Chunk && sha256(out) != record.hash {
             return Err(StoreError::Corrupt(format!(
                 "chunk {id} fails its SHA-256 check (store {})",
                 self.path.display()
-            ))
-            .into());
+            )));
         }
         Ok(())
     }
@@ -954,7 +1024,7 @@ impl Reader {
         sink: &mut impl std::io::Write,
     ) -> Result<()> {
         if version.kind != EntryKind::File {
-            bail!("not a file version");
+            return Err(StoreError::NotAFile);
         }
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -974,7 +1044,7 @@ impl Reader {
             )?;
             hasher.update(&bytes);
             size += bytes.len() as u64;
-            sink.write_all(&bytes)?;
+            sink.write_all(&bytes).map_err(StoreError::Sink)?;
         }
         let hash: [u8; 32] = hasher.finalize().into();
         if size != version.size || hash != version.hash {
@@ -983,8 +1053,7 @@ impl Reader {
                 hex(&hash),
                 version.size,
                 hex(&version.hash)
-            ))
-            .into());
+            )));
         }
         Ok(())
     }
@@ -1139,7 +1208,7 @@ impl BatchWriter {
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
         let mut table = self.txn.open_table(PAYLOAD)?;
         for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
-            let piece_no = u32::try_from(i).context("chunk payload has too many pieces")?;
+            let piece_no = u32::try_from(i).map_err(|_| StoreError::TooManyPieces)?;
             table.insert((id, piece_no), piece)?;
         }
         Ok(())
@@ -1283,7 +1352,7 @@ impl HistoryEditor {
             .insert(id, encode(record).as_slice())?;
         let mut table = self.txn.open_table(PAYLOAD)?;
         for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
-            let piece_no = u32::try_from(i).context("chunk payload has too many pieces")?;
+            let piece_no = u32::try_from(i).map_err(|_| StoreError::TooManyPieces)?;
             table.insert((id, piece_no), piece)?;
         }
         Ok(())
@@ -1381,10 +1450,7 @@ mod tests {
                 "{msg}"
             );
             assert!(
-                matches!(
-                    err.downcast_ref::<StoreError>(),
-                    Some(StoreError::UnknownSchema { found: 99, .. })
-                ),
+                matches!(err, StoreError::UnknownSchema { found: 99, .. }),
                 "{msg}"
             );
         }
@@ -1392,13 +1458,7 @@ mod tests {
         set(SCHEMA_VERSION + 1, SCHEMA_VERSION);
         assert!(Store::open_read_only(&path).is_ok());
         let err = Store::create_or_open(&path).err().expect("not written");
-        assert!(
-            matches!(
-                err.downcast_ref::<StoreError>(),
-                Some(StoreError::NewerSchema { .. })
-            ),
-            "{err:#}"
-        );
+        assert!(matches!(err, StoreError::NewerSchema { .. }), "{err:#}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Builds the eBPF programs (`diffkeeper-ebpf`) for `bpfel-unknown-none` and
-//! leaves the object in `OUT_DIR` for `diffkeeper::events` to embed.
+//! leaves the object in `OUT_DIR` for this crate to embed.
 //!
 //! The eBPF crate needs a nightly feature (`-Z build-std=core`) and the
 //! standard library's source, which the machine's rustup toolchain lacks, so
@@ -77,7 +77,7 @@ fn build() -> Result<(), String> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("OUT_DIR not set")?);
     let root = manifest_dir
         .parent()
-        .ok_or("diffkeeper has no parent directory")?;
+        .ok_or("diffkeeper-tracer has no parent directory")?;
     let ebpf_dir = root.join("diffkeeper-ebpf");
     let common_dir = root.join("diffkeeper-common");
     for path in [

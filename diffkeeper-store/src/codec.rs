@@ -2,11 +2,38 @@
 //!
 //! Bases are raw or lz4_flex blocks; deltas are zstd frames compressed with
 //! the reference chunk as prefix (the choice is explained in
-//! [`crate::store::schema`]).
+//! [`crate::schema`]).
 
 use std::io::{Read, Write};
 
-use anyhow::{Context, Result};
+/// Why a chunk could not be encoded or rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// zstd failed at `step`.
+    #[error("zstd {step}")]
+    Zstd {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The delta decoded to the wrong length: damaged, or against the
+    /// wrong reference.
+    #[error("delta rebuilds {got} bytes, expected {expected}")]
+    WrongLength { got: usize, expected: usize },
+}
+
+type Result<T> = std::result::Result<T, CodecError>;
+
+/// Names a zstd failure by the step that failed.
+trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T>;
+}
+
+impl<T> Step<T> for std::io::Result<T> {
+    fn step(self, step: &'static str) -> Result<T> {
+        self.map_err(|source| CodecError::Zstd { step, source })
+    }
+}
 
 /// zstd level for deltas. Measured on a 48 MiB SQLite file with 1% of rows
 /// updated: levels 1-2 lose the reference (tens of MiB), 3 gives 111 KB in
@@ -51,23 +78,19 @@ pub fn encode_delta(reference: &[u8], bytes: &[u8]) -> Result<Vec<u8>> {
 fn encode_delta_with(reference: &[u8], bytes: &[u8], long_distance: bool) -> Result<Vec<u8>> {
     let mut encoder =
         zstd::stream::write::Encoder::with_ref_prefix(Vec::new(), DELTA_LEVEL, reference)
-            .context("zstd delta encoder")?;
+            .step("delta encoder")?;
     // Long enough a window to see the whole reference plus the chunk.
     let window_log =
         (usize::BITS - (reference.len() + bytes.len()).max(1 << 10).leading_zeros()).clamp(10, 27);
-    encoder
-        .window_log(window_log)
-        .context("zstd delta window")?;
+    encoder.window_log(window_log).step("delta window")?;
     encoder
         .long_distance_matching(long_distance)
-        .context("zstd long-distance matching")?;
-    encoder.include_checksum(false).context("zstd checksum")?;
-    encoder
-        .include_contentsize(false)
-        .context("zstd content size")?;
-    encoder.include_magicbytes(false).context("zstd magic")?;
-    encoder.write_all(bytes).context("zstd delta encode")?;
-    encoder.finish().context("zstd delta finish")
+        .step("long-distance matching")?;
+    encoder.include_checksum(false).step("checksum")?;
+    encoder.include_contentsize(false).step("content size")?;
+    encoder.include_magicbytes(false).step("magic")?;
+    encoder.write_all(bytes).step("delta encode")?;
+    encoder.finish().step("delta finish")
 }
 
 /// Rebuilds a chunk of `len` bytes from a delta against `reference` into
@@ -78,20 +101,21 @@ pub fn apply_delta_into(
     len: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let mut decoder = zstd::stream::read::Decoder::with_ref_prefix(delta, reference)
-        .context("zstd delta decoder")?;
-    decoder
-        .include_magicbytes(false)
-        .context("zstd delta decoder")?;
-    decoder.window_log_max(27).context("zstd delta window")?;
+    let mut decoder =
+        zstd::stream::read::Decoder::with_ref_prefix(delta, reference).step("delta decoder")?;
+    decoder.include_magicbytes(false).step("delta decoder")?;
+    decoder.window_log_max(27).step("delta window")?;
     out.clear();
     // One byte past `len` tells a too-long delta apart from an exact one.
     decoder
         .take(len as u64 + 1)
         .read_to_end(out)
-        .context("zstd delta decode")?;
+        .step("delta decode")?;
     if out.len() != len {
-        anyhow::bail!("delta rebuilds {} bytes, expected {len}", out.len());
+        return Err(CodecError::WrongLength {
+            got: out.len(),
+            expected: len,
+        });
     }
     Ok(())
 }
