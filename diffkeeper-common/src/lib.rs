@@ -1,8 +1,15 @@
 //! Types shared by the eBPF programs (`diffkeeper-ebpf`) and their userspace
-//! half (`diffkeeper::events`): map names, counter slots and the `#[repr(C)]`
+//! half (`diffkeeper-tracer`): map names, counter slots and the `#[repr(C)]`
 //! records that cross between them. Both sides compile this one definition,
-//! so their layouts cannot drift apart.
+//! so their layouts cannot drift apart. With the `std` feature, also the
+//! userspace helpers the tracer and the engine share ([`mountinfo`]).
 #![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+#[cfg(feature = "std")]
+pub mod mountinfo;
 
 /// An inode's identity: its number and its file system's device, in the
 /// kernel's encoding (`major << 20 | minor`).

@@ -13,8 +13,9 @@
 //! crate whose build needs the eBPF toolchain.
 
 pub mod btf;
-pub mod mountinfo;
 mod tracefs;
+
+pub use diffkeeper_common::mountinfo;
 
 use std::collections::HashSet;
 use std::fmt;

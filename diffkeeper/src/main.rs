@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         return diffkeeper::freeze::watchdog::serve();
     }
     let cli = Cli::parse();
+    diffkeeper::engine::progress::show_with(Box::new(diffkeeper::progress::Bars));
     let default = match cli.verbose {
         0 => "diffkeeper=info",
         1 => "diffkeeper=debug",

@@ -1,16 +1,18 @@
-//! Progress bars for long work, shown only when stderr is a terminal.
+//! Progress bars for the engine's long work, shown only when stderr is a
+//! terminal (installed by `main`, see `diffkeeper_engine::progress`).
 
 use std::io::IsTerminal;
 
+use diffkeeper_engine::progress::{Display, Shown};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// A progress bar that is hidden when stderr is not a terminal.
-pub struct Progress(ProgressBar);
+/// Draws a bar on stderr when it is a terminal.
+pub struct Bars;
 
-impl Progress {
-    pub fn new(total: u64, label: &'static str) -> Progress {
+impl Display for Bars {
+    fn start(&self, total: u64, label: &'static str) -> Box<dyn Shown> {
         if !std::io::stderr().is_terminal() || total < 2 {
-            return Progress(ProgressBar::hidden());
+            return Box::new(Bar(ProgressBar::hidden()));
         }
         let bar = ProgressBar::new(total);
         let style =
@@ -19,14 +21,18 @@ impl Progress {
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
         bar.set_style(style);
         bar.set_prefix(label);
-        Progress(bar)
+        Box::new(Bar(bar))
     }
+}
 
-    pub fn inc(&self) {
+struct Bar(ProgressBar);
+
+impl Shown for Bar {
+    fn inc(&self) {
         self.0.inc(1);
     }
 
-    pub fn finish(&self) {
+    fn finish(&self) {
         self.0.finish_and_clear();
     }
 }

@@ -1,7 +1,7 @@
 //! Time travel over the store: naming a moment ([`moment`]), comparing a
 //! path between two moments ([`diff`]) and archiving a moment as a tar file
 //! ([`export`]). Materializing a moment into a directory is replay's job
-//! (`crate::replay::restore`); the batch timeline is `crate::report`'s;
+//! (`crate::replay::restore`); the batch timeline is `diffkeeper::report`'s;
 //! dropping moments is `crate::retention`'s.
 
 pub mod diff;

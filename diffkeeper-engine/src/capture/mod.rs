@@ -108,8 +108,8 @@ impl std::fmt::Display for BatchSummary {
             self.changed,
             self.deleted,
             self.scanned,
-            crate::report::bytes(self.logical_bytes),
-            crate::report::bytes(self.stored_bytes),
+            crate::units::bytes(self.logical_bytes),
+            crate::units::bytes(self.stored_bytes),
             self.elapsed
         )?;
         if self.settled > 0 {
@@ -123,7 +123,7 @@ impl std::fmt::Display for BatchSummary {
                 f,
                 "; frozen {:.1?} ({} read)",
                 Duration::from_micros(cut.pause_us),
-                crate::report::bytes(cut.frozen_bytes)
+                crate::units::bytes(cut.frozen_bytes)
             )?,
             Some(cut) if cut.kind == CutKind::Torn => write!(f, "; TORN: {}", cut.why)?,
             _ => {}
@@ -357,9 +357,9 @@ fn take_optimistic(
             if newest.time_ms > time_ms {
                 bail!(
                     "cannot record a batch at {}: store {} already has a newer batch ({})",
-                    crate::report::time(time_ms),
+                    crate::units::time(time_ms),
                     store_path.display(),
-                    crate::report::time(newest.time_ms)
+                    crate::units::time(newest.time_ms)
                 );
             }
         }
@@ -459,8 +459,8 @@ fn take_frozen(
             let why = format!(
                 "the frozen read took longer than --max-pause ({}): {} of {} read frozen",
                 humantime::format_duration(cut.max_pause),
-                crate::report::bytes(staged.bytes),
-                crate::report::bytes(staged.bytes + staged.left_bytes),
+                crate::units::bytes(staged.bytes),
+                crate::units::bytes(staged.bytes + staged.left_bytes),
             );
             tracing::warn!("{}: {why}; the batch is marked torn", names(roots));
             torn(why, pause, staged.bytes)

@@ -85,7 +85,7 @@ pub fn hierarchy() -> Result<PathBuf> {
 
 /// The mount point of the first cgroup2 line of a mountinfo text.
 fn mount_point(mountinfo: &str) -> Option<PathBuf> {
-    crate::mountinfo::parse(mountinfo)
+    diffkeeper_common::mountinfo::parse(mountinfo)
         .into_iter()
         .find(|mount| mount.fstype == "cgroup2")
         .map(|mount| mount.point)

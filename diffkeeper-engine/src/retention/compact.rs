@@ -54,7 +54,7 @@ pub struct CompactSummary {
 
 impl std::fmt::Display for CompactSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::report::bytes;
+        use crate::units::bytes;
         let verb = if self.dry_run {
             "would drop"
         } else {

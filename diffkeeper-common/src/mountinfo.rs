@@ -3,6 +3,8 @@
 //! and the tracer an overlayfs mount's upper directory.
 
 use std::path::PathBuf;
+use std::string::{String, ToString};
+use std::vec::Vec;
 
 /// One mount, as this process's mount namespace sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,9 +10,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::moment::{resolve, Moment};
-use crate::report::time_millis;
 use crate::store::schema::{EntryKind, VersionRecord};
 use crate::store::{Reader, Store};
+use crate::units::time_millis;
 
 /// Largest version diffed as text; larger ones are compared as bytes.
 const TEXT_LIMIT: u64 = 8 << 20;

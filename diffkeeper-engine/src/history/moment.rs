@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::report::time_millis as show;
 use crate::store::Reader;
+use crate::units::time_millis as show;
 
 /// A moment asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

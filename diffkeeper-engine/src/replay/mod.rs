@@ -99,7 +99,7 @@ impl std::fmt::Display for ReplaySummary {
             "{}: {} files written ({}), {} dirs, {} symlinks, {} removed, {} already current in {:.2?}",
             self.root,
             self.written,
-            crate::report::bytes(self.written_bytes),
+            crate::units::bytes(self.written_bytes),
             self.dirs,
             self.symlinks,
             self.removed,
