@@ -115,6 +115,27 @@ fn time_or_ago(text: &str) -> Result<i64, String> {
         .map_err(|e| format!("{e:#}; or a duration ago (10m, 2h, 3d)"))
 }
 
+/// Parses one of `values` by name; each name's help is shown by `--help`
+/// (the agent's enums name and describe their values; the command line
+/// only reads them).
+fn one_of<T: Copy + Send + Sync + 'static>(
+    values: &'static [(T, &'static str, &'static str)],
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(
+        values
+            .iter()
+            .map(|(_, name, help)| PossibleValue::new(*name).help(*help)),
+    )
+    .try_map(move |name| {
+        values
+            .iter()
+            .find(|(_, known, _)| *known == name)
+            .map(|(value, _, _)| *value)
+            .ok_or_else(|| format!("unknown value {name}"))
+    })
+}
+
 /// Options of the capture loop (`watch`, `run`).
 #[derive(Debug, Args)]
 pub struct WatchArgs {
@@ -122,7 +143,7 @@ pub struct WatchArgs {
     pub roots: RootsArgs,
     /// Where write notices come from: auto (eBPF when it loads, else
     /// inotify, else scanning, saying which), ebpf, inotify, or scan.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = one_of(&crate::watch::Backend::ALL))]
     pub backend: crate::watch::Backend,
     /// Quiet time after the last write before a directory is captured.
     #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
@@ -160,7 +181,7 @@ pub struct WatchArgs {
     /// freeze for every batch; none: never pause (a batch written while
     /// read waits for a quiet moment, and past --max-latency is committed
     /// marked torn). `log --batches` shows each batch's cut.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = one_of(&crate::watch::Consistency::ALL))]
     pub consistency: crate::watch::Consistency,
     /// Longest the writers stay frozen for one batch: past it they are
     /// thawed, the rest is read live and the batch is marked torn.

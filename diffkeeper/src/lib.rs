@@ -7,21 +7,20 @@
 //! | stage | where | owns |
 //! |---|---|---|
 //! | kernel events | [`events`] (crate `diffkeeper-tracer`) | the embedded eBPF programs and their userspace half |
-//! | coalescing | [`watch`] | write notices (eBPF, inotify, scanning) into batches, and scheduled retention at quiet, consistent moments |
+//! | coalescing, supervision | [`watch`], [`supervise`] (crate `diffkeeper-agent`) | write notices (eBPF, inotify, scanning) into batches, scheduled retention at quiet, consistent moments; `run` and `watch` |
 //! | consistent cuts, change detection, capture / delta, replay, history, retention | [`engine`] (crate `diffkeeper-engine`) | see its table |
 //! | store | [`store`] (crate `diffkeeper-store`) | the redb file; its format is documented in [`store::schema`], its chunk encodings in [`store::codec`] |
 //!
-//! This crate is the agent and the binary around them: [`watch`] (the
-//! backends and the capture loop), [`supervise`] (`run`, `watch`), and the
-//! command line: [`cli`] (arguments), [`report`] (`log`, `log --batches`,
-//! `stats`) and [`progress`] (bars on a terminal). The engine's modules are
+//! This crate is the binary around them: [`cli`] (arguments, and what each
+//! command prints), [`report`] (`log`, `log --batches`, `stats`) and
+//! [`progress`] (bars on a terminal). The other crates' modules are
 //! re-exported under their own names (`diffkeeper::capture`, ...).
 
 pub mod cli;
 pub mod progress;
 pub mod report;
-pub mod supervise;
-pub mod watch;
+
+pub use diffkeeper_agent::{supervise, watch};
 
 pub use diffkeeper_engine as engine;
 pub use diffkeeper_engine::{

@@ -41,7 +41,7 @@ use crate::roots::{StateDir, STAGING_PREFIX};
 use crate::scan::LinkedOut;
 
 /// Which source of write notices to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The best available: eBPF when it loads, else inotify, else
     /// scanning; says which and why.
@@ -52,6 +52,16 @@ pub enum Backend {
     Inotify,
     /// Walk the trees every --scan-interval.
     Scan,
+}
+
+impl Backend {
+    /// Each, by name, with what it is.
+    pub const ALL: [(Backend, &'static str, &'static str); 4] = [
+        (Backend::Auto, "auto", "The best available: eBPF when it loads, else inotify, else scanning; says which and why"),
+        (Backend::Ebpf, "ebpf", "eBPF tracepoints, plus a safety-net rescan every --rescan-interval"),
+        (Backend::Inotify, "inotify", "inotify watches on every directory of the trees"),
+        (Backend::Scan, "scan", "Walk the trees every --scan-interval"),
+    ];
 }
 
 /// What a backend knows was written under a state directory since it was

@@ -75,7 +75,7 @@ pub struct WatchOptions {
 }
 
 /// How a batch's cut is made consistent (`--consistency`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
     /// Read with the app running; a batch written while read is taken
     /// again at once with the app's writers frozen.
@@ -86,6 +86,15 @@ pub enum Consistency {
     /// at the next quiet moment, and past --max-latency committed marked
     /// torn.
     None,
+}
+
+impl Consistency {
+    /// Each, by name, with what it does.
+    pub const ALL: [(Consistency, &'static str, &'static str); 3] = [
+        (Consistency::Auto, "auto", "Read with the app running; a batch written while read is taken again at once with the app's writers frozen"),
+        (Consistency::Freeze, "freeze", "Freeze the writers for every batch"),
+        (Consistency::None, "none", "Never pause: a batch written while read is dropped and taken again at the next quiet moment, and past --max-latency committed marked torn"),
+    ];
 }
 
 impl Default for WatchOptions {
