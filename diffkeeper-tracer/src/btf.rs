@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{bail, Context, Result};
+use crate::error::{unsupported, Context, Result};
 
 /// Where the kernel publishes its own BTF.
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
@@ -77,7 +77,7 @@ impl Btf {
     /// Parses a little-endian BTF blob.
     pub fn parse(bytes: &[u8]) -> Result<Btf> {
         if bytes.len() < 24 || u16::from_le_bytes([bytes[0], bytes[1]]) != MAGIC {
-            bail!("not little-endian BTF (bad magic)");
+            unsupported!("not little-endian BTF (bad magic)");
         }
         let header_len = u32_at(bytes, 4)? as usize;
         let (type_off, type_len) = (u32_at(bytes, 8)? as usize, u32_at(bytes, 12)? as usize);
@@ -194,7 +194,7 @@ impl Btf {
             id = ty;
         }
         if bits % 8 != 0 {
-            bail!("{name}.{} is a bitfield", path.join("."));
+            unsupported!("{name}.{} is a bitfield", path.join("."));
         }
         Ok(bits / 8)
     }

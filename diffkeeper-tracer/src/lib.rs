@@ -13,7 +13,10 @@
 //! crate whose build needs the eBPF toolchain.
 
 pub mod btf;
+mod error;
 mod tracefs;
+
+pub use error::TracerError;
 
 pub use diffkeeper_common::mountinfo;
 
@@ -24,7 +27,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{unsupported, Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::TracePoint;
 use aya::{Ebpf, EbpfLoader};
@@ -133,7 +136,7 @@ fn attach_ctime_hooks(ebpf: &mut aya::Ebpf) -> std::result::Result<(), String> {
                 .with_context(|| format!("cannot attach BTF tracepoint {program}"))?;
             Ok(())
         })()
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| e.chain())?;
     }
     Ok(())
 }
@@ -341,7 +344,10 @@ impl Tracer {
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .with_context(|| format!("cannot load the eBPF object: {}", privileges_hint()))?;
+            .map_err(|source| TracerError::Load {
+                hint: privileges_hint(),
+                source: Box::new(source),
+            })?;
         // The programs log only on rare paths; without the log map they still work.
         let logger = match EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -399,13 +405,13 @@ impl Tracer {
     /// tracepoints attached, if they are not yet.
     pub fn watch(&mut self, id: u32, path: &Path) -> Result<()> {
         if self.roots.contains_key(&id) {
-            bail!("root {id} is already watched");
+            return Err(TracerError::AlreadyWatched(id));
         }
         if self.roots.len() >= MAX_ROOTS {
-            bail!(
-                "cannot watch {}: the tracer watches {MAX_ROOTS} trees at most",
-                path.display()
-            );
+            return Err(TracerError::TooManyRoots {
+                path: path.to_path_buf(),
+                max: MAX_ROOTS,
+            });
         }
         let mut keys = vec![inode_key(path)?];
         let kind = fs_type(path)?;
@@ -443,7 +449,7 @@ impl Tracer {
         }
         self.roots.insert(id, keys);
         if let Err(e) = self.set_root_path(id, Some(path)) {
-            tracing::warn!("{e:#}");
+            tracing::warn!("{}", e.chain());
         }
         // Files under the new tree may be cached as outside every tree.
         self.forget_memberships()
@@ -452,7 +458,7 @@ impl Tracer {
     /// Stops watching root `id`; its later changes are not reported.
     pub fn unwatch(&mut self, id: u32) -> Result<()> {
         let Some(keys) = self.roots.remove(&id) else {
-            bail!("root {id} is not watched");
+            return Err(TracerError::NotWatched(id));
         };
         {
             let mut watched = self.watched_dirs()?;
@@ -564,7 +570,7 @@ impl Tracer {
                 .with_context(|| format!("cannot resolve {}", path.display()))?;
             let bytes = std::os::unix::ffi::OsStrExt::as_bytes(canonical.as_os_str());
             if bytes.len() >= PATH_BYTES {
-                bail!("{}: path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the ctime hooks and the rescan", canonical.display());
+                unsupported!("{}: path longer than {PATH_BYTES} bytes: absolute-path changes under it are left to the ctime hooks and the rescan", canonical.display());
             }
             entry.len = bytes.len() as u32;
             entry.bytes[..bytes.len()].copy_from_slice(bytes);
@@ -849,11 +855,20 @@ pub fn self_test(syscalls: SyscallHooks) -> Result<SelfTestReport> {
     tracer.flush_logs();
 
     let keys = [
-        (0u32, key_of_stat(&rustix::fs::fstat(&a)?)),
-        (0, key_of_stat(&rustix::fs::fstat(&b)?)),
-        (0, key_of_stat(&rustix::fs::fstat(&d)?)),
+        (
+            0u32,
+            key_of_stat(&rustix::fs::fstat(&a).context("cannot stat a test file")?),
+        ),
+        (
+            0,
+            key_of_stat(&rustix::fs::fstat(&b).context("cannot stat a test file")?),
+        ),
+        (
+            0,
+            key_of_stat(&rustix::fs::fstat(&d).context("cannot stat a test file")?),
+        ),
     ];
-    let outside_key = key_of_stat(&rustix::fs::fstat(&c)?);
+    let outside_key = key_of_stat(&rustix::fs::fstat(&c).context("cannot stat a test file")?);
     let (namespace, first): (Vec<WriteEvent>, Vec<WriteEvent>) =
         first.into_iter().partition(|e| e.is_namespace());
     let inodes_match = !first.is_empty()

@@ -1,6 +1,6 @@
 //! tracefs, which attaching tracepoints needs: found or mounted.
 
-use anyhow::{bail, Result};
+use crate::error::{unsupported, Result};
 
 /// Where tracefs is expected.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -27,7 +27,7 @@ pub fn ensure_mounted() -> Result<bool> {
             tracing::info!("mounted tracefs at {TRACEFS}");
             Ok(true)
         }
-        Err(e) => bail!(
+        Err(e) => unsupported!(
             "tracefs is not mounted at {TRACEFS} and mounting it failed ({e}): mount it on the host \
              (`mount -t tracefs tracefs {TRACEFS}`) or give diffkeeper CAP_SYS_ADMIN"
         ),

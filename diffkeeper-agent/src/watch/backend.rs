@@ -399,12 +399,12 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
                 // Entries changed: files may have moved in that the
                 // kernel cached as outside every tree.
                 if let Err(e) = tracer.forget_memberships() {
-                    tracing::warn!("{e:#}");
+                    tracing::warn!("{}", e.chain());
                 }
             }
             for key in &taken.inodes {
                 if let Err(e) = tracer.clear(key) {
-                    tracing::warn!("{e:#}");
+                    tracing::warn!("{}", e.chain());
                 }
             }
             // Writeback may take a while: the event task keeps draining.
@@ -431,7 +431,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
             let added = match added {
                 Ok(added) => added,
                 Err(e) => {
-                    tracing::warn!("{e:#}; writes through hard links from outside the trees are seen by the rescan only");
+                    tracing::warn!("{}; writes through hard links from outside the trees are seen by the rescan only", e.chain());
                     return;
                 }
             };
@@ -623,7 +623,7 @@ fn take_events(
     let (events, lost) = match tracer.drain_events() {
         Ok(events) => (events, tracer.take_malformed()),
         Err(e) => {
-            tracing::warn!("{e:#}");
+            tracing::warn!("{}", e.chain());
             (Vec::new(), 1)
         }
     };
