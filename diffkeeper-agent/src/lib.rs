@@ -11,8 +11,11 @@
 //! so its code reads `crate::capture`, `crate::events`, ... It knows no
 //! command line: the binary turns arguments into [`watch::WatchOptions`].
 
+pub mod error;
 pub mod supervise;
 pub mod watch;
+
+pub use error::{AgentError, Result};
 
 pub use diffkeeper_engine::{capture, freeze, history, replay, retention, roots, scan, store};
 pub use diffkeeper_tracer as events;

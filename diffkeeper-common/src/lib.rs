@@ -2,12 +2,15 @@
 //! half (`diffkeeper-tracer`): map names, counter slots and the `#[repr(C)]`
 //! records that cross between them. Both sides compile this one definition,
 //! so their layouts cannot drift apart. With the `std` feature, also the
-//! userspace helpers the tracer and the engine share ([`mountinfo`]).
+//! userspace helpers the tracer and the engine share ([`mountinfo`],
+//! [`error`]).
 #![no_std]
 
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "std")]
+pub mod error;
 #[cfg(feature = "std")]
 pub mod mountinfo;
 

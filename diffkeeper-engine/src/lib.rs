@@ -20,6 +20,7 @@
 //! `diffkeeper-store` crate, re-exported as [`store`].
 
 pub mod capture;
+pub mod error;
 pub mod freeze;
 pub mod history;
 pub mod meta;
@@ -32,3 +33,4 @@ pub mod units;
 pub mod verify;
 
 pub use diffkeeper_store as store;
+pub use error::{EngineError, Result};

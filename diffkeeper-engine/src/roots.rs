@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 /// Entries at the top of a root that belong to DiffKeeper itself and are
 /// never captured: the staging directory replay writes into.
@@ -276,7 +276,7 @@ pub fn check_symlink_chain(
             .as_ref()
             .map(|v| format!(" through symlink {:?}", shown(v)))
             .unwrap_or_default();
-        anyhow::anyhow!(
+        crate::error::refused!(
             "symlink {:?} points to {:?}, which{through} leads outside the state directory",
             shown(link),
             shown(target)

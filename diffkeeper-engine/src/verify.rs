@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use crate::error::Result;
 use rayon::prelude::*;
 
 use crate::progress::Progress;
@@ -50,7 +50,7 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     let reader = store.reader()?;
     let mut report = VerifyReport::default();
     let mut versions: Vec<Version> = Vec::new();
-    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
+    reader.for_each_version::<crate::error::EngineError>(|root, path, batch, record| {
         versions.push((root.to_string(), path.to_vec(), batch, record));
         Ok(())
     })?;
@@ -83,10 +83,10 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
             let result = match record.kind {
                 EntryKind::File => reader
                     .write_content(record, &mut std::io::sink())
-                    .map_err(anyhow::Error::from),
-                EntryKind::Symlink if crate::store::sha256(&record.target) != record.hash => {
-                    Err(anyhow::anyhow!("symlink target does not match its SHA-256"))
-                }
+                    .map_err(crate::error::EngineError::from),
+                EntryKind::Symlink if crate::store::sha256(&record.target) != record.hash => Err(
+                    crate::error::refused!("symlink target does not match its SHA-256"),
+                ),
                 _ => Ok(()),
             };
             progress.inc();
@@ -118,7 +118,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
     let batches: HashSet<u64> = reader.batches()?.into_iter().map(|(id, _)| id).collect();
     // Chunks, with what each refers to.
     let mut chunks: HashMap<u64, ([u8; 32], Vec<u64>)> = HashMap::new();
-    reader.for_each_chunk::<anyhow::Error>(|id, record| {
+    reader.for_each_chunk::<crate::error::EngineError>(|id, record| {
         let bases = match record.encoding {
             crate::store::schema::ChunkEncoding::ZstdDelta { bases } => bases,
             _ => Vec::new(),
@@ -127,7 +127,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         Ok(())
     })?;
     let mut indexed: HashMap<[u8; 32], u64> = HashMap::new();
-    reader.for_each_index_entry::<anyhow::Error>(|hash, id| {
+    reader.for_each_index_entry::<crate::error::EngineError>(|hash, id| {
         match chunks.get(&id) {
             None => problem(
                 format!("chunk_index {}", crate::store::hex(hash)),
@@ -173,7 +173,10 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
             matches!(record.kind, EntryKind::Dir | EntryKind::Tombstone)
                 .then_some(())
                 .ok_or_else(|| {
-                    anyhow::anyhow!("the state directory itself recorded as a {:?}", record.kind)
+                    crate::error::refused!(
+                        "the state directory itself recorded as a {:?}",
+                        record.kind
+                    )
                 })
         } else {
             crate::roots::check_relative(path)
@@ -194,7 +197,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         *entry = (*entry).max(batch);
     }
     for root in reader.roots()? {
-        reader.for_each_latest_of::<anyhow::Error>(&root, |path, batch| {
+        reader.for_each_latest_of::<crate::error::EngineError>(&root, |path, batch| {
             match newest.remove(&(root.clone(), path.to_vec())) {
                 None => problem(
                     shown(&root, path, batch),

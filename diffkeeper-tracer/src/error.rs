@@ -46,49 +46,14 @@ impl TracerError {
     /// This error and its causes, one after another (as `anyhow`'s `{:#}`
     /// shows them), for a log line.
     pub fn chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(e) = cause {
-            text.push_str(": ");
-            text.push_str(&e.to_string());
-            cause = e.source();
-        }
-        text
+        format!("{self}{}", diffkeeper_common::error::causes(self))
     }
 }
 
 /// What the tracer's calls return.
 pub type Result<T, E = TracerError> = std::result::Result<T, E>;
 
-/// Names a failed call ([`TracerError::Failed`]), or a missing piece
-/// ([`TracerError::Unsupported`]) for an `Option`.
-pub trait Context<T> {
-    fn context(self, what: &str) -> Result<T>;
-    fn with_context(self, what: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
-    fn context(self, what: &str) -> Result<T> {
-        self.with_context(|| what.to_string())
-    }
-
-    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| TracerError::Failed {
-            what: what(),
-            source: Box::new(e),
-        })
-    }
-}
-
-impl<T> Context<T> for Option<T> {
-    fn context(self, what: &str) -> Result<T> {
-        self.with_context(|| what.to_string())
-    }
-
-    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.ok_or_else(|| TracerError::Unsupported(what()))
-    }
-}
+diffkeeper_common::context_trait!(TracerError, Failed, Unsupported);
 
 /// `bail!` for the tracer: an [`TracerError::Unsupported`] made of a
 /// message.

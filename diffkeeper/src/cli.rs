@@ -65,7 +65,11 @@ pub struct MomentArgs {
 
 impl MomentArgs {
     fn moment(&self) -> Result<crate::history::Moment> {
-        crate::history::Moment::from_options(self.at.as_deref(), self.ago, self.batch)
+        Ok(crate::history::Moment::from_options(
+            self.at.as_deref(),
+            self.ago,
+            self.batch,
+        )?)
     }
 }
 
@@ -490,7 +494,7 @@ fn print_summaries(summaries: &[crate::replay::ReplaySummary], json: bool) -> Re
 }
 
 fn state_dirs(args: &RootsArgs) -> Result<Vec<StateDir>> {
-    parse_state_dirs(&args.state_dirs)
+    Ok(parse_state_dirs(&args.state_dirs)?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -798,11 +802,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo => demo(),
         Command::Watch { watch } => {
             let dirs = state_dirs(&watch.roots)?;
-            runtime()?.block_on(crate::supervise::watch(
+            Ok(runtime()?.block_on(crate::supervise::watch(
                 &watch.roots.store.store,
                 &dirs,
                 &watch.options(),
-            ))
+            ))?)
         }
         Command::Run {
             watch,
@@ -813,7 +817,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             command,
         } => {
             let dirs = state_dirs(&watch.roots)?;
-            runtime()?.block_on(crate::supervise::run(
+            Ok(runtime()?.block_on(crate::supervise::run(
                 &watch.roots.store.store,
                 &dirs,
                 &watch.options(),
@@ -824,7 +828,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     new_roots,
                     stop_grace,
                 },
-            ))
+            ))?)
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod progress;
 pub mod report;
 
+pub use diffkeeper_agent as agent;
 pub use diffkeeper_agent::{supervise, watch};
 
 pub use diffkeeper_engine as engine;

@@ -14,6 +14,10 @@ static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicB
 fn stdout_closed(e: &anyhow::Error) -> bool {
     let broken_pipe = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
+            .or_else(|| {
+                c.downcast_ref::<diffkeeper::engine::EngineError>()
+                    .and_then(|e| e.io_error())
+            })
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             || c.downcast_ref::<serde_json::Error>()
                 .and_then(|j| j.io_error_kind())
@@ -97,9 +101,16 @@ fn main() -> ExitCode {
             let text = format!("{e:#}");
             // Damage found deep in a record names the record; the user
             // also needs the file.
-            let damaged = e
-                .chain()
-                .any(|c| c.downcast_ref::<diffkeeper::store::StoreError>().is_some());
+            let damaged = e.chain().any(|c| {
+                let engine = c
+                    .downcast_ref::<diffkeeper::engine::EngineError>()
+                    .or_else(|| {
+                        c.downcast_ref::<diffkeeper::agent::AgentError>()
+                            .and_then(|e| e.engine_error())
+                    });
+                c.downcast_ref::<diffkeeper::store::StoreError>().is_some()
+                    || engine.is_some_and(|e| e.store_error().is_some())
+            });
             match diffkeeper::store::last_opened() {
                 Some(store) if damaged && !text.contains(&*store.to_string_lossy()) => {
                     eprintln!("error: store {}: {text}", store.display())

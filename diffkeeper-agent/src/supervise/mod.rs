@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use rustix::process::{Pid, Signal};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -73,7 +73,9 @@ pub async fn run(
     run_options: &RunOptions,
 ) -> Result<ExitCode> {
     let Some((program, args)) = command.split_first() else {
-        anyhow::bail!("no command to run: give it after `--`");
+        return Err(crate::error::AgentError::Refused(
+            "no command to run: give it after `--`".to_string(),
+        ));
     };
     let replay_options = crate::replay::ReplayOptions {
         new_roots: run_options.new_roots.clone(),

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use diffkeeper_common::InodeKey;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
@@ -475,7 +475,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
 
     let ring_fd = tracer
         .lock()
-        .map_err(|_| anyhow::anyhow!("tracer lock poisoned"))?
+        .map_err(|_| crate::error::AgentError::Refused("tracer lock poisoned".to_string()))?
         .events_fd()?;
     // SAFETY: `ring_fd` is an OwnedFd moved into the AsyncFd: it is open,
     // nothing else can close it, and it stays the same descriptor until the
@@ -483,7 +483,7 @@ fn ebpf(roots: &[StateDir], options: &WatchOptions, notices: Notices) -> Result<
     let wakeup = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(ring_fd, tokio::io::Interest::READABLE)
     }
-    .map_err(|e| anyhow::anyhow!("cannot wait on the ring buffer: {e}"))?;
+    .context("cannot wait on the ring buffer")?;
     let task_notices = notices.clone();
     let task_tracer = tracer.clone();
     let (task_dirty, task_mapped) = (dirty.clone(), mapped.clone());

@@ -33,7 +33,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::capture::{capture_cut, Ask, BatchSummary, Cut, Looked};
@@ -785,14 +785,7 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
         .await
         .context("capture task failed")?;
         match result {
-            Err(e)
-                if e.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<crate::store::StoreError>(),
-                        Some(crate::store::StoreError::InUse(_))
-                    )
-                }) =>
-            {
+            Err(e) if matches!(e.store_error(), Some(crate::store::StoreError::InUse(_))) => {
                 match last_said {
                     None => tracing::info!("{e:#}; capturing when it is released"),
                     Some(t) if t.elapsed() >= STORE_BUSY_WARNING => {
@@ -805,7 +798,7 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            other => return other,
+            other => return Ok(other?),
         }
     }
 }

@@ -26,12 +26,12 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use crate::error::{bail, Context, Result};
 use fastcdc::v2020::{ChunkData, StreamCDC};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::freeze::{FreezeError, FreezeSet};
+use crate::freeze::FreezeSet;
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
 use crate::scan::{check_root, diff_root, Change, FsEntry, InodeIndex, LinkedOut, RootChanges};
@@ -297,7 +297,7 @@ fn take_batch(
     }
     if let Some(set) = cut.freeze {
         match take_frozen(store_path, roots, cut, set) {
-            Err(e) if e.downcast_ref::<FreezeError>().is_some() => {
+            Err(e) if e.freeze_error().is_some() => {
                 tracing::warn!("cannot freeze the writers of {}: {e:#}; reading without a freeze, a batch written meanwhile is marked torn", names(roots));
                 let unfrozen = Cut {
                     freeze: None,
@@ -692,7 +692,7 @@ fn capture(
         (handle.join(), write_result)
     });
     progress.finish();
-    let outcomes = outcomes.map_err(|_| anyhow::anyhow!("a capture worker panicked"))?;
+    let outcomes = outcomes.map_err(|_| crate::error::refused!("a capture worker panicked"))?;
     write_result?;
 
     for ((_, change), outcome) in jobs.iter().zip(outcomes) {
@@ -783,7 +783,7 @@ impl Workers<'_> {
     fn send(&self, message: Message) -> Result<()> {
         self.tx
             .send(message)
-            .map_err(|_| anyhow::anyhow!("the store writer stopped"))
+            .map_err(|_| crate::error::refused!("the store writer stopped"))
     }
 
     fn capture_change(&self, root: &StateDir, change: &Change) -> Outcome {
@@ -951,7 +951,7 @@ impl Workers<'_> {
                 // What was read is a mix of versions that never existed as
                 // a whole: never stored. The chunks a streamed read wrote
                 // are referenced by no version, and compaction drops them.
-                None => anyhow::bail!(
+                None => crate::error::bail!(
                     "{} kept changing while read ({READ_ATTEMPTS} reads, none of them whole); not captured this time: its previous version stays the latest, and it is read again by the next capture",
                     full.display()
                 ),
@@ -1020,7 +1020,7 @@ impl Workers<'_> {
         let mut fresh = self
             .fresh
             .lock()
-            .map_err(|_| anyhow::anyhow!("chunk table lock poisoned"))?;
+            .map_err(|_| crate::error::refused!("chunk table lock poisoned"))?;
         if let Some(&id) = fresh.get(&hash) {
             return Ok((id, None));
         }

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use rayon::prelude::*;
 
 use crate::scan::{Change, RootChanges};
@@ -209,7 +209,7 @@ pub fn stage(
     Ok(Staged {
         files: files
             .into_inner()
-            .map_err(|_| anyhow::anyhow!("staging table lock poisoned"))?,
+            .map_err(|_| crate::error::refused!("staging table lock poisoned"))?,
         spill,
         bytes: copied.into_inner(),
         left_bytes: left.into_inner(),

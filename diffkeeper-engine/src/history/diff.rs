@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 
 use super::moment::{resolve, Moment};
 use crate::store::schema::{EntryKind, VersionRecord};

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use serde::Serialize;
 
 use super::moment::{resolve, Moment};
@@ -127,7 +127,7 @@ impl Destination {
         };
         if let Ok(store_meta) = std::fs::metadata(store) {
             if (meta.dev(), meta.ino()) == (store_meta.dev(), store_meta.ino()) {
-                anyhow::bail!(
+                crate::error::bail!(
                     "refusing to export to {}: it is the store {} itself, and the archive would replace its whole history",
                     output.display(),
                     store.display()
@@ -136,7 +136,7 @@ impl Destination {
         }
         let kind = meta.file_type();
         if kind.is_dir() {
-            anyhow::bail!("cannot export to {}: it is a directory", output.display());
+            crate::error::bail!("cannot export to {}: it is a directory", output.display());
         }
         if kind.is_char_device() || kind.is_block_device() || kind.is_fifo() || kind.is_socket() {
             return Ok(Destination::Stream(target));

@@ -10,7 +10,7 @@ pub mod moment;
 
 pub use moment::Moment;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 use crate::store::Reader;
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 use crate::store::Reader;
 use crate::units::time_millis as show;

@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use rayon::prelude::*;
 
 use crate::history::{self, Moment};
@@ -219,7 +219,7 @@ pub fn restore(
     match std::fs::read_dir(to) {
         Ok(mut entries) => {
             if entries.next().is_some() && !force {
-                anyhow::bail!(
+                crate::error::bail!(
                     "{} is not empty; restore into a new or empty directory, or pass --force to replay into it",
                     to.display()
                 );
@@ -227,9 +227,7 @@ pub fn restore(
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(to)
             .with_context(|| format!("cannot create {}", to.display()))?,
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!("cannot read {}", to.display())))
-        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", to.display())),
     }
     let single = names.len() == 1;
     let mut summaries = Vec::new();
@@ -285,7 +283,7 @@ pub fn replay_root(
     if entries.is_empty() {
         let others = reader.roots()?;
         if !others.is_empty() && !options.new_roots.contains(&root.name) {
-            anyhow::bail!(
+            crate::error::bail!(
                 "store {} has no history for a state directory named {:?}; it has {}. Give the directory one of those names ({}=DIR), or pass --new-root {} if it starts now",
                 reader.store_path().display(),
                 root.name,
@@ -307,7 +305,7 @@ pub fn replay_root(
         // that appeared later, at a moment before it: left alone).
         if entry.path.is_empty() && entry.version.kind != EntryKind::File {
             if entry.version.kind == EntryKind::Symlink {
-                anyhow::bail!(
+                crate::error::bail!(
                     "store {} records the state directory {} itself as a symlink",
                     reader.store_path().display(),
                     root.name
@@ -544,7 +542,7 @@ fn apply(
                 let shard = journal.shard(i);
                 beneath::create_symlink(shard, &name, &v.target)
                     .and_then(|_| crate::meta::apply_to_symlink(shard, &name, v))
-                    .map_err(anyhow::Error::new)
+                    .map_err(crate::error::EngineError::from)
                     .and_then(|kept| {
                         not_kept.push((entry.path.clone(), kept));
                         journal.install(i, &name, &entry.path)
@@ -679,7 +677,7 @@ impl Planner<'_> {
                     crate::roots::join(&self.root.path, &untracked).display()
                 )
             };
-            anyhow::bail!(
+            crate::error::bail!(
                 "{found}, and replay would replace or remove it; nothing was changed (move it away, or pass --force to replace it)"
             );
         }
@@ -728,16 +726,19 @@ impl Planner<'_> {
         }
         let mut tracked: HashMap<Vec<u8>, Kinds> = HashMap::new();
         self.reader
-            .for_each_version_of::<anyhow::Error>(&self.root.name, |path, _, version| {
-                let kind = match version.kind {
-                    EntryKind::File => Kinds::FILE,
-                    EntryKind::Dir => Kinds::DIR,
-                    EntryKind::Symlink => Kinds::SYMLINK,
-                    EntryKind::Tombstone => return Ok(()),
-                };
-                tracked.entry(path.to_vec()).or_insert(Kinds(0)).0 |= kind.0;
-                Ok(())
-            })?;
+            .for_each_version_of::<crate::error::EngineError>(
+                &self.root.name,
+                |path, _, version| {
+                    let kind = match version.kind {
+                        EntryKind::File => Kinds::FILE,
+                        EntryKind::Dir => Kinds::DIR,
+                        EntryKind::Symlink => Kinds::SYMLINK,
+                        EntryKind::Tombstone => return Ok(()),
+                    };
+                    tracked.entry(path.to_vec()).or_insert(Kinds(0)).0 |= kind.0;
+                    Ok(())
+                },
+            )?;
         Ok(self.tracked.get_or_init(|| tracked))
     }
 }

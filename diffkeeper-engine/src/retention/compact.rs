@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -228,7 +228,7 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         }
         versions.clear();
     };
-    reader.for_each_version::<anyhow::Error>(|root, path, batch, record| {
+    reader.for_each_version::<crate::error::EngineError>(|root, path, batch, record| {
         let same = current
             .as_ref()
             .is_some_and(|(r, p)| r == root && p.as_slice() == path);
@@ -264,7 +264,7 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
     // history: rebasing every such delta grew the payload from 204 MiB to
     // 275 MiB where dropping 85% of the batches should shrink it.
     let mut chunks: Vec<(u64, ChunkRecord)> = Vec::new();
-    reader.for_each_chunk::<anyhow::Error>(|id, record| {
+    reader.for_each_chunk::<crate::error::EngineError>(|id, record| {
         chunks.push((id, record));
         Ok(())
     })?;
@@ -343,7 +343,7 @@ pub fn compact(store_path: &Path, policy: &Policy) -> Result<CompactSummary> {
     let started = Instant::now();
     policy.require_rules()?;
     if !store_path.exists() {
-        anyhow::bail!("no store at {}", store_path.display());
+        crate::error::bail!("no store at {}", store_path.display());
     }
     let mut store = Store::create_or_open(store_path)?;
     let mut summary = {

@@ -63,9 +63,9 @@ impl Policy {
 
     /// Refuses a policy with no rule (it would keep everything: most
     /// likely a forgotten option).
-    pub fn require_rules(&self) -> anyhow::Result<()> {
+    pub fn require_rules(&self) -> crate::error::Result<()> {
         if self.is_empty() {
-            anyhow::bail!(
+            crate::error::bail!(
                 "no retention rule given: pass at least one of --keep-within, --keep-last, \
                  --keep-hourly, --keep-daily, --keep-weekly"
             );
@@ -151,7 +151,7 @@ impl From<&RetentionRecord> for Policy {
 
 /// The policy saved in the store at `store_path` (`compact --save`), if
 /// the store exists and has one.
-pub fn saved(store_path: &Path) -> anyhow::Result<Option<Policy>> {
+pub fn saved(store_path: &Path) -> crate::error::Result<Option<Policy>> {
     let Some(store) = Store::open_read_only(store_path)? else {
         return Ok(None);
     };
@@ -162,9 +162,9 @@ pub fn saved(store_path: &Path) -> anyhow::Result<Option<Policy>> {
 }
 
 /// Saves `policy` as the store's own (an empty policy forgets it).
-pub fn save(store_path: &Path, policy: &Policy) -> anyhow::Result<()> {
+pub fn save(store_path: &Path, policy: &Policy) -> crate::error::Result<()> {
     if !store_path.exists() {
-        anyhow::bail!("no store at {}", store_path.display());
+        crate::error::bail!("no store at {}", store_path.display());
     }
     let store = Store::create_or_open(store_path)?;
     let record = (!policy.is_empty()).then(|| RetentionRecord::from(policy));
@@ -172,7 +172,7 @@ pub fn save(store_path: &Path, policy: &Policy) -> anyhow::Result<()> {
 }
 
 /// The rules given on the command line, or else the store's saved ones.
-pub fn given_or_saved(store_path: &Path, given: &Policy) -> anyhow::Result<Option<Policy>> {
+pub fn given_or_saved(store_path: &Path, given: &Policy) -> crate::error::Result<Option<Policy>> {
     if !given.is_empty() {
         return Ok(Some(given.clone()));
     }

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use diffkeeper_common::InodeKey;
 
 use crate::roots::{StateDir, STAGING_PREFIX};
@@ -187,7 +187,7 @@ pub fn check_root(root: &Path) -> Result<()> {
     let meta = fs::metadata(root)
         .with_context(|| format!("state directory {} cannot be read", root.display()))?;
     if !meta.is_dir() {
-        anyhow::bail!("state directory {} is not a directory", root.display());
+        crate::error::bail!("state directory {} is not a directory", root.display());
     }
     Ok(())
 }
