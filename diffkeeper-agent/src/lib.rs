@@ -10,6 +10,8 @@
 //! (`diffkeeper-tracer`), whose modules it re-exports under their own names
 //! so its code reads `crate::capture`, `crate::events`, ... It knows no
 //! command line: the binary turns arguments into [`watch::WatchOptions`].
+//! Its failures are [`AgentError`]s, which keep the engine's and the
+//! tracer's errors as they are.
 
 pub mod error;
 pub mod supervise;

@@ -1,9 +1,9 @@
 //! The store: one redb file holding every batch, version and chunk.
 //!
-//! This module owns opening and creating a store (schema check, lock and
+//! This crate owns opening and creating a store (schema check, lock and
 //! corruption errors that name the file), reading records back
 //! ([`Reader`]), rebuilding content chunk by chunk with every hash checked,
-//! and writing one batch in one transaction ([`BatchWriter`]), and editing
+//! writing one batch in one transaction ([`BatchWriter`]), and editing
 //! history in one ([`HistoryEditor`]). The format itself is documented in
 //! [`schema`]; how one chunk's bytes are encoded, in [`codec`].
 //!
