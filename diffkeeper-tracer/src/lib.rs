@@ -470,6 +470,7 @@ impl Tracer {
         self.set_root_path(id, None)?;
         self.clear(&InodeKey::namespace(id))?;
         self.set_linked(id, &HashSet::new(), true)?;
+        self.linked.remove(&id);
         // Files cached as under it are not any more.
         self.forget_memberships()
     }
@@ -487,31 +488,29 @@ impl Tracer {
         files: &HashSet<InodeKey>,
         complete: bool,
     ) -> Result<Vec<InodeKey>> {
-        let before = self.linked.remove(&id).unwrap_or_default();
         let map = self
             .ebpf
             .map_mut(names::LINKED)
             .context("the eBPF object has no LINKED map")?;
         let mut map: HashMap<&mut MapData, InodeKey, u32> = HashMap::try_from(map)?;
-        let mut now = HashSet::new();
-        for key in &before {
-            if !complete || files.contains(key) {
-                now.insert(*key);
-                continue;
-            }
-            if let Err(e) = unless_absent(map.remove(key)) {
-                self.linked.insert(id, now);
-                return Err(e).context("cannot update the LINKED map");
+        // Kept equal to what the map holds for `id`, key by key, so a
+        // failure midway leaves them agreeing.
+        let listed = self.linked.entry(id).or_default();
+        if complete {
+            let gone: Vec<InodeKey> = listed.difference(files).copied().collect();
+            for key in gone {
+                unless_absent(map.remove(&key)).context("cannot update the LINKED map")?;
+                listed.remove(&key);
             }
         }
         let mut added = Vec::new();
         for key in files {
-            if now.contains(key) {
+            if listed.contains(key) {
                 continue;
             }
             match map.insert(key, id, 0) {
                 Ok(()) => {
-                    now.insert(*key);
+                    listed.insert(*key);
                     added.push(*key);
                 }
                 Err(aya::maps::MapError::SyscallError(e))
@@ -527,13 +526,9 @@ impl Tracer {
                     }
                     break;
                 }
-                Err(e) => {
-                    self.linked.insert(id, now);
-                    return Err(e).context("cannot update the LINKED map");
-                }
+                Err(e) => return Err(e).context("cannot update the LINKED map"),
             }
         }
-        self.linked.insert(id, now);
         if !added.is_empty() {
             // Some may be cached as outside every tree.
             self.forget_memberships()?;

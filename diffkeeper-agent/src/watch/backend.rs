@@ -151,6 +151,10 @@ impl Notices {
     /// Tells the backend which files of `root` a capture found to have a
     /// name outside it: all of them when `walked`, else some.
     pub fn linked_out(&self, root: usize, files: &LinkedOut, walked: bool) {
+        if files.is_empty() && !walked {
+            // Nothing new: most batches, which look at a few files.
+            return;
+        }
         if let Ok(hook) = self.linked_out.lock() {
             if let Some(hook) = hook.as_ref() {
                 hook(root, files, walked);

@@ -347,7 +347,7 @@ impl SparseFile {
         let mut run: Option<usize> = None;
         for (n, block) in bytes.chunks(HOLE_BLOCK).enumerate() {
             let i = n * HOLE_BLOCK;
-            if block.iter().all(|&b| b == 0) {
+            if crate::capture::holes::all_zeros(block) {
                 if let Some(from) = run.take() {
                     self.file
                         .write_all_at(&bytes[from..i], start + from as u64)?;
