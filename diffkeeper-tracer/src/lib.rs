@@ -634,10 +634,10 @@ impl Tracer {
         Ok(out)
     }
 
-    /// Changes the kernel counted under each of `roots` (by index), summed
+    /// Changes the kernel counted under each of `roots` (by id), summed
     /// over CPUs and roots: it moves on every write and namespace change
     /// there, dirty mark or not.
-    pub fn root_changes(&self, roots: &[usize]) -> Result<u64> {
+    pub fn root_changes(&self, roots: &[u32]) -> Result<u64> {
         let map = self
             .ebpf
             .map(names::ROOT_CHANGES)
@@ -645,7 +645,7 @@ impl Tracer {
         let counts: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         let mut total = 0u64;
         for &root in roots {
-            let slot = (root as u32).min(diffkeeper_common::MAX_COUNTED_ROOTS - 1);
+            let slot = root.min(diffkeeper_common::MAX_COUNTED_ROOTS - 1);
             total = total.wrapping_add(counts.get(&slot, 0)?.iter().sum());
         }
         Ok(total)

@@ -424,6 +424,25 @@ pub enum Command {
         #[command(flatten)]
         watch: WatchArgs,
     },
+    /// Capture many targets from one process with one set of eBPF programs:
+    /// each target is a set of state directories with its own store and
+    /// capture settings (debounce, consistency, retention...), read from a
+    /// TOML file (a commented example: deploy/daemon.toml). SIGHUP, or a
+    /// change to the file, reloads it: new targets start, removed ones stop
+    /// after a final capture, changed ones restart, the others are not
+    /// touched; a file with a mistake changes nothing and says why. A
+    /// target that fails (its store corrupt, full or held, its directories
+    /// missing) is reported and retried with back-off while the others keep
+    /// capturing. SIGTERM or SIGINT stops every target after a final
+    /// capture.
+    Daemon {
+        /// The configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Check the file, print its targets and exit (0 if it is valid).
+        #[arg(long)]
+        check: bool,
+    },
     /// Replay the state, start CMD, capture while it runs, capture once more
     /// when it exits, and exit with its exit code (128 + signal if it was
     /// killed; 127 if it cannot be started; 1 if it exited 0 but capturing
@@ -800,6 +819,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
+        Command::Daemon { config, check } => {
+            if check {
+                let config = crate::agent::daemon::Config::load(&config)?;
+                print!("{}", crate::report::daemon_config_text(&config));
+                return Ok(ExitCode::SUCCESS);
+            }
+            runtime()?.block_on(crate::agent::daemon::run(&config))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Watch { watch } => {
             let dirs = state_dirs(&watch.roots)?;
             Ok(runtime()?.block_on(crate::supervise::watch(

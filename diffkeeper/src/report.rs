@@ -397,3 +397,51 @@ pub fn stats_text(s: &Stats) -> String {
         bytes(s.disk_bytes)
     )
 }
+
+/// `daemon --check`: each target with its store, directories and the
+/// settings that differ from `watch`'s defaults.
+pub fn daemon_config_text(config: &crate::agent::daemon::Config) -> String {
+    let mut out = String::new();
+    let backend = name_in(&crate::watch::Backend::ALL, config.backend);
+    let _ = writeln!(
+        out,
+        "backend {backend}, reloaded every {}; {} target(s)",
+        humantime::format_duration(config.reload_interval),
+        config.targets.len()
+    );
+    for target in config.targets.values() {
+        let o = &target.options;
+        let _ = writeln!(
+            out,
+            "target {}: store {}",
+            target.name,
+            target.store.display()
+        );
+        for root in &target.roots {
+            let _ = writeln!(out, "  {}={}", root.name, root.path.display());
+        }
+        let _ = writeln!(
+            out,
+            "  debounce {}, max latency {}, consistency {}, max pause {}, compact every {}{}",
+            humantime::format_duration(o.debounce),
+            humantime::format_duration(o.max_latency),
+            name_in(&crate::watch::Consistency::ALL, o.consistency),
+            humantime::format_duration(o.max_pause),
+            humantime::format_duration(o.compact_interval),
+            if o.retention == crate::retention::Policy::default() {
+                String::new()
+            } else {
+                format!(", retention {:?}", o.retention)
+            }
+        );
+    }
+    out
+}
+
+/// The name of `value` in a table of values with names and help
+/// (`Backend::ALL`, `Consistency::ALL`).
+fn name_in<T: PartialEq>(all: &[(T, &'static str, &'static str)], value: T) -> &'static str {
+    all.iter()
+        .find(|(v, _, _)| *v == value)
+        .map_or("?", |(_, name, _)| *name)
+}

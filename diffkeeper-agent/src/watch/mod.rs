@@ -40,11 +40,11 @@ use crate::capture::{capture_cut, Ask, BatchSummary, Cut, Looked};
 use crate::freeze::{Cgroup, FreezeSet};
 use crate::roots::StateDir;
 use crate::scan::InodeIndex;
-pub use backend::Backend;
+pub use backend::{Backend, Hub};
 use diffkeeper_common::InodeKey;
 
 /// How the capture loop behaves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WatchOptions {
     pub backend: Backend,
     /// Quiet time after the last write before a directory is captured.
@@ -192,7 +192,8 @@ pub struct CaptureLoop {
     options: WatchOptions,
     notices: backend::Notices,
     rx: mpsc::UnboundedReceiver<usize>,
-    _source: backend::Source,
+    /// The roots attached to the backend; dropping it detaches them.
+    _attachment: backend::Attachment,
     summary: LoopSummary,
     /// Per root, its files by inode as of its last walk.
     inodes: Vec<Option<Arc<InodeIndex>>>,
@@ -206,10 +207,25 @@ pub struct CaptureLoop {
 }
 
 impl CaptureLoop {
-    /// Starts the backend, then captures changes made while DiffKeeper was
-    /// not running. Writes from then on are noticed. `app` is the cgroup
-    /// `run` starts its app in, frozen with --freeze-cgroup's.
+    /// Starts the backend `options` names, then captures changes made
+    /// while DiffKeeper was not running (see [`CaptureLoop::start_on`]).
     pub async fn start(
+        store: &Path,
+        roots: &[StateDir],
+        options: &WatchOptions,
+        app: Option<&Cgroup>,
+    ) -> Result<CaptureLoop> {
+        let hub = Hub::start(options.backend, options.syscall_hooks)?;
+        CaptureLoop::start_on(&hub, store, roots, options, app).await
+    }
+
+    /// Attaches `roots` to `hub` (whose backend is used, whatever
+    /// `options.backend` says), then captures changes made while
+    /// DiffKeeper was not running. Writes from then on are noticed. `app`
+    /// is the cgroup `run` starts its app in, frozen with
+    /// --freeze-cgroup's.
+    pub async fn start_on(
+        hub: &Hub,
         store: &Path,
         roots: &[StateDir],
         options: &WatchOptions,
@@ -217,15 +233,11 @@ impl CaptureLoop {
     ) -> Result<CaptureLoop> {
         let (tx, rx) = mpsc::unbounded_channel::<usize>();
         let notices = backend::Notices::new(tx, roots.len());
-        let source = backend::start(options, roots, store, notices.clone())?;
+        let attachment = hub.attach(roots, store, options, &notices)?;
         tracing::info!(
             "watching {} with {}",
-            roots
-                .iter()
-                .map(|r| format!("{}={}", r.name, r.path.display()))
-                .collect::<Vec<_>>()
-                .join(", "),
-            source.describe()
+            backend::describe_roots(roots),
+            attachment.describe()
         );
         let discover = app.is_none() && options.consistency != Consistency::None;
         let freeze = freeze_set(options, app, discover).map(Arc::new);
@@ -235,7 +247,7 @@ impl CaptureLoop {
             options: options.clone(),
             notices,
             rx,
-            _source: source,
+            _attachment: attachment,
             summary: LoopSummary::default(),
             inodes: roots.iter().map(|_| None).collect(),
             freeze,
@@ -631,14 +643,15 @@ impl CaptureLoop {
             return;
         }
         let given = self.options.retention.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || {
-                match crate::retention::given_or_saved(&store, &given)? {
-                    Some(policy) => crate::retention::compact(&store, &policy).map(Some),
-                    None => Ok(None),
-                }
-            })
-            .await;
+        let span = tracing::Span::current();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
+            match crate::retention::given_or_saved(&store, &given)? {
+                Some(policy) => crate::retention::compact(&store, &policy).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await;
         match outcome {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(summary))) => {
@@ -765,7 +778,11 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
     let mut last_said: Option<Instant> = None;
     loop {
         let (path, dirs, plan) = (store.to_path_buf(), roots.to_vec(), plan.clone());
+        // The engine's log lines carry the caller's span (the daemon's
+        // target) on the blocking thread too.
+        let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
+            let _span = span.enter();
             let clock = |notices: &backend::Notices, indices: &[usize]| notices.clock(indices);
             let clock = || clock(&plan.notices, &plan.indices);
             let files = plan

@@ -1,0 +1,234 @@
+//! `diffkeeper daemon`: one process, one backend (one set of eBPF
+//! programs), many targets, each a capture loop of its own on the shared
+//! [`Hub`].
+//!
+//! Targets come from the configuration file ([`config`]); SIGHUP, or a
+//! change to the file (looked at every `reload_interval`), reloads it:
+//! targets are compared by name, new ones started, missing ones stopped
+//! after a final capture, changed ones restarted, the others untouched.
+//! A file that does not parse or check changes nothing, and says why.
+//!
+//! Each target runs in a task of its own, so one target's big batch or
+//! slow store never holds up another's captures (captures run on the
+//! blocking pool). A target that cannot start (its directories missing,
+//! its store corrupt, unwritable or on a full disk) is reported as failed
+//! and tried again, 1 s later and then with doubling waits up to 60 s;
+//! a capture that fails once running is retried by its loop the same
+//! way. The others keep capturing throughout. Every log line of a target
+//! carries `target=NAME`.
+//!
+//! A `kill -9` of the daemon leaves every store as its last commit left
+//! it (a redb commit is atomic), and every cgroup it froze is thawed by
+//! the freeze watchdog; at the next start each target's start-up capture
+//! takes what changed meanwhile.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::error::{Context, Result};
+use crate::watch::{CaptureLoop, Hub};
+pub use config::{Config, Target};
+
+/// Longest wait between tries of a target that cannot start.
+const MAX_START_WAIT: Duration = Duration::from_secs(60);
+
+/// A target's running task.
+struct Running {
+    target: Target,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the targets of the configuration file at `path` until SIGTERM or
+/// SIGINT, then stops each after a final capture.
+pub async fn run(path: &Path) -> Result<()> {
+    let mut config = Config::load(path)?;
+    let mut last_text = std::fs::read(path).ok();
+    let hub = Hub::start(config.backend, config.syscall_hooks)?;
+    tracing::info!(
+        "daemon: {} target(s) from {}, written notices from {}",
+        config.targets.len(),
+        path.display(),
+        hub.describe()
+    );
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    apply(&hub, &mut running, &config.targets).await;
+    let mut look = tokio::time::interval(config.reload_interval);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => true,
+            _ = look.tick() => false,
+        };
+        let text = std::fs::read(path);
+        let text = match text {
+            Ok(text) => text,
+            Err(e) => {
+                if forced || last_text.is_some() {
+                    tracing::error!(
+                        "cannot read the configuration file {}: {e}; the targets keep running as they are",
+                        path.display()
+                    );
+                }
+                last_text = None;
+                continue;
+            }
+        };
+        if !forced && last_text.as_deref() == Some(&text[..]) {
+            continue;
+        }
+        last_text = Some(text.clone());
+        match Config::parse(path, &text) {
+            Ok(new) => {
+                if (new.backend, new.syscall_hooks) != (config.backend, config.syscall_hooks) {
+                    tracing::warn!(
+                        "reload: [daemon] backend and syscall_hooks take effect at the next start"
+                    );
+                }
+                if new.reload_interval != config.reload_interval {
+                    look = tokio::time::interval(new.reload_interval);
+                    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+                tracing::info!(
+                    "reloading {} ({}): {} target(s)",
+                    path.display(),
+                    if forced { "SIGHUP" } else { "the file changed" },
+                    new.targets.len()
+                );
+                apply(&hub, &mut running, &new.targets).await;
+                config = new;
+            }
+            Err(e) => {
+                tracing::error!("reload refused, the targets keep running as they are: {e:#}")
+            }
+        }
+    }
+    tracing::info!("daemon stopping: a final capture of every target");
+    let names: Vec<String> = running.keys().cloned().collect();
+    stop_all(&mut running, &names).await;
+    tracing::info!("daemon stopped");
+    Ok(())
+}
+
+/// Makes the running targets those of `wanted`: stops the ones gone or
+/// changed (each after its final capture; all at once), then starts the
+/// new and changed ones.
+async fn apply(
+    hub: &Hub,
+    running: &mut BTreeMap<String, Running>,
+    wanted: &BTreeMap<String, Target>,
+) {
+    let stale: Vec<String> = running
+        .iter()
+        .filter(|(name, r)| wanted.get(*name) != Some(&r.target))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in &stale {
+        let why = if wanted.contains_key(name) {
+            "its settings changed: restarting it"
+        } else {
+            "no longer configured: stopping it"
+        };
+        tracing::info!(target = %name, "target {name}: {why}");
+    }
+    stop_all(running, &stale).await;
+    for (name, target) in wanted {
+        if running.contains_key(name) {
+            continue;
+        }
+        let (stop, stopped) = oneshot::channel();
+        let span = tracing::info_span!("target", target = %name);
+        let task =
+            tokio::spawn(keep_capturing(hub.clone(), target.clone(), stopped).instrument(span));
+        running.insert(
+            name.clone(),
+            Running {
+                target: target.clone(),
+                stop,
+                task,
+            },
+        );
+    }
+}
+
+/// Stops the targets `names`, all at once, and waits for their final
+/// captures.
+async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[String]) {
+    let mut tasks = Vec::new();
+    for name in names {
+        if let Some(r) = running.remove(name) {
+            // Gone already when its task ended on its own.
+            let _ = r.stop.send(());
+            tasks.push((name.clone(), r.task));
+        }
+    }
+    for (name, task) in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(target = %name, "target {name}: its task failed: {e}");
+        }
+    }
+}
+
+/// One target: starts its capture loop, trying again with back-off while
+/// it cannot start, and captures until told to stop.
+async fn keep_capturing(hub: Hub, target: Target, mut stop: oneshot::Receiver<()>) {
+    let mut failures = 0u32;
+    loop {
+        let started = tokio::select! {
+            _ = &mut stop => return,
+            started = CaptureLoop::start_on(&hub, &target.store, &target.roots, &target.options, None) => started,
+        };
+        match started {
+            Ok(capture) => {
+                if failures > 0 {
+                    tracing::info!(
+                        "target {}: capturing after {failures} failed start(s)",
+                        target.name
+                    );
+                }
+                let stopping = async {
+                    let _ = (&mut stop).await;
+                };
+                match capture.run_until(stopping).await {
+                    Ok(summary) => tracing::info!(
+                        batches = summary.batches,
+                        dropped = summary.dropped,
+                        torn = summary.torn,
+                        failures = summary.failures,
+                        "target {} stopped",
+                        target.name
+                    ),
+                    Err(e) => tracing::error!("target {} stopped: {e:#}", target.name),
+                }
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_secs(1)
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(MAX_START_WAIT);
+                tracing::error!(
+                    "target {} failed (try {failures}): {e:#}; the other targets keep capturing; trying again in {}",
+                    target.name,
+                    humantime::format_duration(wait)
+                );
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}

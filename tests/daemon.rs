@@ -1,0 +1,420 @@
+//! `diffkeeper daemon` through the real binary: several targets on one
+//! eBPF tracer, each store holding exactly its own files; targets added,
+//! removed and changed while it runs (file change and SIGHUP); a reload
+//! with a mistake changing nothing; a failing target (a store that is no
+//! store, a full disk) reported and retried while the others keep
+//! capturing.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_same_tree, ok, read_tree, refused, s, Reaped, BIN};
+
+/// A daemon started on `config`, its log going to `log`.
+struct Daemon {
+    child: Reaped,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, log: &Path) -> Daemon {
+        let err = fs::File::create(log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["daemon", "--config", s(config)])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("spawn the daemon");
+        Daemon {
+            child: Reaped(child),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has `count` lines holding every one of `words`.
+    fn wait_log(&self, words: &[&str], count: usize, timeout: Duration) {
+        wait_for(
+            &format!("{count} log line(s) with {words:?}"),
+            timeout,
+            || self.lines(words) >= count,
+        );
+    }
+
+    fn lines(&self, words: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| words.iter().all(|w| l.contains(w)))
+            .count()
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.0.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("signal the daemon");
+    }
+
+    /// SIGTERM, and its exit code.
+    fn stop(mut self) -> (Option<i32>, String) {
+        self.signal(rustix::process::Signal::TERM);
+        let status = self.child.0.wait().expect("wait for the daemon");
+        (status.code(), self.log())
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A target's section: `data=DIR` into `STORE`, quick to capture.
+fn target(name: &str, dir: &Path, store: &Path, extra: &str) -> String {
+    format!(
+        "[[target]]\nname = \"{name}\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\ndebounce = \"50ms\"\nmax_latency = \"500ms\"\n{extra}\n",
+        s(store),
+        s(dir)
+    )
+}
+
+/// Writes the configuration atomically (as a ConfigMap update is seen), so
+/// the daemon never reads half a file.
+fn write_config(path: &Path, backend: &str, targets: &[String]) {
+    let text = format!(
+        "[daemon]\nbackend = \"{backend}\"\nreload_interval = \"100ms\"\n\n{}",
+        targets.concat()
+    );
+    let temporary = path.with_extension("new");
+    fs::write(&temporary, text).expect("write the config");
+    fs::rename(&temporary, path).expect("install the config");
+}
+
+fn batches(store: &Path) -> u64 {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--store", s(store)])
+        .output()
+        .expect("stats");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["batches"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The tree the store's latest batch restores.
+fn restored(
+    store: &Path,
+    work: &Path,
+    name: &str,
+) -> std::collections::BTreeMap<Vec<u8>, common::Node> {
+    let to = work.join(format!("restored-{name}"));
+    let _ = fs::remove_dir_all(&to);
+    ok(&[
+        "replay",
+        "--state-dir",
+        &format!("data={}", s(&to)),
+        "--store",
+        s(store),
+    ]);
+    read_tree(&to)
+}
+
+/// Waits until replaying `store` gives `dir`'s tree.
+fn wait_captured(store: &Path, dir: &Path, work: &Path, what: &str) {
+    let want = read_tree(dir);
+    wait_for(what, Duration::from_secs(15), || {
+        store.exists() && restored(store, work, "wait") == want
+    });
+}
+
+#[test]
+fn each_target_of_one_daemon_keeps_exactly_its_own_files() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let names = ["alpha", "beta", "gamma"];
+    let dirs: Vec<PathBuf> = names.iter().map(|n| work.path().join(n)).collect();
+    let stores: Vec<PathBuf> = names
+        .iter()
+        .map(|n| work.path().join(format!("{n}.dk")))
+        .collect();
+    for dir in &dirs {
+        fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        fs::write(dir.join("there-at-start"), b"before the daemon").expect("write");
+    }
+    let config = work.path().join("daemon.toml");
+    let sections: Vec<String> = names
+        .iter()
+        .zip(&dirs)
+        .zip(&stores)
+        .map(|((n, d), st)| target(n, d, st, ""))
+        .collect();
+    write_config(&config, "ebpf", &sections);
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    daemon.wait_log(&["start-up capture"], 3, Duration::from_secs(20));
+    // All three write at once: creates, appends, renames, removals.
+    let writers: Vec<std::thread::JoinHandle<()>> = dirs
+        .iter()
+        .zip(names)
+        .map(|(dir, name)| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let file = dir.join(format!("sub/{name}-{i}"));
+                    fs::write(&file, format!("{name} {i}").repeat(50)).expect("write");
+                    if i % 3 == 0 {
+                        fs::rename(&file, dir.join(format!("{name}-moved-{i}"))).expect("rename");
+                    }
+                    if i % 5 == 4 {
+                        let j = i - 1;
+                        let victim = if j % 3 == 0 {
+                            format!("{name}-moved-{j}")
+                        } else {
+                            format!("sub/{name}-{j}")
+                        };
+                        fs::remove_file(dir.join(victim)).expect("rm");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                fs::remove_file(dir.join("there-at-start")).expect("rm");
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    for ((dir, store), name) in dirs.iter().zip(&stores).zip(names) {
+        wait_captured(
+            store,
+            dir,
+            work.path(),
+            &format!("{name}'s store to hold its tree"),
+        );
+    }
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "the daemon stops cleanly: {log}");
+    for ((dir, store), name) in dirs.iter().zip(&stores).zip(names) {
+        assert_same_tree(&read_tree(dir), &restored(store, work.path(), name), name);
+        ok(&["verify", "--store", s(store)]);
+    }
+    // One tracer for all three, each target's lines marked with its name.
+    assert_eq!(
+        log.matches("eBPF tracer reports through").count(),
+        1,
+        "{log}"
+    );
+    for name in names {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("target=\"{name}\""))
+                    || l.contains(&format!("target={name}"))),
+            "{name}'s log lines carry its name: {log}"
+        );
+    }
+}
+
+#[test]
+fn targets_come_and_go_while_the_daemon_runs_without_disturbing_the_others() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = |n: &str| {
+        let d = work.path().join(n);
+        fs::create_dir_all(&d).expect("mkdir");
+        d
+    };
+    let (a, b) = (dir("a"), dir("b"));
+    let (store_a, store_b) = (work.path().join("a.dk"), work.path().join("b.dk"));
+    let config = work.path().join("daemon.toml");
+    write_config(&config, "ebpf", &[target("a", &a, &store_a, "")]);
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    daemon.wait_log(&["start-up capture"], 1, Duration::from_secs(20));
+    fs::write(a.join("one"), b"a's first file").expect("write");
+    wait_captured(&store_a, &a, work.path(), "a captures");
+
+    // Added by a change to the file.
+    fs::write(b.join("early"), b"written before b was a target").expect("write");
+    write_config(
+        &config,
+        "ebpf",
+        &[target("a", &a, &store_a, ""), target("b", &b, &store_b, "")],
+    );
+    wait_captured(&store_b, &b, work.path(), "b is started by the file change");
+    fs::write(b.join("later"), b"b's write").expect("write");
+    wait_captured(&store_b, &b, work.path(), "b captures");
+    fs::write(a.join("two"), b"a keeps capturing").expect("write");
+    wait_captured(&store_a, &a, work.path(), "a still captures");
+
+    // A mistake changes nothing.
+    fs::write(
+        &config,
+        "[[target]]\nname = \"a\"\nstore = \"/s\"\nstate_dirs = [\"/d\"]\nbogus = 1\n",
+    )
+    .expect("write");
+    daemon.wait_log(&["reload refused", "bogus"], 1, Duration::from_secs(10));
+    fs::write(b.join("after-the-mistake"), b"still captured").expect("write");
+    wait_captured(
+        &store_b,
+        &b,
+        work.path(),
+        "b captures after a refused reload",
+    );
+
+    // Removed (SIGHUP): its final capture is its last batch.
+    write_config(&config, "ebpf", &[target("b", &b, &store_b, "")]);
+    daemon.signal(rustix::process::Signal::HUP);
+    daemon.wait_log(&["target a stopped"], 1, Duration::from_secs(10));
+    let a_at_removal = read_tree(&a);
+    let a_batches = batches(&store_a);
+    fs::write(a.join("after-removal"), b"not a target any more").expect("write");
+    fs::write(b.join("while-a-goes"), b"b is not disturbed").expect("write");
+    wait_captured(&store_b, &b, work.path(), "b captures after a is removed");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        batches(&store_a),
+        a_batches,
+        "nothing captured into a after its removal"
+    );
+    assert_same_tree(
+        &a_at_removal,
+        &restored(&store_a, work.path(), "a"),
+        "a's store holds a as it was when removed",
+    );
+
+    // Changed settings restart that target alone.
+    write_config(
+        &config,
+        "ebpf",
+        &[target("b", &b, &store_b, "consistency = \"none\"")],
+    );
+    daemon.wait_log(
+        &["target b: its settings changed"],
+        1,
+        Duration::from_secs(10),
+    );
+    daemon.wait_log(&["start-up capture"], 3, Duration::from_secs(10));
+    fs::write(b.join("after-the-change"), b"captured").expect("write");
+    wait_captured(&store_b, &b, work.path(), "b captures after its restart");
+
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    // b ran twice (added, restarted), a once: nothing else was restarted.
+    assert_eq!(log.matches("watching data=").count(), 3, "{log}");
+    assert_same_tree(
+        &read_tree(&b),
+        &restored(&store_b, work.path(), "b"),
+        "b at the end",
+    );
+}
+
+#[test]
+fn a_failing_target_is_retried_while_the_others_keep_capturing() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let mk = |n: &str| {
+        let d = work.path().join(n);
+        fs::create_dir_all(&d).expect("mkdir");
+        d
+    };
+    let (good, bad, full) = (mk("good"), mk("bad"), mk("full"));
+    fs::write(bad.join("kept"), b"captured once the store is fixed").expect("write");
+    let store_good = work.path().join("good.dk");
+    // Not a store: the target cannot start until it is moved away.
+    let store_bad = work.path().join("bad.dk");
+    fs::write(&store_bad, b"this is not a DiffKeeper store, and never was").expect("write");
+    // A store on a 1 MiB file system, soon full.
+    let small = mk("small");
+    let _tmpfs = common::Mounted::new("tmpfs", Some("size=1m"), "tmpfs", &small);
+    let store_full = small.join("full.dk");
+    let config = work.path().join("daemon.toml");
+    write_config(
+        &config,
+        "ebpf",
+        &[
+            target("good", &good, &store_good, ""),
+            target("bad", &bad, &store_bad, ""),
+            target("full", &full, &store_full, ""),
+        ],
+    );
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    daemon.wait_log(
+        &["target bad failed (try 1)", "bad.dk"],
+        1,
+        Duration::from_secs(20),
+    );
+    fs::write(good.join("one"), b"good captures").expect("write");
+    wait_captured(
+        &store_good,
+        &good,
+        work.path(),
+        "good captures while bad fails",
+    );
+
+    // 4 MiB of noise does not fit: full's captures fail and are retried.
+    let noise = common::Rng::new(11).bytes(4 << 20);
+    fs::write(full.join("too-big"), &noise).expect("write");
+    daemon.wait_log(&["full.dk", "retrying in"], 1, Duration::from_secs(20));
+    fs::write(good.join("two"), b"good still captures while full fails").expect("write");
+    wait_captured(
+        &store_good,
+        &good,
+        work.path(),
+        "good captures while full's disk is full",
+    );
+
+    // Both mend: bad's store moved away, full's big file removed.
+    fs::rename(&store_bad, work.path().join("bad.dk.not-a-store")).expect("move the bad store");
+    daemon.wait_log(&["target bad: capturing after"], 1, Duration::from_secs(30));
+    wait_captured(&store_bad, &bad, work.path(), "bad captures once fixed");
+    fs::remove_file(full.join("too-big")).expect("rm");
+    fs::write(full.join("small"), b"fits").expect("write");
+    wait_captured(
+        &store_full,
+        &full,
+        work.path(),
+        "full captures once there is room",
+    );
+
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    for (dir, store) in [
+        (&good, &store_good),
+        (&bad, &store_bad),
+        (&full, &store_full),
+    ] {
+        assert_same_tree(
+            &read_tree(dir),
+            &restored(store, work.path(), "end"),
+            s(dir),
+        );
+        ok(&["verify", "--store", s(store)]);
+    }
+}
+
+#[test]
+fn a_configuration_with_mistakes_is_refused_with_the_place() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let config = work.path().join("daemon.toml");
+    fs::write(&config, "[defaults]\ndebounce = \"soon\"\n").expect("write");
+    let err = refused(&["daemon", "--config", s(&config), "--check"]);
+    assert!(
+        err.contains(s(&config)) && err.contains("\"soon\" is not a duration"),
+        "{err}"
+    );
+    let err = refused(&["daemon", "--config", s(&work.path().join("missing.toml"))]);
+    assert!(
+        err.contains("cannot read the configuration file") && err.contains("missing.toml"),
+        "{err}"
+    );
+    // The example in deploy/ checks.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemon.toml");
+    let out = ok(&["daemon", "--config", s(&example), "--check"]);
+    assert!(
+        out.contains("target game: store /var/lib/diffkeeper/stores/game.dk"),
+        "{out}"
+    );
+    assert!(out.contains("target ci-cache"), "{out}");
+}
