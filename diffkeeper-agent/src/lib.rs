@@ -13,6 +13,7 @@
 //! Its failures are [`AgentError`]s, which keep the engine's and the
 //! tracer's errors as they are.
 
+pub mod containers;
 pub mod daemon;
 pub mod error;
 pub mod supervise;

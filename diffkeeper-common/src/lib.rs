@@ -94,6 +94,10 @@ pub struct WriteEvent {
     /// [`WriteEvent::MAPPED`] or 0.
     pub flags: u32,
     pub pad: u32,
+    /// The writer's cgroup v2 id (the inode number of its directory in the
+    /// cgroup2 file system): which container wrote, even once the process
+    /// is gone.
+    pub cgroup: u64,
 }
 
 impl WriteEvent {
@@ -120,7 +124,7 @@ impl WriteEvent {
     pub const MAPPED: u32 = 1;
 
     /// Size of the record in the ring buffer.
-    pub const SIZE: usize = 40;
+    pub const SIZE: usize = 48;
 
     /// Reads a record from its bytes (native endian, `repr(C)` layout).
     pub fn from_bytes(bytes: &[u8]) -> Option<WriteEvent> {
@@ -146,6 +150,7 @@ impl WriteEvent {
             fd: u32_at(28),
             flags: u32_at(32),
             pad: 0,
+            cgroup: u64_at(40),
         })
     }
 }
@@ -270,6 +275,7 @@ mod tests {
         ] {
             bytes.extend_from_slice(&word.to_ne_bytes());
         }
+        bytes.extend_from_slice(&event.cgroup.to_ne_bytes());
         bytes
     }
 
@@ -285,6 +291,7 @@ mod tests {
             fd: 9,
             flags: WriteEvent::MAPPED,
             pad: 0,
+            cgroup: 0x0102_0304_0506_0708,
         };
         let bytes = kernel_bytes(&event);
         assert_eq!(bytes.len(), WriteEvent::SIZE);

@@ -86,8 +86,8 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_probe_read_kernel, bpf_probe_read_user_str_bytes,
     },
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -707,6 +707,9 @@ fn report<C: EbpfContext>(ctx: &C, key: InodeKey, root: u32, fd: u64, bytes: u64
                 fd: fd as u32,
                 flags,
                 pad: 0,
+                // SAFETY: a helper call with no arguments, allowed in every
+                // tracing program (Linux 4.18 and later).
+                cgroup: unsafe { bpf_get_current_cgroup_id() },
             });
             entry.submit(0);
             bump(counter::EVENTS, 1);

@@ -202,8 +202,11 @@ pub struct CaptureLoop {
     /// Add the cgroups of the processes seen writing the trees to
     /// `freeze` (`watch`; `run` freezes its app's cgroup alone).
     discover: bool,
-    /// Writers' cgroups already looked at (frozen or refused).
-    seen_cgroups: std::collections::HashSet<PathBuf>,
+    /// Writers' cgroups already looked at (named, and frozen or refused),
+    /// by id, with the container each is.
+    writers: std::collections::HashMap<u64, Option<crate::containers::Container>>,
+    /// Cgroup directories by id, for writers gone before they were looked at.
+    cgroup_names: crate::containers::CgroupNames,
 }
 
 impl CaptureLoop {
@@ -252,14 +255,15 @@ impl CaptureLoop {
             inodes: roots.iter().map(|_| None).collect(),
             freeze,
             discover,
-            seen_cgroups: Default::default(),
+            writers: Default::default(),
+            cgroup_names: Default::default(),
         };
         // Writers already at work are learnt from the tracer's events: a
         // start-up batch they disturb is taken again once their cgroups
         // are known, frozen.
         let mut first = capture.capture_all(capture.discover).await?;
         if first.disturbed && first.batch.is_none() {
-            capture.freeze_writers();
+            capture.note_writers();
             first = capture.capture_all(false).await?;
         }
         tracing::info!("start-up capture: {first}");
@@ -326,9 +330,7 @@ impl CaptureLoop {
                     }
                 }
                 _ = tick.tick(), if pending.iter().any(|p| p.first.is_some()) => {
-                    if self.discover {
-                        self.freeze_writers();
-                    }
+                    self.note_writers();
                     for (index, p) in pending.iter_mut().enumerate() {
                         if p.first.is_none() {
                             continue;
@@ -557,42 +559,77 @@ impl CaptureLoop {
 }
 
 impl CaptureLoop {
-    /// Adds the cgroups of the processes the tracer saw writing the trees
-    /// to what consistent cuts freeze, each once; one that holds DiffKeeper
-    /// itself, or the root cgroup, is refused with a warning, once.
-    fn freeze_writers(&mut self) {
+    /// Looks at the processes the tracer saw writing the trees: each new
+    /// writer cgroup is named (the container it is, see
+    /// [`crate::containers`]) and, when cuts find their writers
+    /// (`discover`), added to what consistent cuts freeze; one that holds
+    /// DiffKeeper itself, or the root cgroup, is refused with a warning,
+    /// once.
+    fn note_writers(&mut self) {
         let me = std::process::id();
-        for pid in self.notices.take_writers() {
-            if pid == me {
+        for (pid, id) in self.notices.take_writers() {
+            if pid == me || self.writers.contains_key(&id) {
                 continue;
             }
-            // Gone already: nothing to freeze.
-            let Ok(path) = crate::freeze::cgroup_of_process(pid) else {
+            // Gone already, and its cgroup with it: nothing to name or freeze.
+            let Some(path) = self.cgroup_path(pid, id) else {
                 continue;
             };
-            if !self.seen_cgroups.insert(path.clone()) {
-                continue;
-            }
-            match Cgroup::open(&path) {
-                Ok(cgroup) => match &self.freeze {
-                    Some(set) => {
-                        if set.add(cgroup) {
-                            tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
-                        }
-                    }
-                    None => match FreezeSet::new(vec![cgroup]) {
-                        Ok(set) => {
-                            tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
-                            self.freeze = Some(Arc::new(set));
-                        }
-                        Err(e) => tracing::warn!("{e}: batches written while read are marked torn"),
-                    },
-                },
-                Err(e) => tracing::warn!(
-                    "process {pid} writes the state directories but its cgroup cannot be frozen: {e}; \
-                     batches it writes while they are read are dropped, and past --max-latency marked torn"
+            let container = crate::containers::of_cgroup(&path);
+            match &container {
+                Some(c) => tracing::info!(
+                    container = %c.id,
+                    runtime = c.runtime,
+                    pod_uid = c.pod_uid.as_deref().unwrap_or(""),
+                    "{c} writes the state directories (process {pid}, cgroup {})",
+                    path.display()
+                ),
+                None => tracing::debug!(
+                    "process {pid} writes the state directories (cgroup {})",
+                    path.display()
                 ),
             }
+            self.writers.insert(id, container);
+            if self.discover {
+                self.freeze_writer(pid, &path);
+            }
+        }
+    }
+
+    /// The cgroup v2 directory of cgroup `id`, which process `pid` was in:
+    /// its `/proc` entry says, if it still runs there; else the hierarchy
+    /// is searched for the id.
+    fn cgroup_path(&mut self, pid: u32, id: u64) -> Option<PathBuf> {
+        if let Ok(path) = crate::freeze::cgroup_of_process(pid) {
+            if id == 0 || std::fs::metadata(&path).is_ok_and(|m| m.ino() == id) {
+                return Some(path);
+            }
+        }
+        let hierarchy = crate::freeze::hierarchy().ok()?;
+        self.cgroup_names.path(&hierarchy, id)
+    }
+
+    /// Adds the writer cgroup at `path` to what consistent cuts freeze.
+    fn freeze_writer(&mut self, pid: u32, path: &Path) {
+        match Cgroup::open(path) {
+            Ok(cgroup) => match &self.freeze {
+                Some(set) => {
+                    if set.add(cgroup) {
+                        tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
+                    }
+                }
+                None => match FreezeSet::new(vec![cgroup]) {
+                    Ok(set) => {
+                        tracing::info!("process {pid} writes the state directories: its cgroup {} is frozen for consistent cuts", path.display());
+                        self.freeze = Some(Arc::new(set));
+                    }
+                    Err(e) => tracing::warn!("{e}: batches written while read are marked torn"),
+                },
+            },
+            Err(e) => tracing::warn!(
+                "process {pid} writes the state directories but its cgroup cannot be frozen: {e}; \
+                 batches it writes while they are read are dropped, and past --max-latency marked torn"
+            ),
         }
     }
 }

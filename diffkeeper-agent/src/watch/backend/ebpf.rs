@@ -434,7 +434,7 @@ fn take_events(tracer: &mut Tracer, dirty: &Reported, mapped: &Mutex<Mapped>, ro
             }
             continue;
         };
-        route.notices.wrote(event.tgid);
+        route.notices.wrote(event.tgid, event.cgroup);
         if event.flags & diffkeeper_common::WriteEvent::MAPPED != 0 {
             if let Ok(mut mapped) = mapped.lock() {
                 mapped

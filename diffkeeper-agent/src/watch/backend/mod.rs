@@ -111,9 +111,10 @@ pub struct Notices {
     /// The kernel's count of changes under some roots (the eBPF tracer's
     /// `ROOT_CHANGES`), when the backend has one.
     clock: Arc<std::sync::Mutex<Option<Clock>>>,
-    /// Processes the backend saw write the trees (the eBPF tracer's
-    /// events name them), not yet taken by [`Notices::take_writers`].
-    writers: Arc<std::sync::Mutex<HashSet<u32>>>,
+    /// Processes the backend saw write the trees, with their cgroup ids
+    /// (the eBPF tracer's events name them), not yet taken by
+    /// [`Notices::take_writers`].
+    writers: Arc<std::sync::Mutex<HashSet<(u32, u64)>>>,
     /// Told of the files of a root with a name outside it (the eBPF
     /// tracer lists them for its programs).
     linked_out: Arc<std::sync::Mutex<Option<LinkedOutHook>>>,
@@ -161,18 +162,18 @@ impl Notices {
         }
     }
 
-    /// The processes seen writing the trees since the last call (eBPF
-    /// only: inotify does not say who wrote).
-    pub fn take_writers(&self) -> Vec<u32> {
+    /// The processes seen writing the trees since the last call, each
+    /// with its cgroup v2 id (eBPF only: inotify does not say who wrote).
+    pub fn take_writers(&self) -> Vec<(u32, u64)> {
         self.writers
             .lock()
             .map(|mut w| w.drain().collect())
             .unwrap_or_default()
     }
 
-    fn wrote(&self, tgid: u32) {
+    fn wrote(&self, tgid: u32, cgroup: u64) {
         if let Ok(mut writers) = self.writers.lock() {
-            writers.insert(tgid);
+            writers.insert((tgid, cgroup));
         }
     }
 
