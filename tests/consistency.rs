@@ -775,3 +775,126 @@ fn a_frozen_cut_copies_a_sparse_file_without_its_holes() {
         "the restored file differs"
     );
 }
+
+/// `diffkeeper daemon` killed with SIGKILL while two targets are written,
+/// one of them frozen for every batch: the thaw watchdog leaves no writer
+/// frozen, both stores verify and hold only whole cuts, and the restarted
+/// daemon's start-up capture takes what was written while it was down.
+#[test]
+fn a_daemon_killed_mid_write_loses_nothing_and_leaves_nothing_frozen() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = fresh_invariant_state(work.path());
+    let other = work.path().join("other");
+    fs::create_dir_all(&other).expect("mkdir");
+    let other_store = work.path().join("other.dk");
+    let writer_cgroup = TestCgroup::new("daemon-writer");
+    let mut writer = writer_cgroup.invariant_writer(work.path(), &state);
+    let mut chatter = Reaped(
+        Command::new("sh")
+            .arg("-c")
+            .arg("n=0; while :; do n=$((n+1)); echo $n >> log; sleep 0.01; done")
+            .current_dir(&other)
+            .spawn()
+            .expect("start the second writer"),
+    );
+    let config = work.path().join("daemon.toml");
+    fs::write(
+        &config,
+        format!(
+            "[daemon]\nbackend = \"ebpf\"\n\n[defaults]\ndebounce = \"50ms\"\nmax_latency = \"300ms\"\n\n\
+             [[target]]\nname = \"invariant\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\n\
+             consistency = \"freeze\"\nfreeze_cgroups = [\"{}\"]\n\n\
+             [[target]]\nname = \"other\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\n",
+            s(&store),
+            s(&state),
+            s(&writer_cgroup.0),
+            s(&other_store),
+            s(&other),
+        ),
+    )
+    .expect("write the config");
+    let start_daemon = |log: &str| {
+        Reaped(
+            Command::new(BIN)
+                .args(["daemon", "--config", s(&config)])
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(work.path().join(log)).expect("log"))
+                .spawn()
+                .expect("start the daemon"),
+        )
+    };
+    let mut daemon = start_daemon("daemon-1.log");
+    let started = Instant::now();
+    while batches(&store).len() < 4 || batches(&other_store).len() < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the daemon captures both targets"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Mid-write, and likely mid-freeze: every batch of the first target is
+    // taken frozen.
+    rustix::process::kill_process(pid(daemon.0.id()), Signal::KILL).expect("SIGKILL the daemon");
+    daemon.0.wait().expect("wait for the killed daemon");
+    let thawed = Instant::now();
+    while frozen(&writer_cgroup.0) {
+        assert!(
+            thawed.elapsed() < Duration::from_secs(2),
+            "the writer's cgroup is left frozen after the daemon's SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = batches(&store).len();
+    // The second writer shares the daemon's cgroup, which is never frozen:
+    // its batches may be torn, but the store is whole.
+    ok(&["verify", "--store", s(&other_store)]);
+    ok(&["verify", "--store", s(&store)]);
+    for batch in assert_consistent_cuts(&store, "killed daemon") {
+        let to = work.path().join("restored");
+        restore(&store, Some(batch), &to);
+        let (a, b) = counters(&to);
+        assert!(
+            b <= a && a <= b + 1,
+            "batch {batch} is not the tree of one instant: a={a} b={b}"
+        );
+    }
+    // Written while no daemon ran: the restart's start-up capture takes it.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut daemon = start_daemon("daemon-2.log");
+    let restarted = Instant::now();
+    while batches(&store).len() <= before {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(20),
+            "the restarted daemon captures again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The writers stop; what they left is what the stores restore.
+    let _ = fs::write(writer_cgroup.0.join("cgroup.kill"), "1");
+    let _ = writer.0.wait();
+    chatter.0.kill().expect("stop the second writer");
+    let _ = chatter.0.wait();
+    let quiet = Instant::now();
+    loop {
+        let to = work.path().join("restored");
+        restore(&store, None, &to);
+        let other_to = work.path().join("restored-other");
+        restore(&other_store, None, &other_to);
+        if counters(&to) == counters(&state)
+            && fs::read(other_to.join("log")).ok() == fs::read(other.join("log")).ok()
+        {
+            break;
+        }
+        assert!(
+            quiet.elapsed() < Duration::from_secs(10),
+            "the restarted daemon captures the writers' last state"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    rustix::process::kill_process(pid(daemon.0.id()), Signal::TERM).expect("SIGTERM the daemon");
+    let status = daemon.0.wait().expect("wait for the daemon");
+    assert!(status.success(), "the daemon stops cleanly: {status}");
+    assert!(!frozen(&writer_cgroup.0), "nothing is left frozen");
+    ok(&["verify", "--store", s(&store)]);
+    ok(&["verify", "--store", s(&other_store)]);
+}
