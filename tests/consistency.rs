@@ -801,7 +801,7 @@ fn a_daemon_killed_mid_write_loses_nothing_and_leaves_nothing_frozen() {
     fs::write(
         &config,
         format!(
-            "[daemon]\nbackend = \"ebpf\"\n\n[defaults]\ndebounce = \"50ms\"\nmax_latency = \"300ms\"\n\n\
+            "[daemon]\nbackend = \"ebpf\"\nmetrics_addr = \"127.0.0.1:0\"\n\n[defaults]\ndebounce = \"50ms\"\nmax_latency = \"300ms\"\n\n\
              [[target]]\nname = \"invariant\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\n\
              consistency = \"freeze\"\nfreeze_cgroups = [\"{}\"]\n\n\
              [[target]]\nname = \"other\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\n",

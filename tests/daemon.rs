@@ -22,9 +22,14 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, log: &Path) -> Daemon {
+        Daemon::start_with(config, log, &[])
+    }
+
+    fn start_with(config: &Path, log: &Path, extra: &[&str]) -> Daemon {
         let err = fs::File::create(log).expect("log file");
         let child = Command::new(BIN)
             .args(["daemon", "--config", s(config)])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(err)
@@ -90,7 +95,7 @@ fn target(name: &str, dir: &Path, store: &Path, extra: &str) -> String {
 /// the daemon never reads half a file.
 fn write_config(path: &Path, backend: &str, targets: &[String]) {
     let text = format!(
-        "[daemon]\nbackend = \"{backend}\"\nreload_interval = \"100ms\"\n\n{}",
+        "[daemon]\nbackend = \"{backend}\"\nreload_interval = \"100ms\"\nmetrics_addr = \"127.0.0.1:0\"\n\n{}",
         targets.concat()
     );
     let temporary = path.with_extension("new");
@@ -417,4 +422,125 @@ fn a_configuration_with_mistakes_is_refused_with_the_place() {
         "{out}"
     );
     assert!(out.contains("target ci-cache"), "{out}");
+}
+
+/// A GET of `path` from the daemon's metrics server: status and body.
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the metrics server");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, body.to_string())
+}
+
+/// The value of the series `name{labels}` in a metrics text.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn metrics_health_and_json_logs_are_served() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (good, bad) = (work.path().join("good"), work.path().join("bad"));
+    fs::create_dir_all(&good).expect("mkdir");
+    fs::create_dir_all(&bad).expect("mkdir");
+    let store_good = work.path().join("good.dk");
+    let store_bad = work.path().join("bad.dk");
+    fs::write(&store_bad, b"not a store").expect("write");
+    let config = work.path().join("daemon.toml");
+    write_config(
+        &config,
+        "ebpf",
+        &[
+            target("good", &good, &store_good, ""),
+            target("bad", &bad, &store_bad, ""),
+        ],
+    );
+    let daemon = Daemon::start_with(
+        &config,
+        &work.path().join("daemon.log"),
+        &["--log-format", "json"],
+    );
+    daemon.wait_log(&["metrics at http://"], 1, Duration::from_secs(20));
+    let log = daemon.log();
+    let addr = log
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address")
+        .to_string();
+    assert_eq!(get(&addr, "/healthz").0, 200);
+    wait_for("/readyz to answer 200", Duration::from_secs(20), || {
+        get(&addr, "/readyz").0 == 200
+    });
+    fs::write(good.join("f"), b"counted").expect("write");
+    wait_captured(&store_good, &good, work.path(), "good captures");
+    let (status, text) = get(&addr, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let value = |name: &str| series(&text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    assert!(
+        value("diffkeeper_batches_total{target=\"good\"}") >= 2.0,
+        "{text}"
+    );
+    assert!(
+        value("diffkeeper_notices_total{target=\"good\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("diffkeeper_logical_bytes_total{target=\"good\"}") >= 7.0,
+        "{text}"
+    );
+    assert!(
+        value("diffkeeper_store_size_bytes{target=\"good\"}") > 0.0,
+        "{text}"
+    );
+    assert!(
+        value("diffkeeper_capture_latency_seconds_count{target=\"good\"}") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        value("diffkeeper_target_up{target=\"good\"}"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(value("diffkeeper_target_up{target=\"bad\"}"), 0.0, "{text}");
+    assert!(
+        value("diffkeeper_start_failures_total{target=\"bad\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(value("diffkeeper_tracer_events") >= 1.0, "{text}");
+    assert_eq!(get(&addr, "/nothing").0, 404);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    // Every line is one JSON object; a target's lines carry its span.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["span"]["target"] == "good"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("start-up capture"))),
+        "{log}"
+    );
 }

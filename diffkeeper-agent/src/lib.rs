@@ -16,6 +16,7 @@
 pub mod containers;
 pub mod daemon;
 pub mod error;
+pub mod metrics;
 pub mod supervise;
 pub mod watch;
 

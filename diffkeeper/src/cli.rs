@@ -27,8 +27,26 @@ pub struct Cli {
     /// More logging (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How log lines on stderr are written: human (one readable line
+    /// each) or json (one JSON object per line, with every field and the
+    /// span's, e.g. the daemon's target, for log collectors).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "human",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -198,6 +216,14 @@ pub struct WatchArgs {
     /// the root cgroup, are refused. Repeat for several.
     #[arg(long = "freeze-cgroup", value_name = "PATH")]
     pub freeze_cgroups: Vec<PathBuf>,
+}
+
+/// `--metrics-addr`: an address, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricsAddr(Option<std::net::SocketAddr>);
+
+fn metrics_addr(text: &str) -> std::result::Result<MetricsAddr, String> {
+    crate::agent::daemon::config::parse_metrics_addr(text).map(MetricsAddr)
 }
 
 fn syscall_hooks(always: bool) -> crate::events::SyscallHooks {
@@ -442,6 +468,12 @@ pub enum Command {
         /// Check the file, print its targets and exit (0 if it is valid).
         #[arg(long)]
         check: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics, and health
+        /// checks at /healthz and /readyz (ready once every target made its
+        /// first start); `none` for none. Overrides the file's
+        /// `metrics_addr` (default 0.0.0.0:9090).
+        #[arg(long, value_name = "ADDR", value_parser = metrics_addr)]
+        metrics_addr: Option<MetricsAddr>,
     },
     /// Replay the state, start CMD, capture while it runs, capture once more
     /// when it exits, and exit with its exit code (128 + signal if it was
@@ -819,13 +851,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => demo(),
-        Command::Daemon { config, check } => {
+        Command::Daemon {
+            config,
+            check,
+            metrics_addr,
+        } => {
             if check {
                 let config = crate::agent::daemon::Config::load(&config)?;
                 print!("{}", crate::report::daemon_config_text(&config));
                 return Ok(ExitCode::SUCCESS);
             }
-            runtime()?.block_on(crate::agent::daemon::run(&config))?;
+            let overrides = crate::agent::daemon::Overrides {
+                metrics_addr: metrics_addr.map(|MetricsAddr(addr)| addr),
+            };
+            runtime()?.block_on(crate::agent::daemon::run(&config, &overrides))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { watch } => {

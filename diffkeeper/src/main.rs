@@ -52,14 +52,17 @@ fn main() -> ExitCode {
         1 => "diffkeeper=debug",
         _ => "diffkeeper=trace",
     };
-    tracing_subscriber::fmt()
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
-        )
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_env_filter(filter)
+        .with_target(false);
+    match cli.log_format {
+        cli::LogFormat::Human => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        cli::LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     // redb meets some damage to a store file with a failed internal check
     // (a panic) rather than an error. The user gets one line naming the
     // store and exit status 1, as for any other damage; unwinding runs the

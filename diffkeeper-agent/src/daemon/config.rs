@@ -11,6 +11,7 @@
 //! backend = "auto"            # auto | ebpf | inotify | scan (read at start only)
 //! syscall_hooks = false       # the 32 syscall tracepoints everywhere (start only)
 //! reload_interval = "2s"      # how often the file is looked at for changes
+//! metrics_addr = "0.0.0.0:9090"   # /metrics, /healthz, /readyz; "none" for none (start only)
 //!
 //! [defaults]                  # optional: every target's settings unless it sets its own
 //! debounce = "300ms"
@@ -52,6 +53,8 @@ pub struct Config {
     pub backend: Backend,
     pub syscall_hooks: crate::events::SyscallHooks,
     pub reload_interval: Duration,
+    /// Where metrics and health checks are served; `None` for nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// By name.
     pub targets: BTreeMap<String, Target>,
 }
@@ -84,6 +87,7 @@ struct DaemonSection {
     backend: Option<String>,
     syscall_hooks: Option<bool>,
     reload_interval: Option<Span>,
+    metrics_addr: Option<String>,
 }
 
 /// What a target may set, and `[defaults]` for all of them.
@@ -134,6 +138,21 @@ impl TryFrom<String> for Span {
             format!("{text:?} is not a duration ({e}; write e.g. \"300ms\", \"30s\", \"1h\")")
         })
     }
+}
+
+/// Where `daemon` serves metrics unless told otherwise: every address, as
+/// a probe from the kubelet comes to the pod's.
+pub const DEFAULT_METRICS_ADDR: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9090);
+
+/// `HOST:PORT`, or `none` (no metrics).
+pub fn parse_metrics_addr(text: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    if text == "none" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|e| {
+        format!("metrics_addr = {text:?}: not an address ({e}); write IP:PORT (0.0.0.0:9090, 127.0.0.1:0) or \"none\"")
+    })
 }
 
 /// A TOML error on one line, with its place: `line 3, column 1: unknown
@@ -280,6 +299,12 @@ impl Config {
         file.defaults
             .options(backend, syscall_hooks)
             .map_err(|why| refused(format!("[defaults] {why}")))?;
+        let metrics_addr = match file.daemon.metrics_addr.as_deref() {
+            None => Some(DEFAULT_METRICS_ADDR),
+            Some(text) => {
+                parse_metrics_addr(text).map_err(|why| refused(format!("[daemon] {why}")))?
+            }
+        };
         let mut targets = BTreeMap::new();
         let mut stores = HashSet::new();
         for section in &file.targets {
@@ -350,6 +375,7 @@ impl Config {
             backend,
             syscall_hooks,
             reload_interval,
+            metrics_addr,
             targets,
         })
     }

@@ -32,7 +32,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use std::sync::Arc;
+
 use crate::error::{Context, Result};
+use crate::metrics::{Metrics, TargetMetrics};
 use crate::watch::{CaptureLoop, Hub};
 pub use config::{Config, Target};
 
@@ -46,12 +49,31 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What the command line sets over the configuration file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Where to serve metrics (`Some(None)`: nowhere) instead of the
+    /// file's `metrics_addr`.
+    pub metrics_addr: Option<Option<std::net::SocketAddr>>,
+}
+
 /// Runs the targets of the configuration file at `path` until SIGTERM or
 /// SIGINT, then stops each after a final capture.
-pub async fn run(path: &Path) -> Result<()> {
+pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
     let mut config = Config::load(path)?;
     let mut last_text = std::fs::read(path).ok();
     let hub = Hub::start(config.backend, config.syscall_hooks)?;
+    let metrics = Metrics::new();
+    let server = match overrides.metrics_addr.unwrap_or(config.metrics_addr) {
+        Some(addr) => {
+            let hub = hub.clone();
+            metrics.set_tracer(Box::new(move || hub.tracer_counters()));
+            let (bound, task) = crate::metrics::serve(addr, metrics.clone()).await?;
+            tracing::info!("metrics at http://{bound}/metrics, health at /healthz and /readyz");
+            Some(task)
+        }
+        None => None,
+    };
     tracing::info!(
         "daemon: {} target(s) from {}, written notices from {}",
         config.targets.len(),
@@ -62,7 +84,7 @@ pub async fn run(path: &Path) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    apply(&hub, &mut running, &config.targets).await;
+    apply(&hub, &metrics, &mut running, &config.targets).await;
     let mut look = tokio::time::interval(config.reload_interval);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -107,7 +129,7 @@ pub async fn run(path: &Path) -> Result<()> {
                     if forced { "SIGHUP" } else { "the file changed" },
                     new.targets.len()
                 );
-                apply(&hub, &mut running, &new.targets).await;
+                apply(&hub, &metrics, &mut running, &new.targets).await;
                 config = new;
             }
             Err(e) => {
@@ -118,6 +140,9 @@ pub async fn run(path: &Path) -> Result<()> {
     tracing::info!("daemon stopping: a final capture of every target");
     let names: Vec<String> = running.keys().cloned().collect();
     stop_all(&mut running, &names).await;
+    if let Some(server) = server {
+        server.abort();
+    }
     tracing::info!("daemon stopped");
     Ok(())
 }
@@ -127,6 +152,7 @@ pub async fn run(path: &Path) -> Result<()> {
 /// new and changed ones.
 async fn apply(
     hub: &Hub,
+    metrics: &Arc<Metrics>,
     running: &mut BTreeMap<String, Running>,
     wanted: &BTreeMap<String, Target>,
 ) {
@@ -144,14 +170,25 @@ async fn apply(
         tracing::info!(target = %name, "target {name}: {why}");
     }
     stop_all(running, &stale).await;
+    for name in stale.iter().filter(|name| !wanted.contains_key(*name)) {
+        metrics.remove(name);
+    }
+    let new: Vec<String> = wanted
+        .keys()
+        .filter(|name| !running.contains_key(*name))
+        .cloned()
+        .collect();
+    metrics.set_starting(new.iter().cloned());
     for (name, target) in wanted {
         if running.contains_key(name) {
             continue;
         }
         let (stop, stopped) = oneshot::channel();
         let span = tracing::info_span!("target", target = %name);
-        let task =
-            tokio::spawn(keep_capturing(hub.clone(), target.clone(), stopped).instrument(span));
+        let task = tokio::spawn(
+            keep_capturing(hub.clone(), target.clone(), stopped, metrics.target(name))
+                .instrument(span),
+        );
         running.insert(
             name.clone(),
             Running {
@@ -183,7 +220,12 @@ async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[String]) {
 
 /// One target: starts its capture loop, trying again with back-off while
 /// it cannot start, and captures until told to stop.
-async fn keep_capturing(hub: Hub, target: Target, mut stop: oneshot::Receiver<()>) {
+async fn keep_capturing(
+    hub: Hub,
+    target: Target,
+    mut stop: oneshot::Receiver<()>,
+    metrics: TargetMetrics,
+) {
     let mut failures = 0u32;
     loop {
         let started = tokio::select! {
@@ -191,7 +233,9 @@ async fn keep_capturing(hub: Hub, target: Target, mut stop: oneshot::Receiver<()
             started = CaptureLoop::start_on(&hub, &target.store, &target.roots, &target.options, None) => started,
         };
         match started {
-            Ok(capture) => {
+            Ok(mut capture) => {
+                capture.set_metrics(metrics.clone());
+                metrics.up(true);
                 if failures > 0 {
                     tracing::info!(
                         "target {}: capturing after {failures} failed start(s)",
@@ -215,6 +259,7 @@ async fn keep_capturing(hub: Hub, target: Target, mut stop: oneshot::Receiver<()
                 return;
             }
             Err(e) => {
+                metrics.up(false);
                 failures += 1;
                 let wait = Duration::from_secs(1)
                     .saturating_mul(1 << (failures - 1).min(16))

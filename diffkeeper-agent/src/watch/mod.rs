@@ -207,6 +207,8 @@ pub struct CaptureLoop {
     writers: std::collections::HashMap<u64, Option<crate::containers::Container>>,
     /// Cgroup directories by id, for writers gone before they were looked at.
     cgroup_names: crate::containers::CgroupNames,
+    /// Where batches, drops and failures are counted, when metrics are kept.
+    metrics: Option<crate::metrics::TargetMetrics>,
 }
 
 impl CaptureLoop {
@@ -257,6 +259,7 @@ impl CaptureLoop {
             discover,
             writers: Default::default(),
             cgroup_names: Default::default(),
+            metrics: None,
         };
         // Writers already at work are learnt from the tracer's events: a
         // start-up batch they disturb is taken again once their cgroups
@@ -287,6 +290,14 @@ impl CaptureLoop {
             self.inodes[index] = Some(Arc::new(inodes));
         }
         self.notices.linked_out(index, &looked.linked_out, walked);
+    }
+
+    /// Counts what the loop does into `metrics` from now on (the start-up
+    /// batch included).
+    pub fn set_metrics(&mut self, metrics: crate::metrics::TargetMetrics) {
+        metrics.add_batches(self.summary.batches);
+        metrics.store_size(&self.store);
+        self.metrics = Some(metrics);
     }
 
     /// The watchdog's process id, which `run` must not end as a leftover
@@ -323,6 +334,9 @@ impl CaptureLoop {
                 notice = self.rx.recv() => {
                     let Some(root) = notice else { break };
                     self.summary.notices += 1;
+                    if let Some(m) = &self.metrics {
+                        m.notice();
+                    }
                     if let Some(p) = pending.get_mut(root) {
                         let now = Instant::now();
                         p.first.get_or_insert(now);
@@ -354,6 +368,9 @@ impl CaptureLoop {
                                     // looked at again (a walk), backing off
                                     // from the tries before.
                                     self.summary.unreadable += outcome.unreadable;
+                                    if let Some(m) = &self.metrics {
+                                        m.unreadable(outcome.unreadable);
+                                    }
                                     pending[index].failures = failures;
                                     pending[index].dirty.whole = true;
                                     let wait = pending[index].failed();
@@ -374,6 +391,9 @@ impl CaptureLoop {
                             Err(e) => {
                                 let wait = pending[index].failed();
                                 self.summary.failures += 1;
+                                if let Some(m) = &self.metrics {
+                                    m.failed();
+                                }
                                 tracing::error!(
                                     root = %root.name,
                                     "capture of {} into store {} failed (try {}), retrying in {}: {e:#}",
@@ -408,6 +428,10 @@ impl CaptureLoop {
         };
         if last.batch.is_some() {
             tracing::info!("final capture: {last}");
+            if let Some(m) = &self.metrics {
+                m.batch(&last, None);
+                m.store_size(&self.store);
+            }
         }
         self.summary.batches += u64::from(last.batch.is_some());
         Ok(self.summary)
@@ -528,6 +552,9 @@ impl CaptureLoop {
             // latency still counts from the first unsaved write.
             pending.last = Some(Instant::now());
             tracing::debug!(root = %root.name, drops = pending.drops, "batch dropped: written while read");
+            if let Some(m) = &self.metrics {
+                m.dropped();
+            }
             return Ok(CaptureOutcome {
                 unreadable: 0,
                 committed: false,
@@ -538,6 +565,10 @@ impl CaptureLoop {
         }
         if result.batch.is_some() {
             tracing::info!(root = %root.name, "{result}");
+            if let Some(m) = &self.metrics {
+                m.batch(&result, Some(first.elapsed()));
+                m.store_size(&self.store);
+            }
         }
         for (path, why) in &result.failures {
             tracing::warn!(root = %root.name, path = %path.display(), "not captured, kept as it was in the store, tried again: {why}");
@@ -693,6 +724,10 @@ impl CaptureLoop {
             Ok(Ok(None)) => {}
             Ok(Ok(Some(summary))) => {
                 self.summary.compactions += 1;
+                if let Some(m) = &self.metrics {
+                    m.compacted();
+                    m.store_size(&self.store);
+                }
                 tracing::info!("retention: {summary}");
             }
             Ok(Err(e)) => tracing::warn!("retention: compaction failed, will retry: {e:#}"),

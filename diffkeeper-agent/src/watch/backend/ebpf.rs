@@ -181,6 +181,16 @@ impl Tracing {
         }
     }
 
+    /// Writes seen, events sent, ring-buffer overflows, summed over CPUs.
+    pub(super) fn counters(&self) -> Option<[u64; 3]> {
+        let c = self.tracer.lock().ok()?.counters().ok()?;
+        Some([
+            c[counter::WRITES as usize],
+            c[counter::EVENTS as usize],
+            c[counter::RINGBUF_FULL as usize],
+        ])
+    }
+
     fn set_hooks(&self, ids: &[u32], paths: &[PathBuf], notices: &Notices) {
         let ids: Arc<[u32]> = ids.into();
         {

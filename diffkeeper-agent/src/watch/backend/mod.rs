@@ -350,6 +350,15 @@ impl Hub {
         })
     }
 
+    /// The tracer's counters (writes it saw, events it sent, ring-buffer
+    /// overflows), when the eBPF tracer runs.
+    pub fn tracer_counters(&self) -> Option<[u64; 3]> {
+        match &self.shared.source {
+            Source::Ebpf(tracing) => tracing.counters(),
+            _ => None,
+        }
+    }
+
     /// What is watching, for logs.
     pub fn describe(&self) -> &'static str {
         match self.shared.source {
