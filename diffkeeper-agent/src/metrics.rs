@@ -35,6 +35,8 @@ pub struct TargetLabels {
 
 type PerTarget<M> = Family<TargetLabels, M>;
 type Histograms = Family<TargetLabels, Histogram, fn() -> Histogram>;
+/// Reads the tracer's writes, events and ring-buffer overflows.
+pub type TracerCounters = Box<dyn Fn() -> Option<[u64; 3]> + Send>;
 
 /// Every metric of the process.
 pub struct Metrics {
@@ -58,7 +60,7 @@ pub struct Metrics {
     tracer_events: Gauge,
     ringbuf_full: Gauge,
     /// Reads the tracer's counters at each scrape, when one runs.
-    tracer: Mutex<Option<Box<dyn Fn() -> Option<[u64; 3]> + Send>>>,
+    tracer: Mutex<Option<TracerCounters>>,
     /// Targets whose first start attempt has not ended yet.
     starting: Mutex<std::collections::BTreeSet<String>>,
 }
@@ -216,7 +218,7 @@ impl Metrics {
 
     /// Where the tracer's counters (writes, events, ring-buffer
     /// overflows) are read at each scrape.
-    pub fn set_tracer(&self, read: Box<dyn Fn() -> Option<[u64; 3]> + Send>) {
+    pub fn set_tracer(&self, read: TracerCounters) {
         if let Ok(mut slot) = self.tracer.lock() {
             *slot = Some(read);
         }
