@@ -94,8 +94,13 @@ fn target(name: &str, dir: &Path, store: &Path, extra: &str) -> String {
 /// Writes the configuration atomically (as a ConfigMap update is seen), so
 /// the daemon never reads half a file.
 fn write_config(path: &Path, backend: &str, targets: &[String]) {
+    write_config_with(path, backend, "", targets)
+}
+
+/// `write_config` with more `[daemon]` keys.
+fn write_config_with(path: &Path, backend: &str, daemon: &str, targets: &[String]) {
     let text = format!(
-        "[daemon]\nbackend = \"{backend}\"\nreload_interval = \"100ms\"\nmetrics_addr = \"127.0.0.1:0\"\n\n{}",
+        "[daemon]\nbackend = \"{backend}\"\nreload_interval = \"100ms\"\nmetrics_addr = \"127.0.0.1:0\"\n{daemon}\n{}",
         targets.concat()
     );
     let temporary = path.with_extension("new");
@@ -543,4 +548,128 @@ fn metrics_health_and_json_logs_are_served() {
                 .is_some_and(|m| m.contains("start-up capture"))),
         "{log}"
     );
+}
+
+/// Removes everything in `dir`, keeping it: a pod's new, empty volume.
+fn empty(dir: &Path) {
+    for entry in fs::read_dir(dir).expect("read dir") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            fs::remove_dir_all(&path).expect("rm -r");
+        } else {
+            fs::remove_file(&path).expect("rm");
+        }
+    }
+}
+
+fn restore_wait(socket: &Path, target: &str, timeout: &str) -> std::process::Child {
+    Command::new(BIN)
+        .args([
+            "restore-wait",
+            "--socket",
+            s(socket),
+            "--target",
+            target,
+            "--timeout",
+            timeout,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn restore-wait")
+}
+
+#[test]
+fn restore_wait_returns_once_an_emptied_target_is_restored_even_across_a_daemon_restart() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    for (dir, name) in [(&a, "a"), (&b, "b")] {
+        fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        fs::write(dir.join("sub/save"), format!("{name}'s save").repeat(1000)).expect("write");
+        fs::write(dir.join("config"), format!("{name} config")).expect("write");
+    }
+    let (tree_a, tree_b) = (read_tree(&a), read_tree(&b));
+    let (store_a, store_b) = (work.path().join("a.dk"), work.path().join("b.dk"));
+    let socket = work.path().join("run/daemon.sock");
+    let config = work.path().join("daemon.toml");
+    write_config_with(
+        &config,
+        "ebpf",
+        &format!("socket = \"{}\"\n", s(&socket)),
+        &[target("a", &a, &store_a, ""), target("b", &b, &store_b, "")],
+    );
+    let daemon = Daemon::start(&config, &work.path().join("first.log"));
+    wait_captured(&store_a, &a, work.path(), "a captured");
+    wait_captured(&store_b, &b, work.path(), "b captured");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    // Both pods are re-created: a's volume is new and empty, b's is not
+    // there yet, so b cannot start.
+    empty(&a);
+    fs::remove_dir_all(&b).expect("rm b");
+    // restore-wait runs before the daemon: it waits for it.
+    let mut wait_a = restore_wait(&socket, "a", "30s");
+    let mut wait_b = restore_wait(&socket, "b", "30s");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_a.try_wait().expect("try_wait").is_none(),
+        "restore-wait waits for the daemon"
+    );
+    let daemon = Daemon::start(&config, &work.path().join("second.log"));
+    let status = wait_a.wait().expect("wait for restore-wait");
+    assert!(status.success(), "restore-wait for a: {status}");
+    // Ready means in place: the files are there when it returns.
+    assert_same_tree(
+        &tree_a,
+        &read_tree(&a),
+        "a restored before restore-wait returned",
+    );
+    daemon.wait_log(&["target b failed"], 1, Duration::from_secs(10));
+    assert!(
+        wait_b.try_wait().expect("try_wait").is_none(),
+        "b is not ready while it cannot start"
+    );
+
+    // The daemon dies mid-handshake; b's volume appears, empty; a new
+    // daemon restores it, and the same restore-wait sees it ready.
+    let mut daemon = daemon;
+    daemon.signal(rustix::process::Signal::KILL);
+    let _ = daemon.child.0.wait();
+    fs::create_dir_all(&b).expect("mkdir b");
+    let daemon = Daemon::start(&config, &work.path().join("third.log"));
+    let out = wait_b.wait_with_output().expect("wait for restore-wait b");
+    assert!(
+        out.status.success(),
+        "restore-wait for b across a daemon restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(
+        &tree_b,
+        &read_tree(&b),
+        "b restored before restore-wait returned",
+    );
+    // Restoring recorded no deletion: the stores' latest state is the trees.
+    fs::write(a.join("after"), b"captured after the restore").expect("write");
+    wait_captured(&store_a, &a, work.path(), "a captures after its restore");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+    assert_same_tree(&tree_b, &restored(&store_b, work.path(), "b"), "b's store");
+
+    // Nobody answers for a target that does not exist: a clear timeout.
+    let daemon = Daemon::start(&config, &work.path().join("fourth.log"));
+    daemon.wait_log(&["start-up capture"], 2, Duration::from_secs(20));
+    let out = restore_wait(&socket, "nobody", "1s")
+        .wait_with_output()
+        .expect("restore-wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("timed out after 1s")
+            && err.contains("no target \"nobody\"")
+            && err.contains(s(&socket)),
+        "{err}"
+    );
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
 }

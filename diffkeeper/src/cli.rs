@@ -475,6 +475,28 @@ pub enum Command {
         #[arg(long, value_name = "ADDR", value_parser = metrics_addr)]
         metrics_addr: Option<MetricsAddr>,
     },
+    /// Wait until the daemon has TARGET's state in place (replayed from its
+    /// store and verified, when its directories were empty) and is
+    /// capturing it; exit 0 then. For an init container, before the app
+    /// starts: only the daemon opens the store, so this asks it over its
+    /// control socket (`socket` in its configuration). Reconnects while
+    /// the daemon is not there or restarts; exits 1 past --timeout, saying
+    /// what the daemon said last.
+    RestoreWait {
+        /// The daemon's control socket.
+        #[arg(
+            long,
+            value_name = "PATH",
+            default_value = "/run/diffkeeper/daemon.sock"
+        )]
+        socket: PathBuf,
+        /// The target to wait for (its name in the daemon's configuration).
+        #[arg(long, value_name = "NAME")]
+        target: String,
+        /// Longest wait.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Replay the state, start CMD, capture while it runs, capture once more
     /// when it exits, and exit with its exit code (128 + signal if it was
     /// killed; 127 if it cannot be started; 1 if it exited 0 but capturing
@@ -865,6 +887,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 metrics_addr: metrics_addr.map(|MetricsAddr(addr)| addr),
             };
             runtime()?.block_on(crate::agent::daemon::run(&config, &overrides))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RestoreWait {
+            socket,
+            target,
+            timeout,
+        } => {
+            let files = runtime()?.block_on(crate::agent::daemon::control::wait(
+                &socket, &target, timeout,
+            ))?;
+            println!("target {target} is restored ({files} files written) and captured");
             Ok(ExitCode::SUCCESS)
         }
         Command::Watch { watch } => {

@@ -12,6 +12,7 @@
 //! syscall_hooks = false       # the 32 syscall tracepoints everywhere (start only)
 //! reload_interval = "2s"      # how often the file is looked at for changes
 //! metrics_addr = "0.0.0.0:9090"   # /metrics, /healthz, /readyz; "none" for none (start only)
+//! socket = "/run/diffkeeper/daemon.sock"   # restore-wait's control socket; none unless set (start only)
 //!
 //! [defaults]                  # optional: every target's settings unless it sets its own
 //! debounce = "300ms"
@@ -21,6 +22,7 @@
 //! scan_interval = "2s"
 //! rescan_interval = "30s"
 //! compact_interval = "1h"
+//! restore = "if-empty"        # if-empty | never: see below
 //!
 //! [[target]]
 //! name = "game"               # stable: logs and reloads know the target by it
@@ -30,6 +32,15 @@
 //! freeze_cgroups = ["/sys/fs/cgroup/unified/game.scope"]
 //! retention = { keep_last = 100, keep_within = "7d" }
 //! ```
+//!
+//! `restore = "if-empty"`: a target whose store exists and whose state
+//! directories are empty when it starts (a fresh emptyDir or tmpfs after a
+//! reboot or a pod re-created) gets its store's latest state replayed into
+//! them first, verified, then is captured; `restore-wait` reports it
+//! ready only then. Directories that are not empty are reconciled as they
+//! are (what changed while the daemon was down is captured). `never`
+//! always takes the directories as they are, even empty: their first
+//! batch then records every file deleted.
 //!
 //! Durations are humantime's (`250ms`, `30s`, `1h 30m`, `7d`). A state
 //! directory is `NAME=DIR` or `DIR`, as `--state-dir` takes it. Targets are
@@ -55,6 +66,8 @@ pub struct Config {
     pub reload_interval: Duration,
     /// Where metrics and health checks are served; `None` for nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The control socket `restore-wait` asks, if any.
+    pub socket: Option<PathBuf>,
     /// By name.
     pub targets: BTreeMap<String, Target>,
 }
@@ -67,6 +80,8 @@ pub struct Target {
     pub store: PathBuf,
     pub roots: Vec<StateDir>,
     pub options: WatchOptions,
+    /// Replay the store into its directories first when they are empty.
+    pub restore_if_empty: bool,
 }
 
 /// The file as written.
@@ -88,6 +103,7 @@ struct DaemonSection {
     syscall_hooks: Option<bool>,
     reload_interval: Option<Span>,
     metrics_addr: Option<String>,
+    socket: Option<PathBuf>,
 }
 
 /// What a target may set, and `[defaults]` for all of them.
@@ -103,6 +119,7 @@ struct Settings {
     compact_interval: Option<Span>,
     freeze_cgroups: Option<Vec<PathBuf>>,
     retention: Option<Retention>,
+    restore: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +222,16 @@ impl Settings {
             compact_interval: self.compact_interval.or(under.compact_interval),
             freeze_cgroups: self.freeze_cgroups.clone().or(under.freeze_cgroups.clone()),
             retention: self.retention.clone().or(under.retention.clone()),
+            restore: self.restore.clone().or(under.restore.clone()),
+        }
+    }
+
+    /// Whether `restore` says to replay into empty directories.
+    fn restore_if_empty(&self) -> Result<bool, String> {
+        match self.restore.as_deref() {
+            None | Some("if-empty") => Ok(true),
+            Some("never") => Ok(false),
+            Some(other) => Err(format!("restore = {other:?}: not one of if-empty, never")),
         }
     }
 
@@ -298,7 +325,16 @@ impl Config {
         // Checked even with no target to take them.
         file.defaults
             .options(backend, syscall_hooks)
+            .and_then(|_| file.defaults.restore_if_empty())
             .map_err(|why| refused(format!("[defaults] {why}")))?;
+        if let Some(socket) = &file.daemon.socket {
+            if socket.is_relative() {
+                return Err(refused(format!(
+                    "[daemon] socket {} is relative: give an absolute path",
+                    socket.display()
+                )));
+            }
+        }
         let metrics_addr = match file.daemon.metrics_addr.as_deref() {
             None => Some(DEFAULT_METRICS_ADDR),
             Some(text) => {
@@ -356,11 +392,11 @@ impl Config {
                     section.store.display()
                 )));
             }
-            let options = section
-                .settings
-                .over(&file.defaults)
+            let settings = section.settings.over(&file.defaults);
+            let options = settings
                 .options(backend, syscall_hooks)
                 .map_err(target_refused)?;
+            let restore_if_empty = settings.restore_if_empty().map_err(target_refused)?;
             targets.insert(
                 name.clone(),
                 Target {
@@ -368,6 +404,7 @@ impl Config {
                     store: section.store.clone(),
                     roots,
                     options,
+                    restore_if_empty,
                 },
             );
         }
@@ -376,6 +413,7 @@ impl Config {
             syscall_hooks,
             reload_interval,
             metrics_addr,
+            socket: file.daemon.socket.clone(),
             targets,
         })
     }

@@ -23,6 +23,7 @@
 //! takes what changed meanwhile.
 
 pub mod config;
+pub mod control;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,12 +36,22 @@ use tracing::Instrument;
 use std::sync::Arc;
 
 use crate::error::{Context, Result};
-use crate::metrics::{Metrics, TargetMetrics};
+use crate::metrics::Metrics;
 use crate::watch::{CaptureLoop, Hub};
 pub use config::{Config, Target};
+use control::TargetState;
 
 /// Longest wait between tries of a target that cannot start.
 const MAX_START_WAIT: Duration = Duration::from_secs(60);
+
+/// What every target's task shares.
+#[derive(Clone)]
+struct Shared {
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    /// Each target's state, for `restore-wait`.
+    states: control::States,
+}
 
 /// A target's running task.
 struct Running {
@@ -74,6 +85,20 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
         }
         None => None,
     };
+    let states = control::States::default();
+    let control = match &config.socket {
+        Some(path) => {
+            let task = control::serve(path, states.clone())?;
+            tracing::info!("restore-wait's control socket at {}", path.display());
+            Some(task)
+        }
+        None => None,
+    };
+    let shared = Shared {
+        hub: hub.clone(),
+        metrics,
+        states,
+    };
     tracing::info!(
         "daemon: {} target(s) from {}, written notices from {}",
         config.targets.len(),
@@ -84,7 +109,7 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    apply(&hub, &metrics, &mut running, &config.targets).await;
+    apply(&shared, &mut running, &config.targets).await;
     let mut look = tokio::time::interval(config.reload_interval);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -129,7 +154,7 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
                     if forced { "SIGHUP" } else { "the file changed" },
                     new.targets.len()
                 );
-                apply(&hub, &metrics, &mut running, &new.targets).await;
+                apply(&shared, &mut running, &new.targets).await;
                 config = new;
             }
             Err(e) => {
@@ -140,8 +165,8 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
     tracing::info!("daemon stopping: a final capture of every target");
     let names: Vec<String> = running.keys().cloned().collect();
     stop_all(&mut running, &names).await;
-    if let Some(server) = server {
-        server.abort();
+    for task in [server, control].into_iter().flatten() {
+        task.abort();
     }
     tracing::info!("daemon stopped");
     Ok(())
@@ -151,8 +176,7 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
 /// changed (each after its final capture; all at once), then starts the
 /// new and changed ones.
 async fn apply(
-    hub: &Hub,
-    metrics: &Arc<Metrics>,
+    shared: &Shared,
     running: &mut BTreeMap<String, Running>,
     wanted: &BTreeMap<String, Target>,
 ) {
@@ -171,24 +195,23 @@ async fn apply(
     }
     stop_all(running, &stale).await;
     for name in stale.iter().filter(|name| !wanted.contains_key(*name)) {
-        metrics.remove(name);
+        shared.metrics.remove(name);
+        shared.states.remove(name);
     }
     let new: Vec<String> = wanted
         .keys()
         .filter(|name| !running.contains_key(*name))
         .cloned()
         .collect();
-    metrics.set_starting(new.iter().cloned());
+    shared.metrics.set_starting(new.iter().cloned());
     for (name, target) in wanted {
         if running.contains_key(name) {
             continue;
         }
         let (stop, stopped) = oneshot::channel();
         let span = tracing::info_span!("target", target = %name);
-        let task = tokio::spawn(
-            keep_capturing(hub.clone(), target.clone(), stopped, metrics.target(name))
-                .instrument(span),
-        );
+        let task =
+            tokio::spawn(keep_capturing(shared.clone(), target.clone(), stopped).instrument(span));
         running.insert(
             name.clone(),
             Running {
@@ -220,22 +243,37 @@ async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[String]) {
 
 /// One target: starts its capture loop, trying again with back-off while
 /// it cannot start, and captures until told to stop.
-async fn keep_capturing(
-    hub: Hub,
-    target: Target,
-    mut stop: oneshot::Receiver<()>,
-    metrics: TargetMetrics,
-) {
+async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Receiver<()>) {
+    let metrics = shared.metrics.target(&target.name);
+    let states = &shared.states;
+    states.set(&target.name, TargetState::Starting);
     let mut failures = 0u32;
     loop {
+        let started = async {
+            let restored = if target.restore_if_empty {
+                restore_if_empty(&target, states).await?
+            } else {
+                0
+            };
+            let capture = CaptureLoop::start_on(
+                &shared.hub,
+                &target.store,
+                &target.roots,
+                &target.options,
+                None,
+            )
+            .await?;
+            Ok::<_, crate::error::AgentError>((capture, restored))
+        };
         let started = tokio::select! {
             _ = &mut stop => return,
-            started = CaptureLoop::start_on(&hub, &target.store, &target.roots, &target.options, None) => started,
+            started = started => started,
         };
         match started {
-            Ok(mut capture) => {
+            Ok((mut capture, restored_files)) => {
                 capture.set_metrics(metrics.clone());
                 metrics.up(true);
+                states.set(&target.name, TargetState::Capturing { restored_files });
                 if failures > 0 {
                     tracing::info!(
                         "target {}: capturing after {failures} failed start(s)",
@@ -260,6 +298,7 @@ async fn keep_capturing(
             }
             Err(e) => {
                 metrics.up(false);
+                states.set(&target.name, TargetState::Failed(format!("{e:#}")));
                 failures += 1;
                 let wait = Duration::from_secs(1)
                     .saturating_mul(1 << (failures - 1).min(16))
@@ -276,4 +315,45 @@ async fn keep_capturing(
             }
         }
     }
+}
+
+/// Replays the store's latest state into those of `target`'s directories
+/// that are empty, when its store exists; returns the files written. A
+/// replay is all-or-nothing and verified against the stored hashes.
+async fn restore_if_empty(target: &Target, states: &control::States) -> Result<u64> {
+    let empty: Vec<crate::roots::StateDir> = target
+        .roots
+        .iter()
+        .filter(|root| {
+            std::fs::read_dir(&root.path).is_ok_and(|mut entries| entries.next().is_none())
+        })
+        .cloned()
+        .collect();
+    if empty.is_empty() || !target.store.exists() {
+        return Ok(0);
+    }
+    states.set(&target.name, TargetState::Restoring);
+    let (store, names) = (
+        target.store.clone(),
+        empty.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+    );
+    let options = crate::replay::ReplayOptions {
+        // A directory the store has no history for yet is simply new.
+        new_roots: names,
+        sync: true,
+        force: false,
+    };
+    let span = tracing::Span::current();
+    let summaries = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
+        crate::replay::replay(&store, &empty, crate::history::Moment::Latest, &options)
+    })
+    .await
+    .context("restore task failed")??;
+    let mut files = 0;
+    for summary in summaries.unwrap_or_default() {
+        tracing::info!("restored {summary} (the directory was empty)");
+        files += summary.written as u64;
+    }
+    Ok(files)
 }
