@@ -2,6 +2,7 @@
 //! data, and reading a whole tree for comparison.
 #![allow(dead_code)]
 
+pub mod container;
 pub mod edit;
 
 use std::collections::BTreeMap;
