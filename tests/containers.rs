@@ -436,7 +436,7 @@ fn three_containers_each_keep_exactly_their_own_state_in_consistent_cuts() {
     // The safety-net rescan is out of reach: only the tracer's events
     // bring the containers' changes in.
     let config = work.join("daemon.toml");
-    let mut text = String::from("[daemon]\nbackend = \"ebpf\"\n\n");
+    let mut text = String::from("[daemon]\nbackend = \"ebpf\"\nmetrics_addr = \"127.0.0.1:0\"\n\n");
     for case in &cases {
         text.push_str(&format!(
             "[[target]]\nname = \"{}\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\n\
