@@ -405,8 +405,15 @@ pub fn daemon_config_text(config: &crate::agent::daemon::Config) -> String {
     let backend = name_in(&crate::watch::Backend::ALL, config.backend);
     let _ = writeln!(
         out,
-        "backend {backend}, reloaded every {}; {} target(s)",
+        "backend {backend}, reloaded every {}, metrics {}, control socket {}; {} target(s)",
         humantime::format_duration(config.reload_interval),
+        config
+            .metrics_addr
+            .map_or("none".to_string(), |addr| format!("http://{addr}/metrics")),
+        config
+            .socket
+            .as_ref()
+            .map_or("none".to_string(), |p| p.display().to_string()),
         config.targets.len()
     );
     for target in config.targets.values() {
@@ -422,16 +429,17 @@ pub fn daemon_config_text(config: &crate::agent::daemon::Config) -> String {
         }
         let _ = writeln!(
             out,
-            "  debounce {}, max latency {}, consistency {}, max pause {}, compact every {}{}",
+            "  debounce {}, max latency {}, consistency {}, max pause {}, compact every {}, restore {}{}",
             humantime::format_duration(o.debounce),
             humantime::format_duration(o.max_latency),
             name_in(&crate::watch::Consistency::ALL, o.consistency),
             humantime::format_duration(o.max_pause),
             humantime::format_duration(o.compact_interval),
+            if target.restore_if_empty { "if-empty" } else { "never" },
             if o.retention == crate::retention::Policy::default() {
                 String::new()
             } else {
-                format!(", retention {:?}", o.retention)
+                format!(", retention {}", o.retention)
             }
         );
     }
