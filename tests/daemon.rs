@@ -673,3 +673,57 @@ fn restore_wait_returns_once_an_emptied_target_is_restored_even_across_a_daemon_
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log}");
 }
+
+#[test]
+fn watch_serves_metrics_only_when_asked() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    fs::create_dir_all(&state).expect("mkdir");
+    fs::write(state.join("f"), b"first").expect("write");
+    let store = work.path().join("game.dk");
+    let log = work.path().join("watch.log");
+    let watch = |extra: &[&str], log: &Path| {
+        Reaped(
+            Command::new(BIN)
+                .args(["watch", "--backend", "ebpf", "--debounce", "50ms"])
+                .args([
+                    "--state-dir",
+                    &format!("data={}", s(&state)),
+                    "--store",
+                    s(&store),
+                ])
+                .args(extra)
+                .stderr(fs::File::create(log).expect("log"))
+                .spawn()
+                .expect("spawn watch"),
+        )
+    };
+    let child = watch(&["--metrics-addr", "127.0.0.1:0"], &log);
+    wait_for("watch's metrics address", Duration::from_secs(20), || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("metrics at http://"))
+    });
+    let text = fs::read_to_string(&log).expect("log");
+    let addr = text
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address")
+        .to_string();
+    fs::write(state.join("g"), b"second").expect("write");
+    wait_captured(&store, &state, work.path(), "watch captures");
+    let (status, metrics) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    // Labelled by the store's name; the start-up batch and the write's.
+    let batches = series(&metrics, "diffkeeper_batches_total{target=\"game\"}");
+    assert!(batches.is_some_and(|b| b >= 2.0), "{metrics}");
+    drop(child);
+    // Without the option, nothing is served.
+    let quiet_log = work.path().join("quiet.log");
+    let quiet = watch(&[], &quiet_log);
+    wait_for("watch to start", Duration::from_secs(20), || {
+        fs::read_to_string(&quiet_log).is_ok_and(|l| l.contains("start-up capture"))
+    });
+    let text = fs::read_to_string(&quiet_log).expect("log");
+    assert!(!text.contains("metrics at"), "{text}");
+    drop(quiet);
+}

@@ -216,6 +216,11 @@ pub struct WatchArgs {
     /// the root cgroup, are refused. Repeat for several.
     #[arg(long = "freeze-cgroup", value_name = "PATH")]
     pub freeze_cgroups: Vec<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (batches, bytes,
+    /// store size, capture latency, freeze pauses...), with /healthz and
+    /// /readyz; off unless given (`daemon` serves them by default).
+    #[arg(long, value_name = "ADDR", value_parser = metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
 }
 
 /// `--metrics-addr`: an address, or none.
@@ -906,6 +911,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &watch.roots.store.store,
                 &dirs,
                 &watch.options(),
+                watch.metrics_addr.and_then(|MetricsAddr(addr)| addr),
             ))?)
         }
         Command::Run {
@@ -927,6 +933,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     app_survives,
                     new_roots,
                     stop_grace,
+                    metrics_addr: watch.metrics_addr.and_then(|MetricsAddr(addr)| addr),
                 },
             ))?)
         }

@@ -18,8 +18,39 @@ use crate::watch::{CaptureLoop, WatchOptions};
 /// Exit code when the app cannot be started (as shells use).
 const CANNOT_START: u8 = 127;
 
-/// Captures until SIGTERM or SIGINT, then once more; exit 0.
-pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> Result<ExitCode> {
+/// Serves metrics for `capture` at `addr` (labelled with the store's file
+/// name as the target), when given; the server stops when the returned
+/// task is dropped... or aborted by the caller.
+async fn observe(
+    capture: &mut CaptureLoop,
+    store: &Path,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let metrics = crate::metrics::Metrics::new();
+    let hub = capture.hub().clone();
+    metrics.set_tracer(Box::new(move || hub.tracer_counters()));
+    let name = store
+        .file_stem()
+        .map_or("store".into(), |n| n.to_string_lossy().into_owned());
+    let target = metrics.target(&name);
+    target.up(true);
+    capture.set_metrics(target);
+    let (bound, task) = crate::metrics::serve(addr, metrics).await?;
+    tracing::info!("metrics at http://{bound}/metrics, health at /healthz and /readyz");
+    Ok(Some(task))
+}
+
+/// Captures until SIGTERM or SIGINT, then once more; exit 0. With
+/// `metrics_addr`, serves metrics there meanwhile.
+pub async fn watch(
+    store: &Path,
+    roots: &[StateDir],
+    options: &WatchOptions,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<ExitCode> {
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let stop = async move {
@@ -29,10 +60,12 @@ pub async fn watch(store: &Path, roots: &[StateDir], options: &WatchOptions) -> 
         }
         tracing::info!("stopping: capturing what is left");
     };
-    let summary = CaptureLoop::start(store, roots, options, None)
-        .await?
-        .run_until(stop)
-        .await?;
+    let mut capture = CaptureLoop::start(store, roots, options, None).await?;
+    let server = observe(&mut capture, store, metrics_addr).await?;
+    let summary = capture.run_until(stop).await?;
+    if let Some(server) = server {
+        server.abort();
+    }
     tracing::info!(
         batches = summary.batches,
         dropped = summary.dropped,
@@ -60,6 +93,8 @@ pub struct RunOptions {
     /// How long the app has to exit after a stop signal (SIGTERM, SIGINT)
     /// is forwarded, before it and every process it started get SIGKILL.
     pub stop_grace: Duration,
+    /// Where to serve metrics while it runs, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Replays, runs `command` while capturing, and returns its exit code.
@@ -107,13 +142,16 @@ pub async fn run(
         },
     };
     // Watching starts before the app, so none of its writes goes unnoticed.
-    let capture = CaptureLoop::start(
+    let mut capture = CaptureLoop::start(
         store,
         roots,
         options,
         app_cgroup.as_ref().map(|c| c.cgroup()),
     )
     .await?;
+    let _server = observe(&mut capture, store, run_options.metrics_addr)
+        .await?
+        .map(AbortOnDrop);
     let spare: Vec<Pid> = capture
         .watchdog_pid()
         .and_then(|pid| Pid::from_raw(pid as i32))
@@ -254,4 +292,14 @@ pub async fn run(
     } else {
         code
     }))
+}
+
+/// Aborts a task when dropped: the metrics server of `run`, on every way
+/// out.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

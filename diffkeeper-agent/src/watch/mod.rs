@@ -300,6 +300,11 @@ impl CaptureLoop {
         self.metrics = Some(metrics);
     }
 
+    /// The backend this loop's directories are attached to.
+    pub fn hub(&self) -> &Hub {
+        self._attachment.hub()
+    }
+
     /// The watchdog's process id, which `run` must not end as a leftover
     /// of the app.
     pub fn watchdog_pid(&self) -> Option<u32> {

@@ -493,6 +493,11 @@ impl Attachment {
         self.via
     }
 
+    /// The backend they are attached to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
     /// The root ids the directories were given, in their order.
     pub fn ids(&self) -> &[u32] {
         &self.ids
