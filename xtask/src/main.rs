@@ -1,9 +1,12 @@
 //! `cargo xtask`: DiffKeeper's developer tasks.
 //!
 //! - `setup`: installs what the eBPF build needs (Debian's Rust 1.96 with its
-//!   library source, LLVM 22, `bpf-linker` 0.13 built against it) and mounts
-//!   tracefs; quick when everything is present.
+//!   library source, LLVM 22, `bpf-linker` 0.13 built against it), what the
+//!   deployment tests need (umoci, crun, a pinned `kubernetes-validate`) and
+//!   mounts tracefs; quick when everything is present.
 //! - `build`, `run [-- ARGS]` (no ARGS: the demo), `test`, `bench [NAME]`.
+//! - `image`: an OCI image of the release binary, built offline with umoci
+//!   (see `image.rs` and `deploy/README.md`).
 //!
 //! The pins and why: see `../shared/notes/ebpf-toolchain.md`. In short, the
 //! eBPF crate needs `-Z build-std=core` and the standard library's source,
@@ -11,6 +14,7 @@
 //! it, and `bpf-linker` must be built against the LLVM Debian ships (22).
 
 mod bench;
+mod image;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -31,8 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the eBPF build needs (Debian packages, bpf-linker) and
-    /// mount tracefs; returns in seconds when all is present.
+    /// Install what the eBPF build and the tests need (Debian packages,
+    /// bpf-linker, kubernetes-validate) and mount tracefs; returns in
+    /// seconds when all is present.
     Setup,
     /// Setup, then build diffkeeper in release mode (the eBPF object is
     /// built and embedded by diffkeeper-tracer/build.rs).
@@ -45,6 +50,23 @@ enum Task {
     /// Setup, `cargo fmt --check`, clippy with warnings denied, every test
     /// (the eBPF tests load programs into this kernel, so this runs as root).
     Test,
+    /// Build an OCI image (an OCI layout directory) holding only
+    /// /usr/local/bin/diffkeeper and the libraries it links, offline with
+    /// umoci; prints its size. Builds the release binary first unless
+    /// --binary is given.
+    Image {
+        /// The OCI layout directory (created, or an existing layout given
+        /// one more tag) [default: <target>/oci/diffkeeper]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The image's tag in the layout.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+        /// Package this binary instead of building one (the tests pass the
+        /// binary cargo built for them).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Benchmarks against peers measured in the same run: `delta`, `replay`,
     /// or all when none is named.
     Bench {
@@ -75,8 +97,9 @@ enum Task {
 
 /// Debian packages the eBPF build needs, the real apps the tests check
 /// with their own integrity tools (git, sqlite3, and PostgreSQL, which must
-/// start on a data directory DiffKeeper restored), and bindfs, a FUSE file
-/// system that cannot swap two names in one step (as NFS and CIFS cannot).
+/// start on a data directory DiffKeeper restored), bindfs, a FUSE file
+/// system that cannot swap two names in one step (as NFS and CIFS cannot),
+/// and what `cargo xtask image` and `tests/deploy.rs` need (below).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -89,6 +112,33 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "sqlite3",
     "postgresql",
     "bindfs",
+    // `cargo xtask image` builds the OCI image offline with umoci (no
+    // daemon, no registry) and strips the binary's line tables with
+    // binutils' objcopy; tests/deploy.rs runs the image with crun, a real
+    // OCI runtime, as a node would.
+    "umoci",
+    "binutils",
+    "crun",
+    // The virtual environment kubernetes-validate is installed in (Debian's
+    // python3 has no venv module without it).
+    "python3-venv",
+];
+/// PyPI's kubernetes-validate, which checks the rendered manifests against
+/// the Kubernetes API schemas offline (tests/deploy.rs), with its
+/// dependencies pinned as well, so a new jsonschema cannot change what
+/// passes. 1.37.0 carries the schemas of Kubernetes 1.25 to 1.37; the
+/// tests pick 1.32, the kubectl installed here.
+const KUBERNETES_VALIDATE: &[&str] = &[
+    "kubernetes-validate==1.37.0",
+    "attrs==26.1.0",
+    "importlib_resources==7.1.0",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "packaging==26.4",
+    "PyYAML==6.0.4",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+    "typing_extensions==4.16.0",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -101,6 +151,7 @@ fn main() -> ExitCode {
         Task::Build => build(),
         Task::Run { args } => run(&args),
         Task::Test => test(),
+        Task::Image { out, tag, binary } => image(out, &tag, binary),
         Task::Bench { args } => build().and_then(|_| bench::run(&workspace_root(), &args)),
         Task::BenchWriter {
             dir,
@@ -204,6 +255,57 @@ fn tracefs_mounted() -> bool {
     })
 }
 
+fn command_runs(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// Installs [`KUBERNETES_VALIDATE`] with pip in its own virtual
+/// environment (a Debian python refuses `pip install` outside one, and the
+/// machine's python stays as it was), unless that version is there.
+fn kubernetes_validate() -> Result<()> {
+    let venv = kubernetes_validate_venv();
+    // Every pin at its version, asked of the environment's own python
+    // (a tenth of a second; running the validator takes half a second).
+    const CHECK: &str = "import re, sys, importlib.metadata as m; \
+        norm = lambda name: re.sub(r'[-_.]+', '-', name).lower(); \
+        have = {norm(d.metadata['Name']): d.version for d in m.distributions()}; \
+        pins = (pin.split('==') for pin in sys.argv[1:]); \
+        sys.exit(0 if all(have.get(norm(n)) == v for n, v in pins) else 1)";
+    let installed = command_runs(
+        venv.join("bin").join("python3"),
+        &[&["-c", CHECK][..], KUBERNETES_VALIDATE].concat(),
+    );
+    if installed {
+        return Ok(());
+    }
+    println!(
+        "setup: installing {} into {} (from PyPI)",
+        KUBERNETES_VALIDATE[0],
+        venv.display()
+    );
+    // --clear: a half-made environment, or one whose python is gone (it
+    // links to the python that made it), is made anew.
+    checked(
+        Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )
+    .with_context(|| {
+        format!(
+            "cannot create a Python virtual environment at {}",
+            venv.display()
+        )
+    })?;
+    checked(
+        Command::new(venv.join("bin").join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(KUBERNETES_VALIDATE),
+    )
+}
+
 fn setup() -> Result<()> {
     let started = Instant::now();
     let missing = missing_packages()?;
@@ -237,6 +339,11 @@ fn setup() -> Result<()> {
                 .args(["--no-default-features", "--features", "llvm-22", "--force"]),
         )?;
     }
+    kubernetes_validate()?;
+    if !command_runs("kubectl", &["version", "--client"]) {
+        // Not a Debian package; the machine image ships kubectl 1.32.
+        println!("setup: kubectl is not installed: tests/deploy.rs renders the manifests with `kubectl kustomize` and will fail");
+    }
     if !tracefs_mounted() {
         if is_root() {
             println!("setup: mounting tracefs at {TRACEFS}");
@@ -259,13 +366,35 @@ fn build() -> Result<()> {
     checked(cargo().args(["build", "--release", "-p", "diffkeeper"]))
 }
 
-/// The release binary `build` made.
-pub fn diffkeeper_binary() -> PathBuf {
+/// The cargo target directory: `CARGO_TARGET_DIR`, else `target/`.
+pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"))
-        .join("release")
-        .join("diffkeeper")
+}
+
+/// The release binary `build` made.
+pub fn diffkeeper_binary() -> PathBuf {
+    target_dir().join("release").join("diffkeeper")
+}
+
+/// The virtual environment kubernetes-validate is installed in: under the
+/// target directory, where tests/deploy.rs finds it beside the binary
+/// (`<target>/release/diffkeeper`).
+fn kubernetes_validate_venv() -> PathBuf {
+    target_dir().join("tools").join("kubernetes-validate")
+}
+
+fn image(out: Option<PathBuf>, tag: &str, binary: Option<PathBuf>) -> Result<()> {
+    let binary = match binary {
+        Some(binary) => binary,
+        None => {
+            build()?;
+            diffkeeper_binary()
+        }
+    };
+    let out = out.unwrap_or_else(|| target_dir().join("oci").join("diffkeeper"));
+    image::build(&binary, &out, tag)
 }
 
 fn run(args: &[String]) -> Result<()> {
