@@ -66,10 +66,12 @@ pub struct Metrics {
 }
 
 fn latency_histogram() -> Histogram {
-    // 5 ms to about 82 s: a debounce of 300 ms puts most captures near
-    // the middle; a store held by another process, at the top.
+    // 5 ms to about 25 s, each bound half again the last: a debounce of
+    // 300 ms puts most captures near the middle, --max-latency (3 s) under
+    // continuous writes above it, a store held by another process at the
+    // top.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.005, 2.0, 15,
+        0.005, 1.5, 22,
     ))
 }
 

@@ -38,6 +38,22 @@ fn stdout_gone() -> bool {
     poll(&mut fds, Some(&now)).is_ok() && fds[0].revents().contains(PollFlags::ERR)
 }
 
+/// glibc's malloc gives each thread that allocates under contention an
+/// arena of its own, up to 8 per core, and keeps what each frees: a daemon
+/// whose targets' captures run on many blocking threads ends up holding
+/// memory in every one. Two arenas are plenty for a process whose heavy
+/// work is I/O and hashing (`cargo xtask bench daemon`, 50 targets and a
+/// 64 MB rewrite: peak RSS 115 MiB with the default, 79 MiB with two).
+/// Called before any thread starts.
+fn few_malloc_arenas() {
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; it is
+    // called before any other thread exists, and a refusal (returns 0) is
+    // harmless.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> ExitCode {
     // DiffKeeper's own helper process, never typed by a user.
     if std::env::args_os().nth(1).as_deref()
@@ -46,6 +62,12 @@ fn main() -> ExitCode {
         return diffkeeper::freeze::watchdog::serve();
     }
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        cli::Command::Daemon { .. } | cli::Command::Run { .. } | cli::Command::Watch { .. }
+    ) {
+        few_malloc_arenas();
+    }
     diffkeeper::engine::progress::show_with(Box::new(diffkeeper::progress::Bars));
     let default = match cli.verbose {
         0 => "diffkeeper=info",

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [delta|replay|history|tracer|tree|consistency]... [--keep]`: DiffKeeper against
+//! `cargo xtask bench [delta|replay|history|tracer|tree|consistency|daemon]... [--keep]`: DiffKeeper against
 //! its peers, each measured in the same run on the same input and reported as
 //! ratios (these machines are noisy; only ratios within one run mean much).
 //! Every timed command runs [`RUNS`] times; the median time is reported,
@@ -32,6 +32,11 @@
 //!   agent, the pauses (p50/p99/max) and torn batches per mode; and the
 //!   pause of batches of up to 8 MiB across up to 1,000 files (target: p99
 //!   at most 20 ms).
+//! - `daemon` ([`daemon`]): 9 small targets on one daemon alone and beside a
+//!   target rewriting a 500 MB file (their capture latency p50/p99, and the
+//!   ratio); 50 targets plus a heavy writer on one daemon against 50 `watch`
+//!   processes (latency, CPU, peak RSS; target: RSS at most 50 MiB + 1 MiB
+//!   per target).
 //!
 //! With no name, all run. Missing peers (`sqlite3`, `bsdiff`, `xdelta3`,
 //! `zstd`, GNU `time`) are installed with apt-get. Work files live in a
@@ -44,6 +49,7 @@
 //! be run or a result is wrong (a replay that does not reproduce its input).
 
 mod consistency;
+mod daemon;
 mod delta;
 mod history;
 mod measure;
@@ -63,13 +69,14 @@ use serde_json::{json, Value};
 pub(crate) const RUNS: usize = 3;
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 6] = [
+const BENCHMARKS: [&str; 7] = [
     "delta",
     "replay",
     "history",
     "tracer",
     "tree",
     "consistency",
+    "daemon",
 ];
 
 /// What every benchmark gets: the binary under test and a work directory.
@@ -164,6 +171,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "history" => history::run(&bench),
             "tree" => tree::run(&bench),
             "consistency" => consistency::run(&bench),
+            "daemon" => daemon::run(&bench),
             _ => tracer::run(&bench),
         }
         .with_context(|| format!("benchmark {name} failed"))?;

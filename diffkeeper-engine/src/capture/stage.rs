@@ -167,7 +167,7 @@ pub fn stage(
     let left = AtomicU64::new(0);
     let changed = AtomicBool::new(false);
     let files = Mutex::new(HashMap::with_capacity(jobs.len()));
-    jobs.par_iter().for_each(|(root, path, size)| {
+    let stage_one = |(root, path, size): &(&str, &[u8], u64)| {
         if Instant::now() >= deadline {
             left.fetch_add(*size, Ordering::Relaxed);
             return;
@@ -198,7 +198,15 @@ pub fn stage(
         if let Ok(mut files) = files.lock() {
             files.insert((root.to_string(), path.to_vec()), staged);
         }
-    });
+    };
+    // The writers wait while this runs: a small cut is not queued behind
+    // another target's work in the shared pool.
+    let bytes: u64 = jobs.iter().map(|(_, _, size)| size).sum();
+    if super::worth_the_pool(jobs.len(), bytes) {
+        jobs.par_iter().for_each(stage_one);
+    } else {
+        jobs.iter().for_each(stage_one);
+    }
     if let Some(spill) = &spill {
         // Holes at the end of a file's range read as zeros only inside
         // the spill file's length.

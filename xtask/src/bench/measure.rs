@@ -376,6 +376,25 @@ impl Noise {
     }
 }
 
+/// User plus system CPU time of process `pid` so far, from /proc.
+pub fn cpu_secs(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command name: state is field 3, utime 14 and stime 15.
+    let ticks = |n: usize| -> Result<f64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no field {n} in {path}"))
+    };
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    Ok((ticks(14)? + ticks(15)?) / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use super::measure::{fresh_dir, json_of, output, verdict};
+use super::measure::{cpu_secs, fresh_dir, json_of, output, verdict};
 use super::{Bench, Outcome};
 
 /// Rounds of every condition: more than the other benchmarks' runs, as a
@@ -279,22 +279,6 @@ fn child_of(pid: u32) -> Result<u32> {
         .next()
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("process {pid} has no child"))
-}
-
-/// User and system CPU time of process `pid` so far.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // Fields after the command name, which is in parentheses: utime and
-    // stime are the 12th and 13th.
-    let after = text
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> f64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0.0) };
-    // In USER_HZ, which is 100 on Linux whatever the kernel's tick.
-    Ok((ticks(11) + ticks(12)) / 100.0)
 }
 
 /// The summed `run_time_ns` and `run_cnt` of the BPF programs process
