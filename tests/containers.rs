@@ -177,14 +177,6 @@ impl Daemon {
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 type Tree = BTreeMap<Vec<u8>, Node>;
 
 /// The tree batch `batch` (the latest without) of `store` restores into a
@@ -342,7 +334,7 @@ fn round(bench: &Bench, cases: &mut [Case], round: usize, rng: &mut Rng) -> Vec<
         fs::write(bench.go.join("go"), b"").expect("go");
     }
     for ((case, container), before) in cases.iter().zip(&mut containers).zip(before) {
-        wait_for(
+        common::wait_for(
             &format!("{}'s app to keep its invariant", case.name),
             Duration::from_secs(30),
             || {
@@ -450,7 +442,7 @@ fn three_containers_each_keep_exactly_their_own_state_in_consistent_cuts() {
     }
     fs::write(&config, text).expect("write the config");
     let daemon = Daemon::start(&config, &work.join("daemon.log"));
-    wait_for("3 start-up captures", Duration::from_secs(30), || {
+    common::wait_for("3 start-up captures", Duration::from_secs(30), || {
         daemon.log().matches("start-up capture").count() >= 3
     });
 
@@ -461,7 +453,7 @@ fn three_containers_each_keep_exactly_their_own_state_in_consistent_cuts() {
         for case in &cases {
             let want = read_tree(&case.state);
             let to = work.join(format!("wait-{}", case.name));
-            wait_for(
+            common::wait_for(
                 &format!("{}'s store to hold its tree after round {n}", case.name),
                 Duration::from_secs(15),
                 || restored(&case.store, None, &to) == want,
@@ -471,7 +463,7 @@ fn three_containers_each_keep_exactly_their_own_state_in_consistent_cuts() {
         // scope would be, once shown not left frozen (a cut in flight may
         // still hold one for a moment).
         for (case, container) in cases.iter().zip(&containers) {
-            wait_for(
+            common::wait_for(
                 &format!("{}'s cgroup of round {n} to be thawed", case.name),
                 Duration::from_secs(2),
                 || !container.scope.frozen(),

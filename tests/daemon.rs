@@ -10,7 +10,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{assert_same_tree, ok, read_tree, refused, s, Reaped, BIN};
 
@@ -47,7 +47,7 @@ impl Daemon {
 
     /// Waits until the log has `count` lines holding every one of `words`.
     fn wait_log(&self, words: &[&str], count: usize, timeout: Duration) {
-        wait_for(
+        common::wait_for(
             &format!("{count} log line(s) with {words:?}"),
             timeout,
             || self.lines(words) >= count,
@@ -71,14 +71,6 @@ impl Daemon {
         self.signal(rustix::process::Signal::TERM);
         let status = self.child.0.wait().expect("wait for the daemon");
         (status.code(), self.log())
-    }
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
     }
 }
 
@@ -108,17 +100,6 @@ fn write_config_with(path: &Path, backend: &str, daemon: &str, targets: &[String
     fs::rename(&temporary, path).expect("install the config");
 }
 
-fn batches(store: &Path) -> u64 {
-    let out = Command::new(BIN)
-        .args(["stats", "--json", "--store", s(store)])
-        .output()
-        .expect("stats");
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["batches"].as_u64())
-        .unwrap_or(0)
-}
-
 /// The tree the store's latest batch restores.
 fn restored(
     store: &Path,
@@ -140,7 +121,7 @@ fn restored(
 /// Waits until replaying `store` gives `dir`'s tree.
 fn wait_captured(store: &Path, dir: &Path, work: &Path, what: &str) {
     let want = read_tree(dir);
-    wait_for(what, Duration::from_secs(15), || {
+    common::wait_for(what, Duration::from_secs(15), || {
         store.exists() && restored(store, work, "wait") == want
     });
 }
@@ -279,13 +260,13 @@ fn targets_come_and_go_while_the_daemon_runs_without_disturbing_the_others() {
     daemon.signal(rustix::process::Signal::HUP);
     daemon.wait_log(&["target a stopped"], 1, Duration::from_secs(10));
     let a_at_removal = read_tree(&a);
-    let a_batches = batches(&store_a);
+    let a_batches = common::batch_count(&store_a);
     fs::write(a.join("after-removal"), b"not a target any more").expect("write");
     fs::write(b.join("while-a-goes"), b"b is not disturbed").expect("write");
     wait_captured(&store_b, &b, work.path(), "b captures after a is removed");
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
-        batches(&store_a),
+        common::batch_count(&store_a),
         a_batches,
         "nothing captured into a after its removal"
     );
@@ -429,6 +410,15 @@ fn a_configuration_with_mistakes_is_refused_with_the_place() {
     assert!(out.contains("target ci-cache"), "{out}");
 }
 
+/// Where a log says metrics are served (`HOST:PORT`).
+fn metrics_addr(log: &str) -> String {
+    log.split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the metrics address in the log")
+        .to_string()
+}
+
 /// A GET of `path` from the daemon's metrics server: status and body.
 fn get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
@@ -486,15 +476,9 @@ fn metrics_health_and_json_logs_are_served() {
         &["--log-format", "json"],
     );
     daemon.wait_log(&["metrics at http://"], 1, Duration::from_secs(20));
-    let log = daemon.log();
-    let addr = log
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("the metrics address")
-        .to_string();
+    let addr = metrics_addr(&daemon.log());
     assert_eq!(get(&addr, "/healthz").0, 200);
-    wait_for("/readyz to answer 200", Duration::from_secs(20), || {
+    common::wait_for("/readyz to answer 200", Duration::from_secs(20), || {
         get(&addr, "/readyz").0 == 200
     });
     fs::write(good.join("f"), b"counted").expect("write");
@@ -699,16 +683,10 @@ fn watch_serves_metrics_only_when_asked() {
         )
     };
     let child = watch(&["--metrics-addr", "127.0.0.1:0"], &log);
-    wait_for("watch's metrics address", Duration::from_secs(20), || {
+    common::wait_for("watch's metrics address", Duration::from_secs(20), || {
         fs::read_to_string(&log).is_ok_and(|l| l.contains("metrics at http://"))
     });
-    let text = fs::read_to_string(&log).expect("log");
-    let addr = text
-        .split("metrics at http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("the metrics address")
-        .to_string();
+    let addr = metrics_addr(&fs::read_to_string(&log).expect("log"));
     fs::write(state.join("g"), b"second").expect("write");
     wait_captured(&store, &state, work.path(), "watch captures");
     let (status, metrics) = get(&addr, "/metrics");
@@ -720,7 +698,7 @@ fn watch_serves_metrics_only_when_asked() {
     // Without the option, nothing is served.
     let quiet_log = work.path().join("quiet.log");
     let quiet = watch(&[], &quiet_log);
-    wait_for("watch to start", Duration::from_secs(20), || {
+    common::wait_for("watch to start", Duration::from_secs(20), || {
         fs::read_to_string(&quiet_log).is_ok_and(|l| l.contains("start-up capture"))
     });
     let text = fs::read_to_string(&quiet_log).expect("log");

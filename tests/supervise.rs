@@ -52,25 +52,6 @@ fn spawn(args: &[String], app: &str) -> Child {
         .expect("spawn diffkeeper run")
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn batches(store: &Path) -> u64 {
-    let out = Command::new(BIN)
-        .args(["stats", "--json", "--store", s(store)])
-        .output()
-        .expect("stats");
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v["batches"].as_u64())
-        .unwrap_or(0)
-}
-
 /// Asserts that replaying the store into a fresh directory gives `state`.
 fn assert_store_holds(state: &Path, store: &Path, work: &Path, what: &str) {
     assert_same_tree(&read_tree(state), &replayed(store, work, "fresh"), what);
@@ -141,10 +122,10 @@ fn run_captures_while_the_app_runs_and_when_it_exits() {
             go = s(&go)
         );
         let mut child = spawn(&run_args(&state, &store, backend), &app);
-        wait_for(
+        common::wait_for(
             &format!("{backend}: a batch while the app runs"),
             Duration::from_secs(30),
-            || batches(&store) >= 2,
+            || common::batch_count(&store) >= 2,
         );
         assert!(
             child.try_wait().expect("try_wait").is_none(),
@@ -171,7 +152,7 @@ fn signals_reach_the_app_and_its_last_writes_are_kept() {
             d = s(&state)
         );
         let mut child = spawn(&run_args(&state, &store, backend), &app);
-        wait_for("the app to start", Duration::from_secs(10), || {
+        common::wait_for("the app to start", Duration::from_secs(10), || {
             state.join("started").exists()
         });
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
@@ -202,8 +183,8 @@ fn an_app_killed_mid_write_leaves_a_verified_replayable_state() {
         d = s(&state)
     );
     let mut child = spawn(&run_args(&state, &store, "inotify"), &app);
-    wait_for("the app to write", Duration::from_secs(10), || {
-        batches(&store) >= 2
+    common::wait_for("the app to write", Duration::from_secs(10), || {
+        common::batch_count(&store) >= 2
     });
     let pid: i32 = fs::read_to_string(state.join("pid"))
         .expect("pid")
@@ -285,10 +266,10 @@ fn watch_captures_until_sigterm() {
             .expect("spawn watch");
         std::thread::sleep(Duration::from_millis(300));
         fs::write(state.join("f"), b"first").expect("write");
-        wait_for(
+        common::wait_for(
             &format!("{backend}: a batch with f"),
             Duration::from_secs(10),
-            || batches(&store) >= 1,
+            || common::batch_count(&store) >= 1,
         );
         fs::write(state.join("g"), b"written just before the stop").expect("write");
         let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
@@ -380,7 +361,7 @@ fn in_place_writes(backend: &str) {
             .unwrap_or_else(|| panic!("no count in {line}"))
     };
     // Let the backend start and the start-up capture walk the tree.
-    wait_for(
+    common::wait_for(
         &format!("{backend}: start-up capture"),
         Duration::from_secs(20),
         || {

@@ -23,7 +23,9 @@ pub struct StateDir {
     pub path: PathBuf,
 }
 
-fn is_valid_name(name: &str) -> bool {
+/// Whether `name` may name a state directory (or a daemon's target):
+/// letters, digits, `.`, `_`, `-`, at most 128, not `.` or `..`.
+pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && name

@@ -90,6 +90,31 @@ pub fn mtime_ns(meta: &fs::Metadata) -> i64 {
     meta.mtime() * 1_000_000_000 + meta.mtime_nsec()
 }
 
+/// Waits until `done`, failing the test after `timeout`.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The batches a store holds, as `stats` counts them (0 while there is no
+/// store, or it is held too long).
+pub fn batch_count(store: &Path) -> u64 {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--store", s(store)])
+        .output()
+        .expect("stats");
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["batches"].as_u64())
+        .unwrap_or(0)
+}
+
 /// Runs diffkeeper expecting failure; returns stderr.
 pub fn refused(args: &[&str]) -> String {
     let out = diffkeeper(args);

@@ -198,17 +198,6 @@ fn by_name<T: Copy>(all: &[(T, &str, &str)], name: &str, key: &str) -> Result<T,
         })
 }
 
-/// Whether `name` may name a target: what a state directory's name may be.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && name != "."
-        && name != ".."
-}
-
 impl Settings {
     /// These settings over `under`'s: a key set here wins.
     fn over(&self, under: &Settings) -> Settings {
@@ -346,7 +335,7 @@ impl Config {
         for section in &file.targets {
             let name = &section.name;
             let target_refused = |why: String| refused(format!("target {name:?}: {why}"));
-            if !valid_name(name) {
+            if !crate::roots::is_valid_name(name) {
                 return Err(target_refused(
                     "not a valid target name (letters, digits, '.', '_', '-'; at most 128)"
                         .to_string(),

@@ -267,31 +267,12 @@ fn phase(bench: &Bench, what: &str, count: usize, big: Option<usize>) -> Result<
     let addr = daemon.metrics_addr(Duration::from_secs(60))?;
     daemon.wait_ready(&addr, Duration::from_secs(120))?;
     let cpu_before = cpu_secs(daemon.pid())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads = writers(&dirs, &stop);
-    std::thread::sleep(PHASE);
-    stop.store(true, Ordering::Relaxed);
-    for thread in threads {
-        thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
-    }
-    // The last writes' batches.
-    std::thread::sleep(Duration::from_secs(4));
+    write_phase(&dirs)?;
     let text = get(&addr, "/metrics")?;
     let cpu = cpu_secs(daemon.pid())? - cpu_before;
     let rss = daemon.peak_rss_mib()?;
     daemon.stop()?;
-    let small = |name: &str| name != "big";
-    let (p50, p99) = quantiles(&text, small)?;
-    Ok(Measured {
-        p50,
-        p99,
-        batches: counter(&text, "diffkeeper_batches_total", small),
-        big_batches: counter(&text, "diffkeeper_batches_total", |n| n == "big"),
-        cpu_secs: cpu,
-        rss_mib: rss,
-    })
+    measured(&text, cpu, rss)
 }
 
 /// The same job as [`phase`] with `count` targets, done by one `watch`
@@ -330,16 +311,7 @@ fn separate(bench: &Bench, count: usize, heavy: usize) -> Result<Measured> {
         .iter()
         .map(|p| cpu_secs(p.pid()))
         .sum::<Result<f64>>()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads = writers(&dirs, &stop);
-    std::thread::sleep(PHASE);
-    stop.store(true, Ordering::Relaxed);
-    for thread in threads {
-        thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
-    }
-    std::thread::sleep(Duration::from_secs(4));
+    write_phase(&dirs)?;
     let mut text = String::new();
     for addr in &addrs {
         text.push_str(&get(addr, "/metrics")?);
@@ -357,15 +329,37 @@ fn separate(bench: &Bench, count: usize, heavy: usize) -> Result<Measured> {
         process.stop()?;
     }
     // watch labels its series with the store's name: t00.., big.
+    measured(&text, cpu, rss)
+}
+
+/// Writes for [`PHASE`] (see [`writers`]), then leaves 4 s for the last
+/// writes' batches.
+fn write_phase(dirs: &[(String, PathBuf, PathBuf)]) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(dirs, &stop);
+    std::thread::sleep(PHASE);
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("a writer panicked"))??;
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    Ok(())
+}
+
+/// The small targets' latencies and batches, and the big one's batches,
+/// from a metrics text, with the CPU and RSS measured.
+fn measured(text: &str, cpu_secs: f64, rss_mib: f64) -> Result<Measured> {
     let small = |name: &str| name != "big";
-    let (p50, p99) = quantiles(&text, small)?;
+    let (p50, p99) = quantiles(text, small)?;
     Ok(Measured {
         p50,
         p99,
-        batches: counter(&text, "diffkeeper_batches_total", small),
-        big_batches: counter(&text, "diffkeeper_batches_total", |n| n == "big"),
-        cpu_secs: cpu,
-        rss_mib: rss,
+        batches: counter(text, "diffkeeper_batches_total", small),
+        big_batches: counter(text, "diffkeeper_batches_total", |n| n == "big"),
+        cpu_secs,
+        rss_mib,
     })
 }
 
