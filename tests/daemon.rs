@@ -609,6 +609,16 @@ fn restore_wait_returns_once_an_emptied_target_is_restored_even_across_a_daemon_
         &read_tree(&a),
         "a restored before restore-wait returned",
     );
+    // The restore is timed in the metrics.
+    let (_, text) = get(&metrics_addr(&daemon.log()), "/metrics");
+    assert_eq!(
+        series(
+            &text,
+            "diffkeeper_replay_duration_seconds_count{target=\"a\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
     daemon.wait_log(&["target b failed"], 1, Duration::from_secs(10));
     assert!(
         wait_b.try_wait().expect("try_wait").is_none(),

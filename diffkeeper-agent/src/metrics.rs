@@ -56,6 +56,7 @@ pub struct Metrics {
     up: PerTarget<Gauge>,
     capture_latency: Histograms,
     freeze_pause: Histograms,
+    replay_duration: Histograms,
     tracer_writes: Gauge,
     tracer_events: Gauge,
     ringbuf_full: Gauge,
@@ -165,6 +166,12 @@ impl Metrics {
             "How long the writers were frozen for a batch",
             freeze_pause.clone(),
         );
+        let replay_duration = Histograms::new_with_constructor(latency_histogram);
+        registry.register(
+            "replay_duration_seconds",
+            "How long restoring a target's empty directories from its store took",
+            replay_duration.clone(),
+        );
         let tracer_writes = Gauge::default();
         registry.register(
             "tracer_writes",
@@ -200,6 +207,7 @@ impl Metrics {
             up,
             capture_latency,
             freeze_pause,
+            replay_duration,
             tracer_writes,
             tracer_events,
             ringbuf_full,
@@ -258,6 +266,7 @@ impl Metrics {
         self.up.remove(&labels);
         self.capture_latency.remove(&labels);
         self.freeze_pause.remove(&labels);
+        self.replay_duration.remove(&labels);
         if let Ok(mut starting) = self.starting.lock() {
             starting.remove(name);
         }
@@ -341,6 +350,14 @@ impl TargetMetrics {
             .batches
             .get_or_create(&self.labels)
             .inc_by(batches);
+    }
+
+    /// A restore of the target's empty directories took `took`.
+    pub fn replayed(&self, took: Duration) {
+        self.metrics
+            .replay_duration
+            .get_or_create(&self.labels)
+            .observe(took.as_secs_f64());
     }
 
     pub fn dropped(&self) {

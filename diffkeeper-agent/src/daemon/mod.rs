@@ -251,7 +251,7 @@ async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Recei
     loop {
         let started = async {
             let restored = if target.restore_if_empty {
-                restore_if_empty(&target, states).await?
+                restore_if_empty(&target, states, &metrics).await?
             } else {
                 0
             };
@@ -320,7 +320,11 @@ async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Recei
 /// Replays the store's latest state into those of `target`'s directories
 /// that are empty, when its store exists; returns the files written. A
 /// replay is all-or-nothing and verified against the stored hashes.
-async fn restore_if_empty(target: &Target, states: &control::States) -> Result<u64> {
+async fn restore_if_empty(
+    target: &Target,
+    states: &control::States,
+    metrics: &crate::metrics::TargetMetrics,
+) -> Result<u64> {
     let empty: Vec<crate::roots::StateDir> = target
         .roots
         .iter()
@@ -344,12 +348,14 @@ async fn restore_if_empty(target: &Target, states: &control::States) -> Result<u
         force: false,
     };
     let span = tracing::Span::current();
+    let started = std::time::Instant::now();
     let summaries = tokio::task::spawn_blocking(move || {
         let _span = span.enter();
         crate::replay::replay(&store, &empty, crate::history::Moment::Latest, &options)
     })
     .await
     .context("restore task failed")??;
+    metrics.replayed(started.elapsed());
     let mut files = 0;
     for summary in summaries.unwrap_or_default() {
         tracing::info!("restored {summary} (the directory was empty)");
