@@ -278,11 +278,15 @@ impl Settings {
 impl Config {
     /// Reads and checks the configuration file at `path`.
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read(path).map_err(|source| AgentError::Failed {
+        Config::parse(path, &Config::read(path)?)
+    }
+
+    /// The configuration file's bytes, as [`Config::parse`] takes them.
+    pub fn read(path: &Path) -> Result<Vec<u8>> {
+        std::fs::read(path).map_err(|source| AgentError::Failed {
             what: format!("cannot read the configuration file {}", path.display()),
             source: Box::new(source),
-        })?;
-        Config::parse(path, &text)
+        })
     }
 
     /// Checks the configuration `text`, read from `path` (named in errors).

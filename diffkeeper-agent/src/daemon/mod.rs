@@ -71,8 +71,11 @@ pub struct Overrides {
 /// Runs the targets of the configuration file at `path` until SIGTERM or
 /// SIGINT, then stops each after a final capture.
 pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
-    let mut config = Config::load(path)?;
-    let mut last_text = std::fs::read(path).ok();
+    // Read once: the text compared at each reload is the one the targets
+    // came from, so a change made just after start is not missed.
+    let text = Config::read(path)?;
+    let mut config = Config::parse(path, &text)?;
+    let mut last_text = Some(text);
     let hub = Hub::start(config.backend, config.syscall_hooks)?;
     let metrics = Metrics::new();
     let server = match overrides.metrics_addr.unwrap_or(config.metrics_addr) {
@@ -300,9 +303,7 @@ async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Recei
                 metrics.up(false);
                 states.set(&target.name, TargetState::Failed(format!("{e:#}")));
                 failures += 1;
-                let wait = Duration::from_secs(1)
-                    .saturating_mul(1 << (failures - 1).min(16))
-                    .min(MAX_START_WAIT);
+                let wait = crate::watch::backoff(failures, MAX_START_WAIT);
                 tracing::error!(
                     "target {} failed (try {failures}): {e:#}; the other targets keep capturing; trying again in {}",
                     target.name,

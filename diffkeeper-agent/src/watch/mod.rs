@@ -129,6 +129,14 @@ const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
 /// wait for a full disk to be freed.
 const FINAL_TRIES: u32 = 3;
 
+/// The wait before try `tries + 1` after `tries` failed in a row: 1 s,
+/// doubling, at most `max`.
+pub fn backoff(tries: u32, max: Duration) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1 << tries.saturating_sub(1).min(16))
+        .min(max)
+}
+
 /// One state directory's unsaved writes.
 #[derive(Default)]
 struct Pending {
@@ -157,9 +165,7 @@ impl Pending {
     /// first failure, doubling up to [`MAX_RETRY_WAIT`].
     fn failed(&mut self) -> Duration {
         self.failures += 1;
-        let wait = Duration::from_secs(1)
-            .saturating_mul(1 << self.failures.saturating_sub(1).min(16))
-            .min(MAX_RETRY_WAIT);
+        let wait = backoff(self.failures, MAX_RETRY_WAIT);
         let now = Instant::now();
         self.first.get_or_insert(now);
         self.last.get_or_insert(now);
@@ -203,8 +209,8 @@ pub struct CaptureLoop {
     /// `freeze` (`watch`; `run` freezes its app's cgroup alone).
     discover: bool,
     /// Writers' cgroups already looked at (named, and frozen or refused),
-    /// by id, with the container each is.
-    writers: std::collections::HashMap<u64, Option<crate::containers::Container>>,
+    /// by id.
+    writers: std::collections::HashSet<u64>,
     /// Cgroup directories by id, for writers gone before they were looked at.
     cgroup_names: crate::containers::CgroupNames,
     /// Where batches, drops and failures are counted, when metrics are kept.
@@ -604,7 +610,7 @@ impl CaptureLoop {
     fn note_writers(&mut self) {
         let me = std::process::id();
         for (pid, id) in self.notices.take_writers() {
-            if pid == me || self.writers.contains_key(&id) {
+            if pid == me || self.writers.contains(&id) {
                 continue;
             }
             // Gone already, and its cgroup with it: nothing to name or freeze.
@@ -625,7 +631,7 @@ impl CaptureLoop {
                     path.display()
                 ),
             }
-            self.writers.insert(id, container);
+            self.writers.insert(id);
             if self.discover {
                 self.freeze_writer(pid, &path);
             }

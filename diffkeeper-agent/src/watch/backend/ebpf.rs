@@ -303,15 +303,8 @@ impl Tracing {
 impl Drop for Tracing {
     fn drop(&mut self) {
         self.task.abort();
-        if let Ok(tracer) = self.tracer.lock() {
-            if let Ok(c) = tracer.counters() {
-                tracing::info!(
-                    writes = c[counter::WRITES as usize],
-                    events = c[counter::EVENTS as usize],
-                    ringbuf_full = c[counter::RINGBUF_FULL as usize],
-                    "eBPF tracer stopped"
-                );
-            }
+        if let Some([writes, events, ringbuf_full]) = self.counters() {
+            tracing::info!(writes, events, ringbuf_full, "eBPF tracer stopped");
         }
     }
 }
