@@ -774,7 +774,17 @@ fn kustomizations_render_and_validate() {
         .to_string();
     let config_file = work.path().join("daemon.toml");
     fs::write(&config_file, config).expect("write");
-    run_ok(Command::new(BIN).args(["daemon", "--config", s(&config_file), "--check"]));
+    // NODE_NAME as the DaemonSet's env gives it.
+    let checked = run_ok(
+        Command::new(BIN)
+            .args(["daemon", "--config", s(&config_file), "--check"])
+            .env("NODE_NAME", "node-1"),
+    );
+    let checked = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.contains("kubernetes: the pods of node node-1"),
+        "the ConfigMap turns discovery on: {checked}"
+    );
 
     // The opted-in StatefulSet: annotated, its volume an emptyDir, restored
     // before it starts through the daemon's socket.

@@ -58,7 +58,7 @@ fn is_id(text: &str) -> bool {
 /// no runtime made (a service, a user session, the test's own).
 pub fn of_cgroup(path: &Path) -> Option<Container> {
     let components: Vec<&str> = path.iter().filter_map(|c| c.to_str()).collect();
-    let pod_uid = components.iter().rev().find_map(|c| pod_uid(c));
+    let pod_uid = pod_of_cgroup(path);
     for (at, component) in components.iter().enumerate().rev() {
         if let Some(scope) = component.strip_suffix(".scope") {
             for (prefix, runtime) in SCOPES {
@@ -83,6 +83,15 @@ pub fn of_cgroup(path: &Path) -> Option<Container> {
         }
     }
     None
+}
+
+/// The uid of the Kubernetes pod whose cgroup `path` is in, if any (its
+/// `pod<uid>` directory, with either driver).
+pub fn pod_of_cgroup(path: &Path) -> Option<String> {
+    path.iter()
+        .filter_map(|c| c.to_str())
+        .rev()
+        .find_map(pod_uid)
 }
 
 /// A pod's uid from `pod<uid>` or `kubepods-besteffort-pod<uid>.slice`.

@@ -1,7 +1,10 @@
 //! Prometheus metrics, and the HTTP endpoint that serves them with the
 //! health checks (`/metrics`, `/healthz`, `/readyz`).
 //!
-//! Every per-target series is labelled `target`. The counters count from
+//! Every per-target series is labelled `target`; `target_pod_info` gives
+//! a discovered target's `namespace`, `pod` and `pod_uid`, and
+//! `writer_container_info` each container seen writing a target's
+//! directories (join them `on (target)`). The counters count from
 //! the daemon's start (a restarted target keeps counting); the store size
 //! is the file's allocated size on disk, read after each batch and each
 //! compaction. The tracer's own counters (writes it saw, events, ring
@@ -33,6 +36,27 @@ pub struct TargetLabels {
     pub target: String,
 }
 
+/// The pod a discovered target is.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub target: String,
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+}
+
+/// A container seen writing a target's directories.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ContainerLabels {
+    pub target: String,
+    pub container: String,
+    pub runtime: String,
+    pub pod_uid: String,
+}
+
+/// A target's info series: its pod's, and its writers' containers'.
+type InfoSeries = (Vec<PodLabels>, Vec<ContainerLabels>);
+
 type PerTarget<M> = Family<TargetLabels, M>;
 type Histograms = Family<TargetLabels, Histogram, fn() -> Histogram>;
 /// Reads the tracer's writes, events and ring-buffer overflows.
@@ -57,6 +81,10 @@ pub struct Metrics {
     capture_latency: Histograms,
     freeze_pause: Histograms,
     replay_duration: Histograms,
+    pod_info: Family<PodLabels, Gauge>,
+    writer_info: Family<ContainerLabels, Gauge>,
+    /// Each target's info series, to remove with it.
+    info: Mutex<std::collections::HashMap<String, InfoSeries>>,
     tracer_writes: Gauge,
     tracer_events: Gauge,
     ringbuf_full: Gauge,
@@ -172,6 +200,18 @@ impl Metrics {
             "How long restoring a target's empty directories from its store took",
             replay_duration.clone(),
         );
+        let pod_info = Family::<PodLabels, Gauge>::default();
+        registry.register(
+            "target_pod_info",
+            "The pod a target discovered from Kubernetes is (always 1)",
+            pod_info.clone(),
+        );
+        let writer_info = Family::<ContainerLabels, Gauge>::default();
+        registry.register(
+            "writer_container_info",
+            "A container seen writing the target's directories (always 1)",
+            writer_info.clone(),
+        );
         let tracer_writes = Gauge::default();
         registry.register(
             "tracer_writes",
@@ -208,6 +248,9 @@ impl Metrics {
             capture_latency,
             freeze_pause,
             replay_duration,
+            pod_info,
+            writer_info,
+            info: Mutex::new(Default::default()),
             tracer_writes,
             tracer_events,
             ringbuf_full,
@@ -267,6 +310,14 @@ impl Metrics {
         self.capture_latency.remove(&labels);
         self.freeze_pause.remove(&labels);
         self.replay_duration.remove(&labels);
+        if let Some((pods, writers)) = self.info.lock().ok().and_then(|mut i| i.remove(name)) {
+            for labels in pods {
+                self.pod_info.remove(&labels);
+            }
+            for labels in writers {
+                self.writer_info.remove(&labels);
+            }
+        }
         if let Ok(mut starting) = self.starting.lock() {
             starting.remove(name);
         }
@@ -388,6 +439,40 @@ impl TargetMetrics {
                 .store_size
                 .get_or_create(&self.labels)
                 .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The target is pod `namespace/pod` (uid `pod_uid`).
+    pub fn pod(&self, namespace: &str, pod: &str, pod_uid: &str) {
+        let labels = PodLabels {
+            target: self.labels.target.clone(),
+            namespace: namespace.to_string(),
+            pod: pod.to_string(),
+            pod_uid: pod_uid.to_string(),
+        };
+        self.metrics.pod_info.get_or_create(&labels).set(1);
+        if let Ok(mut info) = self.metrics.info.lock() {
+            let (pods, _) = info.entry(self.labels.target.clone()).or_default();
+            if !pods.contains(&labels) {
+                pods.push(labels);
+            }
+        }
+    }
+
+    /// `container` writes the target's directories.
+    pub fn writer(&self, container: &crate::containers::Container) {
+        let labels = ContainerLabels {
+            target: self.labels.target.clone(),
+            container: container.id.clone(),
+            runtime: container.runtime.to_string(),
+            pod_uid: container.pod_uid.clone().unwrap_or_default(),
+        };
+        self.metrics.writer_info.get_or_create(&labels).set(1);
+        if let Ok(mut info) = self.metrics.info.lock() {
+            let (_, writers) = info.entry(self.labels.target.clone()).or_default();
+            if !writers.contains(&labels) {
+                writers.push(labels);
+            }
         }
     }
 

@@ -443,6 +443,19 @@ pub fn daemon_config_text(config: &crate::agent::daemon::Config) -> String {
             }
         );
     }
+    if let Some(k) = &config.kubernetes {
+        let _ = writeln!(
+            out,
+            "kubernetes: the pods of node {} annotated {}, volumes under {}/pods, stores under {}, API from {}",
+            k.node_name,
+            crate::agent::daemon::kubernetes::VOLUMES,
+            k.kubelet_root.display(),
+            k.stores.display(),
+            k.kubeconfig
+                .as_ref()
+                .map_or("$KUBECONFIG, ~/.kube/config or in-cluster".to_string(), |p| p.display().to_string())
+        );
+    }
     out
 }
 

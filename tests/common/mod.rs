@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod container;
+pub mod daemon;
 pub mod edit;
 
 use std::collections::BTreeMap;

@@ -31,7 +31,17 @@
 //! consistency = "freeze"      # any [defaults] key may be set here too
 //! freeze_cgroups = ["/sys/fs/cgroup/unified/game.scope"]
 //! retention = { keep_last = 100, keep_within = "7d" }
+//!
+//! [kubernetes]                # optional: targets from this node's pods (see below)
+//! node_name = "node-1"        # default: $NODE_NAME (the DaemonSet sets it)
+//! kubelet_root = "/var/lib/kubelet"
+//! stores = "/var/lib/diffkeeper/pods"   # a pod's store: STORES/NAMESPACE/KEY.dk
+//! kubeconfig = "/etc/kubeconfig"        # default: $KUBECONFIG, ~/.kube/config, in-cluster
 //! ```
+//!
+//! `[kubernetes]` turns on discovery ([`super::kubernetes`]): each pod of
+//! the node annotated `diffkeeper.io/volumes` is a target with the
+//! `[defaults]` settings, named `NAMESPACE.POD`.
 //!
 //! `restore = "if-empty"`: a target whose store exists and whose state
 //! directories are empty when it starts (a fresh emptyDir or tmpfs after a
@@ -70,6 +80,25 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// By name.
     pub targets: BTreeMap<String, Target>,
+    /// Where pods are discovered, when `[kubernetes]` is there.
+    pub kubernetes: Option<Kubernetes>,
+}
+
+/// `[kubernetes]`: discovery of this node's opted-in pods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kubernetes {
+    /// The node whose pods are watched.
+    pub node_name: String,
+    /// The kubelet's directory (`pods/<uid>/volumes/...` under it).
+    pub kubelet_root: PathBuf,
+    /// Where pods' stores go: `<stores>/<namespace>/<key>.dk`.
+    pub stores: PathBuf,
+    /// The kubeconfig file to use; else kube's inference ($KUBECONFIG,
+    /// ~/.kube/config, the in-cluster service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// What every pod's target takes: the `[defaults]`.
+    pub options: WatchOptions,
+    pub restore_if_empty: bool,
 }
 
 /// One target: a set of state directories with its own store and
@@ -82,6 +111,8 @@ pub struct Target {
     pub options: WatchOptions,
     /// Replay the store into its directories first when they are empty.
     pub restore_if_empty: bool,
+    /// The pod it is, for a target discovered from one.
+    pub pod: Option<super::kubernetes::PodRef>,
 }
 
 /// The file as written.
@@ -94,6 +125,16 @@ struct File {
     defaults: Settings,
     #[serde(default, rename = "target")]
     targets: Vec<TargetSection>,
+    kubernetes: Option<KubernetesSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesSection {
+    node_name: Option<String>,
+    kubelet_root: Option<PathBuf>,
+    stores: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -334,6 +375,14 @@ impl Config {
                 parse_metrics_addr(text).map_err(|why| refused(format!("[daemon] {why}")))?
             }
         };
+        let kubernetes = match &file.kubernetes {
+            Some(section) => Some(
+                section
+                    .check(&file.defaults, backend, syscall_hooks)
+                    .map_err(|why| refused(format!("[kubernetes] {why}")))?,
+            ),
+            None => None,
+        };
         let mut targets = BTreeMap::new();
         let mut stores = HashSet::new();
         for section in &file.targets {
@@ -398,6 +447,7 @@ impl Config {
                     roots,
                     options,
                     restore_if_empty,
+                    pod: None,
                 },
             );
         }
@@ -408,6 +458,51 @@ impl Config {
             metrics_addr,
             socket: file.daemon.socket.clone(),
             targets,
+            kubernetes,
+        })
+    }
+}
+
+impl KubernetesSection {
+    /// The section with its defaults filled in, checked.
+    fn check(
+        &self,
+        defaults: &Settings,
+        backend: Backend,
+        hooks: crate::events::SyscallHooks,
+    ) -> Result<Kubernetes, String> {
+        let node_name = match &self.node_name {
+            Some(name) => name.clone(),
+            None => std::env::var("NODE_NAME").map_err(|_| {
+                "node_name is not set and neither is $NODE_NAME: give the node whose pods to watch (the DaemonSet passes spec.nodeName as NODE_NAME)".to_string()
+            })?,
+        };
+        if node_name.is_empty() || node_name.contains(['=', ',', ' ']) {
+            return Err(format!("node_name = {node_name:?}: not a node name"));
+        }
+        let kubelet_root = self
+            .kubelet_root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/kubelet"));
+        let stores = self
+            .stores
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/diffkeeper/pods"));
+        for (key, path) in [("kubelet_root", &kubelet_root), ("stores", &stores)] {
+            if path.is_relative() {
+                return Err(format!(
+                    "{key} {} is relative: give an absolute path",
+                    path.display()
+                ));
+            }
+        }
+        Ok(Kubernetes {
+            node_name,
+            kubelet_root,
+            stores,
+            kubeconfig: self.kubeconfig.clone(),
+            options: defaults.options(backend, hooks)?,
+            restore_if_empty: defaults.restore_if_empty()?,
         })
     }
 }

@@ -2,11 +2,15 @@
 //! programs), many targets, each a capture loop of its own on the shared
 //! [`Hub`].
 //!
-//! Targets come from the configuration file ([`config`]); SIGHUP, or a
+//! Targets come from the configuration file ([`config`]) and, with
+//! `[kubernetes]`, from the node's pods ([`kubernetes`]); SIGHUP, or a
 //! change to the file (looked at every `reload_interval`), reloads it:
 //! targets are compared by name, new ones started, missing ones stopped
 //! after a final capture, changed ones restarted, the others untouched.
 //! A file that does not parse or check changes nothing, and says why.
+//! Pods' targets follow their pods: a pod gone is stopped without a final
+//! capture (its volumes are being deleted), one re-created is started on
+//! its new volumes. A configured target wins over a pod of its name.
 //!
 //! Each target runs in a task of its own, so one target's big batch or
 //! slow store never holds up another's captures (captures run on the
@@ -24,9 +28,12 @@
 
 pub mod config;
 pub mod control;
+pub mod kubernetes;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -37,9 +44,10 @@ use std::sync::Arc;
 
 use crate::error::{Context, Result};
 use crate::metrics::Metrics;
-use crate::watch::{CaptureLoop, Hub};
+use crate::watch::{CaptureLoop, Finish, Hub, PodGuard};
 pub use config::{Config, Target};
 use control::TargetState;
+use kubernetes::Discovered;
 
 /// Longest wait between tries of a target that cannot start.
 const MAX_START_WAIT: Duration = Duration::from_secs(60);
@@ -56,8 +64,53 @@ struct Shared {
 /// A target's running task.
 struct Running {
     target: Target,
-    stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<Finish>,
     task: tokio::task::JoinHandle<()>,
+    /// Whether its pod is ending (discovered targets).
+    ending: Arc<AtomicBool>,
+}
+
+/// The discovery task of `[kubernetes]`, and what it found last.
+struct Discovery {
+    rx: tokio::sync::watch::Receiver<Discovered>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Discovery {
+    fn start(settings: &config::Kubernetes) -> Discovery {
+        let (tx, rx) = tokio::sync::watch::channel(Discovered::default());
+        let task = tokio::spawn({
+            let settings = settings.clone();
+            async move {
+                if let Err(e) = kubernetes::discover(settings, tx).await {
+                    tracing::error!("discovery stopped: {e:#}; the targets known keep capturing, none is added or removed until the daemon restarts");
+                }
+            }
+        });
+        Discovery { rx, task }
+    }
+}
+
+/// The configured targets and the pods' (which a configured target of the
+/// same name or store wins over).
+fn wanted(
+    configured: &BTreeMap<String, Target>,
+    pods: &BTreeMap<String, Target>,
+) -> BTreeMap<String, Target> {
+    let mut all = configured.clone();
+    for (name, target) in pods {
+        if configured.contains_key(name) {
+            tracing::error!("pod target {name} is not captured: a configured target has its name");
+        } else if configured.values().any(|t| t.store == target.store) {
+            tracing::error!(
+                "pod target {name} is not captured: its store {} is a configured target's",
+                target.store.display()
+            );
+        } else {
+            all.insert(name.clone(), target.clone());
+        }
+    }
+    all
 }
 
 /// What the command line sets over the configuration file.
@@ -112,15 +165,57 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    apply(&shared, &mut running, &config.targets).await;
+    let mut discovery = config.kubernetes.as_ref().map(Discovery::start);
+    // The pods' targets as last listed (kept across a restart of discovery
+    // until its first list).
+    let mut pods: BTreeMap<String, Target> = BTreeMap::new();
+    let mut ending = std::collections::BTreeSet::new();
+    apply(
+        &shared,
+        &mut running,
+        &wanted(&config.targets, &pods),
+        &ending,
+    )
+    .await;
     let mut look = tokio::time::interval(config.reload_interval);
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let discovered = async {
+            match discovery.as_mut() {
+                Some(d) => {
+                    if d.rx.changed().await.is_err() {
+                        // Stopped (and said why): nothing more comes.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         let forced = tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => true,
             _ = look.tick() => false,
+            _ = discovered => {
+                let Some(d) = discovery.as_ref() else { continue };
+                let found = d.rx.borrow().clone();
+                if found.listed {
+                    // Ending first: a loop told its pod ends before the
+                    // pod is gone stops at the kubelet's first delete.
+                    for name in found.ending.difference(&ending) {
+                        if running.contains_key(name) {
+                            tracing::info!(target = %name, "target {name}: its pod is ending; its own writes are still captured, the kubelet's deletes are not");
+                        }
+                    }
+                    ending = found.ending;
+                    for (name, r) in &running {
+                        r.ending.store(ending.contains(name), Ordering::Relaxed);
+                    }
+                    pods = found.targets;
+                    apply(&shared, &mut running, &wanted(&config.targets, &pods), &ending).await;
+                }
+                continue;
+            }
         };
         let text = std::fs::read(path);
         let text = match text {
@@ -157,7 +252,17 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
                     if forced { "SIGHUP" } else { "the file changed" },
                     new.targets.len()
                 );
-                apply(&shared, &mut running, &new.targets).await;
+                if new.kubernetes != config.kubernetes {
+                    if let Some(d) = discovery.take() {
+                        d.task.abort();
+                    }
+                    discovery = new.kubernetes.as_ref().map(Discovery::start);
+                    if discovery.is_none() {
+                        pods.clear();
+                    }
+                    tracing::info!("reload: [kubernetes] changed, discovery restarted");
+                }
+                apply(&shared, &mut running, &wanted(&new.targets, &pods), &ending).await;
                 config = new;
             }
             Err(e) => {
@@ -166,8 +271,14 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
         }
     }
     tracing::info!("daemon stopping: a final capture of every target");
-    let names: Vec<String> = running.keys().cloned().collect();
+    let names: Vec<(String, Finish)> = running
+        .keys()
+        .map(|name| (name.clone(), Finish::Capture))
+        .collect();
     stop_all(&mut running, &names).await;
+    if let Some(d) = discovery {
+        d.task.abort();
+    }
     for task in [server, control].into_iter().flatten() {
         task.abort();
     }
@@ -177,63 +288,84 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
 
 /// Makes the running targets those of `wanted`: stops the ones gone or
 /// changed (each after its final capture; all at once), then starts the
-/// new and changed ones.
+/// new and changed ones, but for pods `ending` (a pod on its way out is
+/// not taken on: its volumes may be half deleted already).
 async fn apply(
     shared: &Shared,
     running: &mut BTreeMap<String, Running>,
     wanted: &BTreeMap<String, Target>,
+    ending: &std::collections::BTreeSet<String>,
 ) {
-    let stale: Vec<String> = running
-        .iter()
-        .filter(|(name, r)| wanted.get(*name) != Some(&r.target))
-        .map(|(name, _)| name.clone())
-        .collect();
-    for name in &stale {
-        let why = if wanted.contains_key(name) {
-            "its settings changed: restarting it"
-        } else {
-            "no longer configured: stopping it"
+    let mut stale: Vec<(String, Finish)> = Vec::new();
+    for (name, r) in running.iter() {
+        let new = wanted.get(name);
+        if new == Some(&r.target) {
+            continue;
+        }
+        // A pod's target whose pod is gone, or is another pod now (one
+        // re-created with the same name): its volumes are being deleted,
+        // so no final capture.
+        let pod_gone = r.target.pod.is_some()
+            && new.and_then(|t| t.pod.as_ref()).map(|p| &p.uid)
+                != r.target.pod.as_ref().map(|p| &p.uid);
+        let (why, finish) = match (new, pod_gone) {
+            (_, true) => (
+                "its pod is gone: stopping it without a final capture (its last batch stands)",
+                Finish::Skip,
+            ),
+            (Some(_), false) => ("its settings changed: restarting it", Finish::Capture),
+            (None, false) => ("no longer configured: stopping it", Finish::Capture),
         };
         tracing::info!(target = %name, "target {name}: {why}");
+        stale.push((name.clone(), finish));
     }
     stop_all(running, &stale).await;
-    for name in stale.iter().filter(|name| !wanted.contains_key(*name)) {
+    for (name, _) in stale.iter().filter(|(name, _)| !wanted.contains_key(name)) {
         shared.metrics.remove(name);
         shared.states.remove(name);
     }
     let new: Vec<String> = wanted
         .keys()
-        .filter(|name| !running.contains_key(*name))
+        .filter(|name| !running.contains_key(*name) && !ending.contains(*name))
         .cloned()
         .collect();
     shared.metrics.set_starting(new.iter().cloned());
     for (name, target) in wanted {
-        if running.contains_key(name) {
+        if running.contains_key(name) || ending.contains(name) {
             continue;
         }
         let (stop, stopped) = oneshot::channel();
-        let span = tracing::info_span!("target", target = %name);
-        let task =
-            tokio::spawn(keep_capturing(shared.clone(), target.clone(), stopped).instrument(span));
+        let span = match &target.pod {
+            Some(pod) => {
+                tracing::info_span!("target", target = %name, namespace = %pod.namespace, pod = %pod.name)
+            }
+            None => tracing::info_span!("target", target = %name),
+        };
+        let ending = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(
+            keep_capturing(shared.clone(), target.clone(), stopped, ending.clone())
+                .instrument(span),
+        );
         running.insert(
             name.clone(),
             Running {
                 target: target.clone(),
                 stop,
                 task,
+                ending,
             },
         );
     }
 }
 
-/// Stops the targets `names`, all at once, and waits for their final
-/// captures.
-async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[String]) {
+/// Stops the targets `names`, all at once, each as its [`Finish`] says,
+/// and waits for their final captures.
+async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[(String, Finish)]) {
     let mut tasks = Vec::new();
-    for name in names {
+    for (name, finish) in names {
         if let Some(r) = running.remove(name) {
             // Gone already when its task ended on its own.
-            let _ = r.stop.send(());
+            let _ = r.stop.send(*finish);
             tasks.push((name.clone(), r.task));
         }
     }
@@ -246,13 +378,36 @@ async fn stop_all(running: &mut BTreeMap<String, Running>, names: &[String]) {
 
 /// One target: starts its capture loop, trying again with back-off while
 /// it cannot start, and captures until told to stop.
-async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Receiver<()>) {
+async fn keep_capturing(
+    shared: Shared,
+    target: Target,
+    mut stop: oneshot::Receiver<Finish>,
+    ending: Arc<AtomicBool>,
+) {
     let metrics = shared.metrics.target(&target.name);
+    if let Some(pod) = &target.pod {
+        metrics.pod(&pod.namespace, &pod.name, &pod.uid);
+    }
     let states = &shared.states;
     states.set(&target.name, TargetState::Starting);
     let mut failures = 0u32;
     loop {
         let started = async {
+            if target.pod.is_some() {
+                // A pod's namespace gets its directory of stores at its
+                // first pod (the configured stores' directories are the
+                // operator's to make).
+                if let Some(dir) = target.store.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(|e| crate::error::AgentError::Failed {
+                            what: format!("cannot make the directory of stores {}", dir.display()),
+                            source: Box::new(e),
+                        })?;
+                }
+            }
             let restored = if target.restore_if_empty {
                 restore_if_empty(&target, states, &metrics).await?
             } else {
@@ -275,6 +430,12 @@ async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Recei
         match started {
             Ok((mut capture, restored_files)) => {
                 capture.set_metrics(metrics.clone());
+                if let Some(pod) = &target.pod {
+                    capture.guard_pod(PodGuard {
+                        uid: pod.uid.clone(),
+                        ending: ending.clone(),
+                    });
+                }
                 metrics.up(true);
                 states.set(&target.name, TargetState::Capturing { restored_files });
                 if failures > 0 {
@@ -283,10 +444,9 @@ async fn keep_capturing(shared: Shared, target: Target, mut stop: oneshot::Recei
                         target.name
                     );
                 }
-                let stopping = async {
-                    let _ = (&mut stop).await;
-                };
-                match capture.run_until(stopping).await {
+                // A dropped sender (the daemon gone) is a stop with a capture.
+                let stopping = async { (&mut stop).await.unwrap_or(Finish::Capture) };
+                match capture.run_until_finish(stopping).await {
                     Ok(summary) => tracing::info!(
                         batches = summary.batches,
                         dropped = summary.dropped,

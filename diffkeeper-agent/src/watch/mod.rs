@@ -174,6 +174,44 @@ impl Pending {
     }
 }
 
+/// How a capture loop ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// With a final capture of whatever was written before the stop.
+    Capture,
+    /// Without one: the directories are being torn down (a pod gone).
+    Skip,
+}
+
+/// A pod's volumes being captured: the pod's uid, and whether discovery
+/// sees the pod ending. Once it is ending, a write by a process outside
+/// the pod's cgroups (the kubelet deleting its volumes), or a volume
+/// directory replaced or gone (a tmpfs unmounted), stops the loop
+/// without capturing: the last batch stands as the pod's state.
+#[derive(Debug, Clone)]
+pub struct PodGuard {
+    pub uid: String,
+    pub ending: Arc<AtomicBool>,
+}
+
+/// What the loop knows of a guarded pod's writers and directories.
+struct Guarded {
+    guard: PodGuard,
+    /// Per writer cgroup id: whether it is the pod's.
+    writers: std::collections::HashMap<u64, bool>,
+    /// Per root, its directory's device and inode at start.
+    roots: Vec<Option<(u64, u64)>>,
+    /// Whether a writer outside the pod was seen while it was ending.
+    foreign: bool,
+    /// Why the loop stopped capturing, once it did.
+    torn_down: Option<String>,
+}
+
+/// A directory's device and inode, when it is there.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// What the loop did, for logs and tests.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct LoopSummary {
@@ -215,6 +253,8 @@ pub struct CaptureLoop {
     cgroup_names: crate::containers::CgroupNames,
     /// Where batches, drops and failures are counted, when metrics are kept.
     metrics: Option<crate::metrics::TargetMetrics>,
+    /// The pod whose volumes these are, when discovery found them.
+    pod: Option<Guarded>,
 }
 
 impl CaptureLoop {
@@ -266,6 +306,7 @@ impl CaptureLoop {
             writers: Default::default(),
             cgroup_names: Default::default(),
             metrics: None,
+            pod: None,
         };
         // Writers already at work are learnt from the tracer's events: a
         // start-up batch they disturb is taken again once their cgroups
@@ -306,6 +347,58 @@ impl CaptureLoop {
         self.metrics = Some(metrics);
     }
 
+    /// Guards the directories as the volumes of pod `guard.uid` (see
+    /// [`PodGuard`]).
+    pub fn guard_pod(&mut self, guard: PodGuard) {
+        let roots = self.roots.iter().map(|r| identity(&r.path)).collect();
+        self.pod = Some(Guarded {
+            guard,
+            writers: Default::default(),
+            roots,
+            foreign: false,
+            torn_down: None,
+        });
+    }
+
+    /// Whether the guarded pod's volumes are being torn down: it is ending,
+    /// and a writer outside it was seen or a directory is not the one
+    /// captured. Said once.
+    fn torn_down(&mut self) -> bool {
+        let Some(pod) = &mut self.pod else {
+            return false;
+        };
+        if pod.torn_down.is_some() {
+            return true;
+        }
+        if !pod.guard.ending.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let replaced = self
+            .roots
+            .iter()
+            .zip(&pod.roots)
+            .find(|(root, was)| identity(&root.path) != **was)
+            .map(|(root, _)| {
+                format!(
+                    "volume directory {} is gone or replaced",
+                    root.path.display()
+                )
+            });
+        let foreign = || {
+            pod.foreign
+                .then(|| "a process outside the pod writes its volumes".to_string())
+        };
+        let Some(why) = replaced.or_else(foreign) else {
+            return false;
+        };
+        tracing::warn!(
+            "pod {} is ending and {why} (the kubelet tearing them down): stopped without capturing that; its last batch stands as its state",
+            pod.guard.uid
+        );
+        pod.torn_down = Some(why);
+        true
+    }
+
     /// The backend this loop's directories are attached to.
     pub fn hub(&self) -> &Hub {
         self._attachment.hub()
@@ -320,9 +413,24 @@ impl CaptureLoop {
     /// Captures as writes come until `stop` resolves, then once more so
     /// nothing written before the stop is lost.
     pub async fn run_until(
-        mut self,
+        self,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<LoopSummary> {
+        self.run_until_finish(async {
+            stop.await;
+            Finish::Capture
+        })
+        .await
+    }
+
+    /// Captures as writes come until `stop` resolves, then as it says; a
+    /// guarded pod's loop also stops, without a final capture, when its
+    /// volumes are torn down.
+    pub async fn run_until_finish(
+        mut self,
+        stop: impl std::future::Future<Output = Finish>,
+    ) -> Result<LoopSummary> {
+        let mut finish = Finish::Capture;
         let mut pending: Vec<Pending> = self.roots.iter().map(|_| Pending::default()).collect();
         tokio::pin!(stop);
         let mut tick = tokio::time::interval(TICK);
@@ -335,7 +443,10 @@ impl CaptureLoop {
             Instant::now() + self.options.compact_interval.min(FIRST_COMPACTION);
         loop {
             tokio::select! {
-                _ = &mut stop => break,
+                how = &mut stop => {
+                    finish = how;
+                    break;
+                }
                 _ = tokio::time::sleep_until(next_compaction.into()) => {
                     // Never a busy loop, whatever the option says.
                     next_compaction = Instant::now()
@@ -356,6 +467,10 @@ impl CaptureLoop {
                 }
                 _ = tick.tick(), if pending.iter().any(|p| p.first.is_some()) => {
                     self.note_writers();
+                    if self.torn_down() {
+                        finish = Finish::Skip;
+                        break;
+                    }
                     for (index, p) in pending.iter_mut().enumerate() {
                         if p.first.is_none() {
                             continue;
@@ -418,6 +533,10 @@ impl CaptureLoop {
                     }
                 }
             }
+        }
+        self.note_writers();
+        if finish == Finish::Skip || self.torn_down() {
+            return Ok(self.summary);
         }
         // Whatever was written before the stop.
         let mut tries = 0;
@@ -610,7 +729,13 @@ impl CaptureLoop {
     fn note_writers(&mut self) {
         let me = std::process::id();
         for (pid, id) in self.notices.take_writers() {
-            if pid == me || self.writers.contains(&id) {
+            if pid == me {
+                continue;
+            }
+            if self.pod.is_some() {
+                self.note_pod_writer(pid, id);
+            }
+            if self.writers.contains(&id) {
                 continue;
             }
             // Gone already, and its cgroup with it: nothing to name or freeze.
@@ -618,6 +743,9 @@ impl CaptureLoop {
                 continue;
             };
             let container = crate::containers::of_cgroup(&path);
+            if let (Some(c), Some(m)) = (&container, &self.metrics) {
+                m.writer(c);
+            }
             match &container {
                 Some(c) => tracing::info!(
                     container = %c.id,
@@ -634,6 +762,32 @@ impl CaptureLoop {
             self.writers.insert(id);
             if self.discover {
                 self.freeze_writer(pid, &path);
+            }
+        }
+    }
+
+    /// Notes whether writer cgroup `id` (process `pid`'s) is the guarded
+    /// pod's, and whether one that is not wrote while the pod is ending.
+    fn note_pod_writer(&mut self, pid: u32, id: u64) {
+        let known = self.pod.as_ref().and_then(|p| p.writers.get(&id).copied());
+        let own = match known {
+            Some(own) => own,
+            None => {
+                // Unknown (the process and its cgroup gone already): taken
+                // as the pod's, whose containers are the ones that end.
+                let uid = self.pod.as_ref().map(|p| p.guard.uid.clone());
+                let own = self
+                    .cgroup_path(pid, id)
+                    .is_none_or(|path| crate::containers::pod_of_cgroup(&path) == uid);
+                if let Some(pod) = &mut self.pod {
+                    pod.writers.insert(id, own);
+                }
+                own
+            }
+        };
+        if let Some(pod) = &mut self.pod {
+            if !own && pod.guard.ending.load(std::sync::atomic::Ordering::Relaxed) {
+                pod.foreign = true;
             }
         }
     }
