@@ -16,11 +16,11 @@ use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::container::{host_program, Container, Rootfs, Spec};
-use common::{ok, read_tree, s, Node, Reaped, Rng, BIN};
+use common::daemon::{get, metrics_addr, Daemon};
+use common::{ok, read_tree, s, Node, Rng};
 use serde_json::Value;
 
 /// Set in a container to make [`in_container_io_uring_writer`] write; its
@@ -141,41 +141,6 @@ while :; do n=$((n+1)); printf '%12d' $n 1<> a; printf '%12d' $n 1<> b; done
 
 /// How many times each app is started in a new container and killed.
 const ROUNDS: usize = 3;
-
-/// The daemon, its log in a file (a pipe nobody reads would stall it).
-struct Daemon {
-    child: Reaped,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &Path, log: &Path) -> Daemon {
-        let err = fs::File::create(log).expect("daemon log");
-        let child = Command::new(BIN)
-            .args(["daemon", "--config", s(config)])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .expect("start the daemon");
-        Daemon {
-            child: Reaped(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM (a final capture of every target), then its exit code.
-    fn stop(mut self) -> (Option<i32>, String) {
-        let pid = rustix::process::Pid::from_raw(self.child.0.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-        let status = self.child.0.wait().expect("wait for the daemon");
-        (status.code(), self.log())
-    }
-}
 
 type Tree = BTreeMap<Vec<u8>, Node>;
 
@@ -474,6 +439,26 @@ fn three_containers_each_keep_exactly_their_own_state_in_consistent_cuts() {
         } else {
             last = containers;
         }
+    }
+    // The metrics name each target's writers by container, and only them.
+    let (_, metrics) = get(&metrics_addr(&daemon.log()), "/metrics");
+    for case in &cases {
+        let named: BTreeSet<String> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("diffkeeper_writer_container_info{")
+                    && l.contains(&format!("target=\"{}\"", case.name))
+            })
+            .filter_map(|l| {
+                let (_, after) = l.split_once("container=\"")?;
+                Some(after.split('"').next()?.to_string())
+            })
+            .collect();
+        assert_eq!(
+            named, case.ids,
+            "{}'s writer_container_info:\n{metrics}",
+            case.name
+        );
     }
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "the daemon stops cleanly: {log}");

@@ -452,12 +452,44 @@ fn pods_of_the_node_are_followed_and_a_recreated_pod_gets_its_state_back_before_
         work.path(),
         "db-0's last writes captured",
     );
-    let db_tree = read_tree(&db_dir);
     let mut deleting = stub.lock().pods[DB].clone();
     deleting["metadata"]["deletionTimestamp"] = "2026-12-02T05:00:00Z".into();
     deleting["metadata"]["deletionGracePeriodSeconds"] = 30.into();
     stub.event("MODIFIED", deleting.clone());
     daemon.wait_log(&["target shop.db-0: its pod is ending"], 1, timeout);
+    // The pod's own process writes on its way out (a database's shutdown
+    // checkpoint), from the pod's cgroup as the kubelet names it: that is
+    // captured still.
+    let pod_cgroup = common::container::cgroup2_mount().join(format!(
+        "kubepods-besteffort-pod{}.slice",
+        DB.replace('-', "_")
+    ));
+    let scope = pod_cgroup.join(format!(
+        "cri-containerd-{}.scope",
+        common::container::container_id(7)
+    ));
+    fs::create_dir_all(&scope).expect("the pod's container cgroup");
+    let wrote = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && echo saved-at-shutdown > {}/shutdown",
+            s(&scope.join("cgroup.procs")),
+            s(&db_dir)
+        ))
+        .status()
+        .expect("sh");
+    assert!(wrote.success());
+    wait_captured(
+        &db_store,
+        &db_dir,
+        work.path(),
+        "the pod's shutdown write captured",
+    );
+    let db_tree = read_tree(&db_dir);
+    assert!(
+        !daemon.log().contains("is ending and"),
+        "the pod's own write does not stop its capture"
+    );
     // Its files first, the directory last, as the kubelet's RemoveAll.
     common::daemon::empty(&db_dir);
     daemon.wait_log(

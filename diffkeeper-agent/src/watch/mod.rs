@@ -255,6 +255,8 @@ pub struct CaptureLoop {
     metrics: Option<crate::metrics::TargetMetrics>,
     /// The pod whose volumes these are, when discovery found them.
     pod: Option<Guarded>,
+    /// The containers seen writing, for metrics set after they were.
+    containers: Vec<crate::containers::Container>,
 }
 
 impl CaptureLoop {
@@ -307,6 +309,7 @@ impl CaptureLoop {
             cgroup_names: Default::default(),
             metrics: None,
             pod: None,
+            containers: Vec::new(),
         };
         // Writers already at work are learnt from the tracer's events: a
         // start-up batch they disturb is taken again once their cgroups
@@ -344,6 +347,9 @@ impl CaptureLoop {
     pub fn set_metrics(&mut self, metrics: crate::metrics::TargetMetrics) {
         metrics.add_batches(self.summary.batches);
         metrics.store_size(&self.store);
+        for container in &self.containers {
+            metrics.writer(container);
+        }
         self.metrics = Some(metrics);
     }
 
@@ -743,8 +749,11 @@ impl CaptureLoop {
                 continue;
             };
             let container = crate::containers::of_cgroup(&path);
-            if let (Some(c), Some(m)) = (&container, &self.metrics) {
-                m.writer(c);
+            if let Some(c) = &container {
+                if let Some(m) = &self.metrics {
+                    m.writer(c);
+                }
+                self.containers.push(c.clone());
             }
             match &container {
                 Some(c) => tracing::info!(
