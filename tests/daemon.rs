@@ -534,3 +534,96 @@ fn watch_serves_metrics_only_when_asked() {
     assert!(!text.contains("metrics at"), "{text}");
     drop(quiet);
 }
+
+#[test]
+fn include_and_exclude_globs_keep_only_their_paths_and_never_record_their_removal() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("app");
+    for sub in ["cache", "sub/cache"] {
+        fs::create_dir_all(dir.join(sub)).expect("mkdir");
+    }
+    let files = [
+        ("keep.db", true),
+        ("notes.txt", true),
+        ("other.bin", false),
+        ("a.tmp", false),
+        ("cache/blob", false),
+        ("sub/cache/x", true),
+        ("sub/b.tmp", false),
+    ];
+    for (path, _) in files {
+        fs::write(dir.join(path), format!("{path} v1")).expect("write");
+    }
+    let store = work.path().join("app.dk");
+    let config = work.path().join("daemon.toml");
+    write_config(
+        &config,
+        "ebpf",
+        &[target(
+            "app",
+            &dir,
+            &store,
+            "include = [\"*.db\", \"*.txt\", \"sub/**\"]\nexclude = [\"*.tmp\", \"/cache\"]",
+        )],
+    );
+    let checked = ok(&["daemon", "--config", s(&config), "--check"]);
+    assert!(
+        checked
+            .contains("include [\"*.db\", \"*.txt\", \"sub/**\"], exclude [\"*.tmp\", \"/cache\"]"),
+        "{checked}"
+    );
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    let kept = |tree: &std::collections::BTreeMap<Vec<u8>, common::Node>| {
+        tree.keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let want: Vec<String> = ["keep.db", "notes.txt", "sub", "sub/cache", "sub/cache/x"]
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    common::wait_for("the kept paths captured", Duration::from_secs(15), || {
+        store.exists() && kept(&restored(&store, work.path(), "globs")) == want
+    });
+
+    // The excluded and the not included change and go: nothing recorded.
+    let batches = common::batch_count(&store);
+    for round in 0..5 {
+        fs::write(dir.join("a.tmp"), format!("busy {round}")).expect("write");
+        fs::write(dir.join("other.bin"), format!("busy {round}")).expect("write");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fs::remove_file(dir.join("a.tmp")).expect("rm");
+    fs::remove_dir_all(dir.join("cache")).expect("rm -r");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        common::batch_count(&store),
+        batches,
+        "changes to paths left out make no batch"
+    );
+
+    // A kept file's change is recorded as ever, with nothing of the rest.
+    fs::write(dir.join("notes.txt"), "notes v2").expect("write");
+    common::wait_for("the kept change captured", Duration::from_secs(15), || {
+        let tree = restored(&store, work.path(), "globs");
+        tree.get(&b"notes.txt"[..]).is_some_and(
+            |n| matches!(n, common::Node::File { content, .. } if content == b"notes v2"),
+        )
+    });
+    let tree = restored(&store, work.path(), "globs");
+    assert_eq!(kept(&tree), want);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    // `watch` takes the same globs, and names a bad one.
+    let bad = refused(&[
+        "watch",
+        "--state-dir",
+        s(&dir),
+        "--store",
+        s(&store),
+        "--exclude",
+        "a[b",
+    ]);
+    assert!(bad.contains("--exclude pattern \"a[b\""), "{bad}");
+}

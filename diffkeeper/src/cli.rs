@@ -216,6 +216,18 @@ pub struct WatchArgs {
     /// the root cgroup, are refused. Repeat for several.
     #[arg(long = "freeze-cgroup", value_name = "PATH")]
     pub freeze_cgroups: Vec<PathBuf>,
+    /// Keep only the files this glob matches (relative to each state
+    /// directory; with a `/` anchored at its top, without matching a name
+    /// at any depth; `**` crosses directories). Directories are always
+    /// kept. Repeat for several; none keeps every file.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Never keep the paths this glob matches, nor what is under a
+    /// directory it matches (`*.tmp`, `/cache`, `logs/**/*.gz`): a change
+    /// to them is not recorded, nor their removal. Wins over --include.
+    /// Repeat for several.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (batches, bytes,
     /// store size, capture latency, freeze pauses...), with /healthz and
     /// /readyz; off unless given (`daemon` serves them by default).
@@ -240,8 +252,15 @@ fn syscall_hooks(always: bool) -> crate::events::SyscallHooks {
 }
 
 impl WatchArgs {
-    fn options(&self) -> crate::watch::WatchOptions {
-        crate::watch::WatchOptions {
+    fn options(&self) -> Result<crate::watch::WatchOptions> {
+        let filter = if self.include.is_empty() && self.exclude.is_empty() {
+            None
+        } else {
+            let filter = crate::scan::PathFilter::new(&self.include, &self.exclude)
+                .map_err(|why| anyhow::anyhow!("--{why}"))?;
+            Some(std::sync::Arc::new(filter))
+        };
+        Ok(crate::watch::WatchOptions {
             backend: self.backend,
             debounce: self.debounce,
             max_latency: self.max_latency,
@@ -253,7 +272,8 @@ impl WatchArgs {
             consistency: self.consistency,
             max_pause: self.max_pause,
             freeze_cgroups: self.freeze_cgroups.clone(),
-        }
+            filter,
+        })
     }
 }
 
@@ -910,7 +930,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(runtime()?.block_on(crate::supervise::watch(
                 &watch.roots.store.store,
                 &dirs,
-                &watch.options(),
+                &watch.options()?,
                 watch.metrics_addr.and_then(|MetricsAddr(addr)| addr),
             ))?)
         }
@@ -926,7 +946,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(runtime()?.block_on(crate::supervise::run(
                 &watch.roots.store.store,
                 &dirs,
-                &watch.options(),
+                &watch.options()?,
                 &command,
                 &crate::supervise::RunOptions {
                     leftover_grace,

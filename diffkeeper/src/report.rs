@@ -442,6 +442,14 @@ pub fn daemon_config_text(config: &crate::agent::daemon::Config) -> String {
                 format!(", retention {}", o.retention)
             }
         );
+        if let Some(filter) = &o.filter {
+            let _ = writeln!(
+                out,
+                "  include {:?}, exclude {:?}",
+                filter.includes(),
+                filter.excludes()
+            );
+        }
     }
     if let Some(k) = &config.kubernetes {
         let _ = writeln!(

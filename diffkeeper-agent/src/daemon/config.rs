@@ -23,6 +23,8 @@
 //! rescan_interval = "30s"
 //! compact_interval = "1h"
 //! restore = "if-empty"        # if-empty | never: see below
+//! exclude = ["*.tmp", "/cache"]   # globs of paths not kept (see below)
+//! include = []                # globs of files kept; empty: every file
 //!
 //! [[target]]
 //! name = "game"               # stable: logs and reloads know the target by it
@@ -51,6 +53,12 @@
 //! are (what changed while the daemon was down is captured). `never`
 //! always takes the directories as they are, even empty: their first
 //! batch then records every file deleted.
+//!
+//! `include` and `exclude` ([`crate::scan::filter`]) are globs over paths
+//! relative to each state directory: one with a `/` is anchored at its
+//! top, one without matches a name at any depth, a directory matched
+//! covers what is under it, and excludes win. A path left out is never
+//! recorded, nor its removal (no tombstone).
 //!
 //! Durations are humantime's (`250ms`, `30s`, `1h 30m`, `7d`). A state
 //! directory is `NAME=DIR` or `DIR`, as `--state-dir` takes it. Targets are
@@ -161,6 +169,8 @@ struct Settings {
     freeze_cgroups: Option<Vec<PathBuf>>,
     retention: Option<Retention>,
     restore: Option<String>,
+    include: Option<Vec<String>>,
+    exclude: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +263,8 @@ impl Settings {
             freeze_cgroups: self.freeze_cgroups.clone().or(under.freeze_cgroups.clone()),
             retention: self.retention.clone().or(under.retention.clone()),
             restore: self.restore.clone().or(under.restore.clone()),
+            include: self.include.clone().or(under.include.clone()),
+            exclude: self.exclude.clone().or(under.exclude.clone()),
         }
     }
 
@@ -300,6 +312,13 @@ impl Settings {
             consistency,
             retention,
             freeze_cgroups: self.freeze_cgroups.clone().unwrap_or_default(),
+            filter: match (&self.include, &self.exclude) {
+                (None, None) => None,
+                (include, exclude) => Some(std::sync::Arc::new(crate::scan::PathFilter::new(
+                    include.as_deref().unwrap_or_default(),
+                    exclude.as_deref().unwrap_or_default(),
+                )?)),
+            },
         };
         for (key, value) in [
             ("scan_interval", options.scan_interval),
@@ -568,6 +587,8 @@ mod tests {
             duration.contains("\"soon\" is not a duration"),
             "{duration}"
         );
+        let glob = refused("[defaults]\nexclude = [\"a[b\"]\n");
+        assert!(glob.contains("exclude pattern \"a[b\""), "{glob}");
         let mode = refused("[defaults]\nconsistency = \"maybe\"\n");
         assert!(mode.contains("not one of auto, freeze, none"), "{mode}");
         let twice = refused(

@@ -72,6 +72,8 @@ pub struct WatchOptions {
     pub max_pause: Duration,
     /// cgroups to freeze besides the one `run` starts its app in.
     pub freeze_cgroups: Vec<PathBuf>,
+    /// The paths kept (include and exclude globs); `None`: every path.
+    pub filter: Option<Arc<crate::scan::PathFilter>>,
 }
 
 /// How a batch's cut is made consistent (`--consistency`).
@@ -111,6 +113,7 @@ impl Default for WatchOptions {
             consistency: Consistency::Auto,
             max_pause: Duration::from_millis(200),
             freeze_cgroups: Vec::new(),
+            filter: None,
         }
     }
 }
@@ -583,6 +586,7 @@ impl CaptureLoop {
             max_pause: self.options.max_pause,
             accept_torn: false,
             files: None,
+            filter: self.options.filter.clone(),
         }
     }
 
@@ -1011,6 +1015,7 @@ struct CutPlan {
     accept_torn: bool,
     /// One root's reported files; `None` walks every root.
     files: Option<Arc<ReportedFiles>>,
+    filter: Option<Arc<crate::scan::PathFilter>>,
 }
 
 /// How often a capture still waiting for the store says so.
@@ -1042,6 +1047,7 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
                 max_pause: plan.max_pause,
                 accept_torn: plan.accept_torn,
                 files: files.as_ref().map(|f| f as &crate::capture::ReportedFn),
+                filter: plan.filter.as_deref(),
             };
             capture_cut(&path, &dirs, &cut)
         })

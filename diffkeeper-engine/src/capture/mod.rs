@@ -34,7 +34,9 @@ use sha2::{Digest, Sha256};
 use crate::freeze::FreezeSet;
 use crate::progress::Progress;
 use crate::roots::{join, StateDir};
-use crate::scan::{check_root, diff_root, Change, FsEntry, InodeIndex, LinkedOut, RootChanges};
+use crate::scan::{
+    check_root, diff_root, Change, FsEntry, InodeIndex, LinkedOut, PathFilter, RootChanges,
+};
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, Owner, Stamp,
     VersionRecord, Xattr, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
@@ -176,6 +178,9 @@ pub struct Cut<'a> {
     /// asked for when the read starts ([`Ask`]); `None` from it, or no
     /// function, walks the trees.
     pub files: Option<&'a ReportedFn<'a>>,
+    /// Only the paths this keeps are recorded (see
+    /// [`crate::scan::PathFilter`]); `None` keeps every path.
+    pub filter: Option<&'a PathFilter>,
 }
 
 /// A reading of [`Cut::clock`].
@@ -351,7 +356,7 @@ fn take_optimistic(
     let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
         let reader = store.reader()?;
-        let mut found = find_changes(store.path(), &reader, roots, files)?;
+        let mut found = find_changes(store.path(), &reader, roots, files, cut.filter)?;
         if found.iter().all(|r| r.changes.is_empty()) {
             return Ok(BatchSummary {
                 scanned: found.iter().map(|r| r.scanned).sum(),
@@ -379,7 +384,7 @@ fn take_optimistic(
     // The scan made read-only stands unless another writer committed since.
     let mut found = match scanned {
         Some((last, found)) if last == reader.last_batch()? => found,
-        _ => find_changes(store.path(), &reader, roots, files)?,
+        _ => find_changes(store.path(), &reader, roots, files, cut.filter)?,
     };
     let verdict = Verdict::AtCommit {
         watch: &watch,
@@ -434,7 +439,7 @@ fn take_frozen(
         let deadline = Instant::now() + cut.max_pause.saturating_sub(frozen.elapsed());
         let files = cut.files.and_then(|files| files(Ask::Frozen));
         let listed = frozen.elapsed();
-        let found = find_changes(store.path(), &reader, roots, files.as_deref());
+        let found = find_changes(store.path(), &reader, roots, files.as_deref(), cut.filter);
         let diffed = frozen.elapsed();
         let staged = match &found {
             Ok(found) if found.iter().any(|r| !r.changes.is_empty()) => Some(stage::stage(
@@ -539,6 +544,23 @@ fn take_looked(found: &mut [RootChanges]) -> HashMap<String, Looked> {
 /// Diffs every root against the store's latest state: only `files` when
 /// given (one root) and trustworthy, else each whole tree.
 fn find_changes(
+    store_path: &Path,
+    reader: &Reader,
+    roots: &[StateDir],
+    files: Option<&[(Vec<u8>, InodeKey)]>,
+    filter: Option<&PathFilter>,
+) -> Result<Vec<RootChanges>> {
+    let mut found = find_all_changes(store_path, reader, roots, files)?;
+    if let Some(filter) = filter {
+        for root in &mut found {
+            root.changes.retain(|change| filter.keeps(change));
+        }
+    }
+    Ok(found)
+}
+
+/// Every change under `roots`, as [`find_changes`] without a filter.
+fn find_all_changes(
     store_path: &Path,
     reader: &Reader,
     roots: &[StateDir],

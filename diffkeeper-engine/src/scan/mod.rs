@@ -8,6 +8,9 @@
 //! all; everything else goes to capture, which drops files whose content
 //! and metadata turn out unchanged.
 
+pub mod filter;
+pub use filter::PathFilter;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io;
