@@ -527,3 +527,62 @@ fn pods_of_the_node_are_followed_and_a_recreated_pod_gets_its_state_back_before_
         "{log}"
     );
 }
+
+#[test]
+fn a_missing_kubeconfig_is_refused_and_an_unreachable_api_server_stops_no_target() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("data");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let store = work.path().join("host.dk");
+    let config = work.path().join("daemon.toml");
+    let write = |kubeconfig: &Path| {
+        fs::write(
+            &config,
+            format!(
+                "[daemon]\nbackend = \"ebpf\"\nmetrics_addr = \"none\"\n\
+                 [kubernetes]\nnode_name = \"node-1\"\nkubelet_root = \"{}\"\nstores = \"{}\"\nkubeconfig = \"{}\"\n\
+                 [[target]]\nname = \"host\"\nstore = \"{}\"\nstate_dirs = [\"data={}\"]\ndebounce = \"50ms\"\n",
+                s(&work.path().join("kubelet")),
+                s(&work.path().join("stores")),
+                s(kubeconfig),
+                s(&store),
+                s(&dir)
+            ),
+        )
+        .expect("config");
+    };
+    let missing = work.path().join("no-such-kubeconfig");
+    write(&missing);
+    let out = common::diffkeeper(&["daemon", "--config", s(&config)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the kubeconfig") && stderr.contains(s(&missing)),
+        "{stderr}"
+    );
+
+    // An API server that is not there: logged and retried, while the
+    // configured target captures.
+    let closed = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let kubeconfig = work.path().join("kubeconfig");
+    fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: gone\n  context:\n    cluster: gone\n    user: gone\ncurrent-context: gone\nusers:\n- name: gone\n  user: {{}}\n"
+        ),
+    )
+    .expect("kubeconfig");
+    write(&kubeconfig);
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    daemon.wait_log(
+        &["discovery: watching pods failed"],
+        1,
+        Duration::from_secs(30),
+    );
+    fs::write(dir.join("file"), "written while the API server is away").expect("write");
+    wait_captured(&store, &dir, work.path(), "the configured target captures");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+}

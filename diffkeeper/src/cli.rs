@@ -484,8 +484,10 @@ pub enum Command {
     /// touched; a file with a mistake changes nothing and says why. A
     /// target that fails (its store corrupt, full or held, its directories
     /// missing) is reported and retried with back-off while the others keep
-    /// capturing. SIGTERM or SIGINT stops every target after a final
-    /// capture.
+    /// capturing. With a [kubernetes] section, the annotated pods of the
+    /// node (diffkeeper.io/volumes: NAME,...) are targets too, named
+    /// NAMESPACE.POD, restored into their new volumes when re-created.
+    /// SIGTERM or SIGINT stops every target after a final capture.
     Daemon {
         /// The configuration file.
         #[arg(long, value_name = "FILE")]

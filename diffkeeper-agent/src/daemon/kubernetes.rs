@@ -241,7 +241,8 @@ impl Pods {
 }
 
 /// The kube client `k` says: its kubeconfig file, or kube's inference.
-async fn client(k: &Kubernetes) -> Result<kube::Client> {
+/// Nothing is asked of the API server yet.
+pub async fn client(k: &Kubernetes) -> Result<kube::Client> {
     let failed = |what: String, e: Box<dyn std::error::Error + Send + Sync>| AgentError::Failed {
         what,
         source: e,
@@ -284,12 +285,15 @@ async fn client(k: &Kubernetes) -> Result<kube::Client> {
     Ok(client)
 }
 
-/// Watches the pods of `k.node_name` and sends what they are as targets
-/// into `tx` after each change, until `tx` has no receiver. Failures to
-/// reach the API server are logged and retried with back-off; the targets
-/// already known keep capturing meanwhile.
-pub async fn discover(k: Kubernetes, tx: tokio::sync::watch::Sender<Discovered>) -> Result<()> {
-    let client = client(&k).await?;
+/// Watches the pods of `k.node_name` through `client` and sends what they
+/// are as targets into `tx` after each change, until `tx` has no
+/// receiver. Failures to reach the API server are logged and retried with
+/// back-off; the targets already known keep capturing meanwhile.
+pub async fn discover(
+    k: Kubernetes,
+    client: kube::Client,
+    tx: tokio::sync::watch::Sender<Discovered>,
+) {
     let pods: kube::Api<Pod> = kube::Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", k.node_name));
     let mut events = watcher(pods, config).default_backoff().boxed();
@@ -299,11 +303,11 @@ pub async fn discover(k: Kubernetes, tx: tokio::sync::watch::Sender<Discovered>)
     let mut failing = false;
     loop {
         let event = tokio::select! {
-            _ = tx.closed() => return Ok(()),
+            _ = tx.closed() => return,
             event = events.next() => event,
         };
         let Some(event) = event else {
-            return Ok(());
+            return;
         };
         let event = match event {
             Ok(event) => {

@@ -77,17 +77,13 @@ struct Discovery {
 }
 
 impl Discovery {
-    fn start(settings: &config::Kubernetes) -> Discovery {
+    /// Starts watching the pods `settings` say, once a client for them can
+    /// be made (a kubeconfig that is not there fails here, not later).
+    async fn start(settings: &config::Kubernetes) -> Result<Discovery> {
+        let client = kubernetes::client(settings).await?;
         let (tx, rx) = tokio::sync::watch::channel(Discovered::default());
-        let task = tokio::spawn({
-            let settings = settings.clone();
-            async move {
-                if let Err(e) = kubernetes::discover(settings, tx).await {
-                    tracing::error!("discovery stopped: {e:#}; the targets known keep capturing, none is added or removed until the daemon restarts");
-                }
-            }
-        });
-        Discovery { rx, task }
+        let task = tokio::spawn(kubernetes::discover(settings.clone(), client, tx));
+        Ok(Discovery { rx, task })
     }
 }
 
@@ -165,7 +161,10 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    let mut discovery = config.kubernetes.as_ref().map(Discovery::start);
+    let mut discovery = match &config.kubernetes {
+        Some(k) => Some(Discovery::start(k).await?),
+        None => None,
+    };
     // The pods' targets as last listed (kept across a restart of discovery
     // until its first list).
     let mut pods: BTreeMap<String, Target> = BTreeMap::new();
@@ -253,14 +252,24 @@ pub async fn run(path: &Path, overrides: &Overrides) -> Result<()> {
                     new.targets.len()
                 );
                 if new.kubernetes != config.kubernetes {
-                    if let Some(d) = discovery.take() {
-                        d.task.abort();
+                    let started = match &new.kubernetes {
+                        Some(k) => Discovery::start(k).await.map(Some),
+                        None => Ok(None),
+                    };
+                    match started {
+                        Ok(started) => {
+                            if let Some(d) = std::mem::replace(&mut discovery, started) {
+                                d.task.abort();
+                            }
+                            if discovery.is_none() {
+                                pods.clear();
+                            }
+                            tracing::info!("reload: [kubernetes] changed, discovery restarted");
+                        }
+                        Err(e) => tracing::error!(
+                            "reload: [kubernetes] changed but cannot be used, discovery goes on as it was: {e:#}"
+                        ),
                     }
-                    discovery = new.kubernetes.as_ref().map(Discovery::start);
-                    if discovery.is_none() {
-                        pods.clear();
-                    }
-                    tracing::info!("reload: [kubernetes] changed, discovery restarted");
                 }
                 apply(&shared, &mut running, &wanted(&new.targets, &pods), &ending).await;
                 config = new;
