@@ -255,6 +255,18 @@ fn watch(stream: &mut TcpStream, path: &str, state: &Mutex<State>) {
     }
 }
 
+/// A kubeconfig whose one context is the API server at `addr`, over plain
+/// HTTP with no credentials.
+fn write_kubeconfig(path: &Path, addr: &str) {
+    fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stub\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: stub\n  context:\n    cluster: stub\n    user: stub\ncurrent-context: stub\nusers:\n- name: stub\n  user: {{}}\n"
+        ),
+    )
+    .expect("kubeconfig");
+}
+
 /// A pod's emptyDir volume directory under the kubelet root.
 fn volume(kubelet: &Path, uid: &str, name: &str) -> PathBuf {
     kubelet
@@ -305,14 +317,7 @@ fn pods_of_the_node_are_followed_and_a_recreated_pod_gets_its_state_back_before_
     let socket = work.path().join("daemon.sock");
     let stub = Stub::start();
     let kubeconfig = work.path().join("kubeconfig");
-    fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stub\n  cluster:\n    server: http://{}\ncontexts:\n- name: stub\n  context:\n    cluster: stub\n    user: stub\ncurrent-context: stub\nusers:\n- name: stub\n  user: {{}}\n",
-            stub.addr
-        ),
-    )
-    .expect("kubeconfig");
+    write_kubeconfig(&kubeconfig, &stub.addr);
 
     // Listed at start: db-0 opted in, web-0 not, bad-0 naming a configMap.
     let db_dir = volume(&kubelet, DB, "data");
@@ -499,6 +504,28 @@ fn pods_of_the_node_are_followed_and_a_recreated_pod_gets_its_state_back_before_
     );
     std::thread::sleep(Duration::from_millis(300));
     fs::remove_dir(&db_dir).expect("the kubelet removes the volume");
+    // Its successor's init container may ask before the daemon has seen
+    // the old pod go: with its uid it is not told ready by the old target.
+    let mut early = common::Reaped(
+        std::process::Command::new(common::BIN)
+            .args([
+                "restore-wait",
+                "--socket",
+                s(&socket),
+                "--target",
+                "shop.db-0",
+            ])
+            .args(["--pod-uid", DB_AGAIN, "--timeout", "30s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("restore-wait"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        early.0.try_wait().expect("restore-wait's status").is_none(),
+        "restore-wait for the new pod returned while the old pod's target was there"
+    );
     stub.event("DELETED", deleting);
     daemon.wait_log(&["target shop.db-0: its pod is gone"], 1, timeout);
     assert!(
@@ -514,8 +541,8 @@ fn pods_of_the_node_are_followed_and_a_recreated_pod_gets_its_state_back_before_
         "ADDED",
         pod("db-0", DB_AGAIN, &[("diffkeeper.io/volumes", "data")]),
     );
-    let (code, out) = wait_ready(&socket, "shop.db-0");
-    assert_eq!(code, Some(0), "{out}");
+    let status = early.0.wait().expect("restore-wait");
+    assert!(status.success(), "restore-wait of the new pod: {status}");
     assert!(
         read_tree(&again_dir) == db_tree,
         "the re-created pod's volume holds its state when its app may start"
@@ -567,13 +594,7 @@ fn a_missing_kubeconfig_is_refused_and_an_unreachable_api_server_stops_no_target
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
     let kubeconfig = work.path().join("kubeconfig");
-    fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: http://127.0.0.1:{port}\ncontexts:\n- name: gone\n  context:\n    cluster: gone\n    user: gone\ncurrent-context: gone\nusers:\n- name: gone\n  user: {{}}\n"
-        ),
-    )
-    .expect("kubeconfig");
+    write_kubeconfig(&kubeconfig, &format!("127.0.0.1:{port}"));
     write(&kubeconfig);
     let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
     daemon.wait_log(

@@ -517,9 +517,15 @@ pub enum Command {
             default_value = "/run/diffkeeper/daemon.sock"
         )]
         socket: PathBuf,
-        /// The target to wait for (its name in the daemon's configuration).
+        /// The target to wait for (its name in the daemon's configuration;
+        /// NAMESPACE.POD for a pod it discovered).
         #[arg(long, value_name = "NAME")]
         target: String,
+        /// Ready only once the target is this pod's (its metadata.uid): a
+        /// re-created pod is then never told ready by the target of the
+        /// pod it replaces.
+        #[arg(long, value_name = "UID")]
+        pod_uid: Option<String>,
         /// Longest wait.
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -919,10 +925,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::RestoreWait {
             socket,
             target,
+            pod_uid,
             timeout,
         } => {
             let files = runtime()?.block_on(crate::agent::daemon::control::wait(
-                &socket, &target, timeout,
+                &socket,
+                &target,
+                pod_uid.as_deref(),
+                timeout,
             ))?;
             println!("target {target} is restored ({files} files written) and captured");
             Ok(ExitCode::SUCCESS)

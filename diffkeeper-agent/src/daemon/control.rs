@@ -8,7 +8,12 @@
 //! with the pods, `/run/diffkeeper/daemon.sock` in deploy/):
 //!
 //! 1. The client connects and sends one line of JSON:
-//!    `{"version":1,"wait_for":"TARGET"}`.
+//!    `{"version":1,"wait_for":"TARGET"}`, or
+//!    `{"version":1,"wait_for":"TARGET","pod_uid":"UID"}` from a pod's init
+//!    container: then only the target of that very pod will do. Without the
+//!    uid, a re-created pod asking before the daemon has seen the old pod
+//!    go could be told ready by the old pod's target, and its app would
+//!    start on an empty volume.
 //! 2. The daemon answers with JSON lines, one each time the target's state
 //!    changes: `{"status":"waiting","why":"..."}` while the target is
 //!    unknown (its pod not discovered yet), starting, restoring, or failing
@@ -50,6 +55,9 @@ const MAX_REQUEST: usize = 4096;
 pub struct Request {
     pub version: u32,
     pub wait_for: String,
+    /// The asking pod's uid: ready only once the target is that pod's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,14 +83,30 @@ pub enum TargetState {
 }
 
 /// Every target's state, by name, shared by the daemon's tasks and the
-/// control socket.
+/// control socket, with the uid of the pod it is (discovered targets).
 #[derive(Clone, Default)]
-pub struct States(Arc<Mutex<HashMap<String, TargetState>>>);
+pub struct States(Arc<Mutex<HashMap<String, Entry>>>);
+
+/// A target's state, and its pod's uid.
+type Entry = (TargetState, Option<String>);
 
 impl States {
+    /// A target starts, as pod `pod_uid`'s when it is one.
+    pub fn start(&self, target: &str, pod_uid: Option<&str>) {
+        if let Ok(mut states) = self.0.lock() {
+            states.insert(
+                target.to_string(),
+                (TargetState::Starting, pod_uid.map(str::to_string)),
+            );
+        }
+    }
+
     pub fn set(&self, target: &str, state: TargetState) {
         if let Ok(mut states) = self.0.lock() {
-            states.insert(target.to_string(), state);
+            let entry = states
+                .entry(target.to_string())
+                .or_insert((TargetState::Starting, None));
+            entry.0 = state;
         }
     }
 
@@ -92,17 +116,30 @@ impl States {
         }
     }
 
-    fn answer(&self, target: &str) -> Answer {
-        let state = self.0.lock().ok().and_then(|s| s.get(target).cloned());
+    fn answer(&self, target: &str, pod_uid: Option<&str>) -> Answer {
+        let entry = self.0.lock().ok().and_then(|s| s.get(target).cloned());
         let waiting = |why: String| Answer::Waiting { why };
+        let (state, uid) = match entry {
+            None => return waiting(format!("no target {target:?} (yet)")),
+            Some(entry) => entry,
+        };
+        if let Some(want) = pod_uid {
+            if uid.as_deref() != Some(want) {
+                return waiting(format!(
+                    "target {target:?} is {} not yet pod {want}'s",
+                    uid.map_or("a configured target,".to_string(), |u| format!(
+                        "pod {u}'s,"
+                    ))
+                ));
+            }
+        }
         match state {
-            None => waiting(format!("no target {target:?} (yet)")),
-            Some(TargetState::Starting) => waiting(format!("target {target:?} is starting")),
-            Some(TargetState::Restoring) => waiting(format!("target {target:?} is being restored")),
-            Some(TargetState::Failed(why)) => {
+            TargetState::Starting => waiting(format!("target {target:?} is starting")),
+            TargetState::Restoring => waiting(format!("target {target:?} is being restored")),
+            TargetState::Failed(why) => {
                 waiting(format!("target {target:?} cannot start, retrying: {why}"))
             }
-            Some(TargetState::Capturing { restored_files }) => Answer::Ready { restored_files },
+            TargetState::Capturing { restored_files } => Answer::Ready { restored_files },
         }
     }
 }
@@ -189,7 +226,7 @@ async fn answer(stream: tokio::net::UnixStream, states: States) {
     tracing::info!(target = %request.wait_for, "control socket: waiting for target {} to be restored and capturing", request.wait_for);
     let mut last: Option<Answer> = None;
     loop {
-        let now = states.answer(&request.wait_for);
+        let now = states.answer(&request.wait_for, request.pod_uid.as_deref());
         if last.as_ref() != Some(&now) {
             if write.write_all(send(&now).as_bytes()).await.is_err() {
                 // The client left (its timeout): nothing to tell.
@@ -204,15 +241,21 @@ async fn answer(stream: tokio::net::UnixStream, states: States) {
     }
 }
 
-/// `restore-wait`: asks the daemon at `socket` for target `target` until
-/// it answers ready (returns the files it restored), reconnecting as
-/// needed, for at most `timeout`.
-pub async fn wait(socket: &Path, target: &str, timeout: Duration) -> Result<u64> {
+/// `restore-wait`: asks the daemon at `socket` for target `target` (pod
+/// `pod_uid`'s, when given) until it answers ready (returns the files it
+/// restored), reconnecting as needed, for at most `timeout`.
+pub async fn wait(
+    socket: &Path,
+    target: &str,
+    pod_uid: Option<&str>,
+    timeout: Duration,
+) -> Result<u64> {
     let deadline = Instant::now() + timeout;
     let mut last = String::from("nothing yet");
     let request = serde_json::to_string(&Request {
         version: VERSION,
         wait_for: target.to_string(),
+        pod_uid: pod_uid.map(str::to_string),
     })
     .map_err(|e| AgentError::Refused(format!("cannot write the request: {e}")))?;
     loop {

@@ -398,7 +398,7 @@ async fn keep_capturing(
         metrics.pod(&pod.namespace, &pod.name, &pod.uid);
     }
     let states = &shared.states;
-    states.set(&target.name, TargetState::Starting);
+    states.start(&target.name, target.pod.as_ref().map(|p| p.uid.as_str()));
     let mut failures = 0u32;
     loop {
         let started = async {
