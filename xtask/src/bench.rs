@@ -1,4 +1,4 @@
-//! `cargo xtask bench [delta|replay|history|tracer|tree|consistency|daemon]... [--keep]`: DiffKeeper against
+//! `cargo xtask bench [delta|replay|history|tracer|tree|consistency|daemon|peers]... [--keep]`: DiffKeeper against
 //! its peers, each measured in the same run on the same input and reported as
 //! ratios (these machines are noisy; only ratios within one run mean much).
 //! Every timed command runs [`RUNS`] times; the median time is reported,
@@ -38,6 +38,12 @@
 //!   processes (latency, CPU, peak RSS; target: RSS at most 50 MiB + 1 MiB
 //!   per target).
 //!
+//! - `peers` ([`peers`]): the store against restic, borg and casync
+//!   repositories on the same histories (a game world, SQLite, an ML
+//!   checkpoint, 50,000 small files, Debian's Python packages): sizes,
+//!   round times, restores of the latest and oldest state against `cp -a`
+//!   (issue 12's targets). `BENCH_PEERS=small,python` picks workloads.
+//!
 //! With no name, all run. Missing peers (`sqlite3`, `bsdiff`, `xdelta3`,
 //! `zstd`, GNU `time`) are installed with apt-get. Work files live in a
 //! temporary directory under `<target>/bench/` (the cargo target directory:
@@ -53,6 +59,7 @@ mod daemon;
 mod delta;
 mod history;
 mod measure;
+mod peers;
 mod replay;
 pub mod tracer;
 mod tree;
@@ -69,7 +76,7 @@ use serde_json::{json, Value};
 pub(crate) const RUNS: usize = 3;
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 7] = [
+const BENCHMARKS: [&str; 8] = [
     "delta",
     "replay",
     "history",
@@ -77,6 +84,7 @@ const BENCHMARKS: [&str; 7] = [
     "tree",
     "consistency",
     "daemon",
+    "peers",
 ];
 
 /// What every benchmark gets: the binary under test and a work directory.
@@ -172,6 +180,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             "tree" => tree::run(&bench),
             "consistency" => consistency::run(&bench),
             "daemon" => daemon::run(&bench),
+            "peers" => peers::run(&bench),
             _ => tracer::run(&bench),
         }
         .with_context(|| format!("benchmark {name} failed"))?;
@@ -254,6 +263,14 @@ fn install_peers(which: &[&str]) -> Result<()> {
     if which.contains(&"consistency") {
         needed.push(("sqlite3", "sqlite3"));
     }
+    if which.contains(&"peers") {
+        needed.extend([
+            ("sqlite3", "sqlite3"),
+            ("restic", "restic"),
+            ("borg", "borgbackup"),
+            ("casync", "casync"),
+        ]);
+    }
     if which.contains(&"delta") {
         needed.extend([
             ("sqlite3", "sqlite3"),
@@ -333,5 +350,8 @@ fn environment(root: &Path, fs_type: &str, total_secs: f64) -> Value {
         "sqlite3": line("sqlite3", &["--version"]),
         "xdelta3": line("sh", &["-c", "xdelta3 -V 2>&1"]),
         "zstd": line("zstd", &["--version"]),
+        "restic": line("restic", &["version"]),
+        "borg": line("borg", &["--version"]),
+        "casync": line("casync", &["--version"]),
     })
 }

@@ -68,7 +68,8 @@ enum Task {
         binary: Option<PathBuf>,
     },
     /// Benchmarks against peers measured in the same run: `delta`, `replay`,
-    /// or all when none is named.
+    /// `history`, `tracer`, `tree`, `consistency`, `daemon`, `peers`, or all
+    /// when none is named (`--keep` keeps the work files).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

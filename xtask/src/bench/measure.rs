@@ -93,6 +93,12 @@ pub fn timed(command: &Command) -> Result<(String, Run)> {
     if let Some(dir) = command.get_current_dir() {
         wrapped.current_dir(dir);
     }
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
     let started = Instant::now();
     let out = wrapped
         .output()
