@@ -16,7 +16,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +66,31 @@ fn pod(name: &str, uid: &str, annotations: &[(&str, &str)]) -> serde_json::Value
 
 impl Stub {
     fn start() -> Stub {
+        Stub::serving(None)
+    }
+
+    /// A stub speaking HTTPS with the certificate and key at these PEM
+    /// files.
+    fn start_tls(cert: &Path, key: &Path) -> Stub {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(cert)
+            .expect("certificate PEM")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("certificates");
+        let key = PrivateKeyDer::from_pem_file(key).expect("key PEM");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+        Stub::serving(Some(Arc::new(config)))
+    }
+
+    fn serving(tls: Option<Arc<rustls::ServerConfig>>) -> Stub {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the stub");
         let addr = listener.local_addr().expect("stub address").to_string();
         let state = Arc::new(Mutex::new(State {
@@ -76,7 +101,15 @@ impl Stub {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let state = shared.clone();
-                std::thread::spawn(move || serve(stream, &state));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve(stream, &state),
+                    Some(config) => {
+                        if let Ok(connection) = rustls::ServerConnection::new(config) {
+                            serve(rustls::StreamOwned::new(connection, stream), &state);
+                        }
+                    }
+                });
             }
         });
         Stub { addr, state }
@@ -141,10 +174,8 @@ fn query<'a>(path: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Answers one connection's requests: a list, or a watch held open.
-fn serve(stream: TcpStream, state: &Mutex<State>) {
-    let Ok(read) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(read);
-    let mut stream = stream;
+fn serve(stream: impl std::io::Read + Write, state: &Mutex<State>) {
+    let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -162,15 +193,17 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
         }
         let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
         state.lock().expect("state").requests.push(path.clone());
+        let stream = reader.get_mut();
         if !path.starts_with("/api/v1/pods") {
             let _ = write!(
                 stream,
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
             );
+            let _ = stream.flush();
             continue;
         }
         if query(&path, "watch") == Some("true") || query(&path, "watch") == Some("1") {
-            watch(&mut stream, &path, state);
+            watch(stream, &path, state);
             return;
         }
         let body = {
@@ -188,6 +221,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
+        .and_then(|_| stream.flush())
         .is_err()
         {
             return;
@@ -197,16 +231,20 @@ fn serve(stream: TcpStream, state: &Mutex<State>) {
 
 /// Streams the watch events after the request's version, chunked, until
 /// the connection is dropped on purpose or by the client.
-fn watch(stream: &mut TcpStream, path: &str, state: &Mutex<State>) {
+fn watch(stream: &mut impl Write, path: &str, state: &Mutex<State>) {
     let from: u64 = query(path, "resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let head =
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
-    if stream.write_all(head.as_bytes()).is_err() {
+    if stream
+        .write_all(head.as_bytes())
+        .and_then(|_| stream.flush())
+        .is_err()
+    {
         return;
     }
-    let chunk = |stream: &mut TcpStream, line: &str| {
+    let chunk = |stream: &mut dyn Write, line: &str| {
         let data = format!("{line}\n");
         write!(stream, "{:x}\r\n{data}\r\n", data.len()).and_then(|_| stream.flush())
     };
@@ -226,6 +264,7 @@ fn watch(stream: &mut TcpStream, path: &str, state: &Mutex<State>) {
         });
         let _ = chunk(stream, &gone.to_string());
         let _ = stream.write_all(b"0\r\n\r\n");
+        let _ = stream.flush();
         return;
     }
     let mut sent = from;
@@ -241,8 +280,8 @@ fn watch(stream: &mut TcpStream, path: &str, state: &Mutex<State>) {
             (lines, state.drops != drops)
         };
         if dropped {
-            // Mid-stream, with no last chunk: a connection lost.
-            let _ = stream.shutdown(std::net::Shutdown::Both);
+            // Mid-stream, with no last chunk: a connection lost (dropped
+            // with the stream when this returns).
             return;
         }
         for (version, line) in lines {
@@ -258,10 +297,17 @@ fn watch(stream: &mut TcpStream, path: &str, state: &Mutex<State>) {
 /// A kubeconfig whose one context is the API server at `addr`, over plain
 /// HTTP with no credentials.
 fn write_kubeconfig(path: &Path, addr: &str) {
+    write_kubeconfig_for(path, &format!("server: http://{addr}"));
+}
+
+/// A kubeconfig whose one cluster has these settings (`server: ...`,
+/// `certificate-authority: ...`), with no credentials.
+fn write_kubeconfig_for(path: &Path, cluster: &str) {
+    let cluster = cluster.replace('\n', "\n    ");
     fs::write(
         path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stub\n  cluster:\n    server: http://{addr}\ncontexts:\n- name: stub\n  context:\n    cluster: stub\n    user: stub\ncurrent-context: stub\nusers:\n- name: stub\n  user: {{}}\n"
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stub\n  cluster:\n    {cluster}\ncontexts:\n- name: stub\n  context:\n    cluster: stub\n    user: stub\ncurrent-context: stub\nusers:\n- name: stub\n  user: {{}}\n"
         ),
     )
     .expect("kubeconfig");
@@ -604,6 +650,97 @@ fn a_missing_kubeconfig_is_refused_and_an_unreachable_api_server_stops_no_target
     );
     fs::write(dir.join("file"), "written while the API server is away").expect("write");
     wait_captured(&store, &dir, work.path(), "the configured target captures");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+}
+
+#[test]
+fn discovery_speaks_https_trusting_the_kubeconfig_ca_only() {
+    let work = tempfile::tempdir().expect("tempdir");
+    // A cluster CA and the API server's certificate signed by it, as a
+    // cluster has them.
+    let (ca, cert, key) = (
+        work.path().join("ca.pem"),
+        work.path().join("api.pem"),
+        work.path().join("api-key.pem"),
+    );
+    let ext = work.path().join("api.ext");
+    fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extensions");
+    let script = format!(
+        "set -e; cd {dir}
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=kubernetes-ca -keyout ca-key.pem -out {ca}
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=kube-apiserver -keyout {key} -out api.csr
+         openssl x509 -req -in api.csr -CA {ca} -CAkey ca-key.pem -CAcreateserial -days 1 -extfile {ext} -out {cert}",
+        dir = s(work.path()),
+        ca = s(&ca),
+        key = s(&key),
+        ext = s(&ext),
+        cert = s(&cert)
+    );
+    let made = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let stub = Stub::start_tls(&cert, &key);
+    let dir = volume(&work.path().join("kubelet"), DB, "data");
+    write_files(&dir, "tls", 3);
+    stub.event(
+        "ADDED",
+        pod("db-0", DB, &[("diffkeeper.io/volumes", "data")]),
+    );
+    let config = work.path().join("daemon.toml");
+    let kubeconfig = work.path().join("kubeconfig");
+    fs::write(
+        &config,
+        format!(
+            "[daemon]\nbackend = \"ebpf\"\nmetrics_addr = \"none\"\n\
+             [defaults]\ndebounce = \"50ms\"\n\
+             [kubernetes]\nnode_name = \"node-1\"\nkubelet_root = \"{}\"\nstores = \"{}\"\nkubeconfig = \"{}\"\n",
+            s(&work.path().join("kubelet")),
+            s(&work.path().join("stores")),
+            s(&kubeconfig)
+        ),
+    )
+    .expect("config");
+
+    // Without the CA the server is not trusted: said, retried, no target.
+    write_kubeconfig_for(&kubeconfig, &format!("server: https://{}", stub.addr));
+    let daemon = Daemon::start(&config, &work.path().join("untrusted.log"));
+    daemon.wait_log(
+        &["discovery: watching pods failed"],
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(!daemon.log().contains("pod(s) on node"), "{}", daemon.log());
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log}");
+
+    // With it (as the service account's ca.crt), the pods are listed.
+    write_kubeconfig_for(
+        &kubeconfig,
+        &format!(
+            "server: https://{}\ncertificate-authority: {}",
+            stub.addr,
+            s(&ca)
+        ),
+    );
+    let daemon = Daemon::start(&config, &work.path().join("daemon.log"));
+    daemon.wait_log(
+        &["discovery: 1 pod(s) on node node-1"],
+        1,
+        Duration::from_secs(30),
+    );
+    let store = work.path().join("stores/shop/db-0.dk");
+    wait_captured(&store, &dir, work.path(), "the pod's volume captured");
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log}");
 }

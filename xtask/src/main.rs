@@ -123,6 +123,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The virtual environment kubernetes-validate is installed in (Debian's
     // python3 has no venv module without it).
     "python3-venv",
+    // tests/discovery.rs makes a cluster CA and the stand-in API server's
+    // certificate with it.
+    "openssl",
 ];
 /// PyPI's kubernetes-validate, which checks the rendered manifests against
 /// the Kubernetes API schemas offline (tests/deploy.rs), with its

@@ -311,7 +311,8 @@ pub async fn discover(
         };
         let event = match event {
             Ok(event) => {
-                if failing {
+                // Init only says a list starts; the rest are answers.
+                if failing && !matches!(event, watcher::Event::Init) {
                     tracing::info!("discovery: the API server answers again");
                     failing = false;
                 }
