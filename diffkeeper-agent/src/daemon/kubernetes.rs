@@ -44,7 +44,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{watcher, WatchStreamExt};
 
 use super::config::{Kubernetes, Target};
-use crate::error::{AgentError, Result};
+use crate::error::{Context, Result};
 use crate::roots::StateDir;
 
 /// The annotation naming the volumes to capture.
@@ -243,41 +243,21 @@ impl Pods {
 /// The kube client `k` says: its kubeconfig file, or kube's inference.
 /// Nothing is asked of the API server yet.
 pub async fn client(k: &Kubernetes) -> Result<kube::Client> {
-    let failed = |what: String, e: Box<dyn std::error::Error + Send + Sync>| AgentError::Failed {
-        what,
-        source: e,
-    };
     let config = match &k.kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                failed(
-                    format!("cannot read the kubeconfig {}", path.display()),
-                    Box::new(e),
-                )
-            })?;
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
-                .map_err(|e| {
-                    failed(
-                        format!("kubeconfig {}: no usable context", path.display()),
-                        Box::new(e),
-                    )
-                })?
+                .with_context(|| format!("kubeconfig {}: no usable context", path.display()))?
         }
-        None => kube::Config::infer().await.map_err(|e| {
-            failed(
-                "no Kubernetes API found ($KUBECONFIG, ~/.kube/config, or the in-cluster service account)".to_string(),
-                Box::new(e),
-            )
-        })?,
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API found ($KUBECONFIG, ~/.kube/config, or the in-cluster service account)",
+        )?,
     };
     let server = config.cluster_url.to_string();
-    let client = kube::Client::try_from(config).map_err(|e| {
-        failed(
-            format!("cannot make a client for the API server {server}"),
-            Box::new(e),
-        )
-    })?;
+    let client = kube::Client::try_from(config)
+        .with_context(|| format!("cannot make a client for the API server {server}"))?;
     tracing::info!(
         "discovery: watching the pods of node {} at {server}",
         k.node_name

@@ -333,16 +333,14 @@ async fn apply(
         shared.metrics.remove(name);
         shared.states.remove(name);
     }
-    let new: Vec<String> = wanted
-        .keys()
-        .filter(|name| !running.contains_key(*name) && !ending.contains(*name))
-        .cloned()
+    let new: Vec<(&String, &Target)> = wanted
+        .iter()
+        .filter(|(name, _)| !running.contains_key(*name) && !ending.contains(*name))
         .collect();
-    shared.metrics.set_starting(new.iter().cloned());
-    for (name, target) in wanted {
-        if running.contains_key(name) || ending.contains(name) {
-            continue;
-        }
+    shared
+        .metrics
+        .set_starting(new.iter().map(|(name, _)| (*name).clone()));
+    for (name, target) in new {
         let (stop, stopped) = oneshot::channel();
         let span = match &target.pod {
             Some(pod) => {
@@ -411,9 +409,8 @@ async fn keep_capturing(
                         .recursive(true)
                         .mode(0o700)
                         .create(dir)
-                        .map_err(|e| crate::error::AgentError::Failed {
-                            what: format!("cannot make the directory of stores {}", dir.display()),
-                            source: Box::new(e),
+                        .with_context(|| {
+                            format!("cannot make the directory of stores {}", dir.display())
                         })?;
                 }
             }

@@ -206,8 +206,8 @@ struct Guarded {
     roots: Vec<Option<(u64, u64)>>,
     /// Whether a writer outside the pod was seen while it was ending.
     foreign: bool,
-    /// Why the loop stopped capturing, once it did.
-    torn_down: Option<String>,
+    /// Whether the loop stopped capturing (said once).
+    torn_down: bool,
 }
 
 /// A directory's device and inode, when it is there.
@@ -365,7 +365,7 @@ impl CaptureLoop {
             writers: Default::default(),
             roots,
             foreign: false,
-            torn_down: None,
+            torn_down: false,
         });
     }
 
@@ -376,7 +376,7 @@ impl CaptureLoop {
         let Some(pod) = &mut self.pod else {
             return false;
         };
-        if pod.torn_down.is_some() {
+        if pod.torn_down {
             return true;
         }
         if !pod.guard.ending.load(std::sync::atomic::Ordering::Relaxed) {
@@ -404,7 +404,7 @@ impl CaptureLoop {
             "pod {} is ending and {why} (the kubelet tearing them down): stopped without capturing that; its last batch stands as its state",
             pod.guard.uid
         );
-        pod.torn_down = Some(why);
+        pod.torn_down = true;
         true
     }
 
