@@ -253,13 +253,9 @@ fn syscall_hooks(always: bool) -> crate::events::SyscallHooks {
 
 impl WatchArgs {
     fn options(&self) -> Result<crate::watch::WatchOptions> {
-        let filter = if self.include.is_empty() && self.exclude.is_empty() {
-            None
-        } else {
-            let filter = crate::scan::PathFilter::new(&self.include, &self.exclude)
-                .map_err(|why| anyhow::anyhow!("--{why}"))?;
-            Some(std::sync::Arc::new(filter))
-        };
+        let filter = crate::scan::PathFilter::of_globs(&self.include, &self.exclude)
+            .map_err(|why| anyhow::anyhow!("--{why}"))?
+            .map(std::sync::Arc::new);
         Ok(crate::watch::WatchOptions {
             backend: self.backend,
             debounce: self.debounce,

@@ -312,13 +312,11 @@ impl Settings {
             consistency,
             retention,
             freeze_cgroups: self.freeze_cgroups.clone().unwrap_or_default(),
-            filter: match (&self.include, &self.exclude) {
-                (None, None) => None,
-                (include, exclude) => Some(std::sync::Arc::new(crate::scan::PathFilter::new(
-                    include.as_deref().unwrap_or_default(),
-                    exclude.as_deref().unwrap_or_default(),
-                )?)),
-            },
+            filter: crate::scan::PathFilter::of_globs(
+                self.include.as_deref().unwrap_or_default(),
+                self.exclude.as_deref().unwrap_or_default(),
+            )?
+            .map(std::sync::Arc::new),
         };
         for (key, value) in [
             ("scan_interval", options.scan_interval),

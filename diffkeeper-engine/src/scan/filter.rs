@@ -116,6 +116,15 @@ impl PathFilter {
         })
     }
 
+    /// The filter of these globs, or `None` when there are none (every
+    /// path kept).
+    pub fn of_globs(include: &[String], exclude: &[String]) -> Result<Option<PathFilter>, String> {
+        if include.is_empty() && exclude.is_empty() {
+            return Ok(None);
+        }
+        PathFilter::new(include, exclude).map(Some)
+    }
+
     /// The include patterns, as given.
     pub fn includes(&self) -> &[String] {
         &self.text.0
