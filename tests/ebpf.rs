@@ -471,3 +471,59 @@ fn unlinks_and_renames_elsewhere_on_the_node_invalidate_no_cached_membership() {
         );
     }
 }
+
+/// ext4 gives a deleted file's inode number to the next file made in its
+/// group, anywhere on the file system. The place cached for the deleted
+/// file must not be taken for the stranger: its writes are not the tree's
+/// changes (they would mark the tree's frozen cuts torn, as written while
+/// frozen by a process outside the frozen cgroups).
+#[test]
+fn a_deleted_files_inode_number_reused_outside_the_tree_is_not_taken_for_the_tree() {
+    use std::os::unix::fs::MetadataExt;
+    let _kernel = exclusive();
+    let parent = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let watched = parent.path().join("watched");
+    let elsewhere = parent.path().join("elsewhere");
+    std::fs::create_dir(&watched).expect("mkdir");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    let mut tracer = Tracer::start(&[&watched], SyscallHooks::Auto).expect("start the tracer");
+    let mut reused = 0;
+    for round in 0..20 {
+        let doomed = watched.join(format!("doomed-{round}"));
+        std::fs::write(&doomed, b"first").expect("create");
+        std::fs::write(&doomed, b"second").expect("write");
+        let ino = std::fs::metadata(&doomed).expect("stat").ino();
+        std::fs::remove_file(&doomed).expect("unlink");
+        tracer.drain_events().expect("drain");
+        let before = tracer.root_changes(&[0]).expect("root changes");
+        // New files outside the tree until one gets the freed number.
+        let mut stranger = None;
+        for i in 0..2000 {
+            let path = elsewhere.join(format!("r{round}-{i}"));
+            std::fs::write(&path, b"").expect("create");
+            if std::fs::metadata(&path).expect("stat").ino() == ino {
+                stranger = Some(path);
+                break;
+            }
+        }
+        let Some(stranger) = stranger else { continue };
+        reused += 1;
+        for _ in 0..100 {
+            std::fs::write(&stranger, b"not the tree's").expect("write");
+        }
+        let events = tracer.drain_events().expect("drain");
+        assert_eq!(
+            tracer.root_changes(&[0]).expect("root changes"),
+            before,
+            "round {round}: writes to inode {ino} outside the tree counted as the tree's changes"
+        );
+        assert!(
+            !events.iter().any(|e| !e.is_namespace() && e.ino == ino),
+            "round {round}: a write outside the tree was reported as the tree's: {events:?}"
+        );
+    }
+    assert!(
+        reused >= 10,
+        "ext4 reused a freed inode number in only {reused} of 20 rounds"
+    );
+}

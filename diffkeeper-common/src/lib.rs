@@ -67,12 +67,19 @@ pub struct RootPath {
 }
 
 /// A file inode's cached place: under root `root_plus_one - 1`, or under no
-/// root when 0, as of rename generation `generation`.
+/// root when 0, as of rename generation `generation`, for the inode whose
+/// `i_generation` is `inode_generation`. Inode numbers are reused as soon
+/// as a file is deleted (ext4 hands a freed number to the next file made in
+/// its group, anywhere on the file system); the file systems give each new
+/// inode a fresh `i_generation` (random on ext4, tmpfs and XFS), so a place
+/// cached for a deleted file is not taken for the stranger that got its
+/// number.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Membership {
     pub root_plus_one: u32,
     pub generation: u32,
+    pub inode_generation: u32,
 }
 
 /// A watched file became dirty. One event per inode until userspace takes

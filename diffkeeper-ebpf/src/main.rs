@@ -33,7 +33,9 @@
 //!   0.72x.
 //!
 //! Memberships (which root a file inode is under) are cached per inode in
-//! `MEMBERSHIP` with the `GENERATION` they were found at. Userspace bumps
+//! `MEMBERSHIP` with the `GENERATION` they were found at and the inode's
+//! `i_generation` (a deleted file's number goes to the next file made
+//! anywhere in its ext4 group at once). Userspace bumps
 //! the generation before it walks a tree whose entries changed, as a
 //! rename or link may have moved in a file cached as outside; without the
 //! ctime hooks, the syscall programs also bump it on every rename and
@@ -139,6 +141,8 @@ static OFF_INODE_DENTRY: u32 = 0;
 static OFF_DENTRY_ALIAS: u32 = 0;
 #[no_mangle]
 static OFF_INODE_MODE: u32 = 0;
+#[no_mangle]
+static OFF_INODE_GENERATION: u32 = 0;
 #[no_mangle]
 static OFF_INODE_MAPPING: u32 = 0;
 #[no_mangle]
@@ -518,15 +522,15 @@ fn key_of_inode(inode: u64) -> Option<InodeKey> {
 
 /// Which watched root `file` is under, if any: a walk up its dentry's
 /// parents, cached in MEMBERSHIP until the next rename.
-fn root_of(file: u64, key: &InodeKey) -> Option<u32> {
-    cached_root(key, || read(file, offset(&OFF_FILE_DENTRY)))
+fn root_of(file: u64, inode: u64, key: &InodeKey) -> Option<u32> {
+    cached_root(inode, key, || read(file, offset(&OFF_FILE_DENTRY)))
 }
 
 /// Which watched root `inode` is under, if any, from one of its dentries,
 /// cached like [`root_of`]. An inode with no dentry (unlinked, or not yet
 /// given its name) is under none, and nothing is cached for it.
 fn root_of_inode(inode: u64, key: &InodeKey) -> Option<u32> {
-    cached_root(key, || first_dentry(inode))
+    cached_root(inode, key, || first_dentry(inode))
 }
 
 /// One of `inode`'s dentries (`i_dentry`, a list of `dentry.d_u.d_alias`).
@@ -538,13 +542,16 @@ fn first_dentry(inode: u64) -> Option<u64> {
     first.checked_sub(offset(&OFF_DENTRY_ALIAS) as u64)
 }
 
-/// The cached root of `key`, or else the walk from `dentry()`, cached.
+/// The cached root of `key` (the number of `inode`), or else the walk from
+/// `dentry()`, cached. A cached place counts only for the same inode: one
+/// made since under a reused number has another `i_generation`.
 #[inline(always)]
-fn cached_root(key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u32> {
+fn cached_root(inode: u64, key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u32> {
     let generation = GENERATION.get(0).copied().unwrap_or(0);
+    let inode_generation: u32 = read(inode, offset(&OFF_INODE_GENERATION)).unwrap_or(0);
     // SAFETY: copied out at once.
     if let Some(m) = unsafe { MEMBERSHIP.get(key) } {
-        if m.generation == generation {
+        if m.generation == generation && m.inode_generation == inode_generation {
             return m.root_plus_one.checked_sub(1);
         }
     }
@@ -559,6 +566,7 @@ fn cached_root(key: &InodeKey, dentry: impl FnOnce() -> Option<u64>) -> Option<u
         &Membership {
             root_plus_one: found,
             generation,
+            inode_generation,
         },
         0,
     );
@@ -669,10 +677,13 @@ fn mark_fd_dirty(ctx: &TracePointContext, fd: u64, bytes: u64, flags: u32) {
     let Some(file) = file_of_fd(fd) else {
         return;
     };
-    let Some(key) = read::<u64>(file, offset(&OFF_FILE_INODE)).and_then(key_of_inode) else {
+    let Some(inode) = read::<u64>(file, offset(&OFF_FILE_INODE)) else {
         return;
     };
-    let Some(root) = root_of(file, &key) else {
+    let Some(key) = key_of_inode(inode) else {
+        return;
+    };
+    let Some(root) = root_of(file, inode, &key) else {
         return;
     };
     bump(counter::WRITES, 1);

@@ -227,6 +227,11 @@ pub fn kernel_offsets(btf: &Btf) -> Result<Vec<(&'static str, u32)>> {
             btf.offset_of("fs_struct", &["pwd", "dentry"])?,
         ),
         ("OFF_INODE_MODE", btf.offset_of("inode", &["i_mode"])?),
+        // Told apart from a later inode given the same number.
+        (
+            "OFF_INODE_GENERATION",
+            btf.offset_of("inode", &["i_generation"])?,
+        ),
         // The list of an inode's dentries, linked through `d_u.d_alias`.
         ("OFF_INODE_DENTRY", btf.offset_of("inode", &["i_dentry"])?),
         (
