@@ -102,8 +102,19 @@ unsafe fn complete(ring: &mut io_uring::IoUring, sqe: &io_uring::squeue::Entry) 
     // SAFETY: the caller keeps what the entry points to valid; the
     // completion is waited for below, before anything is freed.
     unsafe { ring.submission().push(sqe) }.expect("queue the entry");
-    ring.submit_and_wait(1).expect("submit");
-    ring.completion().next().expect("a completion").result()
+    ring.submit().expect("submit");
+    // The wait ends early when the cgroup freezer stops and thaws this
+    // task (io_uring_enter returns what it submitted, or EINTR): wait again.
+    loop {
+        if let Some(done) = ring.completion().next() {
+            return done.result();
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => panic!("wait for the completion: {e}"),
+        }
+    }
 }
 
 /// Each container's app, `sh` in the container. With `MIXED` set it first
