@@ -61,7 +61,7 @@ fn ring_writes(dir: &Path, name: &str) {
                 .flags(flags);
             // SAFETY: the buffer and the file outlive the call, which waits
             // for the completion.
-            let done = unsafe { complete(&mut ring, &sqe) };
+            let done = unsafe { common::uring_complete(&mut ring, &sqe) };
             assert_eq!(
                 done,
                 bytes.len() as i32,
@@ -79,41 +79,17 @@ fn ring_writes(dir: &Path, name: &str) {
             )
             .build();
             // SAFETY: both paths outlive the call, which waits for it.
-            let done = unsafe { complete(&mut ring, &sqe) };
+            let done = unsafe { common::uring_complete(&mut ring, &sqe) };
             assert_eq!(done, 0, "io_uring rename of ring-{name}-{i}");
         }
         if i % 6 == 5 {
             let victim = path(format!("ring-{name}-{}", i - 1));
             let sqe = opcode::UnlinkAt::new(Fd(libc::AT_FDCWD), victim.as_ptr()).build();
             // SAFETY: the path outlives the call, which waits for it.
-            let done = unsafe { complete(&mut ring, &sqe) };
+            let done = unsafe { common::uring_complete(&mut ring, &sqe) };
             assert_eq!(done, 0, "io_uring unlink of ring-{name}-{}", i - 1);
         }
         std::thread::sleep(Duration::from_millis(15));
-    }
-}
-
-/// Queues `sqe`, waits for its completion and returns its result.
-///
-/// # Safety
-/// Whatever `sqe` points to (buffers, paths, descriptors) must stay valid
-/// until this returns.
-unsafe fn complete(ring: &mut io_uring::IoUring, sqe: &io_uring::squeue::Entry) -> i32 {
-    // SAFETY: the caller keeps what the entry points to valid; the
-    // completion is waited for below, before anything is freed.
-    unsafe { ring.submission().push(sqe) }.expect("queue the entry");
-    ring.submit().expect("submit");
-    // The wait ends early when the cgroup freezer stops and thaws this
-    // task (io_uring_enter returns what it submitted, or EINTR): wait again.
-    loop {
-        if let Some(done) = ring.completion().next() {
-            return done.result();
-        }
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => panic!("wait for the completion: {e}"),
-        }
     }
 }
 

@@ -419,10 +419,8 @@ unsafe fn uring_submit(
 ) {
     // SAFETY: the caller keeps the buffer and descriptor valid until the
     // completion, which is waited for here.
-    unsafe { ring.submission().push(sqe) }.expect("queue the write");
-    ring.submit_and_wait(1).expect("submit");
-    let done = ring.completion().next().expect("a completion");
-    assert_eq!(done.result(), len as i32, "io_uring write of {name}");
+    let done = unsafe { common::uring_complete(ring, sqe) };
+    assert_eq!(done, len as i32, "io_uring write of {name}");
 }
 
 /// Starts `watch` with the eBPF backend on `state` (as root `data`), its

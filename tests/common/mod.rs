@@ -346,3 +346,27 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Queues `sqe`, waits for its completion and returns its result.
+///
+/// # Safety
+/// Whatever `sqe` points to (buffers, paths, descriptors) must stay valid
+/// until this returns.
+pub unsafe fn uring_complete(ring: &mut io_uring::IoUring, sqe: &io_uring::squeue::Entry) -> i32 {
+    // SAFETY: the caller keeps what the entry points to valid; the
+    // completion is waited for below, before anything is freed.
+    unsafe { ring.submission().push(sqe) }.expect("queue the entry");
+    ring.submit().expect("submit");
+    // The wait ends early when the cgroup freezer stops and thaws this
+    // task (io_uring_enter returns what it submitted, or EINTR): wait again.
+    loop {
+        if let Some(done) = ring.completion().next() {
+            return done.result();
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => panic!("wait for the completion: {e}"),
+        }
+    }
+}
