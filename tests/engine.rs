@@ -1099,3 +1099,81 @@ fn first_start_and_bad_input_get_clear_answers() {
         "{out:?}"
     );
 }
+
+/// JSON-like records, as small config and package files hold: each file
+/// alone compresses a little, a dictionary of their shared words much more.
+fn json_records(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    while out.len() < len {
+        let r = rng.next();
+        out.extend_from_slice(
+            format!(
+                "{{\"id\": {}, \"name\": \"package-{}\", \"version\": \"{}.{}.{}\", \"license\": \"MIT\"}},\n",
+                r % 100_000,
+                (r >> 17) % 700,
+                (r >> 27) % 10,
+                (r >> 31) % 30,
+                (r >> 36) % 100
+            )
+            .as_bytes(),
+        );
+    }
+    out.truncate(len);
+    out
+}
+
+#[test]
+fn small_files_are_compressed_with_a_dictionary_trained_once_per_store() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let mut rng = Rng::new(0x5eed_0d1c);
+    for i in 0..400 {
+        let dir = state.join(format!("pkg-{:02}", i % 40));
+        fs::create_dir_all(&dir).expect("mkdir");
+        let len = 300 + rng.below(3000) as usize;
+        fs::write(dir.join(format!("f{i}.json")), json_records(&mut rng, len)).expect("write");
+    }
+    let first = snapshot(&state, &store);
+    let logical = u64_of(&first, "logical_bytes");
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    let dictionary = u64_of(&stats, "dictionary_bytes");
+    assert!(
+        dictionary > 0,
+        "400 small files train a dictionary: {stats}"
+    );
+    // Each file alone, with zstd and no dictionary, comes to about a fifth
+    // of its size on these records (5.1x); with the dictionary, 7.7x.
+    assert!(
+        u64_of(&stats, "stored_bytes") * 13 < logical * 2,
+        "{logical} logical bytes stored as {stats}"
+    );
+    // Later batches use the same dictionary: none is trained again.
+    for round in 0..3 {
+        for i in (round..400).step_by(37) {
+            let path = state.join(format!("pkg-{:02}/f{i}.json", i % 40));
+            let len = 300 + rng.below(3000) as usize;
+            fs::write(&path, json_records(&mut rng, len)).expect("write");
+        }
+        snapshot(&state, &store);
+    }
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(u64_of(&stats, "dictionary_bytes"), dictionary, "{stats}");
+    // Compaction re-encodes the bases of deltas whose old bases go; every
+    // kept moment still restores, verified.
+    ok(&["compact", "--store", s(&store), "--keep-last", "2"]);
+    ok(&["verify", "--store", s(&store)]);
+    let target = fresh(work.path(), "restored");
+    replay_into(&target, &store);
+    assert_eq!(read_tree(&target), read_tree(&state), "the latest state");
+    // A store with only a few small files trains none.
+    let few = work.path().join("few");
+    fs::create_dir_all(&few).expect("mkdir");
+    for i in 0..20 {
+        fs::write(few.join(format!("f{i}")), json_records(&mut rng, 2000)).expect("write");
+    }
+    let few_store = work.path().join("few.dk");
+    snapshot(&few, &few_store);
+    let stats = json(&["stats", "--store", s(&few_store), "--json"]);
+    assert_eq!(u64_of(&stats, "dictionary_bytes"), 0, "{stats}");
+}

@@ -1,10 +1,13 @@
 //! Chunk encodings: how one chunk's bytes become stored payload and back.
 //!
-//! Bases are raw or lz4_flex blocks; deltas are zstd frames compressed with
-//! the reference chunk as prefix (the choice is explained in
-//! [`crate::schema`]).
+//! Bases are zstd frames, with the store's dictionary when it has one (raw
+//! when that saves less than 1/16; lz4_flex blocks in stores of schema 2 and
+//! older); deltas are zstd frames compressed with the reference chunks as
+//! prefix. The choices and their measurements are in [`crate::schema`].
 
 use std::io::{Read, Write};
+
+use crate::schema::ChunkEncoding;
 
 /// Why a chunk could not be encoded or rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,9 @@ pub enum CodecError {
         #[source]
         source: std::io::Error,
     },
+    /// A chunk names a dictionary the store does not have.
+    #[error("no dictionary {0} in the store")]
+    NoDictionary(u32),
     /// The delta decoded to the wrong length: damaged, or against the
     /// wrong reference.
     #[error("delta rebuilds {got} bytes, expected {expected}")]
@@ -44,15 +50,191 @@ const DELTA_LEVEL: i32 = 3;
 /// long-distance matching.
 const RETRY_WITH_LDM_DIVISOR: usize = 64;
 
-/// Encodes a base chunk: lz4 when it saves at least 1/16, else raw.
-/// Returns `(is_lz4, payload)`.
-pub fn encode_base(bytes: &[u8]) -> (bool, Vec<u8>) {
-    let compressed = lz4_flex::block::compress(bytes);
-    if compressed.len() + bytes.len() / 16 <= bytes.len() {
-        (true, compressed)
-    } else {
-        (false, bytes.to_vec())
+/// zstd level for bases. Measured on 50,000 log-like text files of 100 B
+/// to 8 KiB (207 MB) and on Debian's Python packages (2,907 files, 41 MB),
+/// each file one frame: level 1 gave 2.68x and 2.69x, level 3 2.66x and
+/// 2.83x, level 6 2.80x and 2.99x at 2.5 times level 3's time; lz4 1.68x
+/// and 2.03x. With a dictionary trained on 1 MiB of the small files, level
+/// 3 gave 3.07x and 2.92x in 1.2 s and 0.2 s of CPU.
+const BASE_LEVEL: i32 = 3;
+
+/// Size of a trained dictionary: zstd's default. 32 KiB gave 3.03x on the
+/// small files above, 64 KiB 3.06x, 110 KiB 3.07x; it is stored once.
+pub const DICTIONARY_BYTES: usize = 112_640;
+
+/// A zstd dictionary trained on a store's own small files (the `dicts`
+/// table), ready for both directions.
+pub struct Dictionary {
+    id: u32,
+    raw: Vec<u8>,
+    encoder: zstd::dict::EncoderDictionary<'static>,
+    decoder: zstd::dict::DecoderDictionary<'static>,
+}
+
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dictionary({}, {} bytes)", self.id, self.raw.len())
     }
+}
+
+impl Dictionary {
+    /// Prepares dictionary `id` from its stored bytes.
+    pub fn new(id: u32, raw: Vec<u8>) -> Result<Dictionary> {
+        let encoder =
+            zstd::dict::EncoderDictionary::try_copy(&raw, BASE_LEVEL).step("dictionary load")?;
+        let decoder = zstd::dict::DecoderDictionary::try_copy(&raw).step("dictionary load")?;
+        Ok(Dictionary {
+            id,
+            raw,
+            encoder,
+            decoder,
+        })
+    }
+
+    /// Trains dictionary `id` on `samples`; `None` when zstd finds too
+    /// little in them to build one (too few or too alike).
+    pub fn train(id: u32, samples: &[Vec<u8>]) -> Option<Dictionary> {
+        let raw = zstd::dict::from_samples(samples, DICTIONARY_BYTES).ok()?;
+        Dictionary::new(id, raw).ok()
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The bytes to store.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+}
+
+/// Compresses base chunks, reusing zstd contexts: a fresh context costs
+/// tens of microseconds to set up, which for small files was most of the
+/// work (50,000 files of 100 B to 8 KiB: 8.4 s with a context per chunk).
+/// Shared by the threads of one batch; each takes an idle context or makes
+/// one.
+pub struct BaseEncoder<'d> {
+    dictionary: Option<&'d Dictionary>,
+    idle: std::sync::Mutex<Vec<zstd::zstd_safe::CCtx<'d>>>,
+}
+
+impl<'d> BaseEncoder<'d> {
+    /// Encodes with `dictionary` when given.
+    pub fn new(dictionary: Option<&'d Dictionary>) -> BaseEncoder<'d> {
+        BaseEncoder {
+            dictionary,
+            idle: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A context with this encoder's settings: frames as small as they can
+    /// be (no magic number, no checksum: every chunk has its SHA-256; no
+    /// content size: the chunk record has it; no dictionary id: the
+    /// encoding names it).
+    fn context(&self) -> Result<zstd::zstd_safe::CCtx<'d>> {
+        use zstd::zstd_safe::{CCtx, CParameter, FrameFormat};
+        let failed = |what: &str| CodecError::Zstd {
+            step: "base encoder",
+            source: std::io::Error::other(what.to_string()),
+        };
+        let mut cctx = CCtx::try_create().ok_or_else(|| failed("no memory for a context"))?;
+        for parameter in [
+            CParameter::CompressionLevel(BASE_LEVEL),
+            CParameter::Format(FrameFormat::Magicless),
+            CParameter::ChecksumFlag(false),
+            CParameter::ContentSizeFlag(false),
+            CParameter::DictIdFlag(false),
+        ] {
+            cctx.set_parameter(parameter)
+                .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
+        }
+        if let Some(d) = self.dictionary {
+            cctx.ref_cdict(d.encoder.as_cdict())
+                .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
+        }
+        Ok(cctx)
+    }
+
+    /// Encodes a base chunk: a zstd frame when it saves at least 1/16, else
+    /// the bytes as they are.
+    pub fn encode(&self, bytes: &[u8]) -> Result<(ChunkEncoding, Vec<u8>)> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut cctx = match idle {
+            Some(cctx) => cctx,
+            None => self.context()?,
+        };
+        let mut compressed = Vec::with_capacity(zstd::zstd_safe::compress_bound(bytes.len()));
+        let written = cctx.compress2(&mut compressed, bytes);
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(cctx);
+        }
+        written.map_err(|code| CodecError::Zstd {
+            step: "base encode",
+            source: std::io::Error::other(zstd::zstd_safe::get_error_name(code)),
+        })?;
+        Ok(if compressed.len() + bytes.len() / 16 <= bytes.len() {
+            (
+                ChunkEncoding::Zstd {
+                    dict: self.dictionary.map_or(0, Dictionary::id),
+                },
+                compressed,
+            )
+        } else {
+            (ChunkEncoding::Raw, bytes.to_vec())
+        })
+    }
+}
+
+thread_local! {
+    /// This thread's zstd context for decoding bases (see [`BaseEncoder`]
+    /// for why it is kept).
+    static BASE_DECODER: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Rebuilds a zstd base chunk of `len` bytes into `out` (its contents are
+/// replaced; its allocation is reused). `dictionary` is the one its
+/// encoding names, or `None` for 0.
+pub fn decode_base_into(
+    payload: &[u8],
+    len: usize,
+    dictionary: Option<&Dictionary>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    use zstd::zstd_safe::{DCtx, DParameter, FrameFormat};
+    let failed = |step: &'static str, what: &str| CodecError::Zstd {
+        step,
+        source: std::io::Error::other(what.to_string()),
+    };
+    out.clear();
+    // One byte of room past `len` tells a too-long frame apart.
+    out.reserve(len + 1);
+    BASE_DECODER.with(|cell| {
+        let mut slot = cell
+            .try_borrow_mut()
+            .map_err(|_| failed("base decoder", "in use"))?;
+        if slot.is_none() {
+            let mut dctx = DCtx::try_create().ok_or_else(|| failed("base decoder", "no memory"))?;
+            dctx.set_parameter(DParameter::Format(FrameFormat::Magicless))
+                .map_err(|code| failed("base decoder", zstd::zstd_safe::get_error_name(code)))?;
+            *slot = Some(dctx);
+        }
+        let Some(dctx) = slot.as_mut() else {
+            return Err(failed("base decoder", "no context"));
+        };
+        match dictionary {
+            Some(d) => dctx.decompress_using_ddict(out, payload, d.decoder.as_ddict()),
+            None => dctx.decompress(out, payload),
+        }
+        .map_err(|code| failed("base decode", zstd::zstd_safe::get_error_name(code)))
+    })?;
+    if out.len() != len {
+        return Err(CodecError::WrongLength {
+            got: out.len(),
+            expected: len,
+        });
+    }
+    Ok(())
 }
 
 /// Encodes `bytes` as a zstd frame that references `reference` as a prefix.
@@ -171,8 +353,69 @@ mod tests {
                 state as u8
             })
             .collect();
-        assert_eq!(encode_base(&noise), (false, noise.clone()));
-        let (lz4, payload) = encode_base(&[7u8; 65_536]);
-        assert!(lz4 && payload.len() < 1024);
+        let (encoding, payload) = BaseEncoder::new(None).encode(&noise).expect("encode");
+        assert_eq!((encoding, payload), (ChunkEncoding::Raw, noise.clone()));
+        let (encoding, payload) = BaseEncoder::new(None)
+            .encode(&[7u8; 65_536])
+            .expect("encode");
+        assert_eq!(encoding, ChunkEncoding::Zstd { dict: 0 });
+        assert!(payload.len() < 1024);
+        let mut out = Vec::new();
+        decode_base_into(&payload, 65_536, None, &mut out).expect("decode");
+        assert_eq!(out, vec![7u8; 65_536]);
+        assert!(decode_base_into(&payload, 65_535, None, &mut out).is_err());
+    }
+
+    fn text(seed: u64, len: usize) -> Vec<u8> {
+        let mut state = seed.max(1);
+        let mut out = Vec::new();
+        while out.len() < len {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            out.extend_from_slice(
+                format!(
+                    "{{\"id\": {}, \"name\": \"player-{}\", \"score\": {}}},\n",
+                    state % 100_000,
+                    (state >> 20) % 500,
+                    (state >> 40) % 1000
+                )
+                .as_bytes(),
+            );
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn a_trained_dictionary_makes_small_files_smaller_and_round_trips() {
+        let samples: Vec<Vec<u8>> = (0..400).map(|i| text(i + 1, 2000)).collect();
+        let dictionary = Dictionary::train(1, &samples).expect("trains");
+        // Reloaded from its stored bytes, as a reader gets it.
+        let reloaded = Dictionary::new(1, dictionary.raw().to_vec()).expect("loads");
+        let file = text(9999, 1500);
+        let (plain, plain_bytes) = BaseEncoder::new(None).encode(&file).expect("encode");
+        let (with, with_bytes) = BaseEncoder::new(Some(&dictionary))
+            .encode(&file)
+            .expect("encode");
+        assert_eq!(plain, ChunkEncoding::Zstd { dict: 0 });
+        assert_eq!(with, ChunkEncoding::Zstd { dict: 1 });
+        assert!(
+            with_bytes.len() * 10 < plain_bytes.len() * 9,
+            "{} bytes with the dictionary, {} without",
+            with_bytes.len(),
+            plain_bytes.len()
+        );
+        let mut out = Vec::new();
+        decode_base_into(&with_bytes, file.len(), Some(&reloaded), &mut out).expect("decode");
+        assert_eq!(out, file);
+        // Without its dictionary the frame does not decode to the file.
+        let wrong = decode_base_into(&with_bytes, file.len(), None, &mut out);
+        assert!(wrong.is_err() || out != file);
+    }
+
+    #[test]
+    fn too_few_samples_train_no_dictionary() {
+        assert!(Dictionary::train(1, &[text(1, 100)]).is_none());
     }
 }

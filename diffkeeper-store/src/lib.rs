@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, SeenRecord, Stamp,
-    VersionRecord, BATCHES, CHUNKS, CHUNK_INDEX, CUTS, GAPS, LATEST, META, META_CREATED_MS,
+    VersionRecord, BATCHES, CHUNKS, CHUNK_INDEX, CUTS, DICTS, GAPS, LATEST, META, META_CREATED_MS,
     META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION, MIN_READER_VERSION,
     OLDEST_READABLE, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
 };
@@ -269,6 +269,7 @@ impl Store {
             txn.open_table(CHUNKS)?;
             txn.open_table(CHUNK_INDEX)?;
             txn.open_table(PAYLOAD)?;
+            txn.open_table(DICTS)?;
         }
         txn.commit()?;
         Ok(())
@@ -360,6 +361,8 @@ impl Store {
             gaps: optional_table(&txn, GAPS)?,
             seen: optional_table(&txn, SEEN)?,
             cuts: optional_table(&txn, CUTS)?,
+            dicts: optional_table(&txn, DICTS)?,
+            dictionaries: std::sync::Mutex::new(std::collections::HashMap::new()),
             path: self.path.clone(),
         })
     }
@@ -558,6 +561,9 @@ pub struct Reader {
     gaps: Option<ReadOnlyTable<u64, i64>>,
     seen: Option<ReadOnlyTable<PathKey, &'static [u8]>>,
     cuts: Option<ReadOnlyTable<u64, &'static [u8]>>,
+    dicts: Option<ReadOnlyTable<u32, &'static [u8]>>,
+    /// Dictionaries loaded so far, by id.
+    dictionaries: std::sync::Mutex<std::collections::HashMap<u32, Arc<codec::Dictionary>>>,
     path: PathBuf,
 }
 
@@ -895,6 +901,53 @@ impl Reader {
         chunk_record_of(id, raw.value())
     }
 
+    /// Dictionary `id`, loaded once per reader.
+    pub fn dictionary_of(&self, id: u32) -> Result<Arc<codec::Dictionary>> {
+        if let Some(found) = self
+            .dictionaries
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&id).cloned())
+        {
+            return Ok(found);
+        }
+        let raw = match &self.dicts {
+            Some(table) => table.get(id)?.map(|v| v.value().to_vec()),
+            None => None,
+        }
+        .ok_or_else(|| StoreError::Corrupt(format!("dictionary {id} is missing")))?;
+        let loaded = Arc::new(
+            codec::Dictionary::new(id, raw)
+                .map_err(|e| StoreError::Corrupt(format!("dictionary {id}: {e}")))?,
+        );
+        if let Ok(mut cache) = self.dictionaries.lock() {
+            cache.insert(id, loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    /// The store's dictionary for new bases (the first trained), if it has
+    /// one.
+    pub fn dictionary(&self) -> Result<Option<Arc<codec::Dictionary>>> {
+        let first = match &self.dicts {
+            Some(table) => table.first()?.map(|(k, _)| k.value()),
+            None => None,
+        };
+        first.map(|id| self.dictionary_of(id)).transpose()
+    }
+
+    /// Every stored dictionary's id and size.
+    pub fn dictionaries(&self) -> Result<Vec<(u32, usize)>> {
+        let mut out = Vec::new();
+        if let Some(table) = &self.dicts {
+            for item in table.iter()? {
+                let (k, v) = item?;
+                out.push((k.value(), v.value().len()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads a chunk's stored payload into `out` (replacing its contents).
     fn payload_into(&self, id: u64, record: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
         out.clear();
@@ -985,6 +1038,16 @@ impl Reader {
                     StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
                 })?;
                 out.truncate(n);
+            }
+            ChunkEncoding::Zstd { dict } => {
+                self.payload_into(id, record, scratch)?;
+                let dictionary = match *dict {
+                    0 => None,
+                    dict => Some(self.dictionary_of(dict)?),
+                };
+                codec::decode_base_into(scratch, len, dictionary.as_deref(), out).map_err(|e| {
+                    StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
+                })?;
             }
             ChunkEncoding::ZstdDelta { bases } => {
                 self.payload_into(id, record, scratch)?;
@@ -1211,6 +1274,33 @@ impl BatchWriter {
             let piece_no = u32::try_from(i).map_err(|_| StoreError::TooManyPieces)?;
             table.insert((id, piece_no), piece)?;
         }
+        Ok(())
+    }
+
+    /// The id a dictionary trained for this batch takes: one no stored
+    /// dictionary has, as this transaction sees them.
+    pub fn next_dictionary_id(&self) -> Result<u32> {
+        let last = self
+            .txn
+            .open_table(DICTS)?
+            .last()?
+            .map(|(k, _)| k.value())
+            .unwrap_or(0);
+        last.checked_add(1)
+            .ok_or_else(|| StoreError::Corrupt("dictionary ids are exhausted".into()))
+    }
+
+    /// Stores a dictionary trained in this batch, for its chunks and later
+    /// ones. A stored dictionary is never replaced: chunks name it.
+    pub fn put_dictionary(&mut self, dictionary: &codec::Dictionary) -> Result<()> {
+        let mut table = self.txn.open_table(DICTS)?;
+        if table.get(dictionary.id())?.is_some() {
+            return Err(StoreError::Corrupt(format!(
+                "dictionary {} is already stored",
+                dictionary.id()
+            )));
+        }
+        table.insert(dictionary.id(), dictionary.raw())?;
         Ok(())
     }
 

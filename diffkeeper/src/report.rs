@@ -194,6 +194,9 @@ pub struct Stats {
     pub stored_bytes: u64,
     /// logical_bytes / stored_bytes.
     pub ratio: f64,
+    /// The zstd dictionaries trained on the store's small files, in bytes
+    /// (not in `stored_bytes`).
+    pub dictionary_bytes: u64,
     /// The store file's length and the disk space it occupies.
     pub file_bytes: u64,
     pub disk_bytes: u64,
@@ -371,6 +374,11 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
         } else {
             logical_bytes as f64 / stored_bytes as f64
         },
+        dictionary_bytes: reader
+            .dictionaries()?
+            .iter()
+            .map(|(_, len)| *len as u64)
+            .sum(),
         file_bytes: meta.len(),
         disk_bytes: meta.blocks() * 512,
     })
@@ -379,7 +387,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
 /// Renders `stats` for a terminal.
 pub fn stats_text(s: &Stats) -> String {
     format!(
-        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\nfile on disk {} ({} B, {} allocated)\n",
+        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\ndictionary   {}\nfile on disk {} ({} B, {} allocated)\n",
         s.store,
         s.roots.join(", "),
         s.live_paths,
@@ -392,6 +400,11 @@ pub fn stats_text(s: &Stats) -> String {
         bytes(s.stored_bytes),
         s.stored_bytes,
         s.ratio,
+        if s.dictionary_bytes == 0 {
+            "none".to_string()
+        } else {
+            bytes(s.dictionary_bytes)
+        },
         bytes(s.file_bytes),
         s.file_bytes,
         bytes(s.disk_bytes)

@@ -13,6 +13,7 @@
 //! copied ([`stage`]), everything else after the thaw. The outcome is
 //! recorded with the batch (`store::schema`, cuts).
 
+mod dictionary;
 pub mod holes;
 pub mod stage;
 
@@ -642,6 +643,8 @@ struct Workers<'a> {
     /// Each root's directory, opened once, that its files are opened
     /// beneath.
     dirs: RootDirs,
+    /// What bases are compressed with.
+    bases: codec::BaseEncoder<'a>,
 }
 
 /// One batch in the making.
@@ -676,6 +679,15 @@ fn capture(
     }
     let mut writer = store.begin_batch()?;
     let (tx, rx) = sync_channel::<Message>(64);
+    let jobs: Vec<(&StateDir, &Change)> = roots
+        .iter()
+        .flat_map(|r| r.changes.iter().map(move |c| (&r.root, c)))
+        .collect();
+    let dirs = RootDirs::of(roots);
+    let bases = dictionary::for_batch(reader, &jobs, &dirs, writer.next_dictionary_id()?)?;
+    if let (true, Some(dictionary)) = (bases.trained, &bases.dictionary) {
+        writer.put_dictionary(dictionary)?;
+    }
     let workers = Workers {
         reader,
         started_ms,
@@ -683,13 +695,10 @@ fn capture(
         next_chunk: AtomicU64::new(writer.next_chunk_id()),
         fresh: Mutex::new(HashMap::new()),
         tx,
-        dirs: RootDirs::of(roots),
+        dirs,
+        bases: codec::BaseEncoder::new(bases.dictionary.as_deref()),
     };
     let progress = Progress::new(total as u64, "capturing");
-    let jobs: Vec<(&StateDir, &Change)> = roots
-        .iter()
-        .flat_map(|r| r.changes.iter().map(move |c| (&r.root, c)))
-        .collect();
 
     let (outcomes, write_result) = std::thread::scope(|scope| {
         let progress = &progress;
@@ -1135,7 +1144,7 @@ impl Workers<'_> {
                 }
             }
         }
-        let (lz4, base) = codec::encode_base(data);
+        let (encoding, base) = self.bases.encode(data)?;
         tracing::trace!(
             offset,
             len = data.len(),
@@ -1147,14 +1156,7 @@ impl Workers<'_> {
             Some(delta) if delta.len() * 2 <= base.len() => {
                 Ok((ChunkEncoding::ZstdDelta { bases }, delta))
             }
-            _ => Ok((
-                if lz4 {
-                    ChunkEncoding::Lz4
-                } else {
-                    ChunkEncoding::Raw
-                },
-                base,
-            )),
+            _ => Ok((encoding, base)),
         }
     }
 }

@@ -378,6 +378,9 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
     let mut editor = store.edit_history()?;
     // Rebase first, reading the snapshot the plan was made from.
     let mut growth = 0i64;
+    // Rebased chunks are compressed as new ones are.
+    let dictionary = reader.dictionary()?;
+    let bases = crate::store::codec::BaseEncoder::new(dictionary.as_deref());
     for group in plan.rebase.chunks(REBASE_GROUP) {
         let encoded: Vec<(u64, ChunkRecord, Vec<u8>, u32)> = group
             .par_iter()
@@ -386,15 +389,11 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
                 let bytes = reader
                     .chunk_bytes(id)
                     .with_context(|| format!("cannot rebase chunk {id}"))?;
-                let (lz4, payload) = crate::store::codec::encode_base(&bytes);
+                let (encoding, payload) = bases.encode(&bytes)?;
                 let record = ChunkRecord {
                     hash: old.hash,
                     len: old.len,
-                    encoding: if lz4 {
-                        ChunkEncoding::Lz4
-                    } else {
-                        ChunkEncoding::Raw
-                    },
+                    encoding,
                     stored_len: u32::try_from(payload.len()).context("chunk too large")?,
                 };
                 Ok((id, record, payload, old.stored_len))
