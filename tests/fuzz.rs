@@ -29,10 +29,20 @@ proptest! {
     fn record_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
         let _ = VersionRecord::decode(&bytes, "v");
         let _ = schema::decode::<BatchRecord>(&bytes, "b");
-        let _ = schema::decode::<ChunkRecord>(&bytes, "c");
+        let _ = ChunkRecord::decode(&bytes, "c");
         let _ = schema::decode::<CutRecord>(&bytes, "cut");
         let _ = schema::decode::<SeenRecord>(&bytes, "seen");
         let _ = schema::decode::<RetentionRecord>(&bytes, "r");
+    }
+
+    #[test]
+    fn bases_decode_or_fail_for_any_input(
+        payload in proptest::collection::vec(any::<u8>(), 0..2048),
+        len in 0usize..=schema::CHUNK_MAX,
+    ) {
+        let mut out = Vec::new();
+        let _ = diffkeeper::store::codec::decode_base_into(&payload, len, None, &mut out);
+        prop_assert!(out.len() <= len + 1);
     }
 
     #[test]

@@ -15,7 +15,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::edit::{build_tree, expected, Editor, Tree};
-use common::{assert_same_tree, diffkeeper, json, ok, read_tree, refused, s, Node, Rng, BIN};
+use common::{
+    assert_same_tree, copy_store, diffkeeper, json, ok, read_tree, refused, s, segments_of, Node,
+    Rng, BIN,
+};
 
 /// 2026-11-01T00:00:00Z in ms: the recorded histories start there.
 const START_MS: i64 = 1_793_491_200_000;
@@ -444,6 +447,7 @@ fn a_store_naming_a_hostile_state_directory_is_refused() {
             len: 4,
             encoding: ChunkEncoding::Raw,
             stored_len: 4,
+            at: None,
         };
         batch.put_chunk(id, &chunk, content).expect("chunk");
         let version = VersionRecord {
@@ -673,7 +677,7 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
     }
     let all: Vec<u64> = trees.keys().copied().collect();
     let pristine = work.path().join("pristine.dk");
-    fs::copy(&store, &pristine).expect("copy");
+    copy_store(&store, &pristine);
 
     let compact = |path: &Path| {
         Command::new(BIN)
@@ -693,7 +697,7 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
     let to = work.path().join("restored");
     let (mut interrupted, mut old_history) = (0, 0);
     for step in 1..=9u32 {
-        fs::copy(&pristine, &store).expect("copy");
+        copy_store(&pristine, &store);
         let mut child = compact(&store);
         std::thread::sleep(full * step / 10);
         if child.try_wait().expect("try_wait").is_none() {
@@ -993,4 +997,73 @@ fn settling_adds_no_history_and_survives_compaction() {
     );
     let again = snapshot();
     assert!(again["batch"].is_null() && again["settled"] == 0, "{again}");
+}
+
+/// The apparent bytes of a store's payload segments.
+fn segment_bytes(store: &Path) -> u64 {
+    fs::read_dir(segments_of(store))
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn payload_lives_in_segments_as_long_as_its_bytes_and_compaction_rewrites_dead_ones() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (state, store) = (work.path().join("state"), work.path().join("s.dk"));
+    fs::create_dir_all(&state).expect("mkdir");
+    let mut rng = Rng::new(0x5e6);
+    // Incompressible files replaced whole every batch: each batch stores
+    // them again in full, and compaction kills all but the last copy.
+    for round in 0..6u64 {
+        for i in 0..20 {
+            fs::write(state.join(format!("f{i}")), rng.bytes(200_000)).expect("write");
+        }
+        snapshot_at(&state, &store, START_MS + round as i64 * HOUR_MS);
+    }
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    let stored = stats["stored_bytes"].as_u64().expect("stored");
+    assert!(stored >= 6 * 20 * 200_000, "{stats}");
+    // Between compactions the segments are exactly the payload, and the
+    // store file only indexes it.
+    assert_eq!(segment_bytes(&store), stored, "{stats}");
+    assert!(
+        stats["index_bytes"].as_u64().expect("index") < 2 << 20,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["file_bytes"].as_u64(),
+        Some(stats["index_bytes"].as_u64().expect("index") + stored),
+        "{stats}"
+    );
+    ok(&["compact", "--store", s(&store), "--keep-last", "1"]);
+    let after = json(&["stats", "--store", s(&store), "--json"]);
+    let kept = after["stored_bytes"].as_u64().expect("stored");
+    assert!(kept <= 20 * 200_000 + 4096, "{after}");
+    assert!(
+        segment_bytes(&store) * 10 <= kept * 11,
+        "the segments hold {} bytes for {kept} of payload after compaction: {after}",
+        segment_bytes(&store)
+    );
+    ok(&["verify", "--store", s(&store)]);
+    let to = work.path().join("restored");
+    assert_same_tree(
+        &expected(&state),
+        &restore(&store, &to, &[]),
+        "after compaction",
+    );
+    // Another batch appends after the rewritten segment, and reads back.
+    fs::write(state.join("f0"), rng.bytes(200_000)).expect("write");
+    snapshot_at(&state, &store, START_MS + 7 * HOUR_MS);
+    ok(&["verify", "--store", s(&store)]);
+    assert_same_tree(
+        &expected(&state),
+        &restore(&store, &to, &[]),
+        "a batch later",
+    );
 }

@@ -430,11 +430,11 @@ impl TargetMetrics {
         self.metrics.compactions.get_or_create(&self.labels).inc();
     }
 
-    /// The store file's allocated size, read now.
+    /// The store's allocated size (its file and payload segments), read
+    /// now.
     pub fn store_size(&self, store: &std::path::Path) {
-        use std::os::unix::fs::MetadataExt;
-        if let Ok(meta) = std::fs::metadata(store) {
-            let bytes = meta.blocks().saturating_mul(512);
+        if store.exists() {
+            let (_, bytes) = diffkeeper_engine::store::disk_usage(store);
             self.metrics
                 .store_size
                 .get_or_create(&self.labels)

@@ -208,7 +208,7 @@ pub fn decode_base_into(
     };
     out.clear();
     // One byte of room past `len` tells a too-long frame apart.
-    out.reserve(len + 1);
+    out.reserve_exact(len + 1);
     BASE_DECODER.with(|cell| {
         let mut slot = cell
             .try_borrow_mut()

@@ -1,11 +1,13 @@
-//! The store: one redb file holding every batch, version and chunk.
+//! The store: one redb file indexing every batch, version and chunk, and
+//! the chunks' payload in append-only segment files beside it.
 //!
 //! This crate owns opening and creating a store (schema check, lock and
 //! corruption errors that name the file), reading records back
 //! ([`Reader`]), rebuilding content chunk by chunk with every hash checked,
 //! writing one batch in one transaction ([`BatchWriter`]), and editing
 //! history in one ([`HistoryEditor`]). The format itself is documented in
-//! [`schema`]; how one chunk's bytes are encoded, in [`codec`].
+//! [`schema`]; how one chunk's bytes are encoded, in [`codec`]; how payload
+//! is appended and read back, in [`segments`].
 //!
 //! It knows nothing of state directories on disk, the kernel, async
 //! runtimes or the command line: it builds and is tested anywhere, and its
@@ -13,6 +15,7 @@
 
 pub mod codec;
 pub mod schema;
+pub mod segments;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +26,8 @@ use sha2::{Digest, Sha256};
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, SeenRecord, Stamp,
     VersionRecord, BATCHES, CHUNKS, CHUNK_INDEX, CUTS, DICTS, GAPS, LATEST, META, META_CREATED_MS,
-    META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION, MIN_READER_VERSION,
-    OLDEST_READABLE, PAYLOAD, PIECE_BYTES, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
+    META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION, META_SEGMENT_END,
+    MIN_READER_VERSION, OLDEST_READABLE, PAYLOAD, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
 };
 
 /// What a store operation can fail with.
@@ -257,6 +260,7 @@ impl Store {
         let Db::ReadWrite(db) = &self.db else {
             return Err(StoreError::ReadOnly(self.path.clone()));
         };
+        segments::clear_stale(&self.path)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -363,6 +367,7 @@ impl Store {
             cuts: optional_table(&txn, CUTS)?,
             dicts: optional_table(&txn, DICTS)?,
             dictionaries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            segments: segments::SegmentReader::new(&self.path),
             path: self.path.clone(),
         })
     }
@@ -402,7 +407,14 @@ impl Store {
         };
         let mut txn = db.begin_write()?;
         txn.set_quick_repair(true);
-        Ok(HistoryEditor { txn })
+        let committed = segment_end(&txn)?;
+        Ok(HistoryEditor {
+            txn,
+            segments: segments::SegmentWriter::new(&self.path, committed),
+            reader: segments::SegmentReader::new(&self.path),
+            store: self.path.clone(),
+            unused: Vec::new(),
+        })
     }
 
     /// Gives the file's free space back to the file system: redb moves
@@ -436,12 +448,46 @@ impl Store {
             let last_chunk = chunks.last()?.map(|(k, _)| k.value()).unwrap_or(0);
             (last_batch + 1, last_chunk + 1)
         };
+        let committed = segment_end(&txn)?;
         Ok(BatchWriter {
+            segments: segments::SegmentWriter::new(&self.path, committed),
             txn,
             batch,
             next_chunk,
         })
     }
+}
+
+/// Where the last commit left the payload segments (`meta.segment_end`).
+fn segment_end(txn: &redb::WriteTransaction) -> Result<Option<schema::Location>> {
+    let meta = txn.open_table(META)?;
+    let found = meta.get(META_SEGMENT_END)?;
+    found
+        .map(|raw| decode(raw.value(), "meta.segment_end"))
+        .transpose()
+}
+
+/// Records where this commit leaves the payload segments.
+fn set_segment_end(
+    txn: &redb::WriteTransaction,
+    writer: &mut segments::SegmentWriter,
+) -> Result<()> {
+    if let Some(end) = writer.sync()? {
+        txn.open_table(META)?
+            .insert(META_SEGMENT_END, encode(&end).as_slice())?;
+    }
+    Ok(())
+}
+
+/// The bytes a store takes, apparent and allocated: its file and its
+/// payload segments.
+pub fn disk_usage(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (file, file_blocks) = std::fs::metadata(path)
+        .map(|m| (m.len(), m.blocks() * 512))
+        .unwrap_or((0, 0));
+    let (segments, segment_blocks) = segments::usage(path);
+    (file + segments, file_blocks + segment_blocks)
 }
 
 /// A table that stores written by older builds may lack.
@@ -508,7 +554,7 @@ fn stamp_schema(meta: &mut redb::Table<&str, &[u8]>) -> Result<()> {
 /// anything is allocated for them (a damaged or crafted length must not
 /// make a reader allocate gigabytes).
 fn chunk_record_of(id: u64, bytes: &[u8]) -> std::result::Result<ChunkRecord, StoreError> {
-    let record: ChunkRecord = decode(bytes, "chunk record")?;
+    let record = ChunkRecord::decode(bytes, "chunk record")?;
     let max = schema::CHUNK_MAX as u64;
     if u64::from(record.len) > max || u64::from(record.stored_len) > max {
         return Err(StoreError::Corrupt(format!(
@@ -564,6 +610,7 @@ pub struct Reader {
     dicts: Option<ReadOnlyTable<u32, &'static [u8]>>,
     /// Dictionaries loaded so far, by id.
     dictionaries: std::sync::Mutex<std::collections::HashMap<u32, Arc<codec::Dictionary>>>,
+    segments: segments::SegmentReader,
     path: PathBuf,
 }
 
@@ -859,7 +906,7 @@ impl Reader {
         let mut bytes = 0u64;
         for item in self.chunks.iter()? {
             let (_, v) = item?;
-            let record: ChunkRecord = decode(v.value(), "chunk record")?;
+            let record = ChunkRecord::decode(v.value(), "chunk record")?;
             count += 1;
             bytes += u64::from(record.stored_len);
         }
@@ -950,6 +997,15 @@ impl Reader {
 
     /// Reads a chunk's stored payload into `out` (replacing its contents).
     fn payload_into(&self, id: u64, record: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
+        if let Some(at) = record.at {
+            return self
+                .segments
+                .read(at, record.stored_len as usize, out)
+                .map_err(|e| match e {
+                    StoreError::Corrupt(why) => StoreError::Corrupt(format!("chunk {id}: {why}")),
+                    other => other,
+                });
+        }
         out.clear();
         out.reserve(record.stored_len as usize);
         for item in self.payload.range((id, 0)..=(id, u32::MAX))? {
@@ -1247,6 +1303,7 @@ impl BaseCache {
 /// Writes one batch inside one redb write transaction.
 pub struct BatchWriter {
     txn: redb::WriteTransaction,
+    segments: segments::SegmentWriter,
     batch: u64,
     next_chunk: u64,
 }
@@ -1263,17 +1320,18 @@ impl BatchWriter {
         self.next_chunk
     }
 
-    /// Stores a new chunk under an id of this batch's.
+    /// Stores a new chunk under an id of this batch's, its payload
+    /// appended to the segments (`record.at` is set here).
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
+        let record = ChunkRecord {
+            at: Some(self.segments.append(payload)?),
+            stored_len: u32::try_from(payload.len()).map_err(|_| StoreError::TooManyPieces)?,
+            ..record.clone()
+        };
         self.txn
             .open_table(CHUNKS)?
-            .insert(id, encode(record).as_slice())?;
+            .insert(id, record.encode().as_slice())?;
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
-        let mut table = self.txn.open_table(PAYLOAD)?;
-        for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
-            let piece_no = u32::try_from(i).map_err(|_| StoreError::TooManyPieces)?;
-            table.insert((id, piece_no), piece)?;
-        }
         Ok(())
     }
 
@@ -1357,14 +1415,33 @@ impl BatchWriter {
                 .open_table(CUTS)?
                 .insert(self.batch, encode(cut).as_slice())?;
         }
-        self.txn.commit()?;
-        Ok(self.batch)
+        let BatchWriter {
+            txn,
+            mut segments,
+            batch,
+            ..
+        } = self;
+        set_segment_end(&txn, &mut segments)?;
+        // From here the appends stay whatever the commit does: if it fails
+        // after all, the next writer cuts them off by the segment end it
+        // finds committed.
+        segments.keep();
+        txn.commit()?;
+        Ok(batch)
     }
 
     /// Commits what was seen (see [`BatchWriter::see`]) when nothing
     /// changed: no batch is recorded, the history stays as it was.
     pub fn commit_seen_only(self) -> Result<()> {
-        self.txn.commit()?;
+        let BatchWriter {
+            txn, mut segments, ..
+        } = self;
+        set_segment_end(&txn, &mut segments)?;
+        // From here the appends stay whatever the commit does: if it fails
+        // after all, the next writer cuts them off by the segment end it
+        // finds committed.
+        segments.keep();
+        txn.commit()?;
         Ok(())
     }
 }
@@ -1375,6 +1452,12 @@ impl BatchWriter {
 /// crash before it leaves the history exactly as it was.
 pub struct HistoryEditor {
     txn: redb::WriteTransaction,
+    segments: segments::SegmentWriter,
+    /// Reads what segments held when this edit began, to move it.
+    reader: segments::SegmentReader,
+    store: PathBuf,
+    /// Segments nothing refers to once this edit commits, deleted then.
+    unused: Vec<u32>,
 }
 
 impl HistoryEditor {
@@ -1435,20 +1518,23 @@ impl HistoryEditor {
     }
 
     /// Replaces a chunk's encoding and payload; its id and content stay.
+    /// The new payload is appended to the segments; the old one, in a
+    /// segment, is left for [`HistoryEditor::collect_garbage`].
     pub fn replace_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         self.remove_payload(id)?;
+        let record = ChunkRecord {
+            at: Some(self.segments.append(payload)?),
+            stored_len: u32::try_from(payload.len()).map_err(|_| StoreError::TooManyPieces)?,
+            ..record.clone()
+        };
         self.txn
             .open_table(CHUNKS)?
-            .insert(id, encode(record).as_slice())?;
-        let mut table = self.txn.open_table(PAYLOAD)?;
-        for (i, piece) in payload.chunks(PIECE_BYTES).enumerate() {
-            let piece_no = u32::try_from(i).map_err(|_| StoreError::TooManyPieces)?;
-            table.insert((id, piece_no), piece)?;
-        }
+            .insert(id, record.encode().as_slice())?;
         Ok(())
     }
 
-    /// Deletes a chunk, its payload and its index entry.
+    /// Deletes a chunk, its payload (in the `payload` table; in a segment
+    /// its bytes are dead from then on) and its index entry.
     pub fn remove_chunk(&mut self, id: u64, hash: &[u8; 32]) -> Result<()> {
         self.remove_payload(id)?;
         self.txn.open_table(CHUNKS)?.remove(id)?;
@@ -1489,9 +1575,100 @@ impl HistoryEditor {
         Ok(())
     }
 
-    /// Commits every change at once, durably.
+    /// Rewrites the segments whose dead bytes (payload of deleted or
+    /// re-encoded chunks) pass 1/[`segments::DEAD_SHARE_DIVISOR`] of them:
+    /// their live chunks are appended anew and the files deleted after the
+    /// commit, with any segment no chunk refers to. Returns the bytes the
+    /// segments shrink by.
+    pub fn collect_garbage(&mut self) -> Result<u64> {
+        use std::collections::HashMap;
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        {
+            let chunks = self.txn.open_table(CHUNKS)?;
+            for item in chunks.iter()? {
+                let (k, v) = item?;
+                let record = chunk_record_of(k.value(), v.value())?;
+                if let Some(at) = record.at {
+                    *live.entry(at.segment).or_default() += u64::from(record.stored_len);
+                }
+            }
+        }
+        let files = segments::list(&segments::dir_of(&self.store))?;
+        let mut rewrite = Vec::new();
+        let mut freed = 0u64;
+        for (segment, path) in &files {
+            let len = std::fs::symlink_metadata(path)
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            let alive = live.get(segment).copied().unwrap_or(0);
+            let dead = len.saturating_sub(alive);
+            if alive == 0 {
+                self.unused.push(*segment);
+                freed += len;
+            } else if dead * segments::DEAD_SHARE_DIVISOR > len {
+                rewrite.push(*segment);
+                self.unused.push(*segment);
+                freed += dead;
+            }
+        }
+        // The segment appended to is deleted only once appends have moved
+        // on; the live chunks moved go to a segment of their own, after
+        // the others.
+        let current = self.segments.current();
+        if !rewrite.is_empty() || current.is_some_and(|c| self.unused.contains(&c)) {
+            self.segments.roll()?;
+        }
+        if rewrite.is_empty() {
+            return Ok(freed);
+        }
+        let moving: Vec<(u64, ChunkRecord)> = {
+            let chunks = self.txn.open_table(CHUNKS)?;
+            let mut out = Vec::new();
+            for item in chunks.iter()? {
+                let (k, v) = item?;
+                let record = chunk_record_of(k.value(), v.value())?;
+                if record.at.is_some_and(|at| rewrite.contains(&at.segment)) {
+                    out.push((k.value(), record));
+                }
+            }
+            out
+        };
+        let mut payload = Vec::new();
+        let mut chunks = self.txn.open_table(CHUNKS)?;
+        for (id, record) in moving {
+            let Some(at) = record.at else { continue };
+            self.reader
+                .read(at, record.stored_len as usize, &mut payload)
+                .map_err(|e| StoreError::Corrupt(format!("chunk {id}: {e}")))?;
+            let moved = ChunkRecord {
+                at: Some(self.segments.append(&payload)?),
+                ..record
+            };
+            chunks.insert(id, moved.encode().as_slice())?;
+        }
+        Ok(freed)
+    }
+
+    /// Commits every change at once, durably, then deletes the segments
+    /// nothing refers to any more.
     pub fn commit(self) -> Result<()> {
-        self.txn.commit()?;
+        let HistoryEditor {
+            txn,
+            mut segments,
+            store,
+            unused,
+            ..
+        } = self;
+        set_segment_end(&txn, &mut segments)?;
+        // From here the appends stay whatever the commit does: if it fails
+        // after all, the next writer cuts them off by the segment end it
+        // finds committed.
+        segments.keep();
+        txn.commit()?;
+        segments::remove(&store, &unused)?;
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! The on-disk format of a DiffKeeper store, in one place.
 //!
-//! A store is one [redb] file. Records are encoded with [postcard] (varint
-//! integers, length-prefixed bytes), whose wire format is frozen at 1.0.
+//! A store is one [redb] file, the index, and (schema 3) a directory of
+//! payload segments beside it, `FILE.payload/` (see [`crate::segments`]).
+//! Records are encoded with [postcard] (varint integers, length-prefixed
+//! bytes), whose wire format is frozen at 1.0.
 //!
 //! # Versions of the format
 //!
@@ -26,7 +28,7 @@
 //! |---|---|---|
 //! | 1 | first released format (`gaps`, `settled` and `cuts` arrived within it, see below) | 1 |
 //! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; the state directory itself is the path ""; `seen` replaces `settled` | 2 |
-//! | 3 | bases are zstd frames ([`ChunkEncoding::Zstd`]), with a dictionary trained on the store's small files (`dicts`) | 3 |
+//! | 3 | bases are zstd frames ([`ChunkEncoding::Zstd`]), with a dictionary trained on the store's small files (`dicts`); payload in segment files, chunk records say where ([`ChunkRecord::at`], `meta.segment_end`) | 3 |
 //!
 //! Upgrading a schema-1 store: `schema_version` and `min_reader_version`
 //! become 2 and `settled` is dropped (its marks name no inode or ctime, so
@@ -36,21 +38,22 @@
 //! reads each file once to take its stamp (see Stamps).
 //!
 //! Upgrading a schema-2 store: only the two numbers change. Its chunks
-//! stay as written (raw, lz4 and deltas decode as before), and new chunks
-//! are written with zstd; a store with no dictionary gets one when a batch
+//! stay as written (raw, lz4 and deltas decode as before, their payload in
+//! the `payload` table), and new chunks are written with zstd, their
+//! payload in segments (a chunk compaction re-encodes moves there too); a store with no dictionary gets one when a batch
 //! brings enough small files to train it.
 //!
 //! # Tables
 //!
 //! | table | key | value | what it holds |
 //! |---|---|---|---|
-//! | `meta` | `&str` | `&[u8]` | `schema_version` (u32 LE), `created_ms` (i64 LE), optionally `retention` ([`RetentionRecord`]) |
+//! | `meta` | `&str` | `&[u8]` | `schema_version` (u32 LE), `created_ms` (i64 LE), optionally `retention` ([`RetentionRecord`]) and `segment_end` ([`Location`]: the last segment and its length as of the last commit) |
 //! | `batches` | `u64` batch id | [`BatchRecord`] | one row per committed capture batch, ids from 1 up |
 //! | `versions` | `(&str root, &[u8] path, u64 batch)` | [`VersionRecord`] | every version of every path |
 //! | `latest` | `(&str root, &[u8] path)` | `u64` batch | the batch of each path's newest version (tombstones included) |
 //! | `chunks` | `u64` chunk id | [`ChunkRecord`] | how to rebuild one chunk of content |
 //! | `chunk_index` | `[u8; 32]` SHA-256 | `u64` chunk id | content-addressed de-duplication |
-//! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] |
+//! | `payload` | `(u64 chunk id, u32 piece)` | `&[u8]` | schema 2 and older: a chunk's stored bytes, in pieces of at most [`PIECE_BYTES`] (schema 3 writes payload to segments) |
 //! | `gaps` | `u64` batch id | `i64` ms | after compaction: a kept batch followed by dropped ones, and when the first dropped one committed |
 //! | `seen` | `(&str root, &[u8] path)` | [`SeenRecord`] | a path's version of that batch, found on disk again (another inode or ctime, same content and metadata) by a capture or replay |
 //! | `settled` | `(&str root, &[u8] path)` | `(u64 batch, i64 ms)` | schema 1 only, see Settled versions |
@@ -117,16 +120,27 @@
 //! 0.6 KB with); doing that for every chunk doubled the time for nothing on
 //! the SQLite pair.
 //!
-//! # Pieces
+//! # Pieces (schema 2 and older)
 //!
-//! redb stores a value that does not fit a 4 KiB leaf in a power-of-two
-//! sized allocation, so a 70 KiB value would occupy 128 KiB on disk. Chunk
-//! payloads are therefore split into pieces of at most [`PIECE_BYTES`], just
-//! under 16 KiB so a full piece fills a 16 KiB leaf. Measured on 364 MB of
-//! payload: 4.6% over on disk with 16 KiB pieces, 7.3% with 4 KiB pieces
-//! (and four times the reads), 11% with 64 KiB pieces. `stats` reports the
-//! file's size on disk beside the payload bytes so the overhead stays
-//! visible.
+//! Before payload segments, chunk payloads were redb values. redb stores a
+//! value that does not fit a 4 KiB leaf in a power-of-two sized
+//! allocation, so a 70 KiB value would occupy 128 KiB on disk; payloads
+//! were therefore split into pieces of at most [`PIECE_BYTES`], just under
+//! 16 KiB so a full piece fills a 16 KiB leaf (364 MB of payload: 4.6% over
+//! on disk with 16 KiB pieces, 7.3% with 4 KiB pieces, 11% with 64 KiB
+//! pieces). Small payloads were the loss: 50,000 files of 100 B to 8 KiB
+//! left 23.6 MB of fragments in 68 MB, and the file grew by doubling
+//! (162 MiB long, 108 MiB allocated, for 64.6 MiB of payload), which is why
+//! schema 3 keeps payload in segments. `stats` reports the file and the
+//! segments beside the payload bytes so the overhead stays visible.
+//!
+//! # Payload segments (schema 3)
+//!
+//! A chunk's payload lies at [`ChunkRecord::at`] in a segment file. A batch
+//! appends its new chunks' payloads, makes them durable, and commits
+//! `meta.segment_end` with its records; see [`crate::segments`] for how an
+//! uncommitted tail is cut off and how compaction rewrites segments whose
+//! payload is mostly dead.
 //!
 //! # Moments and compaction
 //!
@@ -231,6 +245,7 @@ pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_MIN_READER_VERSION: &str = "min_reader_version";
 pub const META_CREATED_MS: &str = "created_ms";
 pub const META_RETENTION: &str = "retention";
+pub const META_SEGMENT_END: &str = "segment_end";
 
 /// Smallest content-defined chunk.
 pub const CHUNK_MIN: usize = 64 * 1024;
@@ -480,21 +495,73 @@ pub enum ChunkEncoding {
     Zstd { dict: u32 },
 }
 
+/// Where a chunk's payload lies in the payload segments (schema 3).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Location {
+    pub segment: u32,
+    pub offset: u64,
+}
+
 /// One stored chunk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+///
+/// Encoded as the schema-2 fields, then where its payload lies (schema
+/// 3); a record that ends after the first part keeps its payload in the
+/// `payload` table. See [`ChunkRecord::encode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRecord {
     /// SHA-256 of the chunk's bytes.
     pub hash: [u8; 32],
     /// Uncompressed length.
     pub len: u32,
     pub encoding: ChunkEncoding,
-    /// Length of the payload stored in the `payload` table.
+    /// Length of the stored payload.
     pub stored_len: u32,
+    /// Where the payload lies in the segments; `None`: in the `payload`
+    /// table (written by schema 2 and older).
+    pub at: Option<Location>,
 }
+
+/// The fields of a schema-2 chunk record, in order.
+type ChunkCore = ([u8; 32], u32, ChunkEncoding, u32);
 
 impl ChunkRecord {
     pub fn is_base(&self) -> bool {
         !matches!(self.encoding, ChunkEncoding::ZstdDelta { .. })
+    }
+
+    /// Encodes the record for the `chunks` table.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = encode(&(&self.hash, self.len, &self.encoding, self.stored_len));
+        if let Some(at) = &self.at {
+            out.extend(encode(at));
+        }
+        out
+    }
+
+    /// Decodes a record of any schema; `what` names it in the error.
+    pub fn decode(bytes: &[u8], what: &str) -> Result<ChunkRecord, super::StoreError> {
+        let corrupt = |e: postcard::Error| super::StoreError::Corrupt(format!("{what}: {e}"));
+        let ((hash, len, encoding, stored_len), rest): (ChunkCore, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(corrupt)?;
+        let at = if rest.is_empty() {
+            None
+        } else {
+            let (at, rest): (Location, &[u8]) = postcard::take_from_bytes(rest).map_err(corrupt)?;
+            if !rest.is_empty() {
+                return Err(super::StoreError::Corrupt(format!(
+                    "{what}: {} bytes after the record",
+                    rest.len()
+                )));
+            }
+            Some(at)
+        };
+        Ok(ChunkRecord {
+            hash,
+            len,
+            encoding,
+            stored_len,
+            at,
+        })
     }
 }
 

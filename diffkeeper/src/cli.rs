@@ -51,7 +51,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct StoreArg {
-    /// The store file (created by the first snapshot).
+    /// The store file (created by the first snapshot). Its payload goes to
+    /// segment files in FILE.payload/ beside it: keep the two together.
     #[arg(long, value_name = "FILE")]
     pub store: PathBuf,
 }

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -197,9 +196,12 @@ pub struct Stats {
     /// The zstd dictionaries trained on the store's small files, in bytes
     /// (not in `stored_bytes`).
     pub dictionary_bytes: u64,
-    /// The store file's length and the disk space it occupies.
+    /// The store's length (its file and its payload segments) and the disk
+    /// space it occupies.
     pub file_bytes: u64,
     pub disk_bytes: u64,
+    /// The length of the store file alone (the index; without segments).
+    pub index_bytes: u64,
 }
 
 /// One batch in `log --batches`.
@@ -359,6 +361,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
     let (chunks, stored_bytes) = reader.chunk_totals()?;
     let meta = std::fs::metadata(store_path)
         .with_context(|| format!("cannot stat {}", store_path.display()))?;
+    let (file_bytes, disk_bytes) = crate::store::disk_usage(store_path);
     Ok(Stats {
         store: store_path.display().to_string(),
         roots,
@@ -379,15 +382,16 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
             .iter()
             .map(|(_, len)| *len as u64)
             .sum(),
-        file_bytes: meta.len(),
-        disk_bytes: meta.blocks() * 512,
+        index_bytes: meta.len(),
+        file_bytes,
+        disk_bytes,
     })
 }
 
 /// Renders `stats` for a terminal.
 pub fn stats_text(s: &Stats) -> String {
     format!(
-        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\ndictionary   {}\nfile on disk {} ({} B, {} allocated)\n",
+        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\ndictionary   {}\non disk      {} ({} B, {} allocated; the file {}, payload segments {})\n",
         s.store,
         s.roots.join(", "),
         s.live_paths,
@@ -407,7 +411,9 @@ pub fn stats_text(s: &Stats) -> String {
         },
         bytes(s.file_bytes),
         s.file_bytes,
-        bytes(s.disk_bytes)
+        bytes(s.disk_bytes),
+        bytes(s.index_bytes),
+        bytes(s.file_bytes.saturating_sub(s.index_bytes))
     )
 }
 

@@ -109,6 +109,11 @@ pub fn restored(
         "--store",
         s(store),
     ]);
+    // A store just created, before its first batch commits, has nothing
+    // to replay, and replay leaves no directory.
+    if !to.exists() {
+        return Default::default();
+    }
     read_tree(&to)
 }
 

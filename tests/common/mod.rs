@@ -138,6 +138,28 @@ pub fn s(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
 }
 
+/// The directory of a store's payload segments.
+pub fn segments_of(store: &Path) -> std::path::PathBuf {
+    let mut name = store.as_os_str().to_os_string();
+    name.push(".payload");
+    name.into()
+}
+
+/// Copies a store, its file and its payload segments, over `to`'s.
+#[allow(dead_code)]
+pub fn copy_store(from: &Path, to: &Path) {
+    fs::copy(from, to).expect("copy the store file");
+    let (from_dir, to_dir) = (segments_of(from), segments_of(to));
+    let _ = fs::remove_dir_all(&to_dir);
+    if from_dir.exists() {
+        fs::create_dir(&to_dir).expect("mkdir segments");
+        for entry in fs::read_dir(&from_dir).expect("segments") {
+            let entry = entry.expect("segment");
+            fs::copy(entry.path(), to_dir.join(entry.file_name())).expect("copy a segment");
+        }
+    }
+}
+
 /// A small seeded PRNG (xorshift64*), so failures reproduce.
 pub struct Rng(u64);
 

@@ -1112,6 +1112,7 @@ impl Workers<'_> {
                         len: chunk.data.len() as u32,
                         encoding,
                         stored_len: payload.len() as u32,
+                        at: None,
                     },
                     payload,
                 })?;

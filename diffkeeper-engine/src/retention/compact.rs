@@ -135,8 +135,9 @@ struct Plan {
     summary: CompactSummary,
 }
 
+/// The store's length: its file and its payload segments.
 fn file_bytes(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+    crate::store::disk_usage(path).0
 }
 
 fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
@@ -395,6 +396,7 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
                     len: old.len,
                     encoding,
                     stored_len: u32::try_from(payload.len()).context("chunk too large")?,
+                    at: None,
                 };
                 Ok((id, record, payload, old.stored_len))
             })
@@ -425,6 +427,9 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
     for (id, record) in &plan.batch_records {
         editor.put_batch(*id, record)?;
     }
+    // Released and re-encoded chunks leave dead bytes in the segments.
+    let segments_freed = editor.collect_garbage()?;
+    tracing::debug!(bytes = segments_freed, "payload segments rewritten");
     editor.commit()?;
     debug_assert!(plan.kept.iter().all(|k| !plan.dropped.contains(k)));
     summary.rebase_growth = growth.max(0) as u64;

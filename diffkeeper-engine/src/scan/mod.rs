@@ -224,7 +224,7 @@ impl Walked {
 
 /// Walks `root` and lists every entry below it, keyed by its relative
 /// path. `exclude` is skipped (the store file, when it lives inside the
-/// root). A path that cannot be looked at is skipped and listed in
+/// root), and so is the directory of its payload segments. A path that cannot be looked at is skipped and listed in
 /// [`Walked::problems`]; only the root itself failing fails the walk.
 ///
 /// The walk is relative to directory descriptors, each opened from its
@@ -244,9 +244,13 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
         Mode::empty(),
     )
     .with_context(|| format!("cannot open state directory {}", root.display()))?;
-    let excluded = exclude
-        .and_then(|x| fs::symlink_metadata(x).ok())
-        .map(|m| inode_key(m.dev(), m.ino()));
+    // The store file and the directory of its payload segments.
+    let excluded: Vec<InodeKey> = exclude
+        .into_iter()
+        .flat_map(|store| [store.to_path_buf(), crate::store::segments::dir_of(store)])
+        .filter_map(|x| fs::symlink_metadata(x).ok())
+        .map(|m| inode_key(m.dev(), m.ino()))
+        .collect();
     let mut out = Walked::default();
     // Every symlink on disk, kept or not, and its target.
     let mut links: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -371,7 +375,7 @@ pub fn walk(root: &Path, exclude: Option<&Path>) -> Result<Walked> {
                     continue;
                 }
             };
-            if excluded == Some(entry.inode) {
+            if excluded.contains(&entry.inode) {
                 continue;
             }
             if entry.kind == EntryKind::Symlink {

@@ -85,7 +85,8 @@ impl Tool {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
         match self {
-            Tool::DiffKeeper => work.join("diffkeeper.dk"),
+            // The store file and its payload segments.
+            Tool::DiffKeeper => work.join("diffkeeper"),
             _ => work.join(format!("repo-{slug}")),
         }
     }
@@ -103,9 +104,7 @@ impl Tool {
         let repo = self.repo(work);
         let mut command = match self {
             Tool::DiffKeeper | Tool::Casync => {
-                if self == Tool::Casync {
-                    fs::create_dir_all(&repo)?;
-                }
+                fs::create_dir_all(&repo)?;
                 return Ok(());
             }
             Tool::Restic(_) => {
@@ -134,7 +133,7 @@ impl Tool {
                 c.args(["snapshot", "--json", "--state-dir"])
                     .arg(root_arg("data", tree))
                     .arg("--store")
-                    .arg(&repo);
+                    .arg(repo.join("store.dk"));
                 c
             }
             Tool::Restic(compression) => {
@@ -182,7 +181,7 @@ impl Tool {
                 c.args(["replay", "--state-dir"])
                     .arg(root_arg("data", to))
                     .arg("--store")
-                    .arg(&repo)
+                    .arg(repo.join("store.dk"))
                     .args(["--batch", &(round + 1).to_string()]);
                 c
             }
