@@ -571,7 +571,11 @@ fn compaction_keeps_every_kept_moment_exactly_and_shrinks_the_file() {
     // This history exercises both ways a chain crossing the cut is cut.
     assert!(done["chunks_rebased"].as_u64() > Some(0), "{done}");
     assert!(done["bases_kept"].as_u64() > Some(0), "{done}");
-    assert_eq!(after, fs::metadata(&store).expect("stat").len());
+    // The store is its file and its payload segments.
+    assert_eq!(
+        after,
+        fs::metadata(&store).expect("stat").len() + segment_bytes(&store)
+    );
     assert!(
         before - after + 256 * 1024 >= freed,
         "the file must shrink by the bytes freed (less a small constant): {before} -> {after}, freed {freed}"
@@ -728,16 +732,21 @@ fn kill_9_during_compaction_leaves_the_old_or_the_new_history() {
                 &what,
             );
         }
-        // And a compaction after the crash completes.
+        // And a compaction after the crash completes, with every kept
+        // moment whole (the crashed one may have left a segment behind).
         ok(&["compact", "--store", s(&store), "--keep-last", "2"]);
         assert_eq!(batch_ids(&store), vec![9, 10]);
+        ok(&["verify", "--store", s(&store)]);
     }
     eprintln!(
         "compaction took {full:?} undisturbed; {interrupted} of 9 kills landed while it ran, {old_history} before its commit"
     );
+    // (Kills after its commit are rare: with payload in segments, what
+    // follows the commit, deleting rewritten segments and shrinking the
+    // file, takes milliseconds.)
     assert!(
-        old_history >= 1 && interrupted > old_history,
-        "the kills must hit both the history transaction and the file shrink after it"
+        old_history >= 1,
+        "the kills must hit the history transaction ({interrupted} landed while it ran)"
     );
     assert!(
         interrupted >= 3,

@@ -73,18 +73,25 @@ fn assert_refused_untouched(args: &[String], target: &Path, expect_in_error: &[&
 fn flipped_bytes_in_a_chunk_are_caught_and_nothing_is_overwritten() {
     let work = tempfile::tempdir().expect("tempdir");
     let (store, target) = store_and_target(work.path());
-    // Find a stretch of slot3.bin's bytes in the store and flip them.
+    // Find a stretch of slot3.bin's bytes in the store's payload segments
+    // and flip them.
     let needle =
         fs::read(work.path().join("state/saves/slot3.bin")).expect("read")[5000..5064].to_vec();
-    let mut bytes = fs::read(&store).expect("read store");
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle.as_slice())
-        .expect("raw chunk bytes are in the store file");
+    let (segment, mut bytes, at) = fs::read_dir(common::segments_of(&store))
+        .expect("segments")
+        .find_map(|entry| {
+            let path = entry.expect("segment").path();
+            let bytes = fs::read(&path).expect("read a segment");
+            let at = bytes
+                .windows(needle.len())
+                .position(|w| w == needle.as_slice())?;
+            Some((path, bytes, at))
+        })
+        .expect("raw chunk bytes are in a payload segment");
     for b in &mut bytes[at..at + 16] {
         *b ^= 0xa5;
     }
-    fs::write(&store, &bytes).expect("write damaged store");
+    fs::write(&segment, &bytes).expect("write the damaged segment");
 
     assert_refused_untouched(
         &replay_args(&target, &store),

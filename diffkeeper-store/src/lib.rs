@@ -1662,6 +1662,21 @@ impl HistoryEditor {
             unused,
             ..
         } = self;
+        // Only what no record refers to now goes, and never the segment
+        // appends continue in: one found unused may have been appended to
+        // since (an orphan of a crashed compaction, reused by a roll).
+        let mut unused = unused;
+        if !unused.is_empty() {
+            let mut referenced = std::collections::HashSet::new();
+            for item in txn.open_table(CHUNKS)?.iter()? {
+                let (k, v) = item?;
+                if let Some(at) = chunk_record_of(k.value(), v.value())?.at {
+                    referenced.insert(at.segment);
+                }
+            }
+            let current = segments.current();
+            unused.retain(|s| !referenced.contains(s) && Some(*s) != current);
+        }
         set_segment_end(&txn, &mut segments)?;
         // From here the appends stay whatever the commit does: if it fails
         // after all, the next writer cuts them off by the segment end it

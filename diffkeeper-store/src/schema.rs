@@ -28,7 +28,7 @@
 //! |---|---|---|
 //! | 1 | first released format (`gaps`, `settled` and `cuts` arrived within it, see below) | 1 |
 //! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; the state directory itself is the path ""; `seen` replaces `settled` | 2 |
-//! | 3 | bases are zstd frames ([`ChunkEncoding::Zstd`]), with a dictionary trained on the store's small files (`dicts`); payload in segment files, chunk records say where ([`ChunkRecord::at`], `meta.segment_end`) | 3 |
+//! | 3 | bases are zstd frames ([`ChunkEncoding::Zstd`]), with a dictionary trained on the store's small files (`dicts`); payload in segment files, chunk records say where ([`ChunkRecord::at`], `meta.segment_end`); version records end with a check | 3 |
 //!
 //! Upgrading a schema-1 store: `schema_version` and `min_reader_version`
 //! become 2 and `settled` is dropped (its marks name no inode or ctime, so
@@ -377,9 +377,17 @@ pub struct SeenRecord {
 
 /// One version of one path.
 ///
-/// Encoded as the schema-1 fields, then the fields schema 2 added; a record
-/// that ends after the first part is a schema-1 record (no owner, no
-/// extended attributes, no stamp). See [`VersionRecord::encode`].
+/// Encoded as the schema-1 fields, then the fields schema 2 added, then
+/// (schema 3) [`RECORD_CHECK_BYTES`] of the SHA-256 of what precedes; a
+/// record that ends after the first part is a schema-1 record (no owner, no
+/// extended attributes, no stamp), one that ends after the second a schema-2
+/// record (no check). See [`VersionRecord::encode`].
+///
+/// Why the check: redb does not checksum values, and a version's mode,
+/// mtime, owner and extended attributes are restored as recorded, so a
+/// flipped bit there would be restored silently (content is covered by its
+/// SHA-256). Once payload moved out of the file into segments, every byte of
+/// the file is such metadata; damage tests hit a version record's mtime.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VersionRecord {
     pub kind: EntryKind,
@@ -442,6 +450,8 @@ impl VersionRecord {
             self.stored_bytes,
         ));
         out.extend(encode(&(&self.owner, &self.xattrs, &self.stamp)));
+        let check = record_check(&out);
+        out.extend_from_slice(&check);
         out
     }
 
@@ -455,11 +465,21 @@ impl VersionRecord {
         } else {
             let (ext, rest): (VersionExt, &[u8]) =
                 postcard::take_from_bytes(rest).map_err(corrupt)?;
-            if !rest.is_empty() {
-                return Err(super::StoreError::Corrupt(format!(
-                    "{what}: {} bytes after the record",
-                    rest.len()
-                )));
+            match rest.len() {
+                0 => {}
+                RECORD_CHECK_BYTES => {
+                    let body = &bytes[..bytes.len() - RECORD_CHECK_BYTES];
+                    if record_check(body) != rest {
+                        return Err(super::StoreError::Corrupt(format!(
+                            "{what}: the record fails its check (damaged)"
+                        )));
+                    }
+                }
+                extra => {
+                    return Err(super::StoreError::Corrupt(format!(
+                        "{what}: {extra} bytes after the record"
+                    )))
+                }
             }
             ext
         };
@@ -478,6 +498,19 @@ impl VersionRecord {
             stamp,
         })
     }
+}
+
+/// Bytes of SHA-256 that end a version record (schema 3).
+pub const RECORD_CHECK_BYTES: usize = 8;
+
+/// The check that ends a version record: the first bytes of the SHA-256
+/// of the record before it.
+fn record_check(body: &[u8]) -> [u8; RECORD_CHECK_BYTES] {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body);
+    let mut check = [0; RECORD_CHECK_BYTES];
+    check.copy_from_slice(&digest[..RECORD_CHECK_BYTES]);
+    check
 }
 
 /// How a chunk's payload encodes its bytes.
@@ -636,6 +669,29 @@ mod tests {
                 ..new
             }
         );
+    }
+
+    #[test]
+    fn a_schema_2_version_record_reads_without_a_check() {
+        let new = sample();
+        let mut old = new.encode();
+        old.truncate(old.len() - RECORD_CHECK_BYTES);
+        assert_eq!(VersionRecord::decode(&old, "v").ok(), Some(new));
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_version_record_is_caught() {
+        let bytes = sample().encode();
+        for at in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 1 << bit;
+                assert!(
+                    VersionRecord::decode(&damaged, "v").is_err(),
+                    "bit {bit} of byte {at} flipped went unnoticed"
+                );
+            }
+        }
     }
 
     #[test]

@@ -222,9 +222,13 @@ impl SegmentWriter {
         if !check_dir(&self.dir)? {
             std::fs::create_dir(&self.dir).map_err(|e| io_error(&self.dir, e))?;
             self.created = true;
-            if let Some(parent) = self.dir.parent() {
-                sync_dir(parent)?;
-            }
+            // A store named relative to the working directory has "" for
+            // parent: that is ".".
+            let parent = match self.dir.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            sync_dir(parent)?;
         }
         let path = self.path(segment);
         let existed = path.exists();
