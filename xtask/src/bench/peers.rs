@@ -176,13 +176,17 @@ impl Tool {
     fn restore(self, work: &Path, round: usize, to: &Path) -> Result<Command> {
         let repo = self.repo(work);
         let mut c = match self {
+            // `restore` reads the store only, as the peers' restores read
+            // their repositories (`replay --batch` would capture the
+            // directory first, so that the rollback can be undone).
             Tool::DiffKeeper => {
                 let mut c = Command::new(crate::diffkeeper_binary());
-                c.args(["replay", "--state-dir"])
-                    .arg(root_arg("data", to))
+                c.arg("restore")
                     .arg("--store")
                     .arg(repo.join("store.dk"))
-                    .args(["--batch", &(round + 1).to_string()]);
+                    .args(["--batch", &(round + 1).to_string()])
+                    .arg("--to")
+                    .arg(to);
                 c
             }
             Tool::Restic(_) => {
@@ -678,6 +682,8 @@ fn run_workload(bench: &Bench, workload: &Workload) -> Result<(Value, Vec<String
             println!("round {round} of {}", total - 1);
         }
     }
+    // Repository sizes as the backups left them, before anything restores.
+    let repo_sizes: Vec<(u64, u64)> = TOOLS.iter().map(|tool| sizes(&tool.repo(&work))).collect();
     // Restores, rotated, with cp -a in the rotation.
     let mut latest: Vec<Vec<Run>> = vec![Vec::new(); TOOLS.len() + 1];
     let mut oldest: Vec<Vec<Run>> = vec![Vec::new(); TOOLS.len()];
@@ -715,7 +721,7 @@ fn run_workload(bench: &Bench, workload: &Workload) -> Result<(Value, Vec<String
         .iter()
         .enumerate()
         .map(|(i, &tool)| {
-            let (apparent, allocated) = sizes(&tool.repo(&work));
+            let (apparent, allocated) = repo_sizes[i];
             Figures {
                 tool,
                 rounds: rounds[i].clone(),
