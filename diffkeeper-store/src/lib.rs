@@ -467,16 +467,49 @@ fn segment_end(txn: &redb::WriteTransaction) -> Result<Option<schema::Location>>
         .transpose()
 }
 
-/// Records where this commit leaves the payload segments.
-fn set_segment_end(
-    txn: &redb::WriteTransaction,
+/// Commits `txn` with the payload `writer` appended: made durable first,
+/// then `meta.segment_end` recorded with the records.
+fn commit_with_segments(
+    txn: redb::WriteTransaction,
     writer: &mut segments::SegmentWriter,
 ) -> Result<()> {
     if let Some(end) = writer.sync()? {
         txn.open_table(META)?
             .insert(META_SEGMENT_END, encode(&end).as_slice())?;
     }
+    // From here the appends stay whatever the commit does: if it fails
+    // after all, the next writer cuts them off by the segment end it finds
+    // committed.
+    writer.keep();
+    txn.commit()?;
     Ok(())
+}
+
+/// `record` with `payload` appended to the segments: its place and length.
+fn appended(
+    writer: &mut segments::SegmentWriter,
+    record: &ChunkRecord,
+    payload: &[u8],
+) -> Result<ChunkRecord> {
+    Ok(ChunkRecord {
+        at: Some(writer.append(payload)?),
+        stored_len: u32::try_from(payload.len()).map_err(|_| StoreError::TooManyPieces)?,
+        ..record.clone()
+    })
+}
+
+/// Reads chunk `id`'s payload from the segments; damage names the chunk.
+fn read_segment(
+    reader: &segments::SegmentReader,
+    id: u64,
+    at: schema::Location,
+    len: u32,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    reader.read(at, len as usize, out).map_err(|e| match e {
+        StoreError::Corrupt(why) => StoreError::Corrupt(format!("chunk {id}: {why}")),
+        other => other,
+    })
 }
 
 /// The bytes a store takes, apparent and allocated: its file and its
@@ -998,13 +1031,7 @@ impl Reader {
     /// Reads a chunk's stored payload into `out` (replacing its contents).
     fn payload_into(&self, id: u64, record: &ChunkRecord, out: &mut Vec<u8>) -> Result<()> {
         if let Some(at) = record.at {
-            return self
-                .segments
-                .read(at, record.stored_len as usize, out)
-                .map_err(|e| match e {
-                    StoreError::Corrupt(why) => StoreError::Corrupt(format!("chunk {id}: {why}")),
-                    other => other,
-                });
+            return read_segment(&self.segments, id, at, record.stored_len, out);
         }
         out.clear();
         out.reserve(record.stored_len as usize);
@@ -1323,11 +1350,7 @@ impl BatchWriter {
     /// Stores a new chunk under an id of this batch's, its payload
     /// appended to the segments (`record.at` is set here).
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
-        let record = ChunkRecord {
-            at: Some(self.segments.append(payload)?),
-            stored_len: u32::try_from(payload.len()).map_err(|_| StoreError::TooManyPieces)?,
-            ..record.clone()
-        };
+        let record = appended(&mut self.segments, record, payload)?;
         self.txn
             .open_table(CHUNKS)?
             .insert(id, record.encode().as_slice())?;
@@ -1421,12 +1444,7 @@ impl BatchWriter {
             batch,
             ..
         } = self;
-        set_segment_end(&txn, &mut segments)?;
-        // From here the appends stay whatever the commit does: if it fails
-        // after all, the next writer cuts them off by the segment end it
-        // finds committed.
-        segments.keep();
-        txn.commit()?;
+        commit_with_segments(txn, &mut segments)?;
         Ok(batch)
     }
 
@@ -1436,12 +1454,7 @@ impl BatchWriter {
         let BatchWriter {
             txn, mut segments, ..
         } = self;
-        set_segment_end(&txn, &mut segments)?;
-        // From here the appends stay whatever the commit does: if it fails
-        // after all, the next writer cuts them off by the segment end it
-        // finds committed.
-        segments.keep();
-        txn.commit()?;
+        commit_with_segments(txn, &mut segments)?;
         Ok(())
     }
 }
@@ -1522,11 +1535,7 @@ impl HistoryEditor {
     /// segment, is left for [`HistoryEditor::collect_garbage`].
     pub fn replace_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         self.remove_payload(id)?;
-        let record = ChunkRecord {
-            at: Some(self.segments.append(payload)?),
-            stored_len: u32::try_from(payload.len()).map_err(|_| StoreError::TooManyPieces)?,
-            ..record.clone()
-        };
+        let record = appended(&mut self.segments, record, payload)?;
         self.txn
             .open_table(CHUNKS)?
             .insert(id, record.encode().as_slice())?;
@@ -1583,6 +1592,8 @@ impl HistoryEditor {
     pub fn collect_garbage(&mut self) -> Result<u64> {
         use std::collections::HashMap;
         let mut live: HashMap<u32, u64> = HashMap::new();
+        // Every chunk in a segment, by id, for the moves below.
+        let mut placed: Vec<(u64, u32)> = Vec::new();
         {
             let chunks = self.txn.open_table(CHUNKS)?;
             for item in chunks.iter()? {
@@ -1590,6 +1601,7 @@ impl HistoryEditor {
                 let record = chunk_record_of(k.value(), v.value())?;
                 if let Some(at) = record.at {
                     *live.entry(at.segment).or_default() += u64::from(record.stored_len);
+                    placed.push((k.value(), at.segment));
                 }
             }
         }
@@ -1624,30 +1636,17 @@ impl HistoryEditor {
         if rewrite.is_empty() {
             return Ok(freed);
         }
-        let moving: Vec<(u64, ChunkRecord)> = {
-            let chunks = self.txn.open_table(CHUNKS)?;
-            let mut out = Vec::new();
-            for item in chunks.iter()? {
-                let (k, v) = item?;
-                let record = chunk_record_of(k.value(), v.value())?;
-                if record.at.is_some_and(|at| rewrite.contains(&at.segment)) {
-                    out.push((k.value(), record));
-                }
-            }
-            out
-        };
         let mut payload = Vec::new();
         let mut chunks = self.txn.open_table(CHUNKS)?;
-        for (id, record) in moving {
-            let Some(at) = record.at else { continue };
-            self.reader
-                .read(at, record.stored_len as usize, &mut payload)
-                .map_err(|e| StoreError::Corrupt(format!("chunk {id}: {e}")))?;
-            let moved = ChunkRecord {
-                at: Some(self.segments.append(&payload)?),
-                ..record
+        for (id, _) in placed.iter().filter(|(_, s)| rewrite.contains(s)) {
+            let record = match chunks.get(*id)? {
+                Some(raw) => chunk_record_of(*id, raw.value())?,
+                None => continue,
             };
-            chunks.insert(id, moved.encode().as_slice())?;
+            let Some(at) = record.at else { continue };
+            read_segment(&self.reader, *id, at, record.stored_len, &mut payload)?;
+            let moved = appended(&mut self.segments, &record, &payload)?;
+            chunks.insert(*id, moved.encode().as_slice())?;
         }
         Ok(freed)
     }
@@ -1677,12 +1676,7 @@ impl HistoryEditor {
             let current = segments.current();
             unused.retain(|s| !referenced.contains(s) && Some(*s) != current);
         }
-        set_segment_end(&txn, &mut segments)?;
-        // From here the appends stay whatever the commit does: if it fails
-        // after all, the next writer cuts them off by the segment end it
-        // finds committed.
-        segments.keep();
-        txn.commit()?;
+        commit_with_segments(txn, &mut segments)?;
         segments::remove(&store, &unused)?;
         Ok(())
     }
