@@ -614,7 +614,7 @@ fn watch_the_writer(freeze_args: impl Fn(&TestCgroup, &TestCgroup) -> String) ->
     rustix::process::kill_process(pid(watch.0.id()), Signal::TERM).expect("SIGTERM watch");
     let stderr = String::from_utf8_lossy(&wait_output(&mut watch.0)).into_owned();
     drop(writer);
-    let ids = assert_consistent_cuts(&store, "watch");
+    let ids = assert_consistent_cuts(&store, &format!("watch (its log: {stderr})"));
     let timeline = batches(&store);
     assert!(
         timeline.iter().any(|b| b["consistency"] == "frozen"),

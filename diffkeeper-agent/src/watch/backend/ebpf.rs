@@ -287,6 +287,18 @@ impl Tracing {
             }));
         }
         {
+            // The events the task has not taken yet, taken now under the
+            // lock it takes them under.
+            let (tracer, dirty, mapped) =
+                (self.tracer.clone(), self.dirty.clone(), self.mapped.clone());
+            let routes = Arc::downgrade(&self.routes);
+            notices.set_drain(Box::new(move || {
+                if let (Some(routes), Ok(mut tracer)) = (routes.upgrade(), tracer.lock()) {
+                    take_events(&mut tracer, &dirty, &mapped, &routes);
+                }
+            }));
+        }
+        {
             let (tracer, mapped) = (self.tracer.clone(), self.mapped.clone());
             notices.set_clock(Box::new(move |locals| {
                 let ids: Vec<u32> = locals.iter().filter_map(|&l| ids.get(l).copied()).collect();

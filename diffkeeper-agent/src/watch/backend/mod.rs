@@ -115,12 +115,18 @@ pub struct Notices {
     /// (the eBPF tracer's events name them), not yet taken by
     /// [`Notices::take_writers`].
     writers: Arc<std::sync::Mutex<HashSet<(u32, u64)>>>,
+    /// Hands over what the backend has received and not yet reported (the
+    /// eBPF tracer's ring buffer), so [`Notices::take_writers`] sees every
+    /// write made before it is called.
+    drain: Arc<std::sync::Mutex<Option<Drain>>>,
     /// Told of the files of a root with a name outside it (the eBPF
     /// tracer lists them for its programs).
     linked_out: Arc<std::sync::Mutex<Option<LinkedOutHook>>>,
 }
 
 type LinkedOutHook = Box<dyn Fn(usize, &LinkedOut, bool) + Send>;
+
+type Drain = Box<dyn Fn() + Send>;
 
 type BeforeCapture = Box<dyn Fn(usize) -> Dirty + Send>;
 type Clock = Box<dyn Fn(&[usize]) -> Option<crate::capture::Changes> + Send>;
@@ -138,6 +144,7 @@ impl Notices {
             before_capture: Arc::new(std::sync::Mutex::new(None)),
             clock: Arc::new(std::sync::Mutex::new(None)),
             writers: Arc::default(),
+            drain: Arc::default(),
             linked_out: Arc::default(),
         }
     }
@@ -156,6 +163,12 @@ impl Notices {
         }
     }
 
+    fn set_drain(&self, drain: Drain) {
+        if let Ok(mut slot) = self.drain.lock() {
+            *slot = Some(drain);
+        }
+    }
+
     fn set_linked_out(&self, hook: LinkedOutHook) {
         if let Ok(mut slot) = self.linked_out.lock() {
             *slot = Some(hook);
@@ -164,7 +177,17 @@ impl Notices {
 
     /// The processes seen writing the trees since the last call, each
     /// with its cgroup v2 id (eBPF only: inotify does not say who wrote).
+    /// The backend's pending events are taken first: a write made before
+    /// the call has its writer here, even when the event task has not run
+    /// since (a start-up batch disturbed by an app that was already
+    /// writing is taken again frozen only if its writer is known by then).
     pub fn take_writers(&self) -> Vec<(u32, u64)> {
+        // Not under the writers' lock: draining reports writers into it.
+        if let Ok(drain) = self.drain.lock() {
+            if let Some(drain) = drain.as_ref() {
+                drain();
+            }
+        }
         self.writers
             .lock()
             .map(|mut w| w.drain().collect())
