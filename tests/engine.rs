@@ -1187,3 +1187,46 @@ fn small_files_are_compressed_with_a_dictionary_trained_once_per_store() {
     let stats = json(&["stats", "--store", s(&few_store), "--json"]);
     assert_eq!(u64_of(&stats, "dictionary_bytes"), 0, "{stats}");
 }
+
+#[test]
+fn the_store_file_gives_back_the_space_redb_grows_it_by() {
+    let file_len = |path: &Path| fs::metadata(path).expect("a store file").len();
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let mut rng = Rng::new(0x5eed_f11e);
+    // Enough files for an index of several MiB.
+    let count = 20_000;
+    for i in 0..count {
+        let dir = state.join(format!("pkg-{:03}", i % 200));
+        if i < 200 {
+            fs::create_dir_all(&dir).expect("mkdir");
+        }
+        fs::write(dir.join(format!("f{i:05}")), rng.text(60)).expect("write");
+    }
+    snapshot(&state, &store);
+    for _ in 0..3 {
+        // Files all over the tree: they change pages all over the index,
+        // which a transaction copies, and redb grows the file by doubling
+        // when the copies do not fit.
+        for _ in 0..2_000 {
+            let i = rng.below(count);
+            let path = state.join(format!("pkg-{:03}/f{i:05}", i % 200));
+            fs::write(path, rng.text(60)).expect("write");
+        }
+        snapshot(&state, &store);
+        // What the same history takes in a file shrunk by `compact`
+        // (which keeps every batch here).
+        let tight = work.path().join("tight.dk");
+        common::copy_store(&store, &tight);
+        ok(&["compact", "--store", s(&tight), "--keep-last", "100"]);
+        let (len, tight_len) = (file_len(&store), file_len(&tight));
+        assert!(
+            len <= tight_len + tight_len / 10 + (1 << 20),
+            "a store file of {len} bytes, {tight_len} once shrunk"
+        );
+    }
+    let target = fresh(work.path(), "restored");
+    replay_into(&target, &store);
+    assert_eq!(read_tree(&target), read_tree(&state), "the latest state");
+}

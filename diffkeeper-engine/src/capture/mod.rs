@@ -397,11 +397,29 @@ fn take_optimistic(
         recorded_at,
         staged: None,
     };
+    let before = store.file_len();
     let mut summary = capture(&store, &reader, &found, &batch, verdict)?;
+    drop(reader);
+    give_back_slack(store, before, &summary);
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
     summary.looked = take_looked(&mut found);
     Ok(summary)
+}
+
+/// After a committed batch, gives back what the store file grew by from
+/// `before` (see [`Store::shrink_if_grown`]). The batch is durable by then:
+/// a failure here costs only disk space, and is said.
+fn give_back_slack(mut store: Store, before: u64, summary: &BatchSummary) {
+    if summary.batch.is_none() {
+        return;
+    }
+    if let Err(e) = store.shrink_if_grown(before) {
+        tracing::warn!(
+            "the batch is committed, but the store file keeps its free space: {:#}",
+            crate::error::EngineError::from(e)
+        );
+    }
 }
 
 /// Tries of a frozen cut when another process commits to the store between
@@ -511,6 +529,7 @@ fn take_frozen(
             recorded_at: None,
             staged: Some(&staged),
         };
+        let before = store.file_len();
         let mut summary = capture(
             &store,
             &reader,
@@ -518,6 +537,8 @@ fn take_frozen(
             &batch,
             Verdict::Known(Some(record)),
         )?;
+        drop(reader);
+        give_back_slack(store, before, &summary);
         summary.scanned = found.iter().map(|r| r.scanned).sum();
         summary.elapsed = started.elapsed();
         summary.looked = take_looked(&mut found);
