@@ -414,11 +414,22 @@ fn give_back_slack(mut store: Store, before: u64, summary: &BatchSummary) {
     if summary.batch.is_none() {
         return;
     }
-    if let Err(e) = store.shrink_if_grown(before) {
-        tracing::warn!(
-            "the batch is committed, but the store file keeps its free space: {:#}",
-            crate::error::EngineError::from(e)
-        );
+    let started = Instant::now();
+    let grown = store.file_len();
+    match store.shrink_if_grown(before) {
+        Ok(false) => {}
+        Ok(true) => tracing::debug!(
+            grown_by = grown.saturating_sub(before),
+            now = store.file_len(),
+            took = ?started.elapsed(),
+            "store file shrunk"
+        ),
+        Err(e) => {
+            tracing::warn!(
+                "the batch is committed, but the store file keeps its free space: {:#}",
+                crate::error::EngineError::from(e)
+            );
+        }
     }
 }
 
