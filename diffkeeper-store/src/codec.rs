@@ -50,13 +50,35 @@ const DELTA_LEVEL: i32 = 3;
 /// long-distance matching.
 const RETRY_WITH_LDM_DIVISOR: usize = 64;
 
-/// zstd level for bases. Measured on 50,000 log-like text files of 100 B
-/// to 8 KiB (207 MB) and on Debian's Python packages (2,907 files, 41 MB),
-/// each file one frame: level 1 gave 2.68x and 2.69x, level 3 2.66x and
-/// 2.83x, level 6 2.80x and 2.99x at 2.5 times level 3's time; lz4 1.68x
-/// and 2.03x. With a dictionary trained on 1 MiB of the small files, level
-/// 3 gave 3.07x and 2.92x in 1.2 s and 0.2 s of CPU.
+/// zstd level for bases larger than [`SMALL_BASE_BYTES`]. Measured on
+/// 50,000 log-like text files of 100 B to 8 KiB (207 MB) and on Debian's
+/// Python packages (2,907 files, 41 MB), each file one frame: level 1 gave
+/// 2.68x and 2.69x, level 3 2.66x and 2.83x, level 6 2.80x and 2.99x at 2.5
+/// times level 3's time; lz4 1.68x and 2.03x. With a dictionary trained on
+/// 1 MiB of the small files, level 3 gave 3.07x and 2.92x in 1.2 s and
+/// 0.2 s of CPU. Large chunks stay at level 3: whether a changed chunk is
+/// kept as a delta is decided against its base encoding, so every changed
+/// chunk of a checkpoint is encoded at this level each round.
 const BASE_LEVEL: i32 = 3;
+
+/// zstd level for bases of at most [`SMALL_BASE_BYTES`] (whole small files,
+/// mostly). With the dictionary, on the 50,000 files above: level 3 3.07x
+/// in 1.2 s of CPU, 6 3.12x in 4.3 s, 9 3.36x in 8.7 s, 12 3.49x in 15 s,
+/// 19 3.66x in 49 s. On Python's packages (3,538 files, 52 MB) level 3 gave
+/// 2.88x in 0.32 s, and level 9 for files up to 64 KiB (3 above) 3.13x in
+/// 0.99 s; up to 16 KiB only, 3.02x.
+const SMALL_BASE_LEVEL: i32 = 9;
+
+/// Largest base encoded at [`SMALL_BASE_LEVEL`].
+pub const SMALL_BASE_BYTES: usize = 64 * 1024;
+
+/// The level for a base of `len` bytes, and which of [`BaseEncoder`]'s
+/// pools serves it.
+fn base_tier(len: usize) -> usize {
+    usize::from(len > SMALL_BASE_BYTES)
+}
+
+const TIER_LEVELS: [i32; 2] = [SMALL_BASE_LEVEL, BASE_LEVEL];
 
 /// Size of a trained dictionary: zstd's default. 32 KiB gave 3.03x on the
 /// small files above, 64 KiB 3.06x, 110 KiB 3.07x; it is stored once.
@@ -67,7 +89,8 @@ pub const DICTIONARY_BYTES: usize = 112_640;
 pub struct Dictionary {
     id: u32,
     raw: Vec<u8>,
-    encoder: zstd::dict::EncoderDictionary<'static>,
+    /// Prepared at each of [`TIER_LEVELS`].
+    encoders: [zstd::dict::EncoderDictionary<'static>; 2],
     decoder: zstd::dict::DecoderDictionary<'static>,
 }
 
@@ -81,12 +104,13 @@ impl Dictionary {
     /// Prepares dictionary `id` from its stored bytes.
     pub fn new(id: u32, raw: Vec<u8>) -> Result<Dictionary> {
         let encoder =
-            zstd::dict::EncoderDictionary::try_copy(&raw, BASE_LEVEL).step("dictionary load")?;
+            |level| zstd::dict::EncoderDictionary::try_copy(&raw, level).step("dictionary load");
+        let encoders = [encoder(TIER_LEVELS[0])?, encoder(TIER_LEVELS[1])?];
         let decoder = zstd::dict::DecoderDictionary::try_copy(&raw).step("dictionary load")?;
         Ok(Dictionary {
             id,
             raw,
-            encoder,
+            encoders,
             decoder,
         })
     }
@@ -115,7 +139,8 @@ impl Dictionary {
 /// one.
 pub struct BaseEncoder<'d> {
     dictionary: Option<&'d Dictionary>,
-    idle: std::sync::Mutex<Vec<zstd::zstd_safe::CCtx<'d>>>,
+    /// Idle contexts per tier (see [`base_tier`]).
+    idle: [std::sync::Mutex<Vec<zstd::zstd_safe::CCtx<'d>>>; 2],
 }
 
 impl<'d> BaseEncoder<'d> {
@@ -123,7 +148,7 @@ impl<'d> BaseEncoder<'d> {
     pub fn new(dictionary: Option<&'d Dictionary>) -> BaseEncoder<'d> {
         BaseEncoder {
             dictionary,
-            idle: std::sync::Mutex::new(Vec::new()),
+            idle: Default::default(),
         }
     }
 
@@ -131,7 +156,7 @@ impl<'d> BaseEncoder<'d> {
     /// be (no magic number, no checksum: every chunk has its SHA-256; no
     /// content size: the chunk record has it; no dictionary id: the
     /// encoding names it).
-    fn context(&self) -> Result<zstd::zstd_safe::CCtx<'d>> {
+    fn context(&self, tier: usize) -> Result<zstd::zstd_safe::CCtx<'d>> {
         use zstd::zstd_safe::{CCtx, CParameter, FrameFormat};
         let failed = |what: &str| CodecError::Zstd {
             step: "base encoder",
@@ -139,7 +164,7 @@ impl<'d> BaseEncoder<'d> {
         };
         let mut cctx = CCtx::try_create().ok_or_else(|| failed("no memory for a context"))?;
         for parameter in [
-            CParameter::CompressionLevel(BASE_LEVEL),
+            CParameter::CompressionLevel(TIER_LEVELS[tier]),
             CParameter::Format(FrameFormat::Magicless),
             CParameter::ChecksumFlag(false),
             CParameter::ContentSizeFlag(false),
@@ -149,7 +174,7 @@ impl<'d> BaseEncoder<'d> {
                 .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
         }
         if let Some(d) = self.dictionary {
-            cctx.ref_cdict(d.encoder.as_cdict())
+            cctx.ref_cdict(d.encoders[tier].as_cdict())
                 .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
         }
         Ok(cctx)
@@ -158,14 +183,15 @@ impl<'d> BaseEncoder<'d> {
     /// Encodes a base chunk: a zstd frame when it saves at least 1/16, else
     /// the bytes as they are.
     pub fn encode(&self, bytes: &[u8]) -> Result<(ChunkEncoding, Vec<u8>)> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let tier = base_tier(bytes.len());
+        let idle = self.idle[tier].lock().ok().and_then(|mut idle| idle.pop());
         let mut cctx = match idle {
             Some(cctx) => cctx,
-            None => self.context()?,
+            None => self.context(tier)?,
         };
         let mut compressed = Vec::with_capacity(zstd::zstd_safe::compress_bound(bytes.len()));
         let written = cctx.compress2(&mut compressed, bytes);
-        if let Ok(mut idle) = self.idle.lock() {
+        if let Ok(mut idle) = self.idle[tier].lock() {
             idle.push(cctx);
         }
         written.map_err(|code| CodecError::Zstd {

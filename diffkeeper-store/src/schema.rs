@@ -77,7 +77,8 @@
 //! a few chunks whatever the file's size. A chunk whose SHA-256 is already in
 //! `chunk_index` is stored once, across files and versions.
 //!
-//! A new chunk is stored either as a **base** (a zstd frame at level 3,
+//! A new chunk is stored either as a **base** (a zstd frame at level 9 up
+//! to 64 KiB, level 3 above (see `codec::SMALL_BASE_BYTES`),
 //! raw when that does not save at least 1/16; schema 2 and older wrote
 //! [lz4_flex] blocks, which still decode) or as a **delta** against the old
 //! content at its place: a zstd frame (no magic, no checksum) compressed with the
@@ -105,6 +106,9 @@
 //! [`DICTIONARY_SAMPLE_BYTES`] of them, spread over the batch, and every
 //! later base uses it: 3.07x and 2.92x, for 0.15 s of training and 110 KiB
 //! stored once (samples of 1, 2 and 4 MiB gave the same ratio within 0.1%).
+//! Bases of up to 64 KiB are encoded at level 9 (3.36x on the small files,
+//! 3.13x on Python's packages, for about four times level 3's CPU); the
+//! level is the writer's choice, frames of any level decode alike.
 //! A store keeps the dictionary it trained first; chunks name theirs, so
 //! one trained again later (none is, today) would not disturb older ones.
 //!
