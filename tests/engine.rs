@@ -938,6 +938,9 @@ fn symlinks_out_of_the_state_dir_and_special_files_are_skipped() {
 /// LE, then the segment end). Each batch rewrites the leaf (the segment
 /// end moves), so older copies of it lie in freed pages too: every copy is
 /// changed, the live one among them.
+/// The schema this build writes.
+const SCHEMA: u32 = diffkeeper::store::schema::SCHEMA_VERSION;
+
 fn set_schema_version(store: &Path, version: u32) {
     let mut bytes = fs::read(store).expect("read store");
     let keys = b"created_msmin_reader_versionschema_versionsegment_end";
@@ -954,8 +957,8 @@ fn set_schema_version(store: &Path, version: u32) {
     for at in found {
         assert_eq!(
             bytes[at..at + 8],
-            [3u32.to_le_bytes(), 3u32.to_le_bytes()].concat(),
-            "schema_version and min_reader_version 3 expected at offset {at}"
+            [SCHEMA.to_le_bytes(), SCHEMA.to_le_bytes()].concat(),
+            "schema_version and min_reader_version {SCHEMA} expected at offset {at}"
         );
         bytes[at..at + 4].copy_from_slice(&version.to_le_bytes());
         bytes[at + 4..at + 8].copy_from_slice(&version.to_le_bytes());
@@ -973,7 +976,7 @@ fn a_store_of_another_schema_version_is_refused() {
     fs::write(state.join("second"), b"batch 2").expect("write");
     snapshot(&state, &store);
     let good = fs::read(&store).expect("read store");
-    for version in [4u32, 0, u32::MAX] {
+    for version in [SCHEMA + 1, 0, u32::MAX] {
         fs::write(&store, &good).expect("restore store");
         set_schema_version(&store, version);
         let damaged = fs::read(&store).expect("read store");

@@ -92,6 +92,28 @@ fn released() -> Vec<Fixture> {
     out
 }
 
+/// The schema this build writes.
+const SCHEMA: u32 = diffkeeper::store::schema::SCHEMA_VERSION;
+
+/// Each payload segment of the store at `store` (schema 3 and later), by
+/// name, with its bytes.
+fn segment_bytes(store: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let Ok(dir) = fs::read_dir(common::segments_of(store)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = dir
+        .map(|entry| {
+            let entry = entry.expect("a segment");
+            (
+                entry.file_name(),
+                fs::read(entry.path()).expect("read a segment"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// `restore --batch BATCH --to TO`, required to succeed.
 fn restore_batch(store: &Path, batch: u64, to: &Path) {
     ok(&[
@@ -129,7 +151,7 @@ fn stores_written_by_every_released_schema_read_back_whole() {
     for (schema, fixture, batches) in released() {
         // Read where it lies, never written: a copy, read-only.
         let store = work.path().join(format!("v{schema}.redb"));
-        fs::copy(&fixture, &store).expect("copy");
+        common::copy_store(&fixture, &store);
         fs::set_permissions(&store, fs::Permissions::from_mode(0o444)).expect("chmod");
         let verified = ok(&["verify", "--store", s(&store)]);
         assert!(verified.contains("all hashes match"), "{verified}");
@@ -156,6 +178,11 @@ fn stores_written_by_every_released_schema_read_back_whole() {
             fs::read(&fixture).expect("read"),
             "schema {schema}: reading must not change the store"
         );
+        assert_eq!(
+            segment_bytes(&store),
+            segment_bytes(&fixture),
+            "schema {schema}: reading must not change the payload segments"
+        );
     }
 }
 
@@ -164,7 +191,7 @@ fn an_older_store_is_upgraded_when_written_and_keeps_its_history() {
     let work = tempfile::tempdir().expect("tempdir");
     for (schema, fixture, batches) in released() {
         let store = work.path().join(format!("v{schema}.redb"));
-        fs::copy(&fixture, &store).expect("copy");
+        common::copy_store(&fixture, &store);
         let (last, manifest) = batches.last().expect("a batch");
         // The fixture's two roots, as its last batch left them.
         let tree = work.path().join(format!("tree-v{schema}"));
@@ -189,7 +216,7 @@ fn an_older_store_is_upgraded_when_written_and_keeps_its_history() {
         assert_eq!(snap["new"], new, "schema {schema}: {snap}");
         assert_eq!(
             schema_of(&store),
-            (3, Some(3)),
+            (SCHEMA, Some(SCHEMA)),
             "schema {schema}: upgraded in place on the first write"
         );
         ok(&["verify", "--store", s(&store)]);
