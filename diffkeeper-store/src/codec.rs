@@ -89,8 +89,10 @@ pub const DICTIONARY_BYTES: usize = 112_640;
 pub struct Dictionary {
     id: u32,
     raw: Vec<u8>,
-    /// Prepared at each of [`TIER_LEVELS`].
-    encoders: [zstd::dict::EncoderDictionary<'static>; 2],
+    /// Prepared at each of [`TIER_LEVELS`] when first encoded with: a
+    /// reader only decodes, and a prepared dictionary at level 9 takes
+    /// memory.
+    encoders: [std::sync::OnceLock<zstd::dict::EncoderDictionary<'static>>; 2],
     decoder: zstd::dict::DecoderDictionary<'static>,
 }
 
@@ -103,23 +105,35 @@ impl std::fmt::Debug for Dictionary {
 impl Dictionary {
     /// Prepares dictionary `id` from its stored bytes.
     pub fn new(id: u32, raw: Vec<u8>) -> Result<Dictionary> {
-        let encoder =
-            |level| zstd::dict::EncoderDictionary::try_copy(&raw, level).step("dictionary load");
-        let encoders = [encoder(TIER_LEVELS[0])?, encoder(TIER_LEVELS[1])?];
         let decoder = zstd::dict::DecoderDictionary::try_copy(&raw).step("dictionary load")?;
         Ok(Dictionary {
             id,
             raw,
-            encoders,
+            encoders: Default::default(),
             decoder,
         })
     }
 
     /// Trains dictionary `id` on `samples`; `None` when zstd finds too
-    /// little in them to build one (too few or too alike).
+    /// little in them to build one (too few or too alike), or cannot
+    /// prepare it to encode with.
     pub fn train(id: u32, samples: &[Vec<u8>]) -> Option<Dictionary> {
         let raw = zstd::dict::from_samples(samples, DICTIONARY_BYTES).ok()?;
-        Dictionary::new(id, raw).ok()
+        let dictionary = Dictionary::new(id, raw).ok()?;
+        for tier in 0..TIER_LEVELS.len() {
+            dictionary.encoder(tier).ok()?;
+        }
+        Some(dictionary)
+    }
+
+    /// The dictionary prepared to encode bases of `tier`.
+    fn encoder(&self, tier: usize) -> Result<&zstd::dict::EncoderDictionary<'static>> {
+        if let Some(prepared) = self.encoders[tier].get() {
+            return Ok(prepared);
+        }
+        let prepared = zstd::dict::EncoderDictionary::try_copy(&self.raw, TIER_LEVELS[tier])
+            .step("dictionary load")?;
+        Ok(self.encoders[tier].get_or_init(|| prepared))
     }
 
     pub fn id(&self) -> u32 {
@@ -174,7 +188,7 @@ impl<'d> BaseEncoder<'d> {
                 .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
         }
         if let Some(d) = self.dictionary {
-            cctx.ref_cdict(d.encoders[tier].as_cdict())
+            cctx.ref_cdict(d.encoder(tier)?.as_cdict())
                 .map_err(|code| failed(zstd::zstd_safe::get_error_name(code)))?;
         }
         Ok(cctx)

@@ -439,7 +439,7 @@ impl Store {
 
     /// Shrinks the file (see [`Store::shrink`]) when a write made it grow
     /// by more than [`MAX_FILE_SLACK_BYTES`] from `before`, its length
-    /// before that write; returns whether it did. A write transaction
+    /// before that write; returns the length it shrank from, if it did. A write transaction
     /// copies every page it changes, and when the copies do not fit in the
     /// file's free pages redb doubles the file: a store of 50,000 small
     /// files with 21 MB of index became a 42 MB file (22 MB of it used) at
@@ -448,12 +448,13 @@ impl Store {
     /// committed), so this costs one `stat` when the file did not grow;
     /// giving the slack back after a batch of 100 files took 190-230 ms
     /// there (70 ms with redb's default 1 GiB cache instead of ours).
-    pub fn shrink_if_grown(&mut self, before: u64) -> Result<bool> {
-        if matches!(self.db, Db::ReadOnly(_)) || self.file_len() <= before + MAX_FILE_SLACK_BYTES {
-            return Ok(false);
+    pub fn shrink_if_grown(&mut self, before: u64) -> Result<Option<u64>> {
+        let grown = self.file_len();
+        if matches!(self.db, Db::ReadOnly(_)) || grown <= before + MAX_FILE_SLACK_BYTES {
+            return Ok(None);
         }
         self.shrink()?;
-        Ok(true)
+        Ok(Some(grown))
     }
 
     /// Starts writing a new batch. One writer at a time per store.

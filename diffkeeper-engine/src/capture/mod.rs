@@ -397,40 +397,45 @@ fn take_optimistic(
         recorded_at,
         staged: None,
     };
-    let before = store.file_len();
-    let mut summary = capture(&store, &reader, &found, &batch, verdict)?;
-    drop(reader);
-    give_back_slack(store, before, &summary);
+    let mut summary = capture_and_tidy(store, reader, &found, &batch, verdict)?;
     summary.scanned = found.iter().map(|r| r.scanned).sum();
     summary.elapsed = started.elapsed();
     summary.looked = take_looked(&mut found);
     Ok(summary)
 }
 
-/// After a committed batch, gives back what the store file grew by from
-/// `before` (see [`Store::shrink_if_grown`]). The batch is durable by then:
-/// a failure here costs only disk space, and is said.
-fn give_back_slack(mut store: Store, before: u64, summary: &BatchSummary) {
+/// [`capture`], then, when a batch committed, gives back what the store
+/// file grew by (see [`Store::shrink_if_grown`]), with `reader` closed. The
+/// batch is durable by then: a failure to shrink costs only disk space, and
+/// is said.
+fn capture_and_tidy(
+    mut store: Store,
+    reader: Reader,
+    roots: &[RootChanges],
+    batch: &Batch,
+    verdict: Verdict,
+) -> Result<BatchSummary> {
+    let before = store.file_len();
+    let summary = capture(&store, &reader, roots, batch, verdict)?;
+    drop(reader);
     if summary.batch.is_none() {
-        return;
+        return Ok(summary);
     }
     let started = Instant::now();
-    let grown = store.file_len();
     match store.shrink_if_grown(before) {
-        Ok(false) => {}
-        Ok(true) => tracing::debug!(
+        Ok(None) => {}
+        Ok(Some(grown)) => tracing::debug!(
             grown_by = grown.saturating_sub(before),
             now = store.file_len(),
             took = ?started.elapsed(),
             "store file shrunk"
         ),
-        Err(e) => {
-            tracing::warn!(
-                "the batch is committed, but the store file keeps its free space: {:#}",
-                crate::error::EngineError::from(e)
-            );
-        }
+        Err(e) => tracing::warn!(
+            "the batch is committed, but the store file keeps its free space: {:#}",
+            crate::error::EngineError::from(e)
+        ),
     }
+    Ok(summary)
 }
 
 /// Tries of a frozen cut when another process commits to the store between
@@ -540,16 +545,8 @@ fn take_frozen(
             recorded_at: None,
             staged: Some(&staged),
         };
-        let before = store.file_len();
-        let mut summary = capture(
-            &store,
-            &reader,
-            &found,
-            &batch,
-            Verdict::Known(Some(record)),
-        )?;
-        drop(reader);
-        give_back_slack(store, before, &summary);
+        let mut summary =
+            capture_and_tidy(store, reader, &found, &batch, Verdict::Known(Some(record)))?;
         summary.scanned = found.iter().map(|r| r.scanned).sum();
         summary.elapsed = started.elapsed();
         summary.looked = take_looked(&mut found);
