@@ -741,7 +741,9 @@ impl Reader {
             newest.insert(path.to_vec(), b);
             Ok(())
         })?;
-        let mut out = Vec::new();
+        // At most one entry per path the latest table knows: reserved at
+        // once, so the list never stands in memory twice while it grows.
+        let mut out = Vec::with_capacity(newest.len());
         let mut current: Option<(Vec<u8>, u64)> = None;
         let lo: (&str, &[u8], u64) = (root, &[], 0);
         let mut finish = |path: Vec<u8>, best: u64| -> Result<()> {
