@@ -479,6 +479,7 @@ impl Store {
             txn,
             batch,
             next_chunk,
+            pending: Pending::default(),
         })
     }
 }
@@ -1365,6 +1366,29 @@ pub struct BatchWriter {
     segments: segments::SegmentWriter,
     batch: u64,
     next_chunk: u64,
+    /// Rows not yet in their tables, written in key order by
+    /// [`BatchWriter::flush`] (see [`Pending`]).
+    pending: Pending,
+}
+
+/// A batch's rows held back to be written in key order.
+///
+/// Why: capture workers deliver versions and chunks in the order they
+/// finish, threads interleaved. redb splits a full leaf in half, so rows
+/// inserted between keys already written leave half-full pages behind,
+/// while rows appended in key order fill each page before the next. The
+/// first snapshot of 50,000 small files took 5,110 pages (20.9 MB) written
+/// as they came, 3,883 (15.9 MB) written sorted; after ten more rounds of
+/// 100 files the file was 22.8 MB, now 19.4 MB. Capture hands its changes
+/// over in path order, in windows, and flushes after each, so each
+/// window's rows land after the last one's. `chunk_index` rows (SHA-256
+/// keys) are written as they come: packed full, that table doubled in
+/// pages over the ten rounds, as every new hash splits a full page, while
+/// written in no order it fills to about 70% and absorbs them.
+#[derive(Default)]
+struct Pending {
+    versions: Vec<(String, Vec<u8>, Vec<u8>)>,
+    chunks: Vec<(u64, Vec<u8>)>,
 }
 
 impl BatchWriter {
@@ -1383,10 +1407,38 @@ impl BatchWriter {
     /// appended to the segments (`record.at` is set here).
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         let record = appended(&mut self.segments, record, payload)?;
-        self.txn
-            .open_table(CHUNKS)?
-            .insert(id, record.encode().as_slice())?;
+        self.pending.chunks.push((id, record.encode()));
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
+        Ok(())
+    }
+
+    /// Writes the versions and chunks put so far to their tables, in key
+    /// order (see [`Pending`]). Capture calls it after each window of
+    /// changes; commit calls it last.
+    pub fn flush(&mut self) -> Result<()> {
+        let mut versions = std::mem::take(&mut self.pending.versions);
+        versions.sort_by(|a, b| (a.0.as_str(), a.1.as_slice()).cmp(&(&b.0, &b.1)));
+        {
+            let mut table = self.txn.open_table(VERSIONS)?;
+            for (root, path, record) in &versions {
+                table.insert(
+                    (root.as_str(), path.as_slice(), self.batch),
+                    record.as_slice(),
+                )?;
+            }
+        }
+        {
+            let mut table = self.txn.open_table(LATEST)?;
+            for (root, path, _) in &versions {
+                table.insert((root.as_str(), path.as_slice()), self.batch)?;
+            }
+        }
+        let mut chunks = std::mem::take(&mut self.pending.chunks);
+        chunks.sort_unstable_by_key(|(id, _)| *id);
+        let mut table = self.txn.open_table(CHUNKS)?;
+        for (id, record) in &chunks {
+            table.insert(id, record.as_slice())?;
+        }
         Ok(())
     }
 
@@ -1418,13 +1470,12 @@ impl BatchWriter {
     }
 
     /// Records a version of `root`/`path` in this batch.
+    /// Written at the next [`BatchWriter::flush`]; a path takes at most one
+    /// version a batch.
     pub fn put_version(&mut self, root: &str, path: &[u8], record: &VersionRecord) -> Result<()> {
-        self.txn
-            .open_table(VERSIONS)?
-            .insert((root, path, self.batch), record.encode().as_slice())?;
-        self.txn
-            .open_table(LATEST)?
-            .insert((root, path), self.batch)?;
+        self.pending
+            .versions
+            .push((root.to_string(), path.to_vec(), record.encode()));
         Ok(())
     }
 
@@ -1461,7 +1512,12 @@ impl BatchWriter {
 
     /// Commits the batch durably with how its cut was taken (`None`: not
     /// checked). Nothing of it is visible before this returns.
-    pub fn commit_cut(self, record: &BatchRecord, cut: Option<&schema::CutRecord>) -> Result<u64> {
+    pub fn commit_cut(
+        mut self,
+        record: &BatchRecord,
+        cut: Option<&schema::CutRecord>,
+    ) -> Result<u64> {
+        self.flush()?;
         self.txn
             .open_table(BATCHES)?
             .insert(self.batch, encode(record).as_slice())?;
@@ -1482,7 +1538,8 @@ impl BatchWriter {
 
     /// Commits what was seen (see [`BatchWriter::see`]) when nothing
     /// changed: no batch is recorded, the history stays as it was.
-    pub fn commit_seen_only(self) -> Result<()> {
+    pub fn commit_seen_only(mut self) -> Result<()> {
+        self.flush()?;
         let BatchWriter {
             txn, mut segments, ..
         } = self;
