@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::{symlink, FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -1191,6 +1191,17 @@ fn small_files_are_compressed_with_a_dictionary_trained_once_per_store() {
     assert_eq!(u64_of(&stats, "dictionary_bytes"), 0, "{stats}");
 }
 
+/// Writes files `0..count` of 60 bytes of text each at `path_of(i)`.
+fn write_small_files(rng: &mut Rng, count: u64, path_of: impl Fn(u64) -> PathBuf) {
+    for i in 0..count {
+        let path = path_of(i);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).expect("mkdir");
+        }
+        fs::write(&path, rng.text(60)).expect("write");
+    }
+}
+
 #[test]
 fn a_first_snapshot_of_many_small_files_packs_its_index_pages() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -1198,13 +1209,9 @@ fn a_first_snapshot_of_many_small_files_packs_its_index_pages() {
     let store = work.path().join("store.dk");
     let mut rng = Rng::new(0x5eed_9ac4);
     let count: u64 = 20_000;
-    for i in 0..count {
-        let dir = state.join(format!("node_modules/pkg-{:03}/lib", i % 200));
-        if i < 200 {
-            fs::create_dir_all(&dir).expect("mkdir");
-        }
-        fs::write(dir.join(format!("f{i:05}.js")), rng.text(60)).expect("write");
-    }
+    write_small_files(&mut rng, count, |i| {
+        state.join(format!("node_modules/pkg-{:03}/lib/f{i:05}.js", i % 200))
+    });
     snapshot(&state, &store);
     // The payload is in segments: the file is the index, whose rows the
     // capture workers deliver in no order. Written as they came, its pages
@@ -1230,22 +1237,15 @@ fn the_store_file_gives_back_the_space_redb_grows_it_by() {
     let mut rng = Rng::new(0x5eed_f11e);
     // Enough files for an index of several MiB.
     let count = 20_000;
-    for i in 0..count {
-        let dir = state.join(format!("pkg-{:03}", i % 200));
-        if i < 200 {
-            fs::create_dir_all(&dir).expect("mkdir");
-        }
-        fs::write(dir.join(format!("f{i:05}")), rng.text(60)).expect("write");
-    }
+    let path_of = |i: u64| state.join(format!("pkg-{:03}/f{i:05}", i % 200));
+    write_small_files(&mut rng, count, path_of);
     snapshot(&state, &store);
     for _ in 0..3 {
         // Files all over the tree: they change pages all over the index,
         // which a transaction copies, and redb grows the file by doubling
         // when the copies do not fit.
         for _ in 0..2_000 {
-            let i = rng.below(count);
-            let path = state.join(format!("pkg-{:03}/f{i:05}", i % 200));
-            fs::write(path, rng.text(60)).expect("write");
+            fs::write(path_of(rng.below(count)), rng.text(60)).expect("write");
         }
         snapshot(&state, &store);
         // What the same history takes in a file shrunk by `compact`

@@ -1470,6 +1470,7 @@ impl BatchWriter {
     }
 
     /// Records a version of `root`/`path` in this batch.
+    ///
     /// Written at the next [`BatchWriter::flush`]; a path takes at most one
     /// version a batch.
     pub fn put_version(&mut self, root: &str, path: &[u8], record: &VersionRecord) -> Result<()> {
