@@ -1263,3 +1263,70 @@ fn the_store_file_gives_back_the_space_redb_grows_it_by() {
     replay_into(&target, &store);
     assert_eq!(read_tree(&target), read_tree(&state), "the latest state");
 }
+
+#[test]
+fn edits_scattered_over_the_index_leave_its_pages_full_again_once_shrunk() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let mut rng = Rng::new(0x5eed_7ac7);
+    let count: u64 = 20_000;
+    let path_of = |i: u64| state.join(format!("node_modules/pkg-{:03}/lib/f{i:05}.js", i % 200));
+    write_small_files(&mut rng, count, path_of);
+    snapshot(&state, &store);
+    let first_state = read_tree(&state);
+    let index = |store: &Path| {
+        let stats = json(&["stats", "--store", s(store), "--json"]);
+        let field = |name: &str| stats[name].as_u64().expect(name);
+        (
+            field("index_bytes"),
+            field("index_page_bytes"),
+            field("index_record_bytes"),
+        )
+    };
+    // 1,600 edits, a version each, into leaves all over the versions and
+    // chunk_index tables: redb splits a full leaf in half to insert into
+    // it, and these tables were written full.
+    for _ in 0..8 {
+        for _ in 0..200 {
+            fs::write(path_of(rng.below(count)), rng.text(60)).expect("write");
+        }
+        snapshot(&state, &store);
+        let (file, pages, records) = index(&store);
+        // Shrunk after each write that grew it by more than 1 MiB, and
+        // repacked there once a table is a fifth empty.
+        assert!(
+            file <= pages + pages / 10 + (1 << 20),
+            "a store file of {file} bytes for {pages} bytes of pages"
+        );
+        assert!(
+            pages <= records + records / 2,
+            "{pages} bytes of pages for {records} bytes of records"
+        );
+    }
+    ok(&["compact", "--store", s(&store), "--keep-last", "100"]);
+    // Left as split, they would be about 70% full.
+    let (file, pages, records) = index(&store);
+    assert!(
+        pages <= records + records / 7,
+        "{pages} bytes of pages for {records} bytes of records once compacted"
+    );
+    assert!(
+        file <= pages + (256 << 10),
+        "a store file of {file} bytes for {pages} bytes of pages once compacted"
+    );
+    let target = fresh(work.path(), "restored");
+    replay_into(&target, &store);
+    assert_eq!(read_tree(&target), read_tree(&state), "the latest state");
+    let oldest = work.path().join("oldest");
+    ok(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--batch",
+        "1",
+        "--to",
+        s(&oldest),
+    ]);
+    assert_eq!(read_tree(&oldest), first_state, "the first state");
+}

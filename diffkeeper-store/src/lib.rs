@@ -421,15 +421,43 @@ impl Store {
     /// pages towards the start of the file and truncates it, each step a
     /// committed transaction of its own, so a crash midway leaves a valid
     /// (if not fully shrunk) store. No reader of this store may be alive.
+    ///
+    /// First it rewrites, in key order, each index table whose pages have
+    /// come to hold more than a fifth of empty space (see `repack`): redb
+    /// splits a full leaf in half to insert into it and never merges the
+    /// halves again, so edits scattered over a table leave its leaves
+    /// about a third empty. Failing that (a full disk: the copy needs room
+    /// before the old pages are free) costs only those pages; the shrink
+    /// goes on.
     pub fn shrink(&mut self) -> Result<()> {
         let Db::ReadWrite(db) = &mut self.db else {
             return Err(StoreError::ReadOnly(self.path.clone()));
         };
+        if let Err(e) = repack(db) {
+            tracing::warn!(store = %self.path.display(), error = %e, "cannot repack the store's index tables; shrinking without");
+        }
         db.compact().map_err(|source| StoreError::Compact {
             path: self.path.clone(),
             source,
         })?;
         Ok(())
+    }
+
+    /// How full the index's pages are: the bytes its records take and the
+    /// bytes of the pages that hold them, over every table. Walks every
+    /// page of the index once.
+    pub fn index_usage(&self) -> Result<IndexUsage> {
+        use redb::{ReadableTableMetadata, TableHandle};
+        let txn = self.begin_read()?;
+        let mut usage = IndexUsage::default();
+        for handle in txn.list_tables()? {
+            let definition = redb::TableDefinition::<&[u8], &[u8]>::new(handle.name());
+            let stats = txn.open_untyped_table(definition)?.stats()?;
+            let used = stats.stored_bytes() + stats.metadata_bytes();
+            usage.record_bytes += used;
+            usage.page_bytes += used + stats.fragmented_bytes();
+        }
+        Ok(usage)
     }
 
     /// The store file's length (0 when it cannot be looked at).
@@ -482,6 +510,82 @@ impl Store {
             pending: Pending::default(),
         })
     }
+}
+
+/// What [`Store::index_usage`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IndexUsage {
+    /// Keys, values and B-tree branch keys.
+    pub record_bytes: u64,
+    /// The pages holding them, empty parts included: the file is these,
+    /// the free pages and redb's own headers.
+    pub page_bytes: u64,
+}
+
+/// Table that [`repack`] copies a table into before it takes its name.
+const REPACKING: &str = "repacking";
+
+/// A table smaller than this is left as it is: rewriting it gives back
+/// less than the pages a shrink moves anyway.
+const REPACK_MIN_BYTES: u64 = 1 << 20;
+
+/// Rewrites each of the index tables that grow by scattered inserts
+/// (versions, latest, chunks, chunk_index, seen) whose pages are more than
+/// a fifth empty, in one transaction: rows copied in key order into a
+/// fresh table fill its leaves, the old table is deleted and the copy takes
+/// its name. A crash leaves either the old tables or the new ones.
+///
+/// 50,000 small files after ten rounds of 100 edits: versions 2,562 pages
+/// against 1,826 for the same rows in key order, chunk_index 728 against
+/// 514; the file 19.4 MB against 15.5 MB with every table repacked.
+/// Rows inserted later split the packed leaves again, so a table comes
+/// back here every few rounds; checking costs one walk over its pages.
+fn repack(db: &Database) -> Result<()> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
+    let mut repacked = false;
+    repacked |= repack_table(&txn, VERSIONS)?;
+    repacked |= repack_table(&txn, LATEST)?;
+    repacked |= repack_table(&txn, CHUNKS)?;
+    repacked |= repack_table(&txn, CHUNK_INDEX)?;
+    repacked |= repack_table(&txn, SEEN)?;
+    if repacked {
+        txn.commit()?;
+    } else {
+        txn.abort()?;
+    }
+    Ok(())
+}
+
+/// Rewrites `table` in key order if it holds at least
+/// [`REPACK_MIN_BYTES`] of pages and more than a fifth of them is empty;
+/// whether it did. A table the store does not have is left alone.
+fn repack_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &redb::WriteTransaction,
+    table: redb::TableDefinition<K, V>,
+) -> Result<bool> {
+    use redb::ReadableTableMetadata;
+    let stats = match txn.open_table(table) {
+        Ok(open) => open.stats()?,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let total = stats.stored_bytes() + stats.metadata_bytes() + stats.fragmented_bytes();
+    if total < REPACK_MIN_BYTES || stats.fragmented_bytes() * 5 <= total {
+        return Ok(false);
+    }
+    let copy = redb::TableDefinition::<K, V>::new(REPACKING);
+    {
+        let source = txn.open_table(table)?;
+        let mut target = txn.open_table(copy)?;
+        for row in source.iter()? {
+            let (key, value) = row?;
+            target.insert(key.value(), value.value())?;
+        }
+    }
+    txn.delete_table(table)?;
+    txn.rename_table(copy, table)?;
+    Ok(true)
 }
 
 /// Where the last commit left the payload segments (`meta.segment_end`).

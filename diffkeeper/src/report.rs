@@ -202,6 +202,10 @@ pub struct Stats {
     pub disk_bytes: u64,
     /// The length of the store file alone (the index; without segments).
     pub index_bytes: u64,
+    /// What the index's records take, and the pages holding them (the
+    /// rest of `index_bytes` is free pages).
+    pub index_record_bytes: u64,
+    pub index_page_bytes: u64,
 }
 
 /// One batch in `log --batches`.
@@ -362,6 +366,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
     let meta = std::fs::metadata(store_path)
         .with_context(|| format!("cannot stat {}", store_path.display()))?;
     let (file_bytes, disk_bytes) = crate::store::disk_usage(store_path);
+    let usage = store.index_usage()?;
     Ok(Stats {
         store: store_path.display().to_string(),
         roots,
@@ -383,6 +388,8 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
             .map(|(_, len)| *len as u64)
             .sum(),
         index_bytes: meta.len(),
+        index_record_bytes: usage.record_bytes,
+        index_page_bytes: usage.page_bytes,
         file_bytes,
         disk_bytes,
     })
@@ -391,7 +398,7 @@ pub fn stats(store_path: &Path) -> Result<Stats> {
 /// Renders `stats` for a terminal.
 pub fn stats_text(s: &Stats) -> String {
     format!(
-        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\ndictionary   {}\non disk      {} ({} B, {} allocated; the file {}, payload segments {})\n",
+        "store        {}\nroots        {}\nlive paths   {}\nfiles        {}\nversions     {}\nbatches      {}\nchunks       {}\nlogical      {} ({} B)\nstored       {} ({} B)\nratio        {:.1}x\ndictionary   {}\non disk      {} ({} B, {} allocated; the file {}, payload segments {})\nindex        {} of records in {} of pages ({:.0}% full; the rest of the file is free pages)\n",
         s.store,
         s.roots.join(", "),
         s.live_paths,
@@ -413,7 +420,10 @@ pub fn stats_text(s: &Stats) -> String {
         s.file_bytes,
         bytes(s.disk_bytes),
         bytes(s.index_bytes),
-        bytes(s.file_bytes.saturating_sub(s.index_bytes))
+        bytes(s.file_bytes.saturating_sub(s.index_bytes)),
+        bytes(s.index_record_bytes),
+        bytes(s.index_page_bytes),
+        100.0 * s.index_record_bytes as f64 / s.index_page_bytes.max(1) as f64
     )
 }
 
