@@ -1202,6 +1202,12 @@ fn write_small_files(rng: &mut Rng, count: u64, path_of: impl Fn(u64) -> PathBuf
     }
 }
 
+/// Where [`write_small_files`] puts file `i` of a node_modules-like tree
+/// under `state`: 200 packages, files spread over them in turn.
+fn package_file(state: &Path, i: u64) -> PathBuf {
+    state.join(format!("node_modules/pkg-{:03}/lib/f{i:05}.js", i % 200))
+}
+
 #[test]
 fn a_first_snapshot_of_many_small_files_packs_its_index_pages() {
     let work = tempfile::tempdir().expect("tempdir");
@@ -1209,9 +1215,7 @@ fn a_first_snapshot_of_many_small_files_packs_its_index_pages() {
     let store = work.path().join("store.dk");
     let mut rng = Rng::new(0x5eed_9ac4);
     let count: u64 = 20_000;
-    write_small_files(&mut rng, count, |i| {
-        state.join(format!("node_modules/pkg-{:03}/lib/f{i:05}.js", i % 200))
-    });
+    write_small_files(&mut rng, count, |i| package_file(&state, i));
     snapshot(&state, &store);
     // The payload is in segments: the file is the index, whose rows the
     // capture workers deliver in no order. Written as they came, its pages
@@ -1271,7 +1275,7 @@ fn edits_scattered_over_the_index_leave_its_pages_full_again_once_shrunk() {
     let store = work.path().join("store.dk");
     let mut rng = Rng::new(0x5eed_7ac7);
     let count: u64 = 20_000;
-    let path_of = |i: u64| state.join(format!("node_modules/pkg-{:03}/lib/f{i:05}.js", i % 200));
+    let path_of = |i: u64| package_file(&state, i);
     write_small_files(&mut rng, count, path_of);
     snapshot(&state, &store);
     let first_state = read_tree(&state);
