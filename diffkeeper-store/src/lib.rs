@@ -452,10 +452,9 @@ impl Store {
         let mut usage = IndexUsage::default();
         for handle in txn.list_tables()? {
             let definition = redb::TableDefinition::<&[u8], &[u8]>::new(handle.name());
-            let stats = txn.open_untyped_table(definition)?.stats()?;
-            let used = stats.stored_bytes() + stats.metadata_bytes();
-            usage.record_bytes += used;
-            usage.page_bytes += used + stats.fragmented_bytes();
+            let table = IndexUsage::of(&txn.open_untyped_table(definition)?.stats()?);
+            usage.record_bytes += table.record_bytes;
+            usage.page_bytes += table.page_bytes;
         }
         Ok(usage)
     }
@@ -522,6 +521,17 @@ pub struct IndexUsage {
     pub page_bytes: u64,
 }
 
+impl IndexUsage {
+    /// One table's, from what redb counted walking its pages.
+    fn of(stats: &redb::TableStats) -> IndexUsage {
+        let record_bytes = stats.stored_bytes() + stats.metadata_bytes();
+        IndexUsage {
+            record_bytes,
+            page_bytes: record_bytes + stats.fragmented_bytes(),
+        }
+    }
+}
+
 /// Table that [`repack`] copies a table into before it takes its name.
 const REPACKING: &str = "repacking";
 
@@ -565,26 +575,24 @@ fn repack_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     table: redb::TableDefinition<K, V>,
 ) -> Result<bool> {
     use redb::ReadableTableMetadata;
-    let stats = match txn.open_table(table) {
-        Ok(open) => open.stats()?,
+    let source = match txn.open_table(table) {
+        Ok(open) => open,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
         Err(e) => return Err(e.into()),
     };
-    let total = stats.stored_bytes() + stats.metadata_bytes() + stats.fragmented_bytes();
-    if total < REPACK_MIN_BYTES || stats.fragmented_bytes() * 5 <= total {
+    let usage = IndexUsage::of(&source.stats()?);
+    let empty = usage.page_bytes - usage.record_bytes;
+    if usage.page_bytes < REPACK_MIN_BYTES || empty * 5 <= usage.page_bytes {
         return Ok(false);
     }
-    let copy = redb::TableDefinition::<K, V>::new(REPACKING);
-    {
-        let source = txn.open_table(table)?;
-        let mut target = txn.open_table(copy)?;
-        for row in source.iter()? {
-            let (key, value) = row?;
-            target.insert(key.value(), value.value())?;
-        }
+    let mut target = txn.open_table(redb::TableDefinition::<K, V>::new(REPACKING))?;
+    for row in source.iter()? {
+        let (key, value) = row?;
+        target.insert(key.value(), value.value())?;
     }
-    txn.delete_table(table)?;
-    txn.rename_table(copy, table)?;
+    // Both take the open table and close it first.
+    txn.delete_table(source)?;
+    txn.rename_table(target, table)?;
     Ok(true)
 }
 
