@@ -1334,3 +1334,131 @@ fn edits_scattered_over_the_index_leave_its_pages_full_again_once_shrunk() {
     ]);
     assert_eq!(read_tree(&oldest), first_state, "the first state");
 }
+
+/// Every pack of the store at `store` (see the store's Packs), with the
+/// chunks that lie in it; and every file's first chunk by path.
+fn packs_of(store: &Path) -> (BTreeMap<u64, BTreeSet<u64>>, BTreeMap<Vec<u8>, u64>) {
+    let opened = diffkeeper::store::Store::open_read_only(store)
+        .expect("open")
+        .expect("a store");
+    let reader = opened.reader().expect("reader");
+    let mut packs: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    reader
+        .for_each_chunk::<diffkeeper::store::StoreError>(|id, record| {
+            if let Some(pack) = record.pack() {
+                packs.entry(pack).or_default().insert(id);
+            }
+            Ok(())
+        })
+        .expect("chunks");
+    let files = reader
+        .latest("data")
+        .expect("latest")
+        .into_iter()
+        .filter_map(|e| Some((e.path, *e.version.chunks.first()?)))
+        .collect();
+    (packs, files)
+}
+
+#[test]
+fn small_files_share_packs_and_compaction_keeps_a_pack_while_a_member_lives() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    let mut rng = Rng::new(0x9ac5_0001);
+    let count: u64 = 1_000;
+    for i in 0..count {
+        let path = package_file(&state, i);
+        fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        fs::write(&path, rng.text(4096)).expect("write");
+    }
+    let first = snapshot(&state, &store);
+    let (packs, files) = packs_of(&store);
+    assert!(
+        packs.len() >= 3,
+        "{} packs for 4 MB of small files",
+        packs.len()
+    );
+    let member_of: BTreeMap<u64, u64> = packs
+        .iter()
+        .flat_map(|(pack, members)| members.iter().map(move |m| (*m, *pack)))
+        .collect();
+    assert!(
+        files.values().all(|chunk| member_of.contains_key(chunk)),
+        "every small file lies in a pack"
+    );
+    // The batch's stored bytes are the packs' payload (members have none).
+    let stats = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(
+        first["stored_bytes"], stats["stored_bytes"],
+        "{first} {stats}"
+    );
+    let restored = fresh(work.path(), "first");
+    replay_into(&restored, &store);
+    assert_eq!(read_tree(&restored), read_tree(&state), "the first state");
+
+    // Every file of one pack deleted but one, which goes a batch later;
+    // files of another pack rewritten.
+    let by_pack = |pack: u64| -> Vec<PathBuf> {
+        files
+            .iter()
+            .filter(|(_, chunk)| member_of.get(chunk) == Some(&pack))
+            .map(|(path, _)| state.join(String::from_utf8_lossy(path).as_ref()))
+            .collect()
+    };
+    let mut ids = packs.keys().copied();
+    let (doomed, edited) = (ids.next().expect("a pack"), ids.next().expect("a pack"));
+    let (last, others) = by_pack(doomed)
+        .split_last()
+        .map(|(l, o)| (l.clone(), o.to_vec()))
+        .expect("members");
+    for path in &others {
+        fs::remove_file(path).expect("rm");
+    }
+    let rewritten = by_pack(edited);
+    for path in rewritten.iter().take(rewritten.len() / 2) {
+        fs::write(path, rng.text(4096)).expect("rewrite");
+    }
+    snapshot(&state, &store);
+    let second = read_tree(&state);
+    fs::remove_file(&last).expect("rm");
+    snapshot(&state, &store);
+
+    // Batch 2 still shows the last file of the doomed pack: kept.
+    ok(&["compact", "--store", s(&store), "--keep-last", "2"]);
+    ok(&["verify", "--store", s(&store)]);
+    let (kept, _) = packs_of(&store);
+    assert!(
+        kept.contains_key(&doomed),
+        "pack {doomed} has a member still shown"
+    );
+    let at_2 = fresh(work.path(), "second");
+    ok(&[
+        "restore",
+        "--store",
+        s(&store),
+        "--batch",
+        "2",
+        "--to",
+        s(&at_2),
+    ]);
+    assert_eq!(read_tree(&at_2), second, "batch 2");
+
+    // Its last member gone, the pack goes; the half-rewritten one stays.
+    ok(&["compact", "--store", s(&store), "--keep-last", "1"]);
+    let verified = json(&["verify", "--store", s(&store), "--json"]);
+    assert_eq!(verified["problems"], serde_json::json!([]), "{verified}");
+    assert_eq!(verified["unreferenced_chunks"], 0, "{verified}");
+    let (left, _) = packs_of(&store);
+    assert!(
+        !left.contains_key(&doomed),
+        "pack {doomed} outlived its members"
+    );
+    let live = left
+        .get(&edited)
+        .expect("the edited pack keeps its untouched half");
+    assert_eq!(live.len(), rewritten.len() - rewritten.len() / 2);
+    let latest = fresh(work.path(), "latest");
+    replay_into(&latest, &store);
+    assert_eq!(read_tree(&latest), read_tree(&state), "the latest state");
+}

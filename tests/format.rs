@@ -245,3 +245,29 @@ fn an_older_store_is_upgraded_when_written_and_keeps_its_history() {
         assert!(again["batch"].is_null(), "{again}");
     }
 }
+
+/// Schema 4's fixture has what schema 4 brought: small files in a pack,
+/// read back above like everything else.
+#[test]
+fn the_schema_4_fixture_holds_packed_chunks() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = work.path().join("v4.redb");
+    common::copy_store(&fixtures().join("store-v4.redb"), &store);
+    let opened = diffkeeper::store::Store::open_read_only(&store)
+        .expect("open")
+        .expect("a store");
+    let reader = opened.reader().expect("reader");
+    let mut packs = std::collections::BTreeMap::<u64, u32>::new();
+    reader
+        .for_each_chunk::<diffkeeper::store::StoreError>(|_, record| {
+            if let Some(pack) = record.pack() {
+                *packs.entry(pack).or_default() += 1;
+            }
+            Ok(())
+        })
+        .expect("chunks");
+    assert!(
+        packs.values().any(|members| *members >= 2),
+        "no pack of several members: {packs:?}"
+    );
+}

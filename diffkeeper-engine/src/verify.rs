@@ -4,8 +4,9 @@
 //! Structure first: every `latest` entry names a version that exists and is
 //! its path's newest, every version belongs to a batch that exists and to a
 //! path that is valid and in `latest`, `chunk_index` and `chunks` agree both
-//! ways, every chunk a version or a delta refers to exists, and chunks no
-//! version reaches are counted (a capture that found a file torn leaves its
+//! ways, every chunk a version or a delta refers to exists, every packed
+//! chunk lies within a pack that exists, and chunks no version reaches
+//! (through deltas and packs) are counted (a capture that found a file torn leaves its
 //! chunks so; the next `compact` releases them). Then each chunk is decoded
 //! and checked once (against its own SHA-256), and each file version's full
 //! SHA-256 is recomputed from its chunks. Memory is a chunk and its base per
@@ -18,7 +19,7 @@ use crate::error::Result;
 use rayon::prelude::*;
 
 use crate::progress::Progress;
-use crate::store::schema::{EntryKind, VersionRecord};
+use crate::store::schema::{ChunkEncoding, EntryKind, VersionRecord};
 use crate::store::Store;
 
 /// One failed check.
@@ -118,14 +119,44 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
     let batches: HashSet<u64> = reader.batches()?.into_iter().map(|(id, _)| id).collect();
     // Chunks, with what each refers to.
     let mut chunks: HashMap<u64, ([u8; 32], Vec<u64>)> = HashMap::new();
+    // Packs, with their length and whether each can be one.
+    let mut packs: HashMap<u64, (u32, bool)> = HashMap::new();
+    let mut members: Vec<(u64, u64, u32, u32)> = Vec::new();
     reader.for_each_chunk::<crate::error::EngineError>(|id, record| {
-        let bases = match record.encoding {
-            crate::store::schema::ChunkEncoding::ZstdDelta { bases } => bases,
-            _ => Vec::new(),
-        };
-        chunks.insert(id, (record.hash, bases));
+        if let ChunkEncoding::Packed { pack, offset } = record.encoding {
+            members.push((id, pack, offset, record.len));
+        }
+        let can_be_pack = matches!(
+            record.encoding,
+            ChunkEncoding::Raw | ChunkEncoding::Zstd { .. }
+        );
+        packs.insert(id, (record.len, can_be_pack));
+        chunks.insert(id, (record.hash, record.refers_to().to_vec()));
         Ok(())
     })?;
+    let member_ids: HashSet<u64> = members.iter().map(|m| m.0).collect();
+    for (id, pack, offset, len) in members {
+        match packs.get(&pack) {
+            None => problem(
+                format!("chunk {id}"),
+                format!("lies in pack {pack}, which does not exist"),
+            ),
+            Some((_, false)) => problem(
+                format!("chunk {id}"),
+                format!("lies in chunk {pack}, which is not a base of its own"),
+            ),
+            Some((pack_len, true)) if u64::from(offset) + u64::from(len) > u64::from(*pack_len) => {
+                problem(
+                    format!("chunk {id}"),
+                    format!(
+                        "lies at bytes {offset}..{} of pack {pack}, which holds {pack_len}",
+                        u64::from(offset) + u64::from(len)
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+    }
     let mut indexed: HashMap<[u8; 32], u64> = HashMap::new();
     reader.for_each_index_entry::<crate::error::EngineError>(|hash, id| {
         match chunks.get(&id) {
@@ -149,7 +180,8 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
                 "is not in chunk_index under its hash".into(),
             );
         }
-        for base in bases {
+        // A member's pack is checked above.
+        for base in bases.iter().filter(|_| !member_ids.contains(id)) {
             if !chunks.contains_key(base) {
                 problem(
                     format!("chunk {id}"),

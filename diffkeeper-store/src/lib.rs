@@ -14,10 +14,12 @@
 //! failures are [`StoreError`]s a caller can match.
 
 pub mod codec;
+pub mod pack;
 pub mod schema;
 pub mod segments;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redb::{Database, ReadOnlyDatabase, ReadOnlyTable, ReadableDatabase, ReadableTable};
@@ -96,6 +98,7 @@ pub enum StoreError {
     },
     #[error("not a file version")]
     NotAFile,
+
     #[error("chunk payload has too many pieces")]
     TooManyPieces,
     /// What content was being written to failed.
@@ -367,6 +370,7 @@ impl Store {
             cuts: optional_table(&txn, CUTS)?,
             dicts: optional_table(&txn, DICTS)?,
             dictionaries: std::sync::Mutex::new(std::collections::HashMap::new()),
+            packs: BaseCache::default(),
             segments: segments::SegmentReader::new(&self.path),
             path: self.path.clone(),
         })
@@ -505,7 +509,7 @@ impl Store {
             segments: segments::SegmentWriter::new(&self.path, committed),
             txn,
             batch,
-            next_chunk,
+            next_chunk: Arc::new(AtomicU64::new(next_chunk)),
             pending: Pending::default(),
         })
     }
@@ -731,7 +735,7 @@ fn stamp_schema(meta: &mut redb::Table<&str, &[u8]>) -> Result<()> {
 /// make a reader allocate gigabytes).
 fn chunk_record_of(id: u64, bytes: &[u8]) -> std::result::Result<ChunkRecord, StoreError> {
     let record = ChunkRecord::decode(bytes, "chunk record")?;
-    let max = schema::CHUNK_MAX as u64;
+    let max = schema::CHUNK_MAX.max(schema::PACK_BYTES) as u64;
     if u64::from(record.len) > max || u64::from(record.stored_len) > max {
         return Err(StoreError::Corrupt(format!(
             "chunk {id} claims {} bytes ({} stored), more than a chunk can hold ({max})",
@@ -786,6 +790,9 @@ pub struct Reader {
     dicts: Option<ReadOnlyTable<u32, &'static [u8]>>,
     /// Dictionaries loaded so far, by id.
     dictionaries: std::sync::Mutex<std::collections::HashMap<u32, Arc<codec::Dictionary>>>,
+    /// Packs decoded last (see the schema's Packs): the members of one are
+    /// read one after another.
+    packs: BaseCache,
     segments: segments::SegmentReader,
     path: PathBuf,
 }
@@ -1194,6 +1201,19 @@ impl Reader {
         Ok(())
     }
 
+    /// Where a file version's content starts in a pack, `(pack, offset)`,
+    /// when its first chunk is packed: reading files in this order decodes
+    /// each pack once (see the schema's Packs).
+    pub fn pack_place(&self, version: &VersionRecord) -> Result<Option<(u64, u32)>> {
+        let Some(&first) = version.chunks.first() else {
+            return Ok(None);
+        };
+        Ok(match self.chunk_record(first)?.encoding {
+            ChunkEncoding::Packed { pack, offset } => Some((pack, offset)),
+            _ => None,
+        })
+    }
+
     /// Rebuilds a chunk's bytes and checks them against its SHA-256.
     pub fn chunk_bytes(&self, id: u64) -> Result<Vec<u8>> {
         let record = self.chunk_record(id)?;
@@ -1227,6 +1247,27 @@ impl Reader {
             reference.extend_from_slice(&bytes);
         }
         Ok(reference)
+    }
+
+    /// The bytes of pack `pack`, decoded or from the packs decoded last.
+    /// Its own hash is not checked here: each member is checked (its own
+    /// SHA-256, or the whole file's), and `verify` checks the pack itself.
+    fn pack_bytes(&self, pack: u64) -> Result<Arc<Vec<u8>>> {
+        if let Some(bytes) = self.packs.get(pack) {
+            return Ok(bytes);
+        }
+        let record = self.chunk_record(pack)?;
+        if !matches!(
+            record.encoding,
+            ChunkEncoding::Raw | ChunkEncoding::Zstd { .. }
+        ) {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {pack} is named as a pack but is not a base of its own ({:?})",
+                record.encoding
+            )));
+        }
+        let bytes = self.decode_chunk(pack, &record, Check::Content, &BaseCache::default())?;
+        Ok(self.packs.put(pack, bytes))
     }
 
     /// Rebuilds a chunk whose record is already at hand.
@@ -1276,6 +1317,22 @@ impl Reader {
                 codec::decode_base_into(scratch, len, dictionary.as_deref(), out).map_err(|e| {
                     StoreError::Corrupt(format!("chunk {id} does not decompress: {e}"))
                 })?;
+            }
+            ChunkEncoding::Packed { pack, offset } => {
+                let bytes = self.pack_bytes(*pack).map_err(|e| StoreError::Reference {
+                    id,
+                    source: Box::new(e),
+                })?;
+                let start = *offset as usize;
+                let member = bytes.get(start..start + len).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "chunk {id} lies at bytes {start}..{} of pack {pack}, which holds {}",
+                        start + len,
+                        bytes.len()
+                    ))
+                })?;
+                out.clear();
+                out.extend_from_slice(member);
             }
             ChunkEncoding::ZstdDelta { bases } => {
                 self.payload_into(id, record, scratch)?;
@@ -1477,7 +1534,9 @@ pub struct BatchWriter {
     txn: redb::WriteTransaction,
     segments: segments::SegmentWriter,
     batch: u64,
-    next_chunk: u64,
+    /// The next chunk id free, shared with whoever places chunks (see
+    /// [`BatchWriter::chunk_ids`]).
+    next_chunk: Arc<AtomicU64>,
     /// Rows not yet in their tables, written in key order by
     /// [`BatchWriter::flush`] (see [`Pending`]).
     pending: Pending,
@@ -1512,13 +1571,31 @@ impl BatchWriter {
     /// The first chunk id not yet used; new chunks of this batch take ids
     /// from here up.
     pub fn next_chunk_id(&self) -> u64 {
-        self.next_chunk
+        self.next_chunk.load(Ordering::Relaxed)
+    }
+
+    /// Where new chunk ids come from: whoever places this batch's chunks
+    /// (and packs) takes ids here (`fetch_add`).
+    pub fn chunk_ids(&self) -> Arc<AtomicU64> {
+        self.next_chunk.clone()
     }
 
     /// Stores a new chunk under an id of this batch's, its payload
     /// appended to the segments (`record.at` is set here).
+    /// A packed chunk ([`ChunkEncoding::Packed`]) has no payload of its own:
+    /// `payload` must be empty, and nothing is appended.
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
-        let record = appended(&mut self.segments, record, payload)?;
+        let record = if record.pack().is_some() {
+            if !payload.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "packed chunk {id} was given {} bytes of payload",
+                    payload.len()
+                )));
+            }
+            record.clone()
+        } else {
+            appended(&mut self.segments, record, payload)?
+        };
         self.pending.chunks.push((id, record.encode()));
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
         Ok(())
@@ -1976,6 +2053,86 @@ mod tests {
         writer.commit(&batch).expect("commit");
         let reader = store.reader().expect("reader");
         assert_eq!(reader.chunk_bytes(1).expect("rebuilt"), content);
+    }
+
+    /// Members of a pack read back through it; a member pointing past its
+    /// pack's end, or at a chunk that is not a base of its own, is refused
+    /// by name.
+    #[test]
+    fn packed_chunks_read_back_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.dkstore");
+        let store = Store::create_or_open(&path).expect("create");
+        let contents: Vec<Vec<u8>> = (0..5u8)
+            .map(|i| {
+                format!("small file {i}, ")
+                    .repeat(50 + usize::from(i))
+                    .into_bytes()
+            })
+            .collect();
+        let mut writer = store.begin_batch().expect("batch");
+        let ids = writer.chunk_ids();
+        let mut builder = pack::PackBuilder::default();
+        for content in &contents {
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            builder.push(id, sha256(content), content);
+        }
+        let sealed = builder
+            .seal(&codec::BaseEncoder::new(None), || {
+                ids.fetch_add(1, Ordering::Relaxed)
+            })
+            .expect("sealed");
+        let pack = sealed[0].0;
+        let member = |offset: u32, pack: u64| ChunkRecord {
+            hash: sha256(b"x"),
+            len: 10,
+            encoding: ChunkEncoding::Packed { pack, offset },
+            stored_len: 0,
+            at: None,
+        };
+        for (id, record, payload) in &sealed {
+            writer.put_chunk(*id, record, payload).expect("put");
+        }
+        let total = sealed[0].1.len;
+        writer
+            .put_chunk(100, &member(total - 5, pack), &[])
+            .expect("put");
+        writer
+            .put_chunk(101, &member(0, sealed[1].0), &[])
+            .expect("put");
+        assert!(writer.put_chunk(102, &member(0, pack), b"payload").is_err());
+        let batch = BatchRecord {
+            time_ms: 1,
+            started_ms: 1,
+            roots: Vec::new(),
+            files_changed: 0,
+            logical_bytes: 0,
+            stored_bytes: 0,
+        };
+        writer.commit(&batch).expect("commit");
+        let reader = store.reader().expect("reader");
+        for ((id, _, _), content) in sealed[1..].iter().zip(&contents) {
+            assert_eq!(&reader.chunk_bytes(*id).expect("rebuilt"), content);
+        }
+        let chain = |e: StoreError| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                text += &format!(": {inner}");
+                source = inner.source();
+            }
+            text
+        };
+        let past = chain(reader.chunk_bytes(100).expect_err("past the end"));
+        assert!(
+            past.contains("chunk 100") && past.contains(&format!("pack {pack}")),
+            "{past}"
+        );
+        let nested = chain(reader.chunk_bytes(101).expect_err("a member as a pack"));
+        assert!(
+            nested.contains("chunk 101") && nested.contains("not a base of its own"),
+            "{nested}"
+        );
     }
 
     #[test]

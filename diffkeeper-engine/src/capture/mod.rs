@@ -38,6 +38,7 @@ use crate::roots::{join, StateDir};
 use crate::scan::{
     check_root, diff_root, Change, FsEntry, InodeIndex, LinkedOut, PathFilter, RootChanges,
 };
+use crate::store::pack::PackBuilder;
 use crate::store::schema::{
     BatchRecord, ChunkEncoding, ChunkRecord, CutKind, CutRecord, EntryKind, Owner, Stamp,
     VersionRecord, Xattr, CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, MAX_DELTA_BASES,
@@ -67,6 +68,19 @@ const PARALLEL_MIN_BYTES: u64 = 1 << 20;
 /// window's end for its slowest file: on 50,000 small files the first
 /// snapshot kept both cores 90% busy.
 const WRITE_WINDOW: usize = 8192;
+
+/// The order a window's changes are captured in, which is the order their
+/// small new bases fill packs: by file name, then root and path. Files of
+/// one name are alike (`__init__.py`, `METADATA`, `package.json`...) and far
+/// apart in path order. Measured on Debian's Python packages (3,305
+/// distinct files of up to 128 KiB, 38.3 MB, packs of 1 MiB at level 9
+/// with a dictionary): 9.96 MB packed in path order, 9.33 MB by name;
+/// by extension then name, 9.83 MB.
+fn pack_order<'a>((root, change): &(&'a StateDir, &'a Change)) -> (&'a [u8], &'a str, &'a [u8]) {
+    let path = change.path();
+    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
+    (name, root.name.as_str(), path)
+}
 
 /// Whether `jobs` pieces of work of `bytes` in all are worth the pool.
 pub(crate) fn worth_the_pool(jobs: usize, bytes: u64) -> bool {
@@ -674,7 +688,7 @@ struct Workers<'a> {
     started_ms: i64,
     /// The changed files' bytes as read frozen, if they were.
     staged: Option<&'a Staged>,
-    next_chunk: AtomicU64,
+    next_chunk: Arc<AtomicU64>,
     /// Chunks first stored in this batch, by hash, so two files with the
     /// same new chunk store it once.
     fresh: Mutex<HashMap<[u8; 32], u64>>,
@@ -684,6 +698,11 @@ struct Workers<'a> {
     dirs: RootDirs,
     /// What bases are compressed with.
     bases: codec::BaseEncoder<'a>,
+    /// Packs being filled with small new bases, one per thread filling one
+    /// (see the store's Packs).
+    packs: Mutex<Vec<PackBuilder>>,
+    /// Payload bytes of the packs sealed so far.
+    packed: AtomicU64,
 }
 
 /// One batch in the making.
@@ -725,6 +744,12 @@ fn capture(
         .flat_map(|r| r.changes.iter().map(move |c| (&r.root, c)))
         .collect();
     jobs.sort_by(|a, b| (a.0.name.as_str(), a.1.path()).cmp(&(b.0.name.as_str(), b.1.path())));
+    // Within a window (whose rows are written sorted anyway), files of the
+    // same name are captured side by side, so their small bases share packs
+    // (see `pack_order`).
+    for window in jobs.chunks_mut(WRITE_WINDOW) {
+        window.sort_by(|a, b| pack_order(a).cmp(&pack_order(b)));
+    }
     let dirs = RootDirs::of(roots);
     let bases = dictionary::for_batch(reader, &jobs, &dirs, writer.next_dictionary_id()?)?;
     if let (true, Some(dictionary)) = (bases.trained, &bases.dictionary) {
@@ -734,11 +759,13 @@ fn capture(
         reader,
         started_ms,
         staged: batch.staged,
-        next_chunk: AtomicU64::new(writer.next_chunk_id()),
+        next_chunk: writer.chunk_ids(),
         fresh: Mutex::new(HashMap::new()),
         tx,
         dirs,
         bases: codec::BaseEncoder::new(bases.dictionary.as_deref()),
+        packs: Mutex::new(Vec::new()),
+        packed: AtomicU64::new(0),
     };
     let progress = Progress::new(total as u64, "capturing");
 
@@ -772,7 +799,8 @@ fn capture(
                 // The writer is gone only after a failure it reports.
                 let _ = window_done.send(Message::WindowDone);
             }
-            outcomes
+            let packed = workers.seal_packs();
+            (outcomes, packed)
         });
         // The writer: the only thread touching the write transaction.
         let mut write_result = Ok(());
@@ -796,8 +824,11 @@ fn capture(
         (handle.join(), write_result)
     });
     progress.finish();
-    let outcomes = outcomes.map_err(|_| crate::error::refused!("a capture worker panicked"))?;
+    let (outcomes, packed) =
+        outcomes.map_err(|_| crate::error::refused!("a capture worker panicked"))?;
     write_result?;
+    // A pack's members count none of its bytes (see `Workers::pack`).
+    summary.stored_bytes += packed?;
 
     for ((_, change), outcome) in jobs.iter().zip(outcomes) {
         match outcome {
@@ -1154,7 +1185,13 @@ impl Workers<'_> {
         let stored: Result<Vec<u64>> = pending
             .par_drain(..)
             .map(|chunk| {
-                let (encoding, payload) = self.encode(&chunk, refs)?;
+                let (encoding, payload) = match self.encode(&chunk, refs)? {
+                    Some(encoded) => encoded,
+                    None => {
+                        self.pack(&chunk)?;
+                        return Ok(0);
+                    }
+                };
                 let stored = payload.len() as u64;
                 self.send(Message::Chunk {
                     id: chunk.id,
@@ -1173,7 +1210,67 @@ impl Workers<'_> {
         Ok(stored?.iter().sum())
     }
 
-    fn encode(&self, chunk: &NewChunk, refs: &References) -> Result<(ChunkEncoding, Vec<u8>)> {
+    /// Puts a small new base in a pack, storing the pack when it is full.
+    /// A thread takes a pack being filled (or a new one) and gives it back,
+    /// so threads fill packs side by side.
+    fn pack(&self, chunk: &NewChunk) -> Result<()> {
+        let taken = self
+            .packs
+            .lock()
+            .map_err(|_| crate::error::refused!("pack list lock poisoned"))?
+            .pop();
+        let mut builder = taken.unwrap_or_default();
+        if !builder.fits(chunk.data.len()) {
+            self.store_pack(&mut builder)?;
+        }
+        builder.push(chunk.id, chunk.hash, &chunk.data);
+        self.packs
+            .lock()
+            .map_err(|_| crate::error::refused!("pack list lock poisoned"))?
+            .push(builder);
+        Ok(())
+    }
+
+    /// Compresses a pack and sends its chunks to the writer.
+    fn store_pack(&self, builder: &mut PackBuilder) -> Result<()> {
+        let sealed = builder.seal(&self.bases, || {
+            self.next_chunk.fetch_add(1, Ordering::Relaxed)
+        })?;
+        for (id, record, payload) in sealed {
+            self.packed
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            self.send(Message::Chunk {
+                id,
+                record,
+                payload,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stores the packs still being filled, once every change is captured.
+    /// Returns the payload bytes of all the packs of the batch.
+    fn seal_packs(&self) -> Result<u64> {
+        let builders = std::mem::take(
+            &mut *self
+                .packs
+                .lock()
+                .map_err(|_| crate::error::refused!("pack list lock poisoned"))?,
+        );
+        for mut builder in builders {
+            self.store_pack(&mut builder)?;
+        }
+        Ok(self.packed.load(Ordering::Relaxed))
+    }
+
+    /// How a new chunk is stored: a delta or a base, or `None`: a small
+    /// base the writer packs with others (see the store's Packs).
+    fn encode(
+        &self,
+        chunk: &NewChunk,
+        refs: &References,
+    ) -> Result<Option<(ChunkEncoding, Vec<u8>)>> {
+        let packed = PackBuilder::packable(chunk.data.len());
         let (data, offset, bases) = (&chunk.data[..], chunk.offset, chunk.bases.clone());
         let mut delta = None;
         if !bases.is_empty() {
@@ -1187,7 +1284,7 @@ impl Workers<'_> {
                     // A tiny delta wins outright; otherwise it must beat half
                     // the chunk's own base encoding.
                     if encoded.len() <= data.len() / 16 {
-                        return Ok((ChunkEncoding::ZstdDelta { bases }, encoded));
+                        return Ok(Some((ChunkEncoding::ZstdDelta { bases }, encoded)));
                     }
                     delta = Some(encoded);
                 }
@@ -1196,6 +1293,11 @@ impl Workers<'_> {
                 }
             }
         }
+        if packed && delta.is_none() {
+            return Ok(None);
+        }
+        // Packed, a base takes less than this alone: a delta kept against
+        // it is kept at most as often.
         let (encoding, base) = self.bases.encode(data)?;
         tracing::trace!(
             offset,
@@ -1206,9 +1308,10 @@ impl Workers<'_> {
         );
         match delta {
             Some(delta) if delta.len() * 2 <= base.len() => {
-                Ok((ChunkEncoding::ZstdDelta { bases }, delta))
+                Ok(Some((ChunkEncoding::ZstdDelta { bases }, delta)))
             }
-            _ => Ok((encoding, base)),
+            _ if packed => Ok(None),
+            _ => Ok(Some((encoding, base))),
         }
     }
 }

@@ -48,7 +48,7 @@ use rayon::prelude::*;
 use crate::history::{self, Moment};
 use crate::progress::Progress;
 use crate::roots::{check_relative, check_symlink_target, StateDir, STAGING_PREFIX};
-use crate::store::schema::{EntryKind, VersionRecord};
+use crate::store::schema::{EntryKind, VersionRecord, PACK_BYTES};
 use crate::store::{LatestEntry, Reader, Store};
 use beneath::{Present, Root};
 
@@ -373,14 +373,31 @@ pub fn replay_root(
 
     tracing::debug!(entries = entries.len(), elapsed = ?started.elapsed(), "replay planned");
     // Phase 1: rebuild and verify new content in staging.
-    let mut to_write: Vec<(usize, &LatestEntry)> = entries
+    let to_write: Vec<(usize, &LatestEntry)> = entries
         .iter()
         .enumerate()
         .filter(|(i, _)| matches!(actions[*i], Action::Write))
         .collect();
     // Largest first, one file per task: big files start at once on every
     // core instead of queueing behind each other in one worker's half.
-    to_write.sort_by_key(|(_, e)| std::cmp::Reverse(e.version.size));
+    // Files of up to a pack's size after, in pack order: each pack is then
+    // decoded once (see the store's Packs), not once per file. A record
+    // that cannot be read here is reported by the file's rebuild.
+    let mut order: Vec<_> = to_write
+        .into_iter()
+        .map(|(i, entry)| {
+            let size = entry.version.size;
+            let place = (size <= PACK_BYTES as u64)
+                .then(|| reader.pack_place(&entry.version).ok().flatten())
+                .flatten();
+            (place, std::cmp::Reverse(size), i, entry)
+        })
+        .collect();
+    order.sort_unstable_by_key(|(place, size, i, _)| (*place, *size, *i));
+    let to_write: Vec<(usize, &LatestEntry)> = order
+        .into_iter()
+        .map(|(_, _, i, entry)| (i, entry))
+        .collect();
     let staging_name = format!("{STAGING_PREFIX}{}", std::process::id());
     let shards = target
         .create_staging(&staging_name, STAGING_SHARDS)

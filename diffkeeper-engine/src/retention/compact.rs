@@ -304,8 +304,14 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         }
     }
     plan.summary.bases_kept = kept_bases.len() as u64;
+    // A pack stays while any member does (see the store's Packs).
+    let kept_packs: HashSet<u64> = chunks
+        .iter()
+        .filter(|(id, _)| live.contains(id) || kept_bases.contains(id))
+        .filter_map(|(_, record)| record.pack())
+        .collect();
     for (id, record) in &chunks {
-        if !live.contains(id) && !kept_bases.contains(id) {
+        if !live.contains(id) && !kept_bases.contains(id) && !kept_packs.contains(id) {
             plan.summary.bytes_released += u64::from(record.stored_len);
             plan.release.push((*id, record.hash));
         }
