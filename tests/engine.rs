@@ -157,7 +157,7 @@ fn check_history(tree: &Tree, store: &Path, batches: u64) {
         match node {
             Node::File { mode, content, .. } => {
                 assert!(
-                    ["base", "delta", "chunks", "same"].contains(&kind),
+                    ["base", "packed", "delta", "chunks", "same"].contains(&kind),
                     "{p}: latest kind {kind} for a file"
                 );
                 assert_eq!(u64_of(last, "size"), content.len() as u64, "{p}: size");
@@ -1387,8 +1387,27 @@ fn small_files_share_packs_and_compaction_keeps_a_pack_while_a_member_lives() {
         files.values().all(|chunk| member_of.contains_key(chunk)),
         "every small file lies in a pack"
     );
-    // The batch's stored bytes are the packs' payload (members have none).
+    // The batch's stored bytes are the packs' payload (members have none),
+    // and `log` says where a file's went.
     let stats = json(&["stats", "--store", s(&store), "--json"]);
+    assert_eq!(
+        first["stored_bytes"], stats["stored_bytes"],
+        "{first} {stats}"
+    );
+    let logged = json(&["log", "--store", s(&store), "--json"]);
+    let kinds: BTreeSet<&str> = logged
+        .as_array()
+        .expect("files")
+        .iter()
+        .flat_map(|f| f["versions"].as_array().expect("versions").iter())
+        .map(|v| v["kind"].as_str().expect("kind"))
+        .filter(|kind| *kind != "dir")
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["packed"]),
+        "kinds of the files' versions"
+    );
     assert_eq!(
         first["stored_bytes"], stats["stored_bytes"],
         "{first} {stats}"

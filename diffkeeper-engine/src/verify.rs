@@ -59,11 +59,18 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
     report.problems.extend(problems);
     report.unreferenced_chunks = unreferenced;
 
-    let ids = reader.chunk_ids()?;
+    // Chunks and versions in pack order: each pack is decoded once for its
+    // members, not once each (see the store's Packs).
+    let mut ids: Vec<(u64, u64)> = Vec::new();
+    reader.for_each_chunk::<crate::error::EngineError>(|id, record| {
+        ids.push((record.pack().unwrap_or(id), id));
+        Ok(())
+    })?;
+    ids.sort_unstable();
     let progress = Progress::new(ids.len() as u64, "chunks");
     let chunk_problems: Vec<Problem> = ids
         .par_iter()
-        .filter_map(|&id| {
+        .filter_map(|&(_, id)| {
             let result = reader.chunk_bytes(id);
             progress.inc();
             result.err().map(|e| Problem {
@@ -78,9 +85,14 @@ pub fn verify(store_path: &Path) -> Result<VerifyReport> {
 
     report.versions = versions.len() as u64;
     let progress = Progress::new(versions.len() as u64, "versions");
-    let version_problems: Vec<Problem> = versions
+    let mut order: Vec<(Option<(u64, u32)>, &Version)> = versions
+        .iter()
+        .map(|v| (reader.pack_place(&v.3).ok().flatten(), v))
+        .collect();
+    order.sort_by_key(|(place, _)| *place);
+    let version_problems: Vec<Problem> = order
         .par_iter()
-        .filter_map(|(root, path, batch, record)| {
+        .filter_map(|(_, (root, path, batch, record))| {
             let result = match record.kind {
                 EntryKind::File => reader
                     .write_content(record, &mut std::io::sink())
@@ -126,15 +138,13 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         if let ChunkEncoding::Packed { pack, offset } = record.encoding {
             members.push((id, pack, offset, record.len));
         }
-        let can_be_pack = matches!(
-            record.encoding,
-            ChunkEncoding::Raw | ChunkEncoding::Zstd { .. }
-        );
-        packs.insert(id, (record.len, can_be_pack));
+        packs.insert(id, (record.len, record.can_be_pack()));
         chunks.insert(id, (record.hash, record.refers_to().to_vec()));
         Ok(())
     })?;
     let member_ids: HashSet<u64> = members.iter().map(|m| m.0).collect();
+    // Packs are not content of their own: not in chunk_index.
+    let pack_ids: HashSet<u64> = members.iter().map(|m| m.1).collect();
     for (id, pack, offset, len) in members {
         match packs.get(&pack) {
             None => problem(
@@ -174,7 +184,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         Ok(())
     })?;
     for (id, (hash, bases)) in &chunks {
-        if indexed.get(hash) != Some(id) {
+        if indexed.get(hash) != Some(id) && !pack_ids.contains(id) {
             problem(
                 format!("chunk {id}"),
                 "is not in chunk_index under its hash".into(),

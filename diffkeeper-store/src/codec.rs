@@ -90,8 +90,8 @@ fn base_tier(len: usize) -> usize {
     usize::from(len > SMALL_BASE_BYTES)
 }
 
-/// Packs (small bases compressed together) are encoded at the small
-/// bases' level, with the match finder's tables bounded (see
+/// Packs (a batch's new bases compressed together) are encoded at the
+/// small bases' level, with the match finder's tables bounded (see
 /// [`PACK_TABLE_LOG`]): tier 2.
 const TIER_LEVELS: [i32; 3] = [SMALL_BASE_LEVEL, BASE_LEVEL, SMALL_BASE_LEVEL];
 
@@ -118,7 +118,7 @@ pub struct Dictionary {
     /// Prepared at each of [`TIER_LEVELS`] when first encoded with: a
     /// reader only decodes, and a prepared dictionary at level 9 takes
     /// memory.
-    encoders: [std::sync::OnceLock<zstd::dict::EncoderDictionary<'static>>; 3],
+    encoders: [std::sync::OnceLock<zstd::dict::EncoderDictionary<'static>>; 2],
     decoder: zstd::dict::DecoderDictionary<'static>,
 }
 
@@ -154,12 +154,14 @@ impl Dictionary {
 
     /// The dictionary prepared to encode bases of `tier`.
     fn encoder(&self, tier: usize) -> Result<&zstd::dict::EncoderDictionary<'static>> {
-        if let Some(prepared) = self.encoders[tier].get() {
+        // Packs are at the small bases' level: the same prepared dictionary.
+        let slot = if tier == PACK_TIER { 0 } else { tier };
+        if let Some(prepared) = self.encoders[slot].get() {
             return Ok(prepared);
         }
-        let prepared = zstd::dict::EncoderDictionary::try_copy(&self.raw, TIER_LEVELS[tier])
+        let prepared = zstd::dict::EncoderDictionary::try_copy(&self.raw, TIER_LEVELS[slot])
             .step("dictionary load")?;
-        Ok(self.encoders[tier].get_or_init(|| prepared))
+        Ok(self.encoders[slot].get_or_init(|| prepared))
     }
 
     pub fn id(&self) -> u32 {
@@ -233,8 +235,8 @@ impl<'d> BaseEncoder<'d> {
         self.encode_at(bytes, base_tier(bytes.len()))
     }
 
-    /// Encodes a pack (small bases back to back, see the schema's Packs)
-    /// as one base, at the level of the small bases it holds.
+    /// Encodes a pack (new bases back to back, see the schema's Packs) as
+    /// one base, at the small bases' level.
     pub fn encode_pack(&self, bytes: &[u8]) -> Result<(ChunkEncoding, Vec<u8>)> {
         self.encode_at(bytes, PACK_TIER)
     }

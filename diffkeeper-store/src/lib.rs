@@ -98,7 +98,6 @@ pub enum StoreError {
     },
     #[error("not a file version")]
     NotAFile,
-
     #[error("chunk payload has too many pieces")]
     TooManyPieces,
     /// What content was being written to failed.
@@ -1257,10 +1256,7 @@ impl Reader {
             return Ok(bytes);
         }
         let record = self.chunk_record(pack)?;
-        if !matches!(
-            record.encoding,
-            ChunkEncoding::Raw | ChunkEncoding::Zstd { .. }
-        ) {
+        if !record.can_be_pack() {
             return Err(StoreError::Corrupt(format!(
                 "chunk {pack} is named as a pack but is not a base of its own ({:?})",
                 record.encoding
@@ -1598,6 +1594,22 @@ impl BatchWriter {
         };
         self.pending.chunks.push((id, record.encode()));
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
+        Ok(())
+    }
+
+    /// Stores a pack (see the schema's Packs) under an id of this batch's,
+    /// its payload appended to the segments. A pack is not content of its
+    /// own: it is not in `chunk_index` (a chunk whose bytes happen to be a
+    /// pack's stays the one found by its hash).
+    pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
+        if !record.can_be_pack() {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {id} was given as a pack but is {:?}",
+                record.encoding
+            )));
+        }
+        let record = appended(&mut self.segments, record, payload)?;
+        self.pending.chunks.push((id, record.encode()));
         Ok(())
     }
 
@@ -2082,7 +2094,7 @@ mod tests {
                 ids.fetch_add(1, Ordering::Relaxed)
             })
             .expect("sealed");
-        let pack = sealed[0].0;
+        let (pack, pack_record, pack_payload) = sealed.pack.expect("a pack");
         let member = |offset: u32, pack: u64| ChunkRecord {
             hash: sha256(b"x"),
             len: 10,
@@ -2090,15 +2102,18 @@ mod tests {
             stored_len: 0,
             at: None,
         };
-        for (id, record, payload) in &sealed {
+        writer
+            .put_pack(pack, &pack_record, &pack_payload)
+            .expect("put");
+        for (id, record, payload) in &sealed.chunks {
             writer.put_chunk(*id, record, payload).expect("put");
         }
-        let total = sealed[0].1.len;
+        let total = pack_record.len;
         writer
             .put_chunk(100, &member(total - 5, pack), &[])
             .expect("put");
         writer
-            .put_chunk(101, &member(0, sealed[1].0), &[])
+            .put_chunk(101, &member(0, sealed.chunks[0].0), &[])
             .expect("put");
         assert!(writer.put_chunk(102, &member(0, pack), b"payload").is_err());
         let batch = BatchRecord {
@@ -2111,7 +2126,7 @@ mod tests {
         };
         writer.commit(&batch).expect("commit");
         let reader = store.reader().expect("reader");
-        for ((id, _, _), content) in sealed[1..].iter().zip(&contents) {
+        for ((id, _, _), content) in sealed.chunks.iter().zip(&contents) {
             assert_eq!(&reader.chunk_bytes(*id).expect("rebuilt"), content);
         }
         let chain = |e: StoreError| {

@@ -30,6 +30,15 @@ pub struct PackBuilder {
 /// A chunk to store: its id, record and payload (empty for a member).
 pub type NewChunk = (u64, ChunkRecord, Vec<u8>);
 
+/// What a sealed pack stores.
+#[derive(Debug, Default)]
+pub struct Sealed {
+    /// The pack itself (`BatchWriter::put_pack`); none for a lone member.
+    pub pack: Option<NewChunk>,
+    /// The members (`BatchWriter::put_chunk`), or the lone one as a base.
+    pub chunks: Vec<NewChunk>,
+}
+
 impl PackBuilder {
     /// Whether a chunk of `len` bytes may be packed at all.
     pub fn packable(len: usize) -> bool {
@@ -56,13 +65,14 @@ impl PackBuilder {
     }
 
     /// Compresses what is held and empties the builder: the pack, under
-    /// the id `pack_id` gives, followed by its members; a lone member is
-    /// an ordinary base, and takes no pack id.
+    /// the id `pack_id` gives, and its members; a lone member is an
+    /// ordinary base, and takes no pack id. On failure the members are
+    /// gone: the caller fails the batch.
     pub fn seal(
         &mut self,
         encoder: &BaseEncoder,
         pack_id: impl FnOnce() -> u64,
-    ) -> Result<Vec<NewChunk>, CodecError> {
+    ) -> Result<Sealed, CodecError> {
         let members = std::mem::take(&mut self.members);
         let bytes = std::mem::take(&mut self.bytes);
         let whole = |hash: [u8; 32], encoding: ChunkEncoding, payload: &[u8]| ChunkRecord {
@@ -73,36 +83,41 @@ impl PackBuilder {
             at: None,
         };
         Ok(match members.as_slice() {
-            [] => Vec::new(),
+            [] => Sealed::default(),
             [(id, hash, _)] => {
                 let (encoding, payload) = encoder.encode(&bytes)?;
-                vec![(*id, whole(*hash, encoding, &payload), payload)]
+                Sealed {
+                    pack: None,
+                    chunks: vec![(*id, whole(*hash, encoding, &payload), payload)],
+                }
             }
             [..] => {
                 let (encoding, payload) = encoder.encode_pack(&bytes)?;
                 let pack = pack_id();
-                let mut out = Vec::with_capacity(members.len() + 1);
-                out.push((
-                    pack,
-                    whole(crate::sha256(&bytes), encoding, &payload),
-                    payload,
-                ));
+                let record = whole(crate::sha256(&bytes), encoding, &payload);
                 let ends = members
                     .iter()
                     .skip(1)
                     .map(|m| m.2)
                     .chain([bytes.len() as u32]);
-                for (&(id, hash, offset), end) in members.iter().zip(ends) {
-                    let record = ChunkRecord {
-                        hash,
-                        len: end - offset,
-                        encoding: ChunkEncoding::Packed { pack, offset },
-                        stored_len: 0,
-                        at: None,
-                    };
-                    out.push((id, record, Vec::new()));
+                let chunks = members
+                    .iter()
+                    .zip(ends)
+                    .map(|(&(id, hash, offset), end)| {
+                        let record = ChunkRecord {
+                            hash,
+                            len: end - offset,
+                            encoding: ChunkEncoding::Packed { pack, offset },
+                            stored_len: 0,
+                            at: None,
+                        };
+                        (id, record, Vec::new())
+                    })
+                    .collect();
+                Sealed {
+                    pack: Some((pack, record, payload)),
+                    chunks,
                 }
-                out
             }
         })
     }
@@ -122,13 +137,13 @@ mod tests {
         }
         let sealed = builder.seal(&BaseEncoder::new(None), || 99).expect("seals");
         assert!(builder.is_empty());
-        assert_eq!(sealed.len(), 4);
-        let (pack, record, _) = &sealed[0];
+        assert_eq!(sealed.chunks.len(), 3);
+        let (pack, record, _) = sealed.pack.as_ref().expect("a pack");
         assert_eq!(*pack, 99);
         let whole = members.concat();
         assert_eq!(record.hash, crate::sha256(&whole));
         assert_eq!(record.len as usize, whole.len());
-        for (i, (id, record, payload)) in sealed[1..].iter().enumerate() {
+        for (i, (id, record, payload)) in sealed.chunks.iter().enumerate() {
             assert_eq!(*id, 10 + i as u64);
             assert!(payload.is_empty());
             let ChunkEncoding::Packed { pack, offset } = record.encoding else {
@@ -148,13 +163,12 @@ mod tests {
         let sealed = builder
             .seal(&BaseEncoder::new(None), || panic!("no pack id for one"))
             .expect("seals");
-        assert_eq!(sealed.len(), 1);
-        assert_eq!(sealed[0].0, 5);
-        assert!(sealed[0].1.pack().is_none());
-        assert!(builder
-            .seal(&BaseEncoder::new(None), || 1)
-            .expect("seals")
-            .is_empty());
+        assert!(sealed.pack.is_none());
+        assert_eq!(sealed.chunks.len(), 1);
+        assert_eq!(sealed.chunks[0].0, 5);
+        assert!(sealed.chunks[0].1.pack().is_none());
+        let empty = builder.seal(&BaseEncoder::new(None), || 1).expect("seals");
+        assert!(empty.pack.is_none() && empty.chunks.is_empty());
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //! | 1 | first released format (`gaps`, `settled` and `cuts` arrived within it, see below) | 1 |
 //! | 2 | versions keep owner, extended attributes and the inode and ctime they were read with; the state directory itself is the path ""; `seen` replaces `settled` | 2 |
 //! | 3 | bases are zstd frames ([`ChunkEncoding::Zstd`]), with a dictionary trained on the store's small files (`dicts`); payload in segment files, chunk records say where ([`ChunkRecord::at`], `meta.segment_end`); version records end with a check | 3 |
-//! | 4 | a batch's small new bases are compressed together, in packs ([`ChunkEncoding::Packed`], see Packs) | 4 |
+//! | 4 | a batch's new bases are compressed together, in packs ([`ChunkEncoding::Packed`], see Packs) | 4 |
 //!
 //! Upgrading a schema-1 store: `schema_version` and `min_reader_version`
 //! become 2 and `settled` is dropped (its marks name no inode or ctime, so
@@ -450,7 +450,9 @@ pub struct VersionRecord {
     pub chunks: Vec<u64>,
     /// Symlink target, raw bytes.
     pub target: Vec<u8>,
-    /// Payload bytes this version added to the store (new chunks only).
+    /// Payload bytes this version added to the store (new chunks only; a
+    /// chunk in a pack counts none, the pack counts in its batch's
+    /// `stored_bytes`).
     pub stored_bytes: u64,
     /// Numeric owner (schema 2; `None` in schema-1 records and tombstones).
     pub owner: Option<Owner>,
@@ -620,6 +622,15 @@ impl ChunkRecord {
             ChunkEncoding::Packed { pack, .. } => std::slice::from_ref(pack),
             ChunkEncoding::Raw | ChunkEncoding::Lz4 | ChunkEncoding::Zstd { .. } => &[],
         }
+    }
+
+    /// Whether this chunk can hold packed ones: a base with a payload of
+    /// its own.
+    pub fn can_be_pack(&self) -> bool {
+        matches!(
+            self.encoding,
+            ChunkEncoding::Raw | ChunkEncoding::Zstd { .. }
+        )
     }
 
     /// The pack this chunk lies in, if it is packed.

@@ -336,8 +336,9 @@ pub enum Command {
         #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
         max_pause: std::time::Duration,
     },
-    /// Show each file's versions: time, batch, kind (base, delta, chunks,
-    /// same, dir, symlink, deleted), logical size and stored bytes. With
+    /// Show each file's versions: time, batch, kind (base, packed, delta,
+    /// chunks, same, dir, symlink, deleted), logical size and stored bytes
+    /// (a packed version's are its pack's, counted in its batch). With
     /// --batches, the timeline instead: one line per batch with its time,
     /// files changed, content bytes changed and bytes stored.
     Log {

@@ -18,7 +18,9 @@ pub use diffkeeper_engine::units::{bytes, time, time_millis};
 pub struct LogVersion {
     pub batch: u64,
     pub time: String,
-    /// base, delta, chunks, same (content reused), dir, symlink, deleted.
+    /// base, packed (a base in a pack of the batch's new chunks, whose
+    /// bytes count in the batch's stored bytes), delta, chunks, same
+    /// (content reused), dir, symlink, deleted.
     pub kind: &'static str,
     pub size: u64,
     pub stored_bytes: u64,
@@ -58,6 +60,8 @@ fn version_kind(
             None => "base",
             Some(&id) => match reader.chunk_record(id)?.encoding {
                 ChunkEncoding::ZstdDelta { .. } => "delta",
+                // Its bytes are its pack's, counted in the batch.
+                ChunkEncoding::Packed { .. } => "packed",
                 _ => "base",
             },
         },

@@ -651,6 +651,12 @@ enum Message {
         record: ChunkRecord,
         payload: Vec<u8>,
     },
+    /// A pack of new chunks (see `BatchWriter::put_pack`).
+    Pack {
+        id: u64,
+        record: ChunkRecord,
+        payload: Vec<u8>,
+    },
     Version {
         root: String,
         path: Vec<u8>,
@@ -703,6 +709,9 @@ struct Workers<'a> {
     packs: Mutex<Vec<PackBuilder>>,
     /// Payload bytes of the packs sealed so far.
     packed: AtomicU64,
+    /// Why a new chunk could not be stored, if one could not: the batch
+    /// fails (see [`Workers::store_new_chunks`]).
+    lost: Mutex<Option<String>>,
 }
 
 /// One batch in the making.
@@ -766,6 +775,7 @@ fn capture(
         bases: codec::BaseEncoder::new(bases.dictionary.as_deref()),
         packs: Mutex::new(Vec::new()),
         packed: AtomicU64::new(0),
+        lost: Mutex::new(None),
     };
     let progress = Progress::new(total as u64, "capturing");
 
@@ -814,6 +824,11 @@ fn capture(
                     record,
                     payload,
                 } => writer.put_chunk(id, &record, &payload),
+                Message::Pack {
+                    id,
+                    record,
+                    payload,
+                } => writer.put_pack(id, &record, &payload),
                 Message::Version { root, path, record } => {
                     writer.put_version(&root, &path, &record)
                 }
@@ -1181,53 +1196,81 @@ impl Workers<'_> {
 
     /// Encodes new chunks in parallel and sends them to the writer. Returns
     /// the payload bytes added.
+    ///
+    /// A new chunk that cannot be stored fails the whole batch, not only
+    /// its file: other files of the batch may name it already (`fresh`),
+    /// and a pack that failed held other files' chunks.
     fn store_new_chunks(&self, pending: &mut Vec<NewChunk>, refs: &References) -> Result<u64> {
         let stored: Result<Vec<u64>> = pending
             .par_drain(..)
-            .map(|chunk| {
-                let (encoding, payload) = match self.encode(&chunk, refs)? {
-                    Some(encoded) => encoded,
-                    None => {
-                        self.pack(&chunk)?;
-                        return Ok(0);
-                    }
-                };
-                let stored = payload.len() as u64;
-                self.send(Message::Chunk {
-                    id: chunk.id,
-                    record: ChunkRecord {
-                        hash: chunk.hash,
-                        len: chunk.data.len() as u32,
-                        encoding,
-                        stored_len: payload.len() as u32,
-                        at: None,
-                    },
-                    payload,
-                })?;
-                Ok(stored)
-            })
+            .map(|chunk| self.lost_if_failed(self.store_new_chunk(chunk, refs)))
             .collect();
         Ok(stored?.iter().sum())
+    }
+
+    /// Records a failure to store a chunk, which the batch then fails
+    /// with (see [`Workers::store_new_chunks`]).
+    fn lost_if_failed<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            if let Ok(mut lost) = self.lost.lock() {
+                lost.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+        result
+    }
+
+    /// Why the batch cannot be committed, if a chunk was lost.
+    fn check_nothing_lost(&self) -> Result<()> {
+        match self.lost.lock().ok().and_then(|lost| lost.clone()) {
+            Some(why) => crate::error::bail!(
+                "a new chunk could not be stored ({why}); nothing of this batch was committed"
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores one new chunk: sends it encoded, or puts it in a pack.
+    fn store_new_chunk(&self, chunk: NewChunk, refs: &References) -> Result<u64> {
+        let (encoding, payload) = match self.encode(&chunk, refs)? {
+            Some(encoded) => encoded,
+            None => {
+                self.pack(&chunk)?;
+                return Ok(0);
+            }
+        };
+        let stored = payload.len() as u64;
+        self.send(Message::Chunk {
+            id: chunk.id,
+            record: ChunkRecord {
+                hash: chunk.hash,
+                len: chunk.data.len() as u32,
+                encoding,
+                stored_len: payload.len() as u32,
+                at: None,
+            },
+            payload,
+        })?;
+        Ok(stored)
+    }
+
+    /// The packs being filled, locked.
+    fn packs(&self) -> Result<std::sync::MutexGuard<'_, Vec<PackBuilder>>> {
+        self.packs
+            .lock()
+            .map_err(|_| crate::error::refused!("pack list lock poisoned"))
     }
 
     /// Puts a small new base in a pack, storing the pack when it is full.
     /// A thread takes a pack being filled (or a new one) and gives it back,
     /// so threads fill packs side by side.
     fn pack(&self, chunk: &NewChunk) -> Result<()> {
-        let taken = self
-            .packs
-            .lock()
-            .map_err(|_| crate::error::refused!("pack list lock poisoned"))?
-            .pop();
+        let taken = self.packs()?.pop();
         let mut builder = taken.unwrap_or_default();
         if !builder.fits(chunk.data.len()) {
             self.store_pack(&mut builder)?;
         }
         builder.push(chunk.id, chunk.hash, &chunk.data);
-        self.packs
-            .lock()
-            .map_err(|_| crate::error::refused!("pack list lock poisoned"))?
-            .push(builder);
+        self.packs()?.push(builder);
         Ok(())
     }
 
@@ -1236,7 +1279,16 @@ impl Workers<'_> {
         let sealed = builder.seal(&self.bases, || {
             self.next_chunk.fetch_add(1, Ordering::Relaxed)
         })?;
-        for (id, record, payload) in sealed {
+        if let Some((id, record, payload)) = sealed.pack {
+            self.packed
+                .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            self.send(Message::Pack {
+                id,
+                record,
+                payload,
+            })?;
+        }
+        for (id, record, payload) in sealed.chunks {
             self.packed
                 .fetch_add(payload.len() as u64, Ordering::Relaxed);
             self.send(Message::Chunk {
@@ -1251,15 +1303,11 @@ impl Workers<'_> {
     /// Stores the packs still being filled, once every change is captured.
     /// Returns the payload bytes of all the packs of the batch.
     fn seal_packs(&self) -> Result<u64> {
-        let builders = std::mem::take(
-            &mut *self
-                .packs
-                .lock()
-                .map_err(|_| crate::error::refused!("pack list lock poisoned"))?,
-        );
+        let builders = std::mem::take(&mut *self.packs()?);
         for mut builder in builders {
-            self.store_pack(&mut builder)?;
+            self.lost_if_failed(self.store_pack(&mut builder))?;
         }
+        self.check_nothing_lost()?;
         Ok(self.packed.load(Ordering::Relaxed))
     }
 
