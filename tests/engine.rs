@@ -1361,7 +1361,7 @@ fn packs_of(store: &Path) -> (BTreeMap<u64, BTreeSet<u64>>, BTreeMap<Vec<u8>, u6
 }
 
 #[test]
-fn small_files_share_packs_and_compaction_keeps_a_pack_while_a_member_lives() {
+fn small_files_share_packs_and_compaction_keeps_or_rewrites_them() {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
     let store = work.path().join("store.dk");
@@ -1417,39 +1417,79 @@ fn small_files_share_packs_and_compaction_keeps_a_pack_while_a_member_lives() {
     assert_eq!(read_tree(&restored), read_tree(&state), "the first state");
 
     // Every file of one pack deleted but one, which goes a batch later;
-    // files of another pack rewritten.
-    let by_pack = |pack: u64| -> Vec<PathBuf> {
+    // three quarters of another's files rewritten, a quarter of a third's.
+    let by_pack = |pack: u64| -> Vec<(PathBuf, u64)> {
         files
             .iter()
             .filter(|(_, chunk)| member_of.get(chunk) == Some(&pack))
-            .map(|(path, _)| state.join(String::from_utf8_lossy(path).as_ref()))
+            .map(|(path, chunk)| {
+                let path = state.join(String::from_utf8_lossy(path).as_ref());
+                (path, *chunk)
+            })
             .collect()
     };
     let mut ids = packs.keys().copied();
-    let (doomed, edited) = (ids.next().expect("a pack"), ids.next().expect("a pack"));
+    let mut next_pack = || ids.next().expect("a pack");
+    let (doomed, most, few) = (next_pack(), next_pack(), next_pack());
     let (last, others) = by_pack(doomed)
         .split_last()
-        .map(|(l, o)| (l.clone(), o.to_vec()))
+        .map(|(l, o)| (l.0.clone(), o.to_vec()))
         .expect("members");
-    for path in &others {
+    for (path, _) in &others {
         fs::remove_file(path).expect("rm");
     }
-    let rewritten = by_pack(edited);
-    for path in rewritten.iter().take(rewritten.len() / 2) {
-        fs::write(path, rng.text(4096)).expect("rewrite");
-    }
+    let rewrite = |pack: u64, share: usize, rng: &mut Rng| -> BTreeSet<u64> {
+        let members = by_pack(pack);
+        let cut = members.len() * share / 4;
+        for (path, _) in &members[..cut] {
+            fs::write(path, rng.text(4096)).expect("rewrite");
+        }
+        members[cut..].iter().map(|(_, chunk)| *chunk).collect()
+    };
+    let most_left = rewrite(most, 3, &mut rng);
+    let few_left = rewrite(few, 1, &mut rng);
     snapshot(&state, &store);
     let second = read_tree(&state);
     fs::remove_file(&last).expect("rm");
     snapshot(&state, &store);
+    let payload_before = json(&["stats", "--store", s(&store), "--json"])["stored_bytes"]
+        .as_u64()
+        .expect("stored bytes");
 
-    // Batch 2 still shows the last file of the doomed pack: kept.
-    ok(&["compact", "--store", s(&store), "--keep-last", "2"]);
-    ok(&["verify", "--store", s(&store)]);
+    // Batches 2 and 3 kept: a pack most of whose members go is written
+    // again with the others (the doomed one's last member alone, as an
+    // ordinary base); one that keeps most of them stays as it is.
+    let compacted = json(&[
+        "compact",
+        "--store",
+        s(&store),
+        "--keep-last",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(compacted["packs_rewritten"], 2, "{compacted}");
+    let verified = json(&["verify", "--store", s(&store), "--json"]);
+    assert_eq!(verified["problems"], serde_json::json!([]), "{verified}");
     let (kept, _) = packs_of(&store);
     assert!(
-        kept.contains_key(&doomed),
-        "pack {doomed} has a member still shown"
+        !kept.contains_key(&doomed) && !kept.contains_key(&most),
+        "{kept:?}"
+    );
+    assert_eq!(
+        kept.get(&few),
+        Some(&few_left),
+        "the pack that keeps most members"
+    );
+    assert!(
+        kept.values().any(|members| *members == most_left),
+        "the survivors of pack {most} in a pack of their own: {kept:?}"
+    );
+    let payload_after = json(&["stats", "--store", s(&store), "--json"])["stored_bytes"]
+        .as_u64()
+        .expect("stored bytes");
+    assert!(
+        payload_after < payload_before,
+        "{payload_after} >= {payload_before}"
     );
     let at_2 = fresh(work.path(), "second");
     ok(&[
@@ -1463,20 +1503,11 @@ fn small_files_share_packs_and_compaction_keeps_a_pack_while_a_member_lives() {
     ]);
     assert_eq!(read_tree(&at_2), second, "batch 2");
 
-    // Its last member gone, the pack goes; the half-rewritten one stays.
+    // The doomed pack's last file gone from every kept moment: released.
     ok(&["compact", "--store", s(&store), "--keep-last", "1"]);
     let verified = json(&["verify", "--store", s(&store), "--json"]);
     assert_eq!(verified["problems"], serde_json::json!([]), "{verified}");
     assert_eq!(verified["unreferenced_chunks"], 0, "{verified}");
-    let (left, _) = packs_of(&store);
-    assert!(
-        !left.contains_key(&doomed),
-        "pack {doomed} outlived its members"
-    );
-    let live = left
-        .get(&edited)
-        .expect("the edited pack keeps its untouched half");
-    assert_eq!(live.len(), rewritten.len() - rewritten.len() / 2);
     let latest = fresh(work.path(), "latest");
     replay_into(&latest, &store);
     assert_eq!(read_tree(&latest), read_tree(&state), "the latest state");

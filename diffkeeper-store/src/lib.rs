@@ -369,7 +369,7 @@ impl Store {
             cuts: optional_table(&txn, CUTS)?,
             dicts: optional_table(&txn, DICTS)?,
             dictionaries: std::sync::Mutex::new(std::collections::HashMap::new()),
-            packs: BaseCache::default(),
+            packs: BaseCache::holding(PACKS_DECODED),
             segments: segments::SegmentReader::new(&self.path),
             path: self.path.clone(),
         })
@@ -417,6 +417,7 @@ impl Store {
             reader: segments::SegmentReader::new(&self.path),
             store: self.path.clone(),
             unused: Vec::new(),
+            next_chunk: None,
         })
     }
 
@@ -795,6 +796,10 @@ pub struct Reader {
     segments: segments::SegmentReader,
     path: PathBuf,
 }
+
+/// Packs a reader keeps decoded (each up to [`schema::PACK_BYTES`]): a
+/// replay's two threads each read one pack's members at a time.
+const PACKS_DECODED: usize = 4;
 
 /// A `(root, path)` key, as `latest` and `seen` have.
 type PathKey = (&'static str, &'static [u8]);
@@ -1497,13 +1502,25 @@ pub enum Check {
 
 /// Recently decoded base chunks. Neighbouring delta chunks mostly share
 /// their bases, so a handful saves most repeated decoding.
-#[derive(Default)]
 pub struct BaseCache {
     entries: std::sync::Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
+    capacity: usize,
+}
+
+impl Default for BaseCache {
+    fn default() -> BaseCache {
+        BaseCache::holding(8)
+    }
 }
 
 impl BaseCache {
-    const CAPACITY: usize = 8;
+    /// A cache of at most `capacity` chunks.
+    fn holding(capacity: usize) -> BaseCache {
+        BaseCache {
+            entries: std::sync::Mutex::new(Vec::new()),
+            capacity,
+        }
+    }
 
     fn get(&self, id: u64) -> Option<Arc<Vec<u8>>> {
         let entries = self.entries.lock().ok()?;
@@ -1516,7 +1533,7 @@ impl BaseCache {
     fn put(&self, id: u64, bytes: Vec<u8>) -> Arc<Vec<u8>> {
         let bytes = Arc::new(bytes);
         if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= Self::CAPACITY {
+            if entries.len() >= self.capacity {
                 entries.remove(0);
             }
             entries.push((id, bytes.clone()));
@@ -1762,6 +1779,8 @@ pub struct HistoryEditor {
     store: PathBuf,
     /// Segments nothing refers to once this edit commits, deleted then.
     unused: Vec<u32>,
+    /// The next id [`HistoryEditor::new_chunk_id`] gives, once it gave one.
+    next_chunk: Option<u64>,
 }
 
 impl HistoryEditor {
@@ -1823,9 +1842,49 @@ impl HistoryEditor {
 
     /// Replaces a chunk's encoding and payload; its id and content stay.
     /// The new payload is appended to the segments; the old one, in a
-    /// segment, is left for [`HistoryEditor::collect_garbage`].
+    /// segment, is left for [`HistoryEditor::collect_garbage`]. A packed
+    /// chunk has no payload: `payload` must be empty.
     pub fn replace_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         self.remove_payload(id)?;
+        let record = match record.pack() {
+            Some(_) if !payload.is_empty() => {
+                return Err(StoreError::Corrupt(format!(
+                    "packed chunk {id} was given {} bytes of payload",
+                    payload.len()
+                )))
+            }
+            Some(_) => record.clone(),
+            None => appended(&mut self.segments, record, payload)?,
+        };
+        self.txn
+            .open_table(CHUNKS)?
+            .insert(id, record.encode().as_slice())?;
+        Ok(())
+    }
+
+    /// A chunk id no chunk has, for a pack this edit writes.
+    pub fn new_chunk_id(&mut self) -> Result<u64> {
+        let last = match self.next_chunk {
+            Some(next) => next,
+            None => self
+                .txn
+                .open_table(CHUNKS)?
+                .last()?
+                .map_or(1, |(k, _)| k.value() + 1),
+        };
+        self.next_chunk = Some(last + 1);
+        Ok(last)
+    }
+
+    /// Stores a new pack (see the schema's Packs), its payload appended to
+    /// the segments; not in `chunk_index`, as a batch's.
+    pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
+        if !record.can_be_pack() {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {id} was given as a pack but is {:?}",
+                record.encoding
+            )));
+        }
         let record = appended(&mut self.segments, record, payload)?;
         self.txn
             .open_table(CHUNKS)?
@@ -1987,6 +2046,18 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// A batch record for a batch of chunks alone.
+    fn empty_batch() -> BatchRecord {
+        BatchRecord {
+            time_ms: 1,
+            started_ms: 1,
+            roots: Vec::new(),
+            files_changed: 0,
+            logical_bytes: 0,
+            stored_bytes: 0,
+        }
+    }
+
     #[test]
     fn a_store_of_another_schema_version_is_refused_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -2054,15 +2125,7 @@ mod tests {
                 pieces.insert((1, i as u32), piece).expect("piece");
             }
         }
-        let batch = BatchRecord {
-            time_ms: 1,
-            started_ms: 1,
-            roots: Vec::new(),
-            files_changed: 0,
-            logical_bytes: 0,
-            stored_bytes: 0,
-        };
-        writer.commit(&batch).expect("commit");
+        writer.commit(&empty_batch()).expect("commit");
         let reader = store.reader().expect("reader");
         assert_eq!(reader.chunk_bytes(1).expect("rebuilt"), content);
     }
@@ -2116,15 +2179,7 @@ mod tests {
             .put_chunk(101, &member(0, sealed.chunks[0].0), &[])
             .expect("put");
         assert!(writer.put_chunk(102, &member(0, pack), b"payload").is_err());
-        let batch = BatchRecord {
-            time_ms: 1,
-            started_ms: 1,
-            roots: Vec::new(),
-            files_changed: 0,
-            logical_bytes: 0,
-            stored_bytes: 0,
-        };
-        writer.commit(&batch).expect("commit");
+        writer.commit(&empty_batch()).expect("commit");
         let reader = store.reader().expect("reader");
         for ((id, _, _), content) in sealed.chunks.iter().zip(&contents) {
             assert_eq!(&reader.chunk_bytes(*id).expect("rebuilt"), content);

@@ -166,8 +166,10 @@
 //! Members are bases like any other: a later version's delta may name one
 //! as its reference. Compaction keeps a pack while any member survives,
 //! whether used by a version or kept as a delta's base, and releases it
-//! with its last member; the bytes of released members stay inside a kept
-//! pack until then.
+//! with its last member. A pack whose surviving members are less than half
+//! of it is written again with them alone (same member ids, new pack,
+//! the old one released), so released members' bytes stay behind in at
+//! most half of a kept pack.
 //!
 //! Measured (zstd at level 9 with the store's dictionary, files in path
 //! order) on Debian's Python packages, its 2,815 files of up to 64 KiB

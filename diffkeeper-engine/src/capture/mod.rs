@@ -1279,23 +1279,28 @@ impl Workers<'_> {
         let sealed = builder.seal(&self.bases, || {
             self.next_chunk.fetch_add(1, Ordering::Relaxed)
         })?;
-        if let Some((id, record, payload)) = sealed.pack {
-            self.packed
-                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-            self.send(Message::Pack {
+        let pack = sealed
+            .pack
+            .into_iter()
+            .map(|(id, record, payload)| Message::Pack {
                 id,
                 record,
                 payload,
-            })?;
-        }
-        for (id, record, payload) in sealed.chunks {
-            self.packed
-                .fetch_add(payload.len() as u64, Ordering::Relaxed);
-            self.send(Message::Chunk {
+            });
+        let chunks = sealed
+            .chunks
+            .into_iter()
+            .map(|(id, record, payload)| Message::Chunk {
                 id,
                 record,
                 payload,
-            })?;
+            });
+        for message in pack.chain(chunks) {
+            if let Message::Pack { payload, .. } | Message::Chunk { payload, .. } = &message {
+                self.packed
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            }
+            self.send(message)?;
         }
         Ok(())
     }

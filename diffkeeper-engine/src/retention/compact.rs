@@ -17,8 +17,10 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Policy;
+use crate::store::codec::BaseEncoder;
+use crate::store::pack::PackBuilder;
 use crate::store::schema::{BatchRecord, ChunkEncoding, ChunkRecord, EntryKind};
-use crate::store::{Reader, Store};
+use crate::store::{HistoryEditor, Reader, Store};
 
 /// What a compaction did (or, for a dry run, would do).
 #[derive(Debug, Default, Clone, Serialize)]
@@ -40,11 +42,14 @@ pub struct CompactSummary {
     pub bytes_released: u64,
     /// Surviving deltas re-encoded as bases because their bases were released.
     pub chunks_rebased: u64,
-    /// Payload bytes the rebased chunks grew by (for a dry run: their
-    /// uncompressed size, an upper bound).
+    /// Payload bytes the rebased chunks and rewritten packs grew by (for a
+    /// dry run: their uncompressed size, an upper bound).
     pub rebase_growth: u64,
     /// Old bases kept because several surviving deltas still need them.
     pub bases_kept: u64,
+    /// Packs written again with only their surviving members (most of
+    /// their bytes were released ones).
+    pub packs_rewritten: u64,
     /// Payload bytes freed in all: released minus rebase growth.
     pub bytes_freed: u64,
     pub file_bytes_before: u64,
@@ -90,10 +95,11 @@ impl std::fmt::Display for CompactSummary {
         )?;
         writeln!(
             f,
-            "chunks: {} released ({}), {} rebased (+{}), {} old bases still shared; payload freed {}",
+            "chunks: {} released ({}), {} rebased and {} packs rewritten (+{}), {} old bases still shared; payload freed {}",
             self.chunks_released,
             bytes(self.bytes_released),
             self.chunks_rebased,
+            self.packs_rewritten,
             bytes(self.rebase_growth),
             self.bases_kept,
             bytes(self.bytes_freed)
@@ -126,6 +132,9 @@ struct Plan {
     release: Vec<(u64, [u8; 32])>,
     /// Surviving deltas with a released base.
     rebase: Vec<u64>,
+    /// Packs to write again, with their surviving members in pack order
+    /// (the old pack is released).
+    repack: Vec<(u64, Vec<u64>)>,
     /// `(kept batch, time the first dropped batch after it committed)`.
     gaps: Vec<(u64, i64)>,
     /// Kept batches whose record changes: versions moved in from older
@@ -169,6 +178,7 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         latest: Vec::new(),
         release: Vec::new(),
         rebase: Vec::new(),
+        repack: Vec::new(),
         gaps: Vec::new(),
         batch_records: Vec::new(),
     };
@@ -304,12 +314,32 @@ fn make_plan(reader: &Reader, policy: &Policy) -> Result<Plan> {
         }
     }
     plan.summary.bases_kept = kept_bases.len() as u64;
-    // A pack stays while any member does (see the store's Packs).
-    let kept_packs: HashSet<u64> = chunks
-        .iter()
-        .filter(|(id, _)| live.contains(id) || kept_bases.contains(id))
-        .filter_map(|(_, record)| record.pack())
-        .collect();
+    // A pack stays while any member does (see the store's Packs); one
+    // whose surviving members are less than half of it is written again
+    // with them alone.
+    let kept = |id: &u64| live.contains(id) || kept_bases.contains(id);
+    let mut survivors: HashMap<u64, (u64, Vec<(u32, u64)>)> = HashMap::new();
+    for (id, record) in chunks.iter().filter(|(id, _)| kept(id)) {
+        if let ChunkEncoding::Packed { pack, offset } = record.encoding {
+            let entry = survivors.entry(pack).or_default();
+            entry.0 += u64::from(record.len);
+            entry.1.push((offset, *id));
+        }
+    }
+    let mut kept_packs: HashSet<u64> = survivors.keys().copied().collect();
+    for (id, record) in &chunks {
+        let Some((bytes, members)) = survivors.get_mut(id) else {
+            continue;
+        };
+        if !kept(id) && *bytes * REPACK_SHARE < u64::from(record.len) {
+            members.sort_unstable();
+            plan.summary.rebase_growth += *bytes;
+            plan.repack
+                .push((*id, members.iter().map(|(_, member)| *member).collect()));
+            kept_packs.remove(id);
+        }
+    }
+    plan.summary.packs_rewritten = plan.repack.len() as u64;
     for (id, record) in &chunks {
         if !live.contains(id) && !kept_bases.contains(id) && !kept_packs.contains(id) {
             plan.summary.bytes_released += u64::from(record.stored_len);
@@ -343,6 +373,10 @@ pub fn plan(store_path: &Path, policy: &Policy) -> Result<CompactSummary> {
 
 /// Rebased chunks are re-encoded this many at a time (bounded memory).
 const REBASE_GROUP: usize = 32;
+
+/// A kept pack is written again when its surviving members are less than
+/// 1/this of it.
+const REPACK_SHARE: u64 = 2;
 
 /// Applies `policy` to the store at `store_path`: drops the batches it does
 /// not keep, rebases, releases chunks and shrinks the file.
@@ -380,6 +414,27 @@ pub fn compact(store_path: &Path, policy: &Policy) -> Result<CompactSummary> {
     Ok(summary)
 }
 
+/// Writes a pack of surviving members (see `apply`); returns its payload
+/// bytes.
+fn store_pack(
+    editor: &mut HistoryEditor,
+    bases: &BaseEncoder,
+    builder: &mut PackBuilder,
+) -> Result<i64> {
+    let id = editor.new_chunk_id()?;
+    let sealed = builder.seal(bases, || id)?;
+    let mut stored = 0i64;
+    if let Some((id, record, payload)) = &sealed.pack {
+        stored += payload.len() as i64;
+        editor.put_pack(*id, record, payload)?;
+    }
+    for (id, record, payload) in &sealed.chunks {
+        stored += payload.len() as i64;
+        editor.replace_chunk(*id, record, payload)?;
+    }
+    Ok(stored)
+}
+
 fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
     let mut summary = plan.summary;
     let mut editor = store.edit_history()?;
@@ -387,7 +442,7 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
     let mut growth = 0i64;
     // Rebased chunks are compressed as new ones are.
     let dictionary = reader.dictionary()?;
-    let bases = crate::store::codec::BaseEncoder::new(dictionary.as_deref());
+    let bases = BaseEncoder::new(dictionary.as_deref());
     for group in plan.rebase.chunks(REBASE_GROUP) {
         let encoded: Vec<(u64, ChunkRecord, Vec<u8>, u32)> = group
             .par_iter()
@@ -411,6 +466,22 @@ fn apply(store: &Store, reader: &Reader, plan: Plan) -> Result<CompactSummary> {
             growth += i64::from(record.stored_len) - i64::from(old_len);
             editor.replace_chunk(id, &record, &payload)?;
         }
+    }
+    // Packs mostly released: their survivors packed again, before the old
+    // pack is released below.
+    for (pack, members) in &plan.repack {
+        let mut builder = PackBuilder::default();
+        for &id in members {
+            let record = reader.chunk_record(id)?;
+            let bytes = reader
+                .chunk_bytes(id)
+                .with_context(|| format!("cannot pack chunk {id} of pack {pack} again"))?;
+            if !builder.fits(bytes.len()) {
+                growth += store_pack(&mut editor, &bases, &mut builder)?;
+            }
+            builder.push(id, record.hash, &bytes);
+        }
+        growth += store_pack(&mut editor, &bases, &mut builder)?;
     }
     for (id, hash) in &plan.release {
         editor.remove_chunk(*id, hash)?;
