@@ -640,6 +640,42 @@ fn appended(
     })
 }
 
+/// `record` placed: its payload appended to the segments, or, for a
+/// packed chunk (which has none of its own), as it is; a packed chunk
+/// given payload is refused.
+fn placed(
+    writer: &mut segments::SegmentWriter,
+    id: u64,
+    record: &ChunkRecord,
+    payload: &[u8],
+) -> Result<ChunkRecord> {
+    match record.pack() {
+        Some(_) if !payload.is_empty() => Err(StoreError::Corrupt(format!(
+            "packed chunk {id} was given {} bytes of payload",
+            payload.len()
+        ))),
+        Some(_) => Ok(record.clone()),
+        None => appended(writer, record, payload),
+    }
+}
+
+/// A pack's `record` with its payload appended; a record that cannot hold
+/// packed chunks is refused.
+fn pack_appended(
+    writer: &mut segments::SegmentWriter,
+    id: u64,
+    record: &ChunkRecord,
+    payload: &[u8],
+) -> Result<ChunkRecord> {
+    if !record.can_be_pack() {
+        return Err(StoreError::Corrupt(format!(
+            "chunk {id} was given as a pack but is {:?}",
+            record.encoding
+        )));
+    }
+    appended(writer, record, payload)
+}
+
 /// Reads chunk `id`'s payload from the segments; damage names the chunk.
 fn read_segment(
     reader: &segments::SegmentReader,
@@ -1598,17 +1634,7 @@ impl BatchWriter {
     /// A packed chunk ([`ChunkEncoding::Packed`]) has no payload of its own:
     /// `payload` must be empty, and nothing is appended.
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
-        let record = if record.pack().is_some() {
-            if !payload.is_empty() {
-                return Err(StoreError::Corrupt(format!(
-                    "packed chunk {id} was given {} bytes of payload",
-                    payload.len()
-                )));
-            }
-            record.clone()
-        } else {
-            appended(&mut self.segments, record, payload)?
-        };
+        let record = placed(&mut self.segments, id, record, payload)?;
         self.pending.chunks.push((id, record.encode()));
         self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
         Ok(())
@@ -1619,13 +1645,7 @@ impl BatchWriter {
     /// own: it is not in `chunk_index` (a chunk whose bytes happen to be a
     /// pack's stays the one found by its hash).
     pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
-        if !record.can_be_pack() {
-            return Err(StoreError::Corrupt(format!(
-                "chunk {id} was given as a pack but is {:?}",
-                record.encoding
-            )));
-        }
-        let record = appended(&mut self.segments, record, payload)?;
+        let record = pack_appended(&mut self.segments, id, record, payload)?;
         self.pending.chunks.push((id, record.encode()));
         Ok(())
     }
@@ -1846,16 +1866,7 @@ impl HistoryEditor {
     /// chunk has no payload: `payload` must be empty.
     pub fn replace_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         self.remove_payload(id)?;
-        let record = match record.pack() {
-            Some(_) if !payload.is_empty() => {
-                return Err(StoreError::Corrupt(format!(
-                    "packed chunk {id} was given {} bytes of payload",
-                    payload.len()
-                )))
-            }
-            Some(_) => record.clone(),
-            None => appended(&mut self.segments, record, payload)?,
-        };
+        let record = placed(&mut self.segments, id, record, payload)?;
         self.txn
             .open_table(CHUNKS)?
             .insert(id, record.encode().as_slice())?;
@@ -1879,13 +1890,7 @@ impl HistoryEditor {
     /// Stores a new pack (see the schema's Packs), its payload appended to
     /// the segments; not in `chunk_index`, as a batch's.
     pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
-        if !record.can_be_pack() {
-            return Err(StoreError::Corrupt(format!(
-                "chunk {id} was given as a pack but is {:?}",
-                record.encoding
-            )));
-        }
-        let record = appended(&mut self.segments, record, payload)?;
+        let record = pack_appended(&mut self.segments, id, record, payload)?;
         self.txn
             .open_table(CHUNKS)?
             .insert(id, record.encode().as_slice())?;
