@@ -257,6 +257,9 @@ impl<'d> BaseEncoder<'d> {
             source: std::io::Error::other(zstd::zstd_safe::get_error_name(code)),
         })?;
         Ok(if compressed.len() + bytes.len() / 16 <= bytes.len() {
+            // The payload waits in the writer's queue: hold its bytes, not
+            // the worst case's room (a pack's is over 1 MiB).
+            compressed.shrink_to_fit();
             (
                 ChunkEncoding::Zstd {
                     dict: self.dictionary.map_or(0, Dictionary::id),

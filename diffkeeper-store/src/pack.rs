@@ -58,6 +58,12 @@ impl PackBuilder {
     /// first and seals when it does not: a pack never exceeds
     /// [`PACK_BYTES`].
     pub fn push(&mut self, id: u64, hash: [u8; 32], bytes: &[u8]) {
+        if self.bytes.capacity() == 0 {
+            // Kept from pack to pack (see `seal`): one allocation per
+            // builder rather than a doubling series per pack, which glibc's
+            // malloc leaves scattered over its arenas.
+            self.bytes.reserve_exact(PACK_BYTES);
+        }
         // At most PACK_BYTES before this member: fits a u32.
         let offset = self.bytes.len() as u32;
         self.members.push((id, hash, offset));
@@ -74,53 +80,64 @@ impl PackBuilder {
         pack_id: impl FnOnce() -> u64,
     ) -> Result<Sealed, CodecError> {
         let members = std::mem::take(&mut self.members);
-        let bytes = std::mem::take(&mut self.bytes);
-        let whole = |hash: [u8; 32], encoding: ChunkEncoding, payload: &[u8]| ChunkRecord {
-            hash,
-            len: bytes.len() as u32,
-            encoding,
-            stored_len: payload.len() as u32,
-            at: None,
-        };
-        Ok(match members.as_slice() {
-            [] => Sealed::default(),
-            [(id, hash, _)] => {
-                let (encoding, payload) = encoder.encode(&bytes)?;
-                Sealed {
-                    pack: None,
-                    chunks: vec![(*id, whole(*hash, encoding, &payload), payload)],
-                }
-            }
-            [..] => {
-                let (encoding, payload) = encoder.encode_pack(&bytes)?;
-                let pack = pack_id();
-                let record = whole(crate::sha256(&bytes), encoding, &payload);
-                let ends = members
-                    .iter()
-                    .skip(1)
-                    .map(|m| m.2)
-                    .chain([bytes.len() as u32]);
-                let chunks = members
-                    .iter()
-                    .zip(ends)
-                    .map(|(&(id, hash, offset), end)| {
-                        let record = ChunkRecord {
-                            hash,
-                            len: end - offset,
-                            encoding: ChunkEncoding::Packed { pack, offset },
-                            stored_len: 0,
-                            at: None,
-                        };
-                        (id, record, Vec::new())
-                    })
-                    .collect();
-                Sealed {
-                    pack: Some((pack, record, payload)),
-                    chunks,
-                }
-            }
-        })
+        let sealed = seal(&members, &self.bytes, encoder, pack_id);
+        self.bytes.clear();
+        sealed
     }
+}
+
+/// The chunks `members` (laid out in `bytes`) are stored as.
+fn seal(
+    members: &[(u64, [u8; 32], u32)],
+    bytes: &[u8],
+    encoder: &BaseEncoder,
+    pack_id: impl FnOnce() -> u64,
+) -> Result<Sealed, CodecError> {
+    let whole = |hash: [u8; 32], encoding: ChunkEncoding, payload: &[u8]| ChunkRecord {
+        hash,
+        len: bytes.len() as u32,
+        encoding,
+        stored_len: payload.len() as u32,
+        at: None,
+    };
+    Ok(match members {
+        [] => Sealed::default(),
+        [(id, hash, _)] => {
+            let (encoding, payload) = encoder.encode(bytes)?;
+            Sealed {
+                pack: None,
+                chunks: vec![(*id, whole(*hash, encoding, &payload), payload)],
+            }
+        }
+        [..] => {
+            let (encoding, payload) = encoder.encode_pack(bytes)?;
+            let pack = pack_id();
+            let record = whole(crate::sha256(bytes), encoding, &payload);
+            let ends = members
+                .iter()
+                .skip(1)
+                .map(|m| m.2)
+                .chain([bytes.len() as u32]);
+            let chunks = members
+                .iter()
+                .zip(ends)
+                .map(|(&(id, hash, offset), end)| {
+                    let record = ChunkRecord {
+                        hash,
+                        len: end - offset,
+                        encoding: ChunkEncoding::Packed { pack, offset },
+                        stored_len: 0,
+                        at: None,
+                    };
+                    (id, record, Vec::new())
+                })
+                .collect();
+            Sealed {
+                pack: Some((pack, record, payload)),
+                chunks,
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1048,6 +1048,7 @@ async fn capture_now(store: &Path, roots: &[StateDir], plan: CutPlan) -> Result<
                 accept_torn: plan.accept_torn,
                 files: files.as_ref().map(|f| f as &crate::capture::ReportedFn),
                 filter: plan.filter.as_deref(),
+                index_inodes: true,
             };
             capture_cut(&path, &dirs, &cut)
         })

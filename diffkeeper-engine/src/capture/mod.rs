@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{bail, Context, Result};
-use fastcdc::v2020::{ChunkData, StreamCDC};
+use fastcdc::v2020::{ChunkData, FastCDC, StreamCDC};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -203,6 +203,11 @@ pub struct Cut<'a> {
     /// Only the paths this keeps are recorded (see
     /// [`crate::scan::PathFilter`]); `None` keeps every path.
     pub filter: Option<&'a PathFilter>,
+    /// Index a walked tree's files by inode ([`Looked::inodes`]), for
+    /// later cuts of only the files reported written. A one-shot snapshot
+    /// has none: the index would be a tenth of its peak memory on 50,000
+    /// small files (`cargo xtask bench peers`, small).
+    pub index_inodes: bool,
 }
 
 /// A reading of [`Cut::clock`].
@@ -378,7 +383,7 @@ fn take_optimistic(
     let mut scanned = None;
     if let Some(store) = Store::open_read_only(store_path)? {
         let reader = store.reader()?;
-        let mut found = find_changes(store.path(), &reader, roots, files, cut.filter)?;
+        let mut found = find_changes(store.path(), &reader, roots, files, cut)?;
         if found.iter().all(|r| r.changes.is_empty()) {
             return Ok(BatchSummary {
                 scanned: found.iter().map(|r| r.scanned).sum(),
@@ -406,7 +411,7 @@ fn take_optimistic(
     // The scan made read-only stands unless another writer committed since.
     let mut found = match scanned {
         Some((last, found)) if last == reader.last_batch()? => found,
-        _ => find_changes(store.path(), &reader, roots, files, cut.filter)?,
+        _ => find_changes(store.path(), &reader, roots, files, cut)?,
     };
     let verdict = Verdict::AtCommit {
         watch: &watch,
@@ -495,7 +500,7 @@ fn take_frozen(
         let deadline = Instant::now() + cut.max_pause.saturating_sub(frozen.elapsed());
         let files = cut.files.and_then(|files| files(Ask::Frozen));
         let listed = frozen.elapsed();
-        let found = find_changes(store.path(), &reader, roots, files.as_deref(), cut.filter);
+        let found = find_changes(store.path(), &reader, roots, files.as_deref(), cut);
         let diffed = frozen.elapsed();
         let staged = match &found {
             Ok(found) if found.iter().any(|r| !r.changes.is_empty()) => Some(stage::stage(
@@ -599,10 +604,10 @@ fn find_changes(
     reader: &Reader,
     roots: &[StateDir],
     files: Option<&[(Vec<u8>, InodeKey)]>,
-    filter: Option<&PathFilter>,
+    cut: &Cut,
 ) -> Result<Vec<RootChanges>> {
-    let mut found = find_all_changes(store_path, reader, roots, files)?;
-    if let Some(filter) = filter {
+    let mut found = find_all_changes(store_path, reader, roots, files, cut.index_inodes)?;
+    if let Some(filter) = cut.filter {
         for root in &mut found {
             root.changes.retain(|change| filter.keeps(change));
         }
@@ -616,6 +621,7 @@ fn find_all_changes(
     reader: &Reader,
     roots: &[StateDir],
     files: Option<&[(Vec<u8>, InodeKey)]>,
+    index_inodes: bool,
 ) -> Result<Vec<RootChanges>> {
     if let (Some(files), [root]) = (files, roots) {
         match crate::scan::diff_files(root, reader, files)? {
@@ -640,7 +646,13 @@ fn find_all_changes(
                         .ok()
                         .map(|rel| root.path.join(rel))
                 });
-            diff_root(root, reader, &batch_started, exclude.as_deref())
+            diff_root(
+                root,
+                reader,
+                &batch_started,
+                exclude.as_deref(),
+                index_inodes,
+            )
         })
         .collect()
 }
@@ -1041,7 +1053,7 @@ impl Workers<'_> {
                 return Ok(FileCapture::Vanished);
             }
             let content = self
-                .read_content(staged.reader(file), full, &mut references)
+                .read_content(streamed(staged.reader(file)), full, &mut references)
                 .with_context(|| format!("staged copy of {}", full.display()))?;
             let attrs = file
                 .attrs
@@ -1077,14 +1089,14 @@ impl Workers<'_> {
                     .metadata()
                     .with_context(|| format!("cannot stat {}", full.display()))?;
                 let content = if bytes.len() as u64 == after.len() && same_stamps(&before, &after) {
-                    Some(self.read_content(std::io::Cursor::new(bytes), full, &mut references)?)
+                    Some(self.read_content(cut_whole(bytes), full, &mut references)?)
                 } else {
                     None
                 };
                 (content, after)
             } else {
                 let content = self.read_content(
-                    holes::SparseReader::new(&file, before.len()),
+                    streamed(holes::SparseReader::new(&file, before.len())),
                     full,
                     &mut references,
                 )?;
@@ -1109,19 +1121,19 @@ impl Workers<'_> {
         }
     }
 
-    /// Cuts, hashes and stores the bytes `from` gives. Reading, cutting and
-    /// the whole-file hash are sequential; chunk hashes and encoding run in
-    /// parallel a window at a time.
+    /// Hashes and stores a file's `chunks` ([`cut_whole`], [`streamed`]).
+    /// Reading, cutting and the whole-file hash are sequential; chunk
+    /// hashes and encoding run in parallel a window at a time.
     fn read_content(
         &self,
-        from: impl std::io::Read,
+        chunks: impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>>,
         full: &Path,
         references: &mut References,
     ) -> Result<Content> {
         let mut hasher = Sha256::new();
         let mut content = Content::default();
         let mut window: Vec<ChunkData> = Vec::with_capacity(ENCODE_WINDOW);
-        for chunk in StreamCDC::new(from, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+        for chunk in chunks {
             let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
             hasher.update(&chunk.data);
             content.size += chunk.data.len() as u64;
@@ -1367,6 +1379,39 @@ impl Workers<'_> {
             _ => Ok(Some((encoding, base))),
         }
     }
+}
+
+/// The chunks of a file read as it streams in (one buffer of
+/// [`CHUNK_MAX`] bytes a file).
+fn streamed(
+    from: impl std::io::Read,
+) -> impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>> {
+    StreamCDC::new(from, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
+}
+
+/// The chunks of a file read whole into `bytes`, cut where [`streamed`]
+/// cuts (the same cut points over the same bytes), without its buffer: a
+/// [`CHUNK_MAX`] one zeroed and filled for every file, which on 50,000
+/// small files was 25 GB of writes, a fifth of the first snapshot's CPU
+/// and, freed and taken again by threads in turn, most of the heap's
+/// scattering (`cargo xtask bench peers`, small). A one-chunk file's
+/// buffer becomes its chunk.
+fn cut_whole(mut bytes: Vec<u8>) -> impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>> {
+    let cuts: Vec<fastcdc::v2020::Chunk> =
+        FastCDC::new(&bytes, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX).collect();
+    cuts.into_iter().map(move |cut| {
+        let data = if cut.offset == 0 && cut.length == bytes.len() {
+            std::mem::take(&mut bytes)
+        } else {
+            bytes[cut.offset..cut.offset + cut.length].to_vec()
+        };
+        Ok(ChunkData {
+            hash: cut.hash,
+            offset: cut.offset as u64,
+            length: cut.length,
+            data,
+        })
+    })
 }
 
 /// Files up to this size are read whole into memory before they are
@@ -1632,5 +1677,60 @@ impl References {
             }
         }
         bases
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that cut into chunks of every kind (xorshift noise, with runs
+    /// of zeros the gear hash cannot cut in).
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 4096) % 7 == 3 {
+                    0
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_read_whole_is_cut_as_a_streamed_one() {
+        for len in [
+            0,
+            1,
+            100,
+            CHUNK_MIN,
+            CHUNK_MAX,
+            CHUNK_MAX + 1,
+            1 << 20,
+            3 << 20,
+        ] {
+            let bytes = noise(len);
+            let whole: Vec<(u64, u64, Vec<u8>)> = cut_whole(bytes.clone())
+                .map(|c| c.map(|c| (c.hash, c.offset, c.data)))
+                .collect::<Result<_, _>>()
+                .expect("cuts");
+            let streamed: Vec<(u64, u64, Vec<u8>)> = streamed(bytes.as_slice())
+                .map(|c| c.map(|c| (c.hash, c.offset, c.data)))
+                .collect::<Result<_, _>>()
+                .expect("cuts");
+            assert_eq!(whole, streamed, "{len} bytes");
+            let joined: Vec<u8> = whole.iter().flat_map(|c| c.2.iter().copied()).collect();
+            assert_eq!(joined, bytes, "{len} bytes");
+            assert!(
+                len < 3 * CHUNK_MAX || whole.len() > 3,
+                "{len} bytes in {} chunks",
+                whole.len()
+            );
+        }
     }
 }

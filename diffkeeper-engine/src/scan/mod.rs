@@ -460,25 +460,30 @@ pub fn proven_unchanged(
 }
 
 /// Compares a root on disk with the store's latest state of it.
-/// `batch_started` maps batch ids to their scan start times.
+/// `batch_started` maps batch ids to their scan start times; with
+/// `index_inodes` the changes carry the tree's files by inode.
 pub fn diff_root(
     root: &StateDir,
     reader: &Reader,
     batch_started: &HashMap<u64, i64>,
     exclude: Option<&Path>,
+    index_inodes: bool,
 ) -> Result<RootChanges> {
     let mut walked = walk(&root.path, exclude)?;
     let mut on_disk = std::mem::take(&mut walked.entries);
     let scanned = on_disk.len();
+    // Without the whole index, only files with other links are indexed: to
+    // count their names in the tree.
     let mut inodes = InodeIndex::new();
     for (path, entry) in &on_disk {
-        if entry.kind == EntryKind::File {
+        if entry.kind == EntryKind::File && (index_inodes || entry.nlink > 1) {
             inodes.entry(entry.inode).or_default().push(path.clone());
         }
     }
     let mut linked_out = LinkedOut::new();
     for (path, entry) in &on_disk {
-        let names = inodes.get(&entry.inode).map_or(0, Vec::len);
+        // A file left out has one link: its one name.
+        let names = inodes.get(&entry.inode).map_or(1, Vec::len);
         note_linked_out(&mut linked_out, path, entry, names);
     }
     let mut changes = Vec::new();
@@ -511,7 +516,7 @@ pub fn diff_root(
         root: root.clone(),
         changes,
         scanned,
-        inodes: Some(inodes),
+        inodes: index_inodes.then_some(inodes),
         linked_out,
         problems: walked
             .problems
