@@ -863,15 +863,28 @@ impl Reader {
     /// sorted by path bytes.
     pub fn latest(&self, root: &str) -> Result<Vec<LatestEntry>> {
         let mut out = Vec::new();
-        self.for_each_latest_of::<StoreError>(root, |path, batch| {
-            out.push(LatestEntry {
-                path: path.to_vec(),
-                batch,
-                version: self.version(root, path, batch)?,
-            });
+        self.for_each_latest::<StoreError>(root, |entry| {
+            out.push(entry);
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Each path of `root` with its newest version, as [`Reader::latest`]
+    /// lists them, one at a time: a scan of 50,000 files need not hold
+    /// every record at once.
+    pub fn for_each_latest<E: From<StoreError>>(
+        &self,
+        root: &str,
+        mut f: impl FnMut(LatestEntry) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.for_each_latest_of::<E>(root, |path, batch| {
+            f(LatestEntry {
+                path: path.to_vec(),
+                batch,
+                version: self.version(root, path, batch)?,
+            })
+        })
     }
 
     /// The newest version of one path (a tombstone if it was deleted), or
@@ -893,21 +906,23 @@ impl Reader {
     /// and a tombstone (with batch 0) for a path that only appeared later,
     /// so that rolling a directory back removes it.
     pub fn state_at(&self, root: &str, batch: u64) -> Result<Vec<LatestEntry>> {
-        // What `latest` says each path's newest version is: at a moment at
-        // or after it, that version and no other (a damaged key must not
-        // make an older version stand in for a missing one).
-        let mut newest: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
-        self.for_each_latest_of::<StoreError>(root, |path, b| {
-            newest.insert(path.to_vec(), b);
+        // `latest` names each path's newest version: at a moment at or
+        // after it, that version and no other (a damaged key must not make
+        // an older version stand in for a missing one). Both tables are in
+        // path order, so they are read side by side: no map of every path
+        // (5 MB on 50,000 files) stands beside the list.
+        let mut count = 0;
+        self.for_each_latest_of::<StoreError>(root, |_, _| {
+            count += 1;
             Ok(())
         })?;
         // At most one entry per path the latest table knows: reserved at
         // once, so the list never stands in memory twice while it grows.
-        let mut out = Vec::with_capacity(newest.len());
+        let mut out = Vec::with_capacity(count);
+        let mut newest = LatestCursor::new(self, root, batch)?;
         let mut current: Option<(Vec<u8>, u64)> = None;
-        let lo: (&str, &[u8], u64) = (root, &[], 0);
         let mut finish = |path: Vec<u8>, best: u64| -> Result<()> {
-            match newest.remove(&path) {
+            match newest.take(&path)? {
                 Some(n) if n <= batch && n != best => {
                     return Err(StoreError::Corrupt(format!(
                         "{root}:{}: its newest version (batch {n}) is missing from the versions table; refusing to use another in its place",
@@ -934,6 +949,7 @@ impl Reader {
             });
             Ok(())
         };
+        let lo: (&str, &[u8], u64) = (root, &[], 0);
         for item in self.versions.range(lo..)? {
             let (key, _) = item?;
             let (r, path, b) = key.value();
@@ -957,12 +973,7 @@ impl Reader {
         if let Some((p, best)) = current {
             finish(p, best)?;
         }
-        if let Some((path, n)) = newest.into_iter().find(|&(_, n)| n <= batch) {
-            return Err(StoreError::Corrupt(format!(
-                "{root}:{}: its newest version (batch {n}) is missing from the versions table",
-                String::from_utf8_lossy(&path)
-            )));
-        }
+        newest.finish()?;
         Ok(out)
     }
 
@@ -1548,6 +1559,79 @@ impl std::io::Read for ContentReader<'_> {
     }
 }
 
+/// `latest`'s entries of one root read in path order beside the versions
+/// table (see [`Reader::state_at`]).
+struct LatestCursor<'r> {
+    range: redb::Range<'r, PathKey, u64>,
+    root: &'r str,
+    /// The moment looked at: a path without versions whose newest version
+    /// is at or before it has lost that version.
+    batch: u64,
+    /// The next entry, not yet taken.
+    ahead: Option<(Vec<u8>, u64)>,
+}
+
+impl<'r> LatestCursor<'r> {
+    fn new(reader: &'r Reader, root: &'r str, batch: u64) -> Result<LatestCursor<'r>> {
+        let lo: (&str, &[u8]) = (root, &[]);
+        let mut cursor = LatestCursor {
+            range: reader.latest.range(lo..)?,
+            root,
+            batch,
+            ahead: None,
+        };
+        cursor.ahead = cursor.next()?;
+        Ok(cursor)
+    }
+
+    fn next(&mut self) -> Result<Option<(Vec<u8>, u64)>> {
+        let Some(item) = self.range.next() else {
+            return Ok(None);
+        };
+        let (key, batch) = item?;
+        let (root, path) = key.value();
+        Ok((root == self.root).then(|| (path.to_vec(), batch.value())))
+    }
+
+    /// Passes over the entries of paths before `path` (all of them for
+    /// `None`): none may name a version at or before the moment.
+    fn pass(&mut self, path: Option<&[u8]>) -> Result<()> {
+        while let Some((p, n)) = &self.ahead {
+            if path.is_some_and(|path| p.as_slice() >= path) {
+                break;
+            }
+            if *n <= self.batch {
+                return Err(StoreError::Corrupt(format!(
+                    "{}:{}: its newest version (batch {n}) is missing from the versions table",
+                    self.root,
+                    String::from_utf8_lossy(p)
+                )));
+            }
+            self.ahead = self.next()?;
+        }
+        Ok(())
+    }
+
+    /// The batch of `path`'s newest version, if `latest` has it; paths
+    /// are asked for in order.
+    fn take(&mut self, path: &[u8]) -> Result<Option<u64>> {
+        self.pass(Some(path))?;
+        match &self.ahead {
+            Some((p, n)) if p.as_slice() == path => {
+                let n = *n;
+                self.ahead = self.next()?;
+                Ok(Some(n))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks the entries left, once every path with versions is taken.
+    fn finish(mut self) -> Result<()> {
+        self.pass(None)
+    }
+}
+
 /// Which hashes a decode checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -2111,6 +2195,103 @@ mod tests {
             logical_bytes: 0,
             stored_bytes: 0,
         }
+    }
+
+    #[test]
+    fn a_state_whose_latest_and_versions_tables_disagree_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.dkstore");
+        let store = Store::create_or_open(&path).expect("create");
+        let mut writer = store.begin_batch().expect("batch");
+        let version = VersionRecord {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            ..VersionRecord::tombstone()
+        };
+        for name in ["a", "b", "c"] {
+            writer
+                .put_version("data", name.as_bytes(), &version)
+                .expect("version");
+        }
+        let batch = writer.commit(&empty_batch()).expect("commit");
+        drop(store);
+        let state = |moment: u64| {
+            let store = Store::open_read_only(&path)
+                .expect("open")
+                .expect("a store");
+            let reader = store.reader().expect("reader");
+            reader.state_at("data", moment).map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| (String::from_utf8_lossy(&e.path).into_owned(), e.batch))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let names = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(n, b)| (n.to_string(), *b)).collect()
+        };
+        assert_eq!(
+            state(batch).expect("state"),
+            names(&[("a", batch), ("b", batch), ("c", batch)])
+        );
+        // Before the batch, each path is to be removed.
+        assert_eq!(
+            state(0).expect("state"),
+            names(&[("a", 0), ("b", 0), ("c", 0)])
+        );
+        let edit = |f: &dyn Fn(&redb::WriteTransaction)| {
+            let db = Database::open(&path).expect("open");
+            let txn = db.begin_write().expect("write");
+            f(&txn);
+            txn.commit().expect("commit");
+        };
+        // A path with versions but no latest entry.
+        edit(&|txn| {
+            let mut latest = txn.open_table(LATEST).expect("latest");
+            latest.remove(("data", b"b".as_slice())).expect("remove");
+        });
+        let err = format!("{}", state(batch).expect_err("refused"));
+        assert!(
+            err.contains("data:b has versions but no entry in the latest table"),
+            "{err}"
+        );
+        edit(&|txn| {
+            let mut latest = txn.open_table(LATEST).expect("latest");
+            latest
+                .insert(("data", b"b".as_slice()), batch)
+                .expect("insert");
+        });
+        // Paths whose newest version is gone, first and last in path order.
+        for name in ["a", "c"] {
+            edit(&|txn| {
+                let mut versions = txn.open_table(VERSIONS).expect("versions");
+                versions
+                    .remove(("data", name.as_bytes(), batch))
+                    .expect("remove");
+            });
+            let err = format!("{}", state(batch).expect_err("refused"));
+            assert!(
+                err.contains(&format!(
+                    "data:{name}: its newest version (batch {batch}) is missing"
+                )),
+                "{err}"
+            );
+            // The moment before that version still reads.
+            assert!(state(0).is_ok());
+            edit(&|txn| {
+                let mut versions = txn.open_table(VERSIONS).expect("versions");
+                versions
+                    .insert(
+                        ("data", name.as_bytes(), batch),
+                        version.encode().as_slice(),
+                    )
+                    .expect("insert");
+            });
+        }
+        assert_eq!(
+            state(batch).expect("state"),
+            names(&[("a", batch), ("b", batch), ("c", batch)])
+        );
     }
 
     #[test]

@@ -487,9 +487,9 @@ pub fn diff_root(
         note_linked_out(&mut linked_out, path, entry, names);
     }
     let mut changes = Vec::new();
-    for stored in reader.latest(&root.name)? {
+    reader.for_each_latest::<crate::error::EngineError>(&root.name, |stored| {
         if stored.version.kind == EntryKind::Tombstone {
-            continue;
+            return Ok(());
         }
         match on_disk.remove(&stored.path) {
             None if walked.unseen(&stored.path) => {}
@@ -502,7 +502,8 @@ pub fn diff_root(
                 }
             }
         }
-    }
+        Ok(())
+    })?;
     // What is left on disk is new to the store.
     for (path, entry) in on_disk {
         changes.push(Change::Write {
