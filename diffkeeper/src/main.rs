@@ -42,8 +42,9 @@ fn stdout_gone() -> bool {
 /// arena of its own, up to 8 per core, and keeps what each frees: a daemon
 /// whose targets' captures run on many blocking threads ends up holding
 /// memory in every one. Two arenas are plenty for a long-running process
-/// (`long_running`) whose heavy work is I/O and hashing (`cargo xtask bench daemon`, 50 targets and a
-/// 64 MB rewrite: peak RSS 115 MiB with the default, 79 MiB with two).
+/// (`long_running`) whose heavy work is I/O and hashing (`cargo xtask
+/// bench daemon`, 50 targets and a 64 MB rewrite: peak RSS 115 MiB with
+/// the default, 79 MiB with two).
 ///
 /// Buffers of 256 KiB and more (packs, chunks of large files, decoded
 /// bases) are mapped on their own and given back when freed. glibc's
