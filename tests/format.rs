@@ -271,3 +271,64 @@ fn the_schema_4_fixture_holds_packed_chunks() {
         "no pack of several members: {packs:?}"
     );
 }
+
+/// The names of the tables the store at `path` has.
+fn tables_of(path: &Path) -> Vec<String> {
+    use redb::{ReadableDatabase, TableHandle};
+    let db = redb::ReadOnlyDatabase::open(path).expect("open");
+    let txn = db.begin_read().expect("read");
+    let tables = txn.list_tables().expect("tables");
+    tables.map(|t| t.name().to_string()).collect()
+}
+
+/// Every chunk that is not a pack, with its hash.
+fn indexed_chunks(reader: &diffkeeper::store::Reader) -> Vec<(u64, [u8; 32])> {
+    let mut packs = std::collections::BTreeSet::new();
+    let mut chunks = Vec::new();
+    reader
+        .for_each_chunk::<diffkeeper::store::StoreError>(|id, record| {
+            packs.extend(record.pack());
+            chunks.push((id, record.hash));
+            Ok(())
+        })
+        .expect("chunks");
+    chunks.retain(|(id, _)| !packs.contains(id));
+    chunks
+}
+
+/// Schema 5 finds chunks by the first 8 bytes of their hash: a schema-4
+/// store is read through its whole-hash `chunk_index`, and the first write
+/// moves every entry to `chunk_hashes` and drops the old table; every chunk
+/// is found by its content before and after, and a hash that shares only
+/// the prefix of a stored one finds nothing.
+#[test]
+fn a_schema_4_chunk_index_moves_to_hash_prefixes_on_upgrade() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = work.path().join("v4.redb");
+    common::copy_store(&fixtures().join("store-v4.redb"), &store);
+    assert!(tables_of(&store).contains(&"chunk_index".to_string()));
+    let found_by_content = |store: &diffkeeper::store::Store| {
+        let reader = store.reader().expect("reader");
+        let chunks = indexed_chunks(&reader);
+        assert!(chunks.len() >= 3, "{chunks:?}");
+        for (id, hash) in &chunks {
+            assert_eq!(reader.find_chunk(hash).expect("find"), Some(*id));
+            let mut alike = *hash;
+            alike[31] ^= 1;
+            assert_eq!(reader.find_chunk(&alike).expect("find"), None);
+        }
+    };
+    let read_only = diffkeeper::store::Store::open_existing(&store).expect("open");
+    found_by_content(&read_only);
+    drop(read_only);
+    let written = diffkeeper::store::Store::create_or_open(&store).expect("open to write");
+    found_by_content(&written);
+    drop(written);
+    let tables = tables_of(&store);
+    assert!(tables.contains(&"chunk_hashes".to_string()), "{tables:?}");
+    assert!(!tables.contains(&"chunk_index".to_string()), "{tables:?}");
+    ok(&["verify", "--store", s(&store)]);
+    let fresh = tables_of(&fixtures().join("store-v5.redb"));
+    assert!(fresh.contains(&"chunk_hashes".to_string()), "{fresh:?}");
+    assert!(!fresh.contains(&"chunk_index".to_string()), "{fresh:?}");
+}

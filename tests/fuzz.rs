@@ -27,7 +27,7 @@ proptest! {
 
     #[test]
     fn record_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-        let _ = VersionRecord::decode(&bytes, "v");
+        let _ = VersionRecord::decode(&bytes, "v", |_| Ok([0; 32]));
         let _ = schema::decode::<BatchRecord>(&bytes, "b");
         let _ = ChunkRecord::decode(&bytes, "c");
         let _ = schema::decode::<CutRecord>(&bytes, "cut");

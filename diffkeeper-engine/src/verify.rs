@@ -3,8 +3,8 @@
 //!
 //! Structure first: every `latest` entry names a version that exists and is
 //! its path's newest, every version belongs to a batch that exists and to a
-//! path that is valid and in `latest`, `chunk_index` and `chunks` agree both
-//! ways, every chunk a version or a delta refers to exists, every packed
+//! path that is valid and in `latest`, the chunk index and `chunks` agree
+//! both ways, every chunk a version or a delta refers to exists, every packed
 //! chunk lies within a pack that exists, and chunks no version reaches
 //! (through deltas and packs) are counted (a capture that found a file torn leaves its
 //! chunks so; the next `compact` releases them). Then each chunk is decoded
@@ -143,7 +143,7 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
         Ok(())
     })?;
     let member_ids: HashSet<u64> = members.iter().map(|m| m.0).collect();
-    // Packs are not content of their own: not in chunk_index.
+    // Packs are not content of their own: not in the chunk index.
     let pack_ids: HashSet<u64> = members.iter().map(|m| m.1).collect();
     for (id, pack, offset, len) in members {
         match packs.get(&pack) {
@@ -167,27 +167,34 @@ fn structure(reader: &crate::store::Reader, versions: &[Version]) -> Result<(Vec
             Some(_) => {}
         }
     }
-    let mut indexed: HashMap<[u8; 32], u64> = HashMap::new();
-    reader.for_each_index_entry::<crate::error::EngineError>(|hash, id| {
+    // Index key -> chunk id (see the schema's Finding a chunk by its content).
+    let mut indexed: HashMap<u64, u64> = HashMap::new();
+    reader.for_each_index_entry::<crate::error::EngineError>(|key, id| {
         match chunks.get(&id) {
             None => problem(
-                format!("chunk_index {}", crate::store::hex(hash)),
+                format!("chunk index entry {key:016x}"),
                 format!("names chunk {id}, which does not exist"),
             ),
-            Some((h, _)) if h != hash => problem(
-                format!("chunk_index {}", crate::store::hex(hash)),
+            Some((h, _)) if crate::store::schema::hash_key(h) != key => problem(
+                format!("chunk index entry {key:016x}"),
                 format!("names chunk {id}, whose hash is {}", crate::store::hex(h)),
             ),
             Some(_) => {}
         }
-        indexed.insert(*hash, id);
+        indexed.insert(key, id);
         Ok(())
     })?;
     for (id, (hash, bases)) in &chunks {
-        if indexed.get(hash) != Some(id) && !pack_ids.contains(id) {
+        let entry = indexed.get(&crate::store::schema::hash_key(hash));
+        // Found under its hash, or its key taken by another content.
+        let findable = entry == Some(id)
+            || entry
+                .and_then(|other| chunks.get(other))
+                .is_some_and(|(other, _)| other != hash);
+        if !findable && !pack_ids.contains(id) {
             problem(
                 format!("chunk {id}"),
-                "is not in chunk_index under its hash".into(),
+                "is not in the chunk index under its hash".into(),
             );
         }
         // A member's pack is checked above.

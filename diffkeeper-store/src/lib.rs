@@ -27,9 +27,10 @@ use sha2::{Digest, Sha256};
 
 use schema::{
     decode, encode, BatchRecord, ChunkEncoding, ChunkRecord, EntryKind, SeenRecord, Stamp,
-    VersionRecord, BATCHES, CHUNKS, CHUNK_INDEX, CUTS, DICTS, GAPS, LATEST, META, META_CREATED_MS,
-    META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION, META_SEGMENT_END,
-    MIN_READER_VERSION, OLDEST_READABLE, PAYLOAD, SCHEMA_VERSION, SEEN, SETTLED, VERSIONS,
+    VersionRecord, BATCHES, CHUNKS, CHUNK_HASHES, CHUNK_INDEX, CUTS, DICTS, GAPS, LATEST, META,
+    META_CREATED_MS, META_MIN_READER_VERSION, META_RETENTION, META_SCHEMA_VERSION,
+    META_SEGMENT_END, MIN_READER_VERSION, OLDEST_READABLE, PAYLOAD, SCHEMA_VERSION, SEEN, SETTLED,
+    VERSIONS,
 };
 
 /// What a store operation can fail with.
@@ -273,7 +274,7 @@ impl Store {
             txn.open_table(VERSIONS)?;
             txn.open_table(LATEST)?;
             txn.open_table(CHUNKS)?;
-            txn.open_table(CHUNK_INDEX)?;
+            txn.open_table(CHUNK_HASHES)?;
             txn.open_table(PAYLOAD)?;
             txn.open_table(DICTS)?;
         }
@@ -340,6 +341,7 @@ impl Store {
                 Ok(_) | Err(redb::TableError::TableDoesNotExist(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+            rekey_chunk_index(&txn)?;
             txn.commit()?;
             tracing::info!(store = %self.path.display(), from = found, to = SCHEMA_VERSION, "store upgraded to this build's schema");
         }
@@ -361,7 +363,10 @@ impl Store {
             versions: txn.open_table(VERSIONS)?,
             latest: txn.open_table(LATEST)?,
             chunks: txn.open_table(CHUNKS)?,
-            chunk_index: txn.open_table(CHUNK_INDEX)?,
+            chunk_index: match optional_table(&txn, CHUNK_HASHES)? {
+                Some(table) => ChunkIndex::Short(table),
+                None => ChunkIndex::Full(txn.open_table(CHUNK_INDEX)?),
+            },
             payload: txn.open_table(PAYLOAD)?,
             // Tables that older stores may not have (see `schema`).
             gaps: optional_table(&txn, GAPS)?,
@@ -536,6 +541,28 @@ impl IndexUsage {
     }
 }
 
+/// Schema 4 and older to 5: `chunk_index`'s entries move to
+/// `chunk_hashes`, each under its hash's first 8 bytes (an entry whose
+/// prefix an earlier one took stays unindexed, see the schema's Finding a
+/// chunk by its content), and `chunk_index` is dropped.
+fn rekey_chunk_index(txn: &redb::WriteTransaction) -> Result<()> {
+    let mut short = txn.open_table(CHUNK_HASHES)?;
+    let full = match txn.open_table(CHUNK_INDEX) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for row in full.iter()? {
+        let (hash, id) = row?;
+        let key = schema::hash_key(hash.value());
+        if short.get(key)?.is_none() {
+            short.insert(key, id.value())?;
+        }
+    }
+    txn.delete_table(full)?;
+    Ok(())
+}
+
 /// Table that [`repack`] copies a table into before it takes its name.
 const REPACKING: &str = "repacking";
 
@@ -544,14 +571,14 @@ const REPACKING: &str = "repacking";
 const REPACK_MIN_BYTES: u64 = 1 << 20;
 
 /// Rewrites each of the index tables that grow by scattered inserts
-/// (versions, latest, chunks, chunk_index, seen) whose pages are more than
+/// (versions, latest, chunks, chunk_hashes, seen) whose pages are more than
 /// a fifth empty, in one transaction: rows copied in key order into a
 /// fresh table fill its leaves, the old table is deleted and the copy takes
 /// its name. A crash leaves either the old tables or the new ones.
 ///
 /// 50,000 small files after ten rounds of 100 edits: versions 2,562 pages
-/// against 1,826 for the same rows in key order, chunk_index 728 against
-/// 514; the file 19.4 MB against 15.5 MB with every table repacked.
+/// against 1,826 for the same rows in key order, chunk_index (schema 4)
+/// 728 against 514; the file 19.4 MB against 15.5 MB with every table repacked.
 /// Rows inserted later split the packed leaves again, so a table comes
 /// back here every few rounds; checking costs one walk over its pages.
 fn repack(db: &Database) -> Result<()> {
@@ -561,7 +588,7 @@ fn repack(db: &Database) -> Result<()> {
     repacked |= repack_table(&txn, VERSIONS)?;
     repacked |= repack_table(&txn, LATEST)?;
     repacked |= repack_table(&txn, CHUNKS)?;
-    repacked |= repack_table(&txn, CHUNK_INDEX)?;
+    repacked |= repack_table(&txn, CHUNK_HASHES)?;
     repacked |= repack_table(&txn, SEEN)?;
     if repacked {
         txn.commit()?;
@@ -818,7 +845,7 @@ pub struct Reader {
     versions: ReadOnlyTable<(&'static str, &'static [u8], u64), &'static [u8]>,
     latest: ReadOnlyTable<PathKey, u64>,
     chunks: ReadOnlyTable<u64, &'static [u8]>,
-    chunk_index: ReadOnlyTable<&'static [u8; 32], u64>,
+    chunk_index: ChunkIndex,
     payload: ReadOnlyTable<(u64, u32), &'static [u8]>,
     gaps: Option<ReadOnlyTable<u64, i64>>,
     seen: Option<ReadOnlyTable<PathKey, &'static [u8]>>,
@@ -831,6 +858,13 @@ pub struct Reader {
     packs: BaseCache,
     segments: segments::SegmentReader,
     path: PathBuf,
+}
+
+/// Where a reader finds chunks by content: `chunk_hashes`, or in a
+/// schema-4 store opened read-only, its `chunk_index`.
+enum ChunkIndex {
+    Short(ReadOnlyTable<u64, u64>),
+    Full(ReadOnlyTable<&'static [u8; 32], u64>),
 }
 
 /// Packs a reader keeps decoded (each up to [`schema::PACK_BYTES`]): a
@@ -995,14 +1029,26 @@ impl Reader {
         Ok(())
     }
 
-    /// Every `chunk_index` entry: `(hash, chunk id)`.
+    /// Every entry of the chunk index: `(key, chunk id)`, the key being
+    /// what [`schema::hash_key`] makes of the chunk's hash (in a schema-4
+    /// store, of the hash the entry is under).
     pub fn for_each_index_entry<E: From<StoreError>>(
         &self,
-        mut f: impl FnMut(&[u8; 32], u64) -> Result<(), E>,
+        mut f: impl FnMut(u64, u64) -> Result<(), E>,
     ) -> Result<(), E> {
-        for item in self.chunk_index.iter().map_err(StoreError::from)? {
-            let (hash, id) = item.map_err(StoreError::from)?;
-            f(hash.value(), id.value())?;
+        match &self.chunk_index {
+            ChunkIndex::Short(table) => {
+                for item in table.iter().map_err(StoreError::from)? {
+                    let (key, id) = item.map_err(StoreError::from)?;
+                    f(key.value(), id.value())?;
+                }
+            }
+            ChunkIndex::Full(table) => {
+                for item in table.iter().map_err(StoreError::from)? {
+                    let (hash, id) = item.map_err(StoreError::from)?;
+                    f(schema::hash_key(hash.value()), id.value())?;
+                }
+            }
         }
         Ok(())
     }
@@ -1014,10 +1060,7 @@ impl Reader {
         let hi: (&str, &[u8], u64) = (root, path, u64::MAX);
         for item in self.versions.range(lo..=hi)? {
             let (key, value) = item?;
-            out.push((
-                key.value().2,
-                VersionRecord::decode(value.value(), "version record")?,
-            ));
+            out.push((key.value().2, self.decode_version(value.value())?));
         }
         Ok(out)
     }
@@ -1065,6 +1108,19 @@ impl Reader {
         Ok((record.batch == batch).then_some(record))
     }
 
+    /// Decodes a version record, reading its chunk's hash where the
+    /// record does not keep its own (schema 5, a one-chunk file). A chunk
+    /// that is missing or damaged gives zeros: whatever reads the content
+    /// meets that chunk and reports it (verify names it with the version).
+    fn decode_version(&self, bytes: &[u8]) -> Result<VersionRecord> {
+        VersionRecord::decode(bytes, "version record", |id| {
+            Ok(match self.chunks.get(id)? {
+                Some(raw) => chunk_record_of(id, raw.value()).map_or([0; 32], |c| c.hash),
+                None => [0; 32],
+            })
+        })
+    }
+
     /// One version record.
     pub fn version(&self, root: &str, path: &[u8], batch: u64) -> Result<VersionRecord> {
         let raw = self.versions.get((root, path, batch))?.ok_or_else(|| {
@@ -1073,7 +1129,7 @@ impl Reader {
                 String::from_utf8_lossy(path)
             ))
         })?;
-        VersionRecord::decode(raw.value(), "version record")
+        self.decode_version(raw.value())
     }
 
     /// Every version of `root`'s paths: `(path, batch, record)` in key order.
@@ -1089,11 +1145,7 @@ impl Reader {
             if r != root {
                 break;
             }
-            f(
-                path,
-                batch,
-                VersionRecord::decode(value.value(), "version record")?,
-            )?;
+            f(path, batch, self.decode_version(value.value())?)?;
         }
         Ok(())
     }
@@ -1106,7 +1158,7 @@ impl Reader {
         for item in self.versions.iter().map_err(StoreError::from)? {
             let (key, value) = item.map_err(StoreError::from)?;
             let (root, path, batch) = key.value();
-            let record = VersionRecord::decode(value.value(), "version record")?;
+            let record = self.decode_version(value.value())?;
             f(root, path, batch, record)?;
         }
         Ok(())
@@ -1160,7 +1212,17 @@ impl Reader {
 
     /// The id of a stored chunk with this content hash.
     pub fn find_chunk(&self, hash: &[u8; 32]) -> Result<Option<u64>> {
-        Ok(self.chunk_index.get(hash)?.map(|v| v.value()))
+        match &self.chunk_index {
+            ChunkIndex::Full(table) => Ok(table.get(hash)?.map(|v| v.value())),
+            ChunkIndex::Short(table) => {
+                let Some(id) = table.get(schema::hash_key(hash))?.map(|v| v.value()) else {
+                    return Ok(None);
+                };
+                // The key is a prefix: the chunk's own hash decides.
+                let found = self.chunk_record(id)?;
+                Ok((found.hash == *hash).then_some(id))
+            }
+        }
     }
 
     /// Every chunk's id and record, ascending by id.
@@ -1735,7 +1797,7 @@ pub struct BatchWriter {
 /// as they came, 3,883 (15.9 MB) written sorted; after ten more rounds of
 /// 100 files the file was 22.8 MB, now 19.4 MB. Capture hands its changes
 /// over in path order, in windows, and flushes after each, so each
-/// window's rows land after the last one's. `chunk_index` rows (SHA-256
+/// window's rows land after the last one's. `chunk_hashes` rows (hash
 /// keys) are written as they come: packed full, that table doubled in
 /// pages over the ten rounds, as every new hash splits a full page, while
 /// written in no order it fills to about 70% and absorbs them.
@@ -1770,13 +1832,19 @@ impl BatchWriter {
     pub fn put_chunk(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         let record = placed(&mut self.segments, id, record, payload)?;
         self.pending.chunks.push((id, record.encode()));
-        self.txn.open_table(CHUNK_INDEX)?.insert(&record.hash, id)?;
+        let mut index = self.txn.open_table(CHUNK_HASHES)?;
+        let key = schema::hash_key(&record.hash);
+        // Taken: by another content with the same first 8 bytes (this
+        // batch's chunks are new), which keeps it.
+        if index.get(key)?.is_none() {
+            index.insert(key, id)?;
+        }
         Ok(())
     }
 
     /// Stores a pack (see the schema's Packs) under an id of this batch's,
     /// its payload appended to the segments. A pack is not content of its
-    /// own: it is not in `chunk_index` (a chunk whose bytes happen to be a
+    /// own: it is not in `chunk_hashes` (a chunk whose bytes happen to be a
     /// pack's stays the one found by its hash).
     pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         let record = pack_appended(&mut self.segments, id, record, payload)?;
@@ -2022,7 +2090,7 @@ impl HistoryEditor {
     }
 
     /// Stores a new pack (see the schema's Packs), its payload appended to
-    /// the segments; not in `chunk_index`, as a batch's.
+    /// the segments; not in `chunk_hashes`, as a batch's.
     pub fn put_pack(&mut self, id: u64, record: &ChunkRecord, payload: &[u8]) -> Result<()> {
         let record = pack_appended(&mut self.segments, id, record, payload)?;
         self.txn
@@ -2036,10 +2104,12 @@ impl HistoryEditor {
     pub fn remove_chunk(&mut self, id: u64, hash: &[u8; 32]) -> Result<()> {
         self.remove_payload(id)?;
         self.txn.open_table(CHUNKS)?.remove(id)?;
-        let mut index = self.txn.open_table(CHUNK_INDEX)?;
-        // Only if the index still points at this chunk.
-        if index.get(hash)?.map(|v| v.value()) == Some(id) {
-            index.remove(hash)?;
+        let mut index = self.txn.open_table(CHUNK_HASHES)?;
+        let key = schema::hash_key(hash);
+        // Only if the index points at this chunk (not at another content
+        // with the same first 8 bytes).
+        if index.get(key)?.map(|v| v.value()) == Some(id) {
+            index.remove(key)?;
         }
         Ok(())
     }
@@ -2439,6 +2509,52 @@ mod tests {
             nested.contains("chunk 101") && nested.contains("not a base of its own"),
             "{nested}"
         );
+    }
+
+    /// Two contents whose hashes share their first 8 bytes (crafted here;
+    /// 2^-64 by chance): the first keeps the index entry, the second is
+    /// stored but not found by content, and removing the second leaves the first's entry.
+    #[test]
+    fn contents_whose_hashes_share_a_prefix_stay_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.dkstore");
+        let store = Store::create_or_open(&path).expect("create");
+        let raw = |hash: [u8; 32], bytes: &[u8]| ChunkRecord {
+            hash,
+            len: bytes.len() as u32,
+            encoding: ChunkEncoding::Raw,
+            stored_len: bytes.len() as u32,
+            at: None,
+        };
+        let first = sha256(b"first");
+        let mut second = first;
+        second[8..].copy_from_slice(&sha256(b"second")[8..]);
+        let mut writer = store.begin_batch().expect("batch");
+        writer
+            .put_chunk(1, &raw(first, b"first"), b"first")
+            .expect("put");
+        writer
+            .put_chunk(2, &raw(second, b"other"), b"other")
+            .expect("put");
+        writer.commit(&empty_batch()).expect("commit");
+        let reader = store.reader().expect("reader");
+        assert_eq!(reader.find_chunk(&first).expect("find"), Some(1));
+        assert_eq!(reader.find_chunk(&second).expect("find"), None);
+        assert_eq!(reader.chunk_record(2).expect("stored").hash, second);
+        drop(reader);
+        let mut editor = store.edit_history().expect("edit");
+        editor.remove_chunk(2, &second).expect("remove");
+        editor.commit().expect("commit");
+        let reader = store.reader().expect("reader");
+        assert_eq!(reader.find_chunk(&first).expect("find"), Some(1));
+        let mut entries = Vec::new();
+        reader
+            .for_each_index_entry::<StoreError>(|key, id| {
+                entries.push((key, id));
+                Ok(())
+            })
+            .expect("index");
+        assert_eq!(entries, vec![(schema::hash_key(&first), 1)]);
     }
 
     #[test]
