@@ -2,8 +2,10 @@
 //! `UPDATE` of ~1% of its rows, scattered over the file. DiffKeeper stores
 //! the old version (untimed), then the timed `snapshot` stores the new one;
 //! its stored bytes (and the store file's growth on disk), wall time and
-//! peak RSS are set against `bsdiff`, `xdelta3 -e -s` and
-//! `zstd --patch-from` making a patch from the same pair.
+//! peak RSS are set against `bsdiff`, `xdelta3 -9 -e -s` and
+//! `zstd --patch-from` making a patch from the same pair. The issue's
+//! targets: at most xdelta3 -9's bytes and 1.25x bsdiff's, in at most the
+//! time of the faster of the two; zstd --patch-from is shown beside them.
 
 use std::fs;
 use std::path::Path;
@@ -25,9 +27,14 @@ const PAGE: usize = 4096;
 /// Seeds of SQLite's PRNG for the initial data and for the update.
 const CREATE_SEED: u32 = 20_241_124;
 const UPDATE_SEED: u32 = 4_242;
-/// The targets.
-const MAX_STORED_OVER_SMALLEST: f64 = 1.25;
+/// The targets: stored bytes over bsdiff's and over xdelta3
+/// -9's, time over the faster of the two.
+const MAX_STORED_OVER_BSDIFF: f64 = 1.25;
+const MAX_STORED_OVER_XDELTA3: f64 = 1.0;
 const MAX_TIME_OVER_FASTEST: f64 = 1.0;
+/// The peers the targets name, as the table names them.
+const BSDIFF: &str = "bsdiff";
+const XDELTA3: &str = "xdelta3 -9 -e -s";
 const MAX_RSS_MIB: f64 = 64.0;
 
 /// The name under which the state directory is kept.
@@ -70,14 +77,14 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
         arg
     };
     let peer_commands: [(&str, &str, Command); 3] = [
-        ("bsdiff", "patch.bsdiff", {
+        (BSDIFF, "patch.bsdiff", {
             let mut c = Command::new("bsdiff");
             c.arg(&before).arg(&after).arg(work.join("patch.bsdiff"));
             c
         }),
-        ("xdelta3 -e -s", "patch.xd3", {
+        (XDELTA3, "patch.xd3", {
             let mut c = Command::new("xdelta3");
-            c.args(["-e", "-f", "-s"])
+            c.args(["-9", "-e", "-f", "-s"])
                 .arg(&before)
                 .arg(&after)
                 .arg(work.join("patch.xd3"));
@@ -131,55 +138,54 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
         row(peer.name, peer.bytes, Some(&peer.measured));
     }
 
-    let smallest = peers
-        .iter()
-        .min_by_key(|p| p.bytes)
-        .context("no peer measured")?;
-    let fastest = peers
-        .iter()
-        .min_by(|a, b| a.measured.secs().total_cmp(&b.measured.secs()))
-        .context("no peer measured")?;
-    let size_ratio = ours.stored as f64 / smallest.bytes as f64;
-    let disk_ratio = ours.disk_growth as f64 / smallest.bytes as f64;
+    let peer = |name: &str| {
+        peers
+            .iter()
+            .find(|p| p.name == name)
+            .with_context(|| format!("{name} was not measured"))
+    };
+    let (bsdiff, xdelta3) = (peer(BSDIFF)?, peer(XDELTA3)?);
+    let fastest = if bsdiff.measured.secs() <= xdelta3.measured.secs() {
+        bsdiff
+    } else {
+        xdelta3
+    };
+    let over_bsdiff = ours.stored as f64 / bsdiff.bytes as f64;
+    let over_xdelta3 = ours.stored as f64 / xdelta3.bytes as f64;
+    let disk_ratio = ours.disk_growth as f64 / xdelta3.bytes as f64;
     let time_ratio = ours.measured.secs() / fastest.measured.secs();
     let rss_mib = ours.measured.rss_mib();
-    let size_ok = size_ratio <= MAX_STORED_OVER_SMALLEST;
+    let bsdiff_ok = over_bsdiff <= MAX_STORED_OVER_BSDIFF;
+    let xdelta3_ok = over_xdelta3 <= MAX_STORED_OVER_XDELTA3;
     let time_ok = time_ratio <= MAX_TIME_OVER_FASTEST;
     let rss_ok = rss_mib <= MAX_RSS_MIB;
-    println!(
-        "stored / smallest peer ({}): {size_ratio:.2}x (target <= {MAX_STORED_OVER_SMALLEST:.2}x) {}; store growth on disk / smallest peer: {disk_ratio:.2}x",
-        smallest.name,
-        verdict(size_ok)
-    );
-    println!(
-        "time / fastest peer ({}): {time_ratio:.2}x (target <= {MAX_TIME_OVER_FASTEST:.2}x) {}",
-        fastest.name,
-        verdict(time_ok)
-    );
-    println!(
-        "peak RSS: {rss_mib:.1} MiB (target <= {MAX_RSS_MIB:.0} MiB) {}",
-        verdict(rss_ok)
-    );
-    println!("replay of the store reproduces after.db byte for byte: yes");
-
-    let summary = vec![
+    let lines = [
         format!(
-            "delta   stored {} B = {size_ratio:.2}x {} (target <= {MAX_STORED_OVER_SMALLEST:.2}x) {}",
+            "stored {} B = {over_xdelta3:.3}x {XDELTA3} (target <= {MAX_STORED_OVER_XDELTA3:.2}x) {}; store growth on disk {disk_ratio:.2}x",
             grouped(ours.stored),
-            smallest.name,
-            verdict(size_ok)
+            verdict(xdelta3_ok)
         ),
         format!(
-            "delta   time {:.3} s = {time_ratio:.2}x {} (target <= {MAX_TIME_OVER_FASTEST:.2}x) {}",
+            "stored {} B = {over_bsdiff:.2}x {BSDIFF} (target <= {MAX_STORED_OVER_BSDIFF:.2}x) {}",
+            grouped(ours.stored),
+            verdict(bsdiff_ok)
+        ),
+        format!(
+            "time {:.3} s = {time_ratio:.2}x {} (the faster of the two; target <= {MAX_TIME_OVER_FASTEST:.2}x) {}",
             ours.measured.secs(),
             fastest.name,
             verdict(time_ok)
         ),
         format!(
-            "delta   peak RSS {rss_mib:.1} MiB (target <= {MAX_RSS_MIB:.0} MiB) {}",
+            "peak RSS {rss_mib:.1} MiB (target <= {MAX_RSS_MIB:.0} MiB) {}",
             verdict(rss_ok)
         ),
     ];
+    for line in &lines {
+        println!("{line}");
+    }
+    println!("replay of the store reproduces after.db byte for byte: yes");
+    let summary = lines.iter().map(|line| format!("delta   {line}")).collect();
     Ok(Outcome {
         json: json!({
             "rows": ROWS,
@@ -200,14 +206,15 @@ pub fn run(bench: &Bench) -> Result<Outcome> {
                 "bytes": p.bytes,
                 "time": p.measured.to_json(),
             })).collect::<Vec<_>>(),
-            "smallest_peer": smallest.name,
             "fastest_peer": fastest.name,
-            "stored_over_smallest": size_ratio,
-            "disk_growth_over_smallest": disk_ratio,
+            "stored_over_bsdiff": over_bsdiff,
+            "stored_over_xdelta3": over_xdelta3,
+            "disk_growth_over_xdelta3": disk_ratio,
             "time_over_fastest": time_ratio,
             "peak_rss_mib": rss_mib,
             "targets": {
-                "stored_over_smallest": { "max": MAX_STORED_OVER_SMALLEST, "pass": size_ok },
+                "stored_over_bsdiff": { "max": MAX_STORED_OVER_BSDIFF, "pass": bsdiff_ok },
+                "stored_over_xdelta3": { "max": MAX_STORED_OVER_XDELTA3, "pass": xdelta3_ok },
                 "time_over_fastest": { "max": MAX_TIME_OVER_FASTEST, "pass": time_ok },
                 "peak_rss_mib": { "max": MAX_RSS_MIB, "pass": rss_ok },
             },
