@@ -630,6 +630,69 @@ fn a_long_history_of_small_edits_stays_small_and_replayable() {
     );
 }
 
+/// A training checkpoint: float32 weights, a share of them nudged every
+/// round and the file written again. Every round is stored as deltas of
+/// a few bytes per byte changed (each nudged float a literal or two and a
+/// copy; against the first version, so they grow as the changes add up),
+/// and every version replays exactly.
+#[test]
+fn a_checkpoint_nudged_every_round_is_stored_as_deltas_of_what_changed() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let store = work.path().join("store.dk");
+    fs::create_dir_all(&state).expect("mkdir");
+    let mut rng = Rng::new(0x5eed_00c4);
+    let floats = 4usize << 20; // 16 MiB
+    let mut weights: Vec<f32> = (0..floats)
+        .map(|_| (rng.below(1 << 24) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2)
+        .collect();
+    let write = |weights: &[f32]| {
+        let bytes: Vec<u8> = weights.iter().flat_map(|w| w.to_le_bytes()).collect();
+        fs::write(state.join("model.bin"), bytes).expect("write");
+    };
+    write(&weights);
+    // Random low bits: the first version is stored at about its size.
+    let base = u64_of(&snapshot(&state, &store), "stored_bytes");
+    assert!(base > (floats as u64) * 3, "{base} bytes stored");
+    let mut snapshots = vec![expected(&state)];
+    let mut previous = fs::read(state.join("model.bin")).expect("read");
+    let original = previous.clone();
+    for round in 1..=6u64 {
+        for _ in 0..floats / 33 {
+            let i = rng.below(floats as u64) as usize;
+            weights[i] += (rng.below(1 << 16) as f32 / 65_536.0 - 0.5) * 0.01;
+        }
+        write(&weights);
+        let now = fs::read(state.join("model.bin")).expect("read");
+        let changed = now.iter().zip(&original).filter(|(a, b)| a != b).count() as u64;
+        let summary = snapshot(&state, &store);
+        assert_eq!(summary["batch"], round + 1, "{summary}");
+        let stored = u64_of(&summary, "stored_bytes");
+        assert!(
+            stored < changed * 3 && stored < base / 2,
+            "round {round}: {stored} bytes stored for {changed} bytes changed since the first version: {summary}"
+        );
+        assert!(now != previous);
+        previous = now;
+        snapshots.push(expected(&state));
+    }
+    for (n, tree) in snapshots.iter().enumerate() {
+        let target = fresh(work.path(), &format!("batch-{}", n + 1));
+        let batch = (n + 1).to_string();
+        ok(&[
+            "restore",
+            "--store",
+            s(&store),
+            "--batch",
+            &batch,
+            "--to",
+            s(&target),
+        ]);
+        assert_same_tree(tree, &read_tree(&target), &format!("batch {}", n + 1));
+    }
+    check_history(&expected(&state), &store, 7);
+}
+
 #[test]
 fn metadata_renames_and_copies_store_no_content() {
     let work = tempfile::tempdir().expect("tempdir");

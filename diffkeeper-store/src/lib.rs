@@ -1334,8 +1334,15 @@ impl Reader {
     }
 
     /// The concatenated bytes of base chunks `bases` (a delta's reference),
-    /// each checked against its SHA-256 when `check` says so.
-    pub fn reference(&self, bases: &[u64], check: Check, cache: &BaseCache) -> Result<Vec<u8>> {
+    /// each checked against its SHA-256 when `check` says so. One base is
+    /// not copied: a checkpoint's restore copied 200 MB of decoded bases
+    /// into fresh buffers, mostly page faults.
+    pub fn reference<'c>(
+        &self,
+        bases: &[u64],
+        check: Check,
+        cache: &'c BaseCache,
+    ) -> Result<Reference<'c>> {
         if bases.len() > schema::MAX_DELTA_BASES {
             return Err(StoreError::Corrupt(format!(
                 "a delta references {} chunks, more than {}",
@@ -1343,7 +1350,7 @@ impl Reader {
                 schema::MAX_DELTA_BASES
             )));
         }
-        let mut reference = Vec::new();
+        let mut decoded = Vec::with_capacity(bases.len());
         for &base in bases {
             let bytes = match cache.get(base) {
                 Some(bytes) => bytes,
@@ -1357,9 +1364,22 @@ impl Reader {
                     self.decode_cached(base, &record, check, cache, cache)?
                 }
             };
-            reference.extend_from_slice(&bytes);
+            decoded.push(bytes);
         }
-        Ok(reference)
+        if decoded.len() == 1 {
+            if let Some(one) = decoded.pop() {
+                return Ok(Reference::One(one));
+            }
+        }
+        let mut joined = cache.joined_buffer();
+        joined.reserve(decoded.iter().map(|bytes| bytes.len()).sum());
+        for bytes in &decoded {
+            joined.extend_from_slice(bytes);
+        }
+        Ok(Reference::Joined {
+            bytes: joined,
+            cache,
+        })
     }
 
     /// The bytes of pack `pack`, decoded or from the packs decoded last.
@@ -1694,6 +1714,36 @@ impl<'r> LatestCursor<'r> {
     }
 }
 
+/// A delta's reference (see [`Reader::reference`]): its one base as
+/// decoded, shared with the cache, or its bases joined in a buffer that
+/// goes back to the cache when dropped, for the next reference.
+pub enum Reference<'c> {
+    One(Arc<Vec<u8>>),
+    Joined {
+        bytes: Vec<u8>,
+        cache: &'c BaseCache,
+    },
+}
+
+impl std::ops::Deref for Reference<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Reference::One(bytes) => bytes,
+            Reference::Joined { bytes, .. } => bytes,
+        }
+    }
+}
+
+impl Drop for Reference<'_> {
+    fn drop(&mut self) {
+        if let Reference::Joined { bytes, cache } = self {
+            cache.keep_joined(std::mem::take(bytes));
+        }
+    }
+}
+
 /// Which hashes a decode checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -1716,6 +1766,8 @@ pub struct BaseCache {
     entries: std::sync::Mutex<Vec<(u64, Arc<Vec<u8>>)>>,
     /// `(decoded, payload)` buffers free for reuse.
     spare: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+    /// The buffer the last joined [`Reference`] gave back.
+    joined: std::sync::Mutex<Vec<u8>>,
     capacity: usize,
 }
 
@@ -1731,6 +1783,7 @@ impl BaseCache {
         BaseCache {
             entries: std::sync::Mutex::new(Vec::new()),
             spare: std::sync::Mutex::new((Vec::new(), Vec::new())),
+            joined: std::sync::Mutex::new(Vec::new()),
             capacity,
         }
     }
@@ -1764,6 +1817,25 @@ impl BaseCache {
             .lock()
             .map(|mut spare| std::mem::take(&mut *spare))
             .unwrap_or_default()
+    }
+
+    /// An empty buffer to join a reference's bases in.
+    fn joined_buffer(&self) -> Vec<u8> {
+        self.joined
+            .lock()
+            .map(|mut joined| {
+                let mut buffer = std::mem::take(&mut *joined);
+                buffer.clear();
+                buffer
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keeps a joined reference's buffer for the next one.
+    fn keep_joined(&self, buffer: Vec<u8>) {
+        if let Ok(mut joined) = self.joined.lock() {
+            *joined = buffer;
+        }
     }
 
     /// Keeps a payload buffer for the next decode.
