@@ -356,36 +356,25 @@ pub fn encode_delta(reference: &[u8], bytes: &[u8]) -> Result<Vec<u8>> {
         Some(InPlace { start, .. }) => encode_aligned(reference, start, bytes)?,
         None => None,
     };
-    // Whether the old version is whole in the reference: past its end the
-    // aligned encoding has only literals, where zstd may find repeats
-    // (a database's new pages appended: 7.9 KB aligned, 5.7 KB from zstd).
-    let whole = in_place.is_some_and(|found| found.start + bytes.len() <= reference.len());
-    let aligned = match aligned {
-        Some(aligned) if whole => {
-            if aligned.len() > bytes.len() / RETRY_WITH_LDM_DIVISOR {
-                return Ok(aligned);
-            }
-            // Sparse: the match finder may do better still.
-            let retry = encode_delta_with(reference, bytes, SPARSE)?;
-            return Ok(if retry.len() < aligned.len() {
-                retry
-            } else {
-                aligned
-            });
-        }
-        other => other,
-    };
-    let quick = encode_delta_with(reference, bytes, QUICK)?;
     let smaller = |a: Vec<u8>, b: Vec<u8>| if b.len() < a.len() { b } else { a };
-    if let Some(aligned) = aligned {
-        // The part in place is aligned already: no long-distance search.
-        let best = smaller(aligned, quick);
+    if let (Some(found), Some(aligned)) = (in_place, aligned) {
+        // Past the reference's end the aligned encoding has only literals,
+        // where zstd may find repeats (a database's new pages appended:
+        // 7.9 KB aligned, 5.7 KB from zstd); the part in place is aligned
+        // already, so no long-distance search either way.
+        let best = if found.start + bytes.len() <= reference.len() {
+            aligned
+        } else {
+            smaller(aligned, encode_delta_with(reference, bytes, QUICK)?)
+        };
+        // Sparse: the match finder may do better still.
         return Ok(if best.len() <= bytes.len() / RETRY_WITH_LDM_DIVISOR {
             smaller(best, encode_delta_with(reference, bytes, SPARSE)?)
         } else {
             best
         });
     }
+    let quick = encode_delta_with(reference, bytes, QUICK)?;
     let retry = if quick.len() <= bytes.len() / RETRY_WITH_LDM_DIVISOR {
         encode_delta_with(reference, bytes, SPARSE)?
     } else if in_place.is_some_and(|InPlace { changed, .. }| {
@@ -685,18 +674,11 @@ impl Drop for SequenceEncoder {
 
 /// A zstd return code as a result: the value, or the error named.
 fn check(code: usize, step: &'static str) -> Result<usize> {
-    use zstd::zstd_safe::zstd_sys;
-    // SAFETY: both take any code; the name is a static C string.
-    let (failed, name) = unsafe {
-        (
-            zstd_sys::ZSTD_isError(code) != 0,
-            std::ffi::CStr::from_ptr(zstd_sys::ZSTD_getErrorName(code)),
-        )
-    };
-    if failed {
+    // SAFETY: ZSTD_isError takes any code.
+    if unsafe { zstd::zstd_safe::zstd_sys::ZSTD_isError(code) } != 0 {
         return Err(CodecError::Zstd {
             step,
-            source: std::io::Error::other(name.to_string_lossy().into_owned()),
+            source: std::io::Error::other(zstd::zstd_safe::get_error_name(code)),
         });
     }
     Ok(code)

@@ -1687,16 +1687,9 @@ impl std::io::Read for ContentReader<'_> {
                 return Ok(0);
             };
             self.next += 1;
-            let rebuilt = self.reader.chunk_record(id).and_then(|record| {
-                self.reader.decode_chunk_into(
-                    id,
-                    &record,
-                    Check::Content,
-                    &self.cache,
-                    &mut self.scratch,
-                    &mut self.buf,
-                )
-            });
+            let rebuilt =
+                self.reader
+                    .rebuild_for_content(id, &self.cache, &mut self.scratch, &mut self.buf);
             if let Err(e) = rebuilt {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
