@@ -380,10 +380,13 @@ fn in_place_writes(backend: &str) {
         f.seek(SeekFrom::Start(at)).expect("seek");
         f.write_all(bytes).expect("write");
     };
-    let assert_store_has_tree = |what: &str| {
+    // What `diff -r` finds between the live tree and a fresh restore of
+    // the store's latest state (empty when they are the same).
+    let store_differs = |what: &str| -> Option<String> {
         let back = work
             .path()
             .join(format!("restored-{}", what.replace(' ', "-")));
+        let _ = fs::remove_dir_all(&back);
         let out = Command::new(BIN)
             .args(["restore", "--store"])
             .arg(&store)
@@ -398,11 +401,12 @@ fn in_place_writes(backend: &str) {
             .arg(&back)
             .output()
             .expect("diff");
-        assert!(
-            diff.status.success(),
-            "{what}: {}",
-            String::from_utf8_lossy(&diff.stdout)
-        );
+        (!diff.status.success()).then(|| String::from_utf8_lossy(&diff.stdout).into_owned())
+    };
+    let assert_store_has_tree = |what: &str| {
+        if let Some(diff) = store_differs(what) {
+            panic!("{what}: {diff}");
+        }
     };
 
     // What a batch looks at for a write to existing files.
@@ -427,30 +431,10 @@ fn in_place_writes(backend: &str) {
         "{backend}: {line}"
     );
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let back = work.path().join(format!("restored-{backend}-link"));
-        let _ = fs::remove_dir_all(&back);
-        let restored = Command::new(BIN)
-            .args(["restore", "--store"])
-            .arg(&store)
-            .arg("--to")
-            .arg(&back)
-            .output()
-            .expect("restore");
-        assert!(restored.status.success(), "{backend}: {restored:?}");
-        let same = Command::new("diff")
-            .arg("-r")
-            .arg(&state)
-            .arg(&back)
-            .output()
-            .expect("diff");
-        if same.status.success() {
-            break;
-        }
+    while let Some(diff) = store_differs(&format!("{backend} hard link")) {
         assert!(
             Instant::now() < deadline,
-            "{backend}: the hard link's names are not both stored: {}",
-            String::from_utf8_lossy(&same.stdout)
+            "{backend}: the hard link's names are not both stored: {diff}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
