@@ -473,7 +473,8 @@ fn unlinks_and_renames_elsewhere_on_the_node_invalidate_no_cached_membership() {
 }
 
 /// ext4 gives a deleted file's inode number to the next file made in its
-/// group, anywhere on the file system. The place cached for the deleted
+/// group, anywhere on the file system (here one of a single group, made
+/// for the test). The place cached for the deleted
 /// file must not be taken for the stranger: its writes are not the tree's
 /// changes (they would mark the tree's frozen cuts torn, as written while
 /// frozen by a process outside the frozen cgroups).
@@ -481,9 +482,10 @@ fn unlinks_and_renames_elsewhere_on_the_node_invalidate_no_cached_membership() {
 fn a_deleted_files_inode_number_reused_outside_the_tree_is_not_taken_for_the_tree() {
     use std::os::unix::fs::MetadataExt;
     let _kernel = exclusive();
-    let parent = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let watched = parent.path().join("watched");
-    let elsewhere = parent.path().join("elsewhere");
+    let base = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let disk = Mounted::ext4(base.path(), 64);
+    let watched = disk.0.join("watched");
+    let elsewhere = disk.0.join("elsewhere");
     std::fs::create_dir(&watched).expect("mkdir");
     std::fs::create_dir(&elsewhere).expect("mkdir");
     let mut tracer = Tracer::start(&[&watched], SyscallHooks::Auto).expect("start the tracer");

@@ -361,6 +361,28 @@ impl Mounted {
         );
         Mounted::new("overlay", Some(&options), "overlay", &merged)
     }
+
+    /// A new ext4 of `mib` MiB made in `base/ext4.img` and mounted (loop)
+    /// at `base/mnt`, which is returned with the guard. Under 128 MiB it
+    /// has one block group, so a new file takes the lowest free inode
+    /// number wherever its directory is: on a long-used file system two
+    /// directories may sit in groups of their own.
+    pub fn ext4(base: &Path, mib: u64) -> Mounted {
+        let image = base.join("ext4.img");
+        let at = base.join("mnt");
+        fs::create_dir(&at).expect("mkdir");
+        fs::File::create(&image)
+            .and_then(|f| f.set_len(mib << 20))
+            .expect("make the image");
+        let status = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .status()
+            .expect("run mkfs.ext4");
+        assert!(status.success(), "mkfs.ext4 {} failed", image.display());
+        let source = image.to_str().expect("a UTF-8 temporary path");
+        Mounted::new("ext4", Some("loop"), source, &at)
+    }
 }
 
 impl Drop for Mounted {
