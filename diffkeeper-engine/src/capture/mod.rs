@@ -1095,8 +1095,8 @@ impl Workers<'_> {
                 };
                 (content, after)
             } else {
-                let content = self.read_content(
-                    streamed(holes::SparseReader::new(&file, before.len())),
+                let content = self.read_streamed(
+                    holes::SparseReader::new(&file, before.len()),
                     full,
                     &mut references,
                 )?;
@@ -1121,9 +1121,8 @@ impl Workers<'_> {
         }
     }
 
-    /// Hashes and stores a file's `chunks` ([`cut_whole`], [`streamed`]).
-    /// Reading, cutting and the whole-file hash are sequential; chunk
-    /// hashes and encoding run in parallel a window at a time.
+    /// Hashes and stores a file's `chunks` ([`cut_whole`], [`streamed`])
+    /// on this thread (see [`Workers::store_chunks`]).
     fn read_content(
         &self,
         chunks: impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>>,
@@ -1131,11 +1130,66 @@ impl Workers<'_> {
         references: &mut References,
     ) -> Result<Content> {
         let mut hasher = Sha256::new();
+        let hashed = chunks.inspect(|chunk| {
+            if let Ok(chunk) = chunk {
+                hasher.update(&chunk.data);
+            }
+        });
+        let mut content = self.store_chunks(hashed, full, references)?;
+        content.hash = hasher.finalize().into();
+        Ok(content)
+    }
+
+    /// Reads, cuts ([`streamed`]) and hashes a large file on a thread of
+    /// its own, up to a window ahead of this one storing its chunks: the
+    /// cutting and the whole-file hash, sequential, would otherwise leave
+    /// the pool idle between windows.
+    fn read_streamed(
+        &self,
+        from: impl std::io::Read + Send,
+        full: &Path,
+        references: &mut References,
+    ) -> Result<Content> {
+        std::thread::scope(|scope| {
+            let (sender, chunks) = sync_channel(ENCODE_WINDOW);
+            let cutter = scope.spawn(move || {
+                let mut hasher = Sha256::new();
+                for chunk in streamed(from) {
+                    let failed = chunk.is_err();
+                    if let Ok(chunk) = &chunk {
+                        hasher.update(&chunk.data);
+                    }
+                    // Sending fails when storing stopped (its error is
+                    // the one reported).
+                    if sender.send(chunk).is_err() || failed {
+                        break;
+                    }
+                }
+                hasher
+            });
+            let stored = self.store_chunks(chunks.into_iter(), full, references);
+            let hasher = cutter.join().map_err(|_| {
+                crate::error::refused!("the thread reading {} panicked", full.display())
+            })?;
+            let mut content = stored?;
+            content.hash = hasher.finalize().into();
+            Ok(content)
+        })
+    }
+
+    /// Stores a file's `chunks` a window at a time: chunk hashes and
+    /// encoding run in parallel within a window. The whole-file hash is
+    /// the caller's ([`Content::hash`] left empty).
+    fn store_chunks(
+        &self,
+        chunks: impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>>,
+        full: &Path,
+        references: &mut References,
+    ) -> Result<Content> {
         let mut content = Content::default();
         let mut window: Vec<ChunkData> = Vec::with_capacity(ENCODE_WINDOW);
         for chunk in chunks {
             let chunk = chunk.with_context(|| format!("cannot read {}", full.display()))?;
-            hasher.update(&chunk.data);
             content.size += chunk.data.len() as u64;
             window.push(chunk);
             if window.len() >= ENCODE_WINDOW {
@@ -1144,7 +1198,6 @@ impl Workers<'_> {
             }
         }
         content.stored += self.store_window(&mut window, references, &mut content.chunks)?;
-        content.hash = hasher.finalize().into();
         Ok(content)
     }
 
