@@ -94,7 +94,8 @@
 //! the batch's other new bases, a zstd frame at level 9, see Packs; a lone
 //! one, and schema 3, a zstd frame of its own at level 9 up to 64 KiB, level
 //! 3 above (see `codec::SMALL_BASE_BYTES`), raw when that does not save at
-//! least 1/16; schema 2 and older wrote [lz4_flex] blocks, which still
+//! least 1/8 (1/16 before 2026-12; either reads the same, see
+//! `codec::RAW_UNLESS_SAVED`); schema 2 and older wrote [lz4_flex] blocks, which still
 //! decode) or as a **delta** against the old
 //! content at its place: a zstd frame (no magic, no checksum) compressed with the
 //! concatenation of the previous version's chunks that overlap the new

@@ -152,7 +152,10 @@ impl SegmentReader {
     /// Reads `len` bytes at `at` into `out` (its contents are replaced).
     pub fn read(&self, at: Location, len: usize, out: &mut Vec<u8>) -> Result<(), StoreError> {
         let file = self.file(at.segment)?;
-        out.clear();
+        // Only bytes the buffer never had are zeroed (the read overwrites
+        // the rest): zeroing every payload before reading it was 1-5% of a
+        // checkpoint restore's CPU.
+        out.truncate(len);
         out.resize(len, 0);
         file.read_exact_at(out, at.offset).map_err(|e| {
             let path = self.dir.join(file_name(at.segment));
