@@ -1130,12 +1130,7 @@ impl Workers<'_> {
         references: &mut References,
     ) -> Result<Content> {
         let mut hasher = Sha256::new();
-        let hashed = chunks.inspect(|chunk| {
-            if let Ok(chunk) = chunk {
-                hasher.update(&chunk.data);
-            }
-        });
-        let mut content = self.store_chunks(hashed, full, references)?;
+        let mut content = self.store_chunks(hashed(chunks, &mut hasher), full, references)?;
         content.hash = hasher.finalize().into();
         Ok(content)
     }
@@ -1154,11 +1149,8 @@ impl Workers<'_> {
             let (sender, chunks) = sync_channel(ENCODE_WINDOW);
             let cutter = scope.spawn(move || {
                 let mut hasher = Sha256::new();
-                for chunk in streamed(from) {
+                for chunk in hashed(streamed(from), &mut hasher) {
                     let failed = chunk.is_err();
-                    if let Ok(chunk) = &chunk {
-                        hasher.update(&chunk.data);
-                    }
                     // Sending fails when storing stopped (its error is
                     // the one reported).
                     if sender.send(chunk).is_err() || failed {
@@ -1468,6 +1460,18 @@ impl Workers<'_> {
             _ => Ok(Some((encoding, base))),
         }
     }
+}
+
+/// `chunks`, each added to the whole-file hash `hasher` as it passes.
+fn hashed<'h>(
+    chunks: impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>> + 'h,
+    hasher: &'h mut Sha256,
+) -> impl Iterator<Item = Result<ChunkData, fastcdc::v2020::Error>> + 'h {
+    chunks.inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            hasher.update(&chunk.data);
+        }
+    })
 }
 
 /// The chunks of a file read as it streams in (one buffer of
